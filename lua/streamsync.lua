@@ -1,0 +1,390 @@
+#!lua name=streamsync
+
+--[[
+streamsync Functions library: applies Debezium change events to Redis, idempotently.
+
+Every row write carries the event's source position (for PostgreSQL the LSN as a 20-digit,
+zero-padded decimal string). Each target key has a position record, a string key in the same hash
+slot that holds the position of the last change applied to it. A change is applied only when its
+position is strictly greater than the stored one; an equal or older position is a no-op reported
+as stale. So duplicates, replays and out-of-order delivery never roll a key back.
+
+Positions compare as fixed-width digit strings: LSNs are 64-bit and Lua numbers are doubles.
+
+All row functions take KEYS in pairs (target key, its position record), one pair per row, and
+ARGV[1] = tombstone TTL in milliseconds followed by one segment per row, in KEYS order. They
+reply with an array holding one status per row:
+  1 applied, 0 stale (position not newer), 2 skipped (an update with unchanged TOAST columns for a
+  row that is not cached: the key stays absent so no partial row is cached), 3 dropped (the cached
+  row could not be completed, so it was deleted: the next full change or read fills it again), or
+  an error string when a Redis command failed for that row (the other rows still apply).
+Every key the library touches arrives in KEYS; it never builds key names or scans the keyspace.
+--]]
+
+local VERSION = '1.0.0'
+
+local APPLIED, STALE, SKIPPED, DROPPED = 1, 0, 2, 3
+
+-- true when `pos` is strictly newer than what the position record `pos_key` holds
+local function is_newer(pos_key, pos)
+    local current = redis.call('GET', pos_key)
+    return (not current) or current < pos
+end
+
+-- The position record outlives a key with a TTL by the tombstone window, so a replay of an old
+-- change arriving right after the key expired cannot resurrect it. A row left uncached (skipped,
+-- dropped) keeps its position only for the tombstone window, like a deleted one.
+local function store_position(pos_key, pos, status, ttl_ms, tombstone_ms)
+    if status ~= APPLIED then
+        redis.call('SET', pos_key, pos, 'PX', tombstone_ms)
+    elseif ttl_ms > 0 then
+        redis.call('SET', pos_key, pos, 'PX', ttl_ms + tombstone_ms)
+    else
+        redis.call('SET', pos_key, pos)
+    end
+end
+
+local function expire_target(target, ttl_ms)
+    if ttl_ms > 0 then
+        redis.call('PEXPIRE', target, ttl_ms)
+    end
+end
+
+-- run `fn(...)` as one row: a failing Redis command becomes that row's error string
+local function guarded(fn, ...)
+    local ok, result = pcall(fn, ...)
+    if ok then
+        return result
+    end
+    if type(result) == 'table' and result.err then
+        return result.err
+    end
+    return tostring(result)
+end
+
+--[[ streamsync_write_hash
+KEYS: target hash, position record; repeated per row
+ARGV: tombstone_ms, then per row:
+  position, ttl_ms (0 = none), mode ('F' full row | 'P' partial: some columns unchanged TOAST),
+  n_set, n_null, n_keep, n_set field/value pairs, n_null fields, n_keep fields
+  F: the hash is replaced by exactly the n_set fields (null columns are absent fields).
+  P: the n_set fields are written, the n_null fields removed, the n_keep fields must already be
+     in the cached hash and keep their value.
+Reply: one status per row (see the header).
+--]]
+local function write_hash_row(target, pos_key, argv, i, tombstone_ms)
+    local pos, ttl_ms, mode = argv[i], tonumber(argv[i + 1]), argv[i + 2]
+    local n_set, n_null, n_keep = tonumber(argv[i + 3]), tonumber(argv[i + 4]), tonumber(argv[i + 5])
+    local first_set = i + 6
+    local first_null = first_set + 2 * n_set
+    local first_keep = first_null + n_null
+    if not is_newer(pos_key, pos) then
+        return STALE
+    end
+    local status = APPLIED
+    if mode == 'F' then
+        redis.call('DEL', target)
+        if n_set > 0 then
+            redis.call('HSET', target, unpack(argv, first_set, first_null - 1))
+        end
+        expire_target(target, ttl_ms)
+    else
+        local kind = redis.call('TYPE', target).ok
+        if kind == 'none' then
+            status = SKIPPED
+        else
+            local complete = kind == 'hash'
+            for k = first_keep, first_keep + n_keep - 1 do
+                if not complete then break end
+                complete = redis.call('HEXISTS', target, argv[k]) == 1
+            end
+            if not complete then
+                redis.call('DEL', target)
+                status = DROPPED
+            else
+                if n_set > 0 then
+                    redis.call('HSET', target, unpack(argv, first_set, first_null - 1))
+                end
+                if n_null > 0 then
+                    redis.call('HDEL', target, unpack(argv, first_null, first_keep - 1))
+                end
+                expire_target(target, ttl_ms)
+            end
+        end
+    end
+    store_position(pos_key, pos, status, ttl_ms, tombstone_ms)
+    return status
+end
+
+local function write_hash(keys, argv)
+    local tombstone_ms = tonumber(argv[1])
+    local replies = {}
+    local i = 2
+    for k = 1, #keys, 2 do
+        replies[#replies + 1] = guarded(write_hash_row, keys[k], keys[k + 1], argv, i, tombstone_ms)
+        i = i + 6 + 2 * tonumber(argv[i + 3]) + tonumber(argv[i + 4]) + tonumber(argv[i + 5])
+    end
+    return replies
+end
+
+--[[ Top-level members of a JSON object text, as {member name token -> raw value text}.
+The name token is the member name exactly as written, quotes and escapes included: documents are
+written by streamsync (orjson, canonical), so the same name always has the same token. Returns nil
+when the text is not a JSON object. Values are sliced, never decoded, so numbers keep every digit
+(cjson would turn a 64-bit integer into a double).
+--]]
+local function json_members(text)
+    local members = {}
+    local pos = string.find(text, '%S')
+    if not pos or string.sub(text, pos, pos) ~= '{' then
+        return nil
+    end
+    pos = pos + 1
+    local len = #text
+    while pos <= len do
+        local s = string.find(text, '%S', pos)
+        if not s then return nil end
+        local c = string.sub(text, s, s)
+        if c == '}' then return members end
+        if c == ',' then
+            s = string.find(text, '%S', s + 1)
+            if not s then return nil end
+            c = string.sub(text, s, s)
+        end
+        if c ~= '"' then return nil end
+        -- the member name: a string token, skipping escaped characters
+        local e = s + 1
+        while true do
+            local q = string.find(text, '["\\]', e)
+            if not q then return nil end
+            if string.sub(text, q, q) == '\\' then
+                e = q + 2
+            else
+                e = q
+                break
+            end
+        end
+        local name = string.sub(text, s, e)
+        local colon = string.find(text, '%S', e + 1)
+        if not colon or string.sub(text, colon, colon) ~= ':' then return nil end
+        local v = string.find(text, '%S', colon + 1)
+        if not v then return nil end
+        -- the value: scan to the ',' or '}' that ends it at depth 0, outside strings
+        local depth, k, in_string = 0, v, false
+        while k <= len do
+            local ch = string.sub(text, k, k)
+            if in_string then
+                if ch == '\\' then
+                    k = k + 1
+                elseif ch == '"' then
+                    in_string = false
+                end
+            elseif ch == '"' then
+                in_string = true
+            elseif ch == '{' or ch == '[' then
+                depth = depth + 1
+            elseif ch == '}' or ch == ']' then
+                if depth == 0 then break end
+                depth = depth - 1
+            elseif ch == ',' and depth == 0 then
+                break
+            end
+            k = k + 1
+        end
+        if k > len then return nil end
+        local value = string.gsub(string.sub(text, v, k - 1), '%s+$', '')
+        members[name] = value
+        pos = k
+    end
+    return nil
+end
+
+--[[ streamsync_write_json
+KEYS: target string, position record; repeated per row
+ARGV: tombstone_ms, then per row:
+  position, ttl_ms (0 = none), mode ('F' | 'P'), n, then
+  F: n = 1, the whole document;
+  P: n member triples: name token (JSON string as written, e.g. "\"bio\""), kind ('v' value |
+     'k' keep the cached value), raw JSON value ('' for 'k').
+Reply: one status per row (see the header).
+--]]
+local function write_json_row(target, pos_key, argv, i, tombstone_ms)
+    local pos, ttl_ms, mode, n = argv[i], tonumber(argv[i + 1]), argv[i + 2], tonumber(argv[i + 3])
+    if not is_newer(pos_key, pos) then
+        return STALE
+    end
+    local status = APPLIED
+    if mode == 'F' then
+        if ttl_ms > 0 then
+            redis.call('SET', target, argv[i + 4], 'PX', ttl_ms)
+        else
+            redis.call('SET', target, argv[i + 4])
+        end
+    else
+        local kind, cached = redis.call('TYPE', target).ok, nil
+        if kind == 'none' then
+            status = SKIPPED
+        else
+            if kind == 'string' then
+                cached = json_members(redis.call('GET', target))
+            end
+            if not cached then
+                status = DROPPED
+            end
+        end
+        if status == APPLIED then
+            local parts = {}
+            for m = 0, n - 1 do
+                local j = i + 4 + 3 * m
+                local name, value = argv[j], argv[j + 2]
+                if argv[j + 1] == 'k' then
+                    value = cached[name]
+                    if value == nil then
+                        status = DROPPED
+                        break
+                    end
+                end
+                parts[#parts + 1] = name .. ':' .. value
+            end
+            if status == APPLIED then
+                local doc = '{' .. table.concat(parts, ',') .. '}'
+                if ttl_ms > 0 then
+                    redis.call('SET', target, doc, 'PX', ttl_ms)
+                else
+                    redis.call('SET', target, doc)
+                end
+            end
+        end
+        if status == DROPPED then
+            redis.call('DEL', target)
+        end
+    end
+    store_position(pos_key, pos, status, ttl_ms, tombstone_ms)
+    return status
+end
+
+local function write_json(keys, argv)
+    local tombstone_ms = tonumber(argv[1])
+    local replies = {}
+    local i = 2
+    for k = 1, #keys, 2 do
+        replies[#replies + 1] = guarded(write_json_row, keys[k], keys[k + 1], argv, i, tombstone_ms)
+        local n = tonumber(argv[i + 3])
+        i = i + 4 + (argv[i + 2] == 'F' and 1 or 3 * n)
+    end
+    return replies
+end
+
+--[[ streamsync_delete and streamsync_invalidate
+KEYS: target key, position record; repeated per row
+ARGV: tombstone_ms, then per row: position
+The target is deleted and the position remembered for tombstone_ms, so a late replay of an older
+change cannot bring the row back. Reply: one status per row (see the header).
+--]]
+local function remove_row(target, pos_key, pos, tombstone_ms)
+    if not is_newer(pos_key, pos) then
+        return STALE
+    end
+    redis.call('DEL', target)
+    redis.call('SET', pos_key, pos, 'PX', tombstone_ms)
+    return APPLIED
+end
+
+local function remove_rows(keys, argv)
+    local tombstone_ms = tonumber(argv[1])
+    local replies = {}
+    for k = 1, #keys, 2 do
+        replies[#replies + 1] = guarded(remove_row, keys[k], keys[k + 1], argv[1 + (k + 1) / 2],
+            tombstone_ms)
+    end
+    return replies
+end
+
+-- stream ids compare as (ms, seq) pairs of 64-bit integers: compare as digit strings
+local function id_less(a, b)
+    local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+    local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+    if #ams ~= #bms then return #ams < #bms end
+    if ams ~= bms then return ams < bms end
+    if #aseq ~= #bseq then return #aseq < #bseq end
+    return aseq < bseq
+end
+
+local function field(flat, name)
+    for k = 1, #flat, 2 do
+        if flat[k] == name then return flat[k + 1] end
+    end
+    return nil
+end
+
+--[[ streamsync_trim
+KEYS: a stream
+ARGV: none
+Removes the entries that every consumer group of the stream has acknowledged: those older than
+the oldest pending entry of each group, and no newer than the last entry each group has read.
+Never removes an unacknowledged entry, and trims nothing when the stream has no group.
+Reply: the number of entries removed.
+--]]
+local function trim(keys, argv)
+    local stream = keys[1]
+    if redis.call('EXISTS', stream) == 0 then
+        return 0
+    end
+    local groups = redis.call('XINFO', 'GROUPS', stream)
+    local min_id = nil
+    for _, g in ipairs(groups) do
+        local name = field(g, 'name')
+        local bound = field(g, 'last-delivered-id')
+        if field(g, 'pending') > 0 then
+            bound = redis.call('XPENDING', stream, name)[2]
+        end
+        if min_id == nil or id_less(bound, min_id) then
+            min_id = bound
+        end
+    end
+    if min_id == nil or min_id == '0-0' then
+        return 0
+    end
+    return redis.call('XTRIM', stream, 'MINID', min_id)
+end
+
+--[[ streamsync_prune_consumer
+KEYS: a stream
+ARGV: group, consumer, min_idle_ms
+Deletes the consumer from the group if it holds no pending entry and has been idle at least
+min_idle_ms (a worker that went away). Checked and deleted atomically, so an entry is never lost
+with it. Reply: 1 deleted, 0 kept.
+--]]
+local function prune_consumer(keys, argv)
+    local stream, group, consumer, min_idle = keys[1], argv[1], argv[2], tonumber(argv[3])
+    local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', stream, group)
+    if not ok then
+        return 0
+    end
+    for _, c in ipairs(consumers) do
+        if field(c, 'name') == consumer then
+            if field(c, 'pending') == 0 and field(c, 'idle') >= min_idle then
+                redis.call('XGROUP', 'DELCONSUMER', stream, group, consumer)
+                return 1
+            end
+            return 0
+        end
+    end
+    return 0
+end
+
+--[[ streamsync_version
+KEYS: none; ARGV: none. Reply: the library version, "MAJOR.MINOR.PATCH". Read-only.
+--]]
+local function version()
+    return VERSION
+end
+
+redis.register_function{function_name = 'streamsync_version', callback = version,
+    flags = {'no-writes'}}
+redis.register_function('streamsync_write_hash', write_hash)
+redis.register_function('streamsync_write_json', write_json)
+redis.register_function('streamsync_delete', remove_rows)
+redis.register_function('streamsync_invalidate', remove_rows)
+redis.register_function('streamsync_trim', trim)
+redis.register_function('streamsync_prune_consumer', prune_consumer)

@@ -1,0 +1,79 @@
+"""The ``streamsync`` command line: parse, call, print."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from streamsync import __version__
+from streamsync.config import Settings, load_settings
+from streamsync.errors import ConfigError, ExitCode
+from streamsync.worker import run_worker
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+config_option = click.option(
+    "-c", "--config", "config_path", required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The streamsync YAML configuration file.",
+)
+
+
+def _load(config_path: Path) -> Settings:
+    try:
+        return load_settings(config_path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(ExitCode.CONFIG_INVALID)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="streamsync")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="Logging threshold (logs go to stderr).")
+def cli(log_level: str) -> None:
+    """Keep Redis caches in sync with a database through Debezium change data capture."""
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+
+
+@cli.command("check-config")
+@config_option
+def check_config(config_path: Path) -> None:
+    """Validate a configuration file and summarise it; exit non-zero if it is invalid."""
+    settings = _load(config_path)
+    source = settings.source
+    streams = ", ".join(source.streams) if source.streams else f"prefix {source.stream_prefix!r}"
+    click.echo(f"{config_path}: ok")
+    click.echo(f"  redis: {_redact(settings.redis.url)}")
+    click.echo(f"  streams: {streams} (group {source.group}, format {source.format.value})")
+    for rule in settings.rules:
+        detail = f"{rule.type.value} " if rule.type else ""
+        ttl = f", ttl {rule.ttl_s}s" if rule.ttl_s else ""
+        click.echo(f"  {rule.table} -> {rule.mode.value} {detail}{rule.key}{ttl}")
+
+
+@cli.command()
+@config_option
+@click.option("--consumer", help="Consumer name in the group (default: <hostname>-<pid>).")
+@click.option("--drain", is_flag=True,
+              help="Exit once every entry is read and acknowledged (catch-up jobs, tests).")
+def run(config_path: Path, consumer: str | None, drain: bool) -> None:
+    """Consume the configured streams and apply every change to Redis."""
+    settings = _load(config_path)
+    sys.exit(run_worker(settings, consumer, drain=drain))
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    return scheme + sep + rest
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="streamsync")

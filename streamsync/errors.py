@@ -1,0 +1,39 @@
+"""The exception tree and the process exit codes, in one place."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes of the `streamsync` command, stable for scripts and orchestrators."""
+
+    OK = 0
+    #: An unexpected error: a bug or an environment failure worth a look.
+    FAILURE = 1
+    #: The configuration file is missing, unreadable or invalid.
+    CONFIG_INVALID = 3
+    #: Redis holds a newer, incompatible streamsync Functions library: this worker is too old.
+    LIBRARY_INCOMPATIBLE = 4
+    #: A second SIGTERM/SIGINT arrived before the graceful stop finished.
+    INTERRUPTED = 130
+
+
+class StreamsyncError(Exception):
+    """Base class of every error streamsync raises on purpose."""
+
+
+class ConfigError(StreamsyncError):
+    """Raised when a configuration file is missing, unreadable or invalid; names file and field."""
+
+
+class LibraryIncompatibleError(StreamsyncError):
+    """Raised when Redis holds a Functions library this worker cannot use or must not replace."""
+
+
+class PoisonEntryError(StreamsyncError):
+    """Raised when a stream entry can never be applied (malformed, unmapped, unsupported op)."""
+
+
+class TemplateError(PoisonEntryError):
+    """Raised when a key template cannot be rendered from a row (missing or null column)."""

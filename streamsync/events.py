@@ -1,0 +1,226 @@
+"""Debezium Server stream entries -> typed change events.
+
+See docs: an entry is written by Debezium Server's Redis sink in the ``compact`` layout (one
+field/value pair: key JSON -> value JSON) or the ``extended`` one (fields ``key``, ``value`` and one
+field per record header). A null key or value is the configured null marker (``default``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import orjson
+
+from streamsync.config import StreamFormat
+from streamsync.errors import PoisonEntryError
+from streamsync.logical import ConverterCache, is_unavailable
+
+#: Width of a PostgreSQL position: 2**64 has 20 decimal digits.
+POSITION_WIDTH = 20
+
+#: The position of a change that carries none (incremental-snapshot reads have no LSN). It is
+#: older than every real position, so such a read only fills a row never seen before.
+NO_POSITION = "0" * POSITION_WIDTH
+
+#: Operations that carry a row: create, update, snapshot read, delete.
+ROW_OPS = frozenset({"c", "u", "r", "d"})
+
+_OP_NAMES = {"t": "truncate", "m": "logical message"}
+
+
+class Skip(Enum):
+    """An entry that carries nothing to apply; it is counted and acknowledged."""
+
+    TOMBSTONE = "tombstone"
+    HEARTBEAT = "heartbeat"
+
+
+@dataclass(slots=True)
+class ChangeEvent:
+    """One row change, decoded from a Debezium envelope."""
+
+    op: str
+    #: ``schema.table`` from ``source``.
+    table: str
+    #: The source position, a fixed-width digit string (see POSITION_WIDTH).
+    position: str
+    #: Commit time in the database (``source.ts_ms``), for the end-to-end lag.
+    ts_ms: int | None
+    #: The row after the change (c, u, r); None for deletes.
+    after: dict[str, Any] | None
+    #: The row before the change; on deletes without REPLICA IDENTITY FULL only key columns are real.
+    before: dict[str, Any] | None
+    #: The record key (primary-key columns), when the entry has one.
+    key: dict[str, Any] | None
+    #: Columns of ``after`` holding the unavailable-TOAST placeholder: unchanged, value not sent.
+    unchanged: frozenset[str] = frozenset()
+
+    def row(self) -> dict[str, Any]:
+        """The columns that identify the row for key templates.
+
+        For a delete, the record key's columns are authoritative and ``before`` fills the rest
+        (real values only with REPLICA IDENTITY FULL).
+        """
+        if self.after is not None:
+            return self.after
+        row = dict(self.before or {})
+        if self.key:
+            row.update(self.key)
+        return row
+
+
+class Decoder:
+    """Turns raw stream entries into ChangeEvent or Skip; keeps the schema converter cache."""
+
+    def __init__(self, fmt: StreamFormat = StreamFormat.AUTO, null_marker: str = "default") -> None:
+        self.format = fmt
+        self.null_marker = null_marker.encode()
+        self._converters = ConverterCache()
+
+    def split(self, fields: Sequence[bytes]) -> tuple[bytes, bytes]:
+        """The (key, value) of an entry's flat field/value list, per the configured layout."""
+        n = len(fields)
+        fmt = self.format
+        if fmt is StreamFormat.AUTO:
+            fmt = StreamFormat.COMPACT if n == 2 else StreamFormat.EXTENDED
+        if fmt is StreamFormat.COMPACT:
+            if n != 2:
+                raise PoisonEntryError(
+                    f"compact entry must have exactly one field/value pair, got {n // 2}"
+                )
+            return fields[0], fields[1]
+        key = value = None
+        for i in range(0, n - 1, 2):
+            name = fields[i]
+            if name == b"key":
+                key = fields[i + 1]
+            elif name == b"value":
+                value = fields[i + 1]
+        if key is None or value is None:
+            raise PoisonEntryError("extended entry lacks its 'key' or 'value' field")
+        return key, value
+
+    def decode(self, fields: Sequence[bytes]) -> ChangeEvent | Skip:
+        """Decode one entry; PoisonEntryError says why it can never be applied."""
+        raw_key, raw_value = self.split(fields)
+        if raw_value == self.null_marker:
+            return Skip.TOMBSTONE
+        value = _load_object(raw_value, "value")
+        schema = None
+        if "payload" in value and "schema" in value:
+            schema = value["schema"]
+            value = value["payload"]
+            if value is None:
+                return Skip.TOMBSTONE
+            if not isinstance(value, dict):
+                raise PoisonEntryError("value payload is not a JSON object")
+        key = None
+        if raw_key != self.null_marker:
+            key = _load_object(raw_key, "key")
+            if "payload" in key and "schema" in key:
+                key = key["payload"]
+        op = value.get("op")
+        if op is None:
+            if key is not None and "serverName" in key and "ts_ms" in value:
+                return Skip.HEARTBEAT
+            raise PoisonEntryError("value has no 'op': not a Debezium change event")
+        if op not in ROW_OPS:
+            name = _OP_NAMES.get(op) if isinstance(op, str) else None
+            if name:
+                raise PoisonEntryError(f"op {op!r} ({name}) is not supported yet")
+            raise PoisonEntryError(f"unknown op {op!r}")
+        source = value.get("source")
+        if not isinstance(source, dict):
+            raise PoisonEntryError("value has no 'source' object")
+        schema_name, table_name = source.get("schema"), source.get("table")
+        if not isinstance(schema_name, str) or not isinstance(table_name, str):
+            raise PoisonEntryError("source lacks 'schema' or 'table'")
+        position = _position(op, source)
+        after = value.get("after")
+        before = value.get("before")
+        if op == "d":
+            if not isinstance(before, dict) and not isinstance(key, dict):
+                raise PoisonEntryError("delete carries neither 'before' nor a key")
+            after = None
+        elif not isinstance(after, dict):
+            raise PoisonEntryError(f"op {op!r} carries no 'after' row")
+        if before is not None and not isinstance(before, dict):
+            raise PoisonEntryError("'before' is not an object")
+        if schema is not None:
+            after, before = self._convert(schema, after, before)
+        unchanged: frozenset[str] = frozenset()
+        if after is not None:
+            unchanged = frozenset(c for c, v in after.items() if _maybe_placeholder(v))
+        ts_ms = source.get("ts_ms")
+        return ChangeEvent(
+            op=op,
+            table=f"{schema_name}.{table_name}",
+            position=position,
+            ts_ms=ts_ms if isinstance(ts_ms, int) else None,
+            after=after,
+            before=before,
+            key=key,
+            unchanged=unchanged,
+        )
+
+    def _convert(
+        self, schema: Any, after: dict[str, Any] | None, before: dict[str, Any] | None
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        if not isinstance(schema, dict):
+            return after, before
+        structs = {f.get("field"): f for f in schema.get("fields", ()) if isinstance(f, dict)}
+        if after is not None and "after" in structs:
+            convert = self._converters.get(structs["after"])
+            if convert is not None:
+                after = _guarded(convert, after)
+        if before is not None and "before" in structs:
+            convert = self._converters.get(structs["before"])
+            if convert is not None:
+                before = _guarded(convert, before)
+        return after, before
+
+
+def _guarded(convert: Any, row: dict[str, Any]) -> dict[str, Any]:
+    try:
+        result: dict[str, Any] = convert(row)
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        raise PoisonEntryError(f"cannot decode a logical-typed column: {exc}") from None
+    return result
+
+
+def _maybe_placeholder(value: Any) -> bool:
+    # cheap pre-check first: this runs for every column of every event
+    if isinstance(value, str):
+        return len(value) >= 28 and is_unavailable(value)
+    if isinstance(value, list):
+        return len(value) == 1 and is_unavailable(value)
+    return False
+
+
+def _load_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise PoisonEntryError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise PoisonEntryError(f"{what} is not a JSON object")
+    return obj
+
+
+def _position(op: str, source: dict[str, Any]) -> str:
+    connector = source.get("connector")
+    if connector != "postgresql":
+        raise PoisonEntryError(
+            f"source.connector {connector!r}: source positions are defined for postgresql only"
+        )
+    lsn = source.get("lsn")
+    if lsn is None:
+        if op == "r":
+            return NO_POSITION
+        raise PoisonEntryError(f"op {op!r} has no source.lsn")
+    if not isinstance(lsn, int) or isinstance(lsn, bool) or not 0 <= lsn < 2**64:
+        raise PoisonEntryError(f"source.lsn {lsn!r} is not a 64-bit unsigned integer")
+    return f"{lsn:020d}"

@@ -1,0 +1,594 @@
+"""The consumer-group loop: read, apply, ack, reclaim, dead-letter, trim, shut down.
+
+One round trip to Redis carries the function calls applying batch N, the dead letters and acks
+settled so far, and the XREADGROUP fetching batch N+1; batch N's acks ride with the next round
+trip, once its per-row results are known. The read blocks only when nothing awaits an ack, so an
+ack is never held behind an idle stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import hiredis
+import redis
+from redis.connection import Connection
+
+from streamsync.config import DLQ_SUFFIX, Settings
+from streamsync.errors import ExitCode, LibraryIncompatibleError, PoisonEntryError
+from streamsync.events import Decoder, Skip
+from streamsync.functions import ensure_library
+from streamsync.mapping import Planner, RowWrite
+
+log = logging.getLogger(__name__)
+
+#: Most rows packed into one function call; bounds the Lua stack and one call's run time.
+MAX_ROWS_PER_CALL = 500
+#: Reconnect backoff: full jitter between 0 and min(cap, base * 2**attempt) seconds.
+BACKOFF_BASE_S = 0.05
+BACKOFF_CAP_S = 5.0
+#: Consumers idle this long with nothing pending are removed from the group.
+CONSUMER_PRUNE_IDLE_MS = 3_600_000
+
+#: Error replies after which the same calls are retried unchanged: Redis is busy or full,
+#: not the entry at fault.
+TRANSIENT_ERRORS = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN",
+                    "CLUSTERDOWN", "NOREPLICAS")
+
+# Row statuses replied by the library (lua/streamsync.lua).
+APPLIED, STALE, SKIPPED, DROPPED = 1, 0, 2, 3
+_ROW_OUTCOMES = {APPLIED: "applied", STALE: "stale", SKIPPED: "skipped", DROPPED: "dropped"}
+
+
+@dataclass(slots=True)
+class Entry:
+    """A stream entry delivered to this consumer, with what it must become."""
+
+    stream: str
+    id: bytes
+    fields: list[bytes] | None
+    #: Times the group delivered it (1 for a first read).
+    deliveries: int = 1
+    table: str = ""
+    op: str = ""
+    rows: list[RowWrite] = field(default_factory=list)
+    #: Source commit time, for the end-to-end lag.
+    ts_ms: int | None = None
+    #: Why the entry failed this time, if it did.
+    error: str | None = None
+    outcomes: list[str] = field(default_factory=list)
+
+
+def _backoff(attempt: int) -> float:
+    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
+
+
+def default_consumer_name() -> str:
+    """``<hostname>-<pid>``: unique per live process, readable in XINFO CONSUMERS."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Worker:
+    """A consumer-group worker applying Debezium change events to Redis."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        consumer: str | None = None,
+        *,
+        drain: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.consumer = consumer or default_consumer_name()
+        self.drain = drain
+        self.counts: Counter[tuple[str, str, str, str]] = Counter()
+        self.lag_ms: float | None = None
+        self.reconnects = 0
+        self._group = settings.source.group
+        self._decoder = Decoder(settings.source.format, settings.source.null_marker)
+        self._planner = Planner(settings.rules_by_table, settings.worker.position_prefix)
+        self._tombstone_ms = str(settings.worker.tombstone_ttl_s * 1000)
+        self._streams: list[str] = list(settings.source.streams or ())
+        self._stop = threading.Event()
+        self._signals = 0
+        self._pool: redis.ConnectionPool | None = None
+        self._client: redis.Redis | None = None
+        self._conn: Connection | None = None
+        # Work in hand: entries to apply next, entries to re-read or reclaimed, settled entries
+        # whose XADD (dead letters) or XACK is still to be sent.
+        self._batch: list[Entry] = []
+        self._backlog: list[Entry] = []
+        self._dead: list[Entry] = []
+        self._acks: dict[str, list[bytes]] = {}
+        self._retry_attempt = 0
+        self._solo: set[int] = set()
+        self._claim_cursor: dict[str, bytes] = {}
+        self._next_claim = self._next_trim = self._next_discover = self._next_prune = 0.0
+        self._idle_read = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Finish and acknowledge the batch in hand, then return from run()."""
+        self._stop.set()
+
+    def run(self) -> ExitCode:
+        """Consume until stopped (signal, request_stop, or drained in drain mode)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        log.info("worker %s starting: group %s, streams %s", self.consumer, self._group,
+                 self._streams or f"prefix {self.settings.source.stream_prefix!r}")
+        attempt = 0
+        try:
+            while True:
+                try:
+                    if self._conn is None:
+                        self._connect()
+                        attempt = 0
+                    if self._stop.is_set():
+                        self._finish()
+                        break
+                    self._cycle()
+                except (redis.ConnectionError, redis.TimeoutError, ConnectionError) as exc:
+                    self._disconnect()
+                    delay = _backoff(attempt)
+                    attempt += 1
+                    self.reconnects += 1
+                    log.warning("redis connection lost (%s); reconnecting in %.2fs", exc, delay)
+                    if self._stop.wait(delay):
+                        log.warning("stopping while disconnected: unsettled entries stay pending")
+                        break
+        except LibraryIncompatibleError as exc:
+            log.error("%s", exc)
+            return ExitCode.LIBRARY_INCOMPATIBLE
+        finally:
+            self._disconnect()
+            self._log_summary()
+        return ExitCode.OK
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second %s: exiting at once", signal.Signals(signum).name)
+            os._exit(ExitCode.INTERRUPTED)
+        log.info("%s: finishing the batch in hand, then exiting", signal.Signals(signum).name)
+        self._stop.set()
+
+    def _log_summary(self) -> None:
+        totals: Counter[str] = Counter()
+        for (_, _, _, outcome), n in self.counts.items():
+            totals[outcome] += n
+        log.info("worker %s stopped: %s", self.consumer,
+                 ", ".join(f"{k} {v}" for k, v in sorted(totals.items())) or "nothing processed")
+
+    # -- connection ----------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        worker = self.settings.worker
+        timeout = max(self.settings.redis.socket_timeout_s, worker.block_ms / 1000 + 5)
+        self._pool = redis.ConnectionPool.from_url(
+            self.settings.redis.url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            client_name=f"streamsync:{self.consumer}", protocol=2,
+        )
+        self._client = redis.Redis(connection_pool=self._pool)
+        self._conn = self._pool.get_connection()
+        ensure_library(self._client)
+        if self.settings.source.stream_prefix is not None:
+            self._discover()
+        for stream in self._streams:
+            self._ensure_group(stream)
+        self._recover_own_pending()
+        self._batch.clear()
+        self._solo.clear()
+        log.info("connected to redis; %d stream(s)", len(self._streams))
+
+    def _disconnect(self) -> None:
+        if self._pool is not None:
+            self._pool.disconnect()
+        self._pool = self._client = self._conn = None
+
+    def _ensure_group(self, stream: str) -> None:
+        assert self._client is not None
+        try:
+            self._client.xgroup_create(stream, self._group, id=self.settings.source.start,
+                                       mkstream=True)
+            log.info("created group %s on %s at %s", self._group, stream,
+                     self.settings.source.start)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _discover(self) -> None:
+        assert self._client is not None
+        prefix = self.settings.source.stream_prefix or ""
+        found = sorted(
+            k.decode() for k in self._client.scan_iter(match=_glob_escape(prefix) + "*",
+                                                       count=1000, _type="stream")
+            if not k.endswith(DLQ_SUFFIX.encode())
+        )
+        new = [s for s in found if s not in self._streams]
+        for stream in new:
+            self._ensure_group(stream)
+            self._streams.append(stream)
+            log.info("discovered stream %s", stream)
+        self._next_discover = time.monotonic() + self.settings.source.discover_interval_s
+
+    def _recover_own_pending(self) -> None:
+        """Queue the entries this consumer was delivered but had not settled (after a reconnect,
+        or a restart under the same consumer name)."""
+        assert self._client is not None
+        for stream in self._streams:
+            cursor = b"0"
+            while True:
+                reply = self._client.execute_command(
+                    "XREADGROUP", "GROUP", self._group, self.consumer, "COUNT",
+                    self.settings.worker.batch_size, "STREAMS", stream, cursor,
+                    NEVER_DECODE=True)
+                items = reply[0][1] if reply else []
+                if not items:
+                    break
+                entries = [Entry(stream, eid, _flat(fields)) for eid, fields in items]
+                self._set_deliveries(stream, entries)
+                self._backlog.extend(entries)
+                cursor = items[-1][0]
+        if self._backlog:
+            log.info("re-applying %d entries this consumer held", len(self._backlog))
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _cycle(self) -> None:
+        now = time.monotonic()
+        if not self._batch:
+            self._periodic(now)
+        if not self._batch and self._backlog:
+            n = self.settings.worker.batch_size
+            self._prepare(self._backlog[:n])
+            del self._backlog[:n]
+        read = not self._backlog and self._retry_attempt == 0 and bool(self._streams)
+        block = None if (self._batch or self._dead or self._acks) else self.settings.worker.block_ms
+        replies = self._round_trip(read, block)
+        if read:
+            entries = _parse_read(replies[-1])
+            self._idle_read = not entries
+            if entries:
+                self._prepare(entries)
+            elif self.drain and not self._batch and not self._acks and not self._dead:
+                self._check_drained()
+        elif not self._streams:
+            self._stop.wait(self.settings.worker.block_ms / 1000)
+
+    def _finish(self) -> None:
+        """Apply and settle what is in hand without reading more; used when stopping."""
+        for _ in range(3):
+            if not (self._batch or self._dead or self._acks):
+                break
+            try:
+                self._round_trip(read=False, block=None)
+            except (redis.ConnectionError, redis.TimeoutError):
+                break
+        if self._batch or self._backlog:
+            log.info("%d entries left pending for another worker",
+                     len(self._batch) + len(self._backlog))
+
+    def _round_trip(self, read: bool, block: int | None) -> list[Any]:
+        """Send the batch's calls, the dead letters and acks due, and optionally a read; settle
+        what the replies say. Returns the raw replies."""
+        assert self._conn is not None
+        batch, dead = self._batch, self._dead
+        commands: list[tuple[Any, ...]] = []
+        calls = list(self._calls(batch))
+        commands += [c for c, _ in calls]
+        commands += [self._dlq_command(e) for e in dead]
+        ack_streams = list(self._acks.items())
+        commands += [("XACK", s, self._group, *ids) for s, ids in ack_streams]
+        if read:
+            commands.append(self._read_command(block))
+        self._conn.send_packed_command([b"".join(hiredis.pack_command(c) for c in commands)],
+                                       check_health=False)
+        replies = [self._read_reply() for _ in commands]
+        # The acks were delivered: they count even if something below asks for a retry.
+        self._acks = {}
+        self._settle_dead(dead, replies[len(calls):len(calls) + len(dead)])
+        if read and isinstance(replies[-1], redis.ResponseError):
+            self._on_read_error(replies[-1])
+            replies[-1] = None
+        self._settle_calls(batch, calls, replies[: len(calls)])
+        return replies
+
+    def _read_reply(self) -> Any:
+        assert self._conn is not None
+        try:
+            return self._conn.read_response(disable_decoding=True)
+        except redis.ResponseError as exc:
+            return exc
+
+    def _read_command(self, block: int | None) -> tuple[Any, ...]:
+        worker = self.settings.worker
+        cmd: tuple[Any, ...] = ("XREADGROUP", "GROUP", self._group, self.consumer,
+                                "COUNT", worker.batch_size)
+        if block is not None:
+            cmd += ("BLOCK", block)
+        return (*cmd, "STREAMS", *self._streams, *([">"] * len(self._streams)))
+
+    def _on_read_error(self, exc: redis.ResponseError) -> None:
+        if "NOGROUP" in str(exc):
+            # the stream or the group vanished (Redis restarted without persistence, or an
+            # operator deleted it): create it again and keep reading
+            log.warning("group missing (%s); creating it again", exc)
+            for stream in self._streams:
+                self._ensure_group(stream)
+            return
+        raise redis.ConnectionError(f"XREADGROUP failed: {exc}")
+
+    # -- applying ------------------------------------------------------------------------
+
+    def _prepare(self, entries: Sequence[Entry]) -> None:
+        """Decode and plan entries into the batch; settle at once those with nothing to apply."""
+        decode, plan = self._decoder.decode, self._planner.plan
+        for entry in entries:
+            if entry.fields is None:
+                # deleted from the stream while pending: nothing left to apply
+                self._count(entry, "vanished")
+                self._ack(entry)
+                continue
+            try:
+                event = decode(entry.fields)
+                if isinstance(event, Skip):
+                    self._count(entry, event.value)
+                    self._ack(entry)
+                    continue
+                entry.table, entry.op, entry.ts_ms = event.table, event.op, event.ts_ms
+                entry.rows = plan(event)
+            except PoisonEntryError as exc:
+                entry.error = str(exc)
+                self._dead.append(entry)
+                continue
+            self._batch.append(entry)
+
+    def _calls(self, batch: list[Entry]) -> Iterator[tuple[tuple[Any, ...], list[tuple[int, int]]]]:
+        """The FCALL commands for the batch: consecutive rows of one function share a call.
+        Yields (command, [(entry index, row index), ...])."""
+        keys: list[str] = []
+        args: list[Any] = []
+        refs: list[tuple[int, int]] = []
+        function = ""
+        for i, entry in enumerate(batch):
+            for j, row in enumerate(entry.rows):
+                solo = i in self._solo
+                if refs and (row.function != function or len(refs) >= MAX_ROWS_PER_CALL or solo):
+                    yield self._fcall(function, keys, args), refs
+                    keys, args, refs = [], [], []
+                function = row.function
+                keys += (row.target, row.position_key)
+                args += row.args
+                refs.append((i, j))
+                if solo:
+                    yield self._fcall(function, keys, args), refs
+                    keys, args, refs = [], [], []
+        if refs:
+            yield self._fcall(function, keys, args), refs
+
+    def _fcall(self, function: str, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
+        return ("FCALL", function, len(keys), *keys, self._tombstone_ms, *args)
+
+    def _settle_calls(self, batch: list[Entry], calls: list[tuple[Any, list[tuple[int, int]]]],
+                      replies: list[Any]) -> None:
+        retry = False
+        for (_, refs), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, redis.ResponseError):
+                message = str(reply)
+                if "function not found" in message.lower():
+                    assert self._client is not None
+                    ensure_library(self._client)
+                    retry = True
+                elif message.startswith(TRANSIENT_ERRORS):
+                    log.warning("redis refused a call (%s); retrying the batch", message)
+                    retry = True
+                elif len(refs) > 1 or len(batch[refs[0][0]].rows) > 1:
+                    # one bad row fails its whole call: retry the rows one call each, so only
+                    # the bad entry fails
+                    self._solo.update(i for i, _ in refs)
+                    retry = True
+                else:
+                    batch[refs[0][0]].error = f"redis error: {message}"
+                continue
+            for (i, _), status in zip(refs, reply, strict=True):
+                if isinstance(status, bytes):
+                    batch[i].error = f"redis error: {status.decode(errors='replace')}"
+                else:
+                    batch[i].outcomes.append(_ROW_OUTCOMES.get(status, "unknown"))
+        if retry:
+            for entry in batch:
+                entry.outcomes.clear()
+                entry.error = None
+            self._retry_attempt += 1
+            self._stop.wait(_backoff(self._retry_attempt))
+            return
+        self._retry_attempt = 0
+        self._solo.clear()
+        self._batch = []
+        now_ms = time.time() * 1000
+        for entry in batch:
+            if entry.error is None:
+                self._count(entry, _entry_outcome(entry.outcomes))
+                self._ack(entry)
+                if entry.ts_ms is not None:
+                    self.lag_ms = now_ms - entry.ts_ms
+            else:
+                self._failed(entry)
+
+    def _failed(self, entry: Entry) -> None:
+        if entry.deliveries >= self.settings.worker.max_deliveries:
+            log.error("%s %s: failed on delivery %d, dead-lettering: %s", entry.stream,
+                      entry.id.decode(), entry.deliveries, entry.error)
+            self._dead.append(entry)
+        else:
+            log.warning("%s %s: failed on delivery %d of %d, left pending for a retry: %s",
+                        entry.stream, entry.id.decode(), entry.deliveries,
+                        self.settings.worker.max_deliveries, entry.error)
+            self._count(entry, "failed")
+        entry.outcomes.clear()
+
+    def _ack(self, entry: Entry) -> None:
+        self._acks.setdefault(entry.stream, []).append(entry.id)
+
+    def _count(self, entry: Entry, outcome: str) -> None:
+        self.counts[(entry.stream, entry.table, entry.op, outcome)] += 1
+
+    # -- dead letters --------------------------------------------------------------------
+
+    def _dlq_command(self, entry: Entry) -> tuple[Any, ...]:
+        fields = entry.fields or []
+        return ("XADD", entry.stream + DLQ_SUFFIX, "MAXLEN", "~", self.settings.worker.dlq_max_len,
+                "*", "reason", entry.error or "unknown", "stream", entry.stream, "id", entry.id,
+                "deliveries", entry.deliveries, "consumer", self.consumer,
+                "failed_at_ms", int(time.time() * 1000), "fields", len(fields) // 2, *fields)
+
+    def _settle_dead(self, dead: list[Entry], replies: list[Any]) -> None:
+        for entry, reply in zip(dead, replies, strict=True):
+            if isinstance(reply, redis.ResponseError):
+                # not dead-lettered, so not acked: it stays pending and comes back via a claim
+                log.error("%s %s: cannot write the dead letter: %s", entry.stream,
+                          entry.id.decode(), reply)
+                continue
+            log.warning("%s %s: dead-lettered to %s%s: %s", entry.stream, entry.id.decode(),
+                        entry.stream, DLQ_SUFFIX, entry.error)
+            self._count(entry, "dead_lettered")
+            self._ack(entry)
+        self._dead = []
+
+    # -- housekeeping --------------------------------------------------------------------
+
+    def _periodic(self, now: float) -> None:
+        worker = self.settings.worker
+        if self.settings.source.stream_prefix is not None and now >= self._next_discover:
+            self._discover()
+        if now >= self._next_claim:
+            self._claim()
+            self._next_claim = now + worker.claim_interval_ms / 1000
+        if worker.trim and now >= self._next_trim:
+            self._trim()
+            self._next_trim = now + worker.trim_interval_ms / 1000
+        if now >= self._next_prune:
+            self._prune_consumers()
+            self._next_prune = now + CONSUMER_PRUNE_IDLE_MS / 1000 / 10
+
+    def _claim(self) -> None:
+        """Take over entries idle longer than claim_idle_ms (a crashed worker's, or our own
+        failed ones awaiting a retry)."""
+        assert self._client is not None
+        worker = self.settings.worker
+        for stream in self._streams:
+            cursor = self._claim_cursor.get(stream, b"0-0")
+            try:
+                reply = self._client.execute_command(
+                    "XAUTOCLAIM", stream, self._group, self.consumer, worker.claim_idle_ms,
+                    cursor, "COUNT", worker.batch_size, NEVER_DECODE=True)
+            except redis.ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    self._ensure_group(stream)
+                    continue
+                raise
+            self._claim_cursor[stream] = reply[0]
+            if len(reply) > 2 and reply[2]:
+                log.warning("%s: %d pending entries were deleted from the stream before being "
+                            "applied: %s", stream, len(reply[2]),
+                            ", ".join(i.decode() for i in reply[2][:10]))
+            entries = [Entry(stream, eid, _flat(fields)) for eid, fields in reply[1]]
+            if entries:
+                self._set_deliveries(stream, entries)
+                log.info("%s: claimed %d idle entries", stream, len(entries))
+                self.counts[(stream, "", "", "claimed")] += len(entries)
+                self._backlog.extend(entries)
+
+    def _set_deliveries(self, stream: str, entries: list[Entry]) -> None:
+        assert self._client is not None
+        pending = self._client.execute_command(
+            "XPENDING", stream, self._group, entries[0].id, entries[-1].id, len(entries) * 2,
+            self.consumer, NEVER_DECODE=True)
+        counts = {eid: int(n) for eid, _, _, n in pending}
+        for entry in entries:
+            entry.deliveries = counts.get(entry.id, entry.deliveries)
+
+    def _trim(self) -> None:
+        assert self._client is not None
+        for stream in self._streams:
+            removed = self._client.fcall("streamsync_trim", 1, stream)
+            if removed:
+                log.debug("%s: trimmed %d acknowledged entries", stream, removed)
+
+    def _prune_consumers(self) -> None:
+        assert self._client is not None
+        for stream in self._streams:
+            try:
+                consumers = self._client.xinfo_consumers(stream, self._group)
+            except redis.ResponseError:
+                continue
+            for c in consumers:
+                name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+                if (
+                    name != self.consumer
+                    and c["pending"] == 0
+                    and c["idle"] >= CONSUMER_PRUNE_IDLE_MS
+                    and self._client.fcall("streamsync_prune_consumer", 1, stream, self._group,
+                                           name, CONSUMER_PRUNE_IDLE_MS)
+                ):
+                    log.info("%s: removed consumer %s, idle with nothing pending", stream, name)
+
+    def _check_drained(self) -> None:
+        assert self._client is not None
+        if self._backlog:
+            return
+        for stream in self._streams:
+            summary = self._client.xpending(stream, self._group)
+            if summary["pending"]:
+                return
+        log.info("drained: every entry read and acknowledged")
+        self._stop.set()
+
+
+def _entry_outcome(outcomes: list[str]) -> str:
+    if not outcomes:
+        return "applied"
+    if len(outcomes) == 1:
+        return outcomes[0]
+    return "applied" if "applied" in outcomes else outcomes[0]
+
+
+def _flat(fields: Any) -> list[bytes] | None:
+    return list(fields) if fields is not None else None
+
+
+def _parse_read(reply: Any) -> list[Entry]:
+    if not reply:
+        return []
+    entries: list[Entry] = []
+    for stream_name, items in reply:
+        stream = stream_name.decode()
+        entries.extend(Entry(stream, eid, fields) for eid, fields in items)
+    return entries
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def run_worker(settings: Settings, consumer: str | None = None, drain: bool = False,
+               on_start: Callable[[Worker], None] | None = None) -> ExitCode:
+    """Build a worker and run it until stopped; the CLI's entry point."""
+    worker = Worker(settings, consumer, drain=drain)
+    if on_start:
+        on_start(worker)
+    return worker.run()
