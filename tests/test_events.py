@@ -1,0 +1,182 @@
+"""Decoding of real Debezium 3.6.3 entries (all four fixture files) and of malformed ones."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from streamsync.config import StreamFormat
+from streamsync.errors import PoisonEntryError
+from streamsync.events import NO_POSITION, ChangeEvent, Decoder, Skip
+from tests.debezium import PLACEHOLDER, entry_fields, envelope, fixture_records
+
+FILES = ["schemas-off.jsonl", "schemas-on.jsonl", "decimal-string.jsonl", "decimal-numeric.jsonl"]
+# The 15 events of every fixture file, in order (see fixtures/README.md).
+OPS = ["r", "r", "c", "u", "d", None, "c", "d", None, "u", "d", None, "c", "c", "t"]
+
+
+def raw_fields(rec: dict[str, object], extended: bool = False) -> list[bytes]:
+    key = rec["key"] if rec["key"] is not None else "default"
+    value = rec["value"] if rec["value"] is not None else "default"
+    if extended:
+        return [b"key", str(key).encode(), b"value", str(value).encode(),
+                b"__DEBEZIUM.CONTEXT.TASKID", b"0"]
+    return [str(key).encode(), str(value).encode()]
+
+
+def decode_file(name: str, extended: bool = False) -> list[ChangeEvent | Skip | str]:
+    decoder = Decoder(StreamFormat.AUTO)
+    out: list[ChangeEvent | Skip | str] = []
+    for rec in fixture_records(name):
+        try:
+            out.append(decoder.decode(raw_fields(rec, extended)))
+        except PoisonEntryError as exc:
+            out.append(str(exc))
+    return out
+
+
+@pytest.mark.parametrize("name", FILES)
+@pytest.mark.parametrize("extended", [False, True])
+def test_every_fixture_event_decodes(name: str, extended: bool) -> None:
+    decoded = decode_file(name, extended)
+    assert len(decoded) == 15
+    for i, (event, op) in enumerate(zip(decoded, OPS, strict=True)):
+        if op is None:
+            assert event is Skip.TOMBSTONE, i
+        elif op == "t":
+            assert isinstance(event, str) and "truncate" in event
+        else:
+            assert isinstance(event, ChangeEvent), (i, event)
+            assert event.op == op
+            assert event.table == "public.users"
+            assert len(event.position) == 20 and event.position.isdigit()
+            assert event.ts_ms is not None and event.ts_ms > 1_700_000_000_000
+
+
+def test_fixture_positions_and_rows() -> None:
+    events = [e for e in decode_file("decimal-string.jsonl") if isinstance(e, ChangeEvent)]
+    snapshot = events[:2]
+    # all snapshot reads share the snapshot's LSN; streamed changes come later
+    assert snapshot[0].position == snapshot[1].position
+    assert all(e.position > snapshot[0].position for e in events[2:])
+    assert snapshot[0].after == {
+        "id": 1, "name": "alice", "email": "alice@example.com", "plan": "free",
+        "balance": "10.50", "updated_at": snapshot[0].after["updated_at"],  # type: ignore[index]
+    }
+    # a primary-key change: delete of the old key and create of the new one share one LSN
+    pk_delete, pk_create = events[4], events[5]
+    assert (pk_delete.op, pk_create.op) == ("d", "c")
+    assert pk_delete.position == pk_create.position
+    assert pk_delete.row()["id"] == 2 and pk_create.row()["id"] == 100
+    assert pk_delete.after is None
+
+
+def test_schema_decimals_decode_to_the_string_mode_values() -> None:
+    with_schema = decode_file("schemas-on.jsonl")
+    as_strings = decode_file("decimal-string.jsonl")
+    for a, b in zip(with_schema, as_strings, strict=True):
+        if isinstance(a, ChangeEvent):
+            assert isinstance(b, ChangeEvent)
+            assert a.after is not None and b.after is not None or a.op == "d"
+            if a.after is not None and b.after is not None:
+                assert a.after["balance"] == b.after["balance"]
+
+
+def test_schemas_off_leaves_base64_decimals_as_sent() -> None:
+    first = decode_file("schemas-off.jsonl")[0]
+    assert isinstance(first, ChangeEvent) and first.after is not None
+    assert first.after["balance"] == "BBo="
+
+
+def fields_of(value: object, key: object = None, extended: bool = False) -> list[bytes]:
+    flat = entry_fields(key if key is not None else {"id": 1},  # type: ignore[arg-type]
+                        value, extended=extended)  # type: ignore[arg-type]
+    return [x.encode() for pair in flat.items() for x in pair]
+
+
+def test_heartbeat_is_skipped() -> None:
+    raw = [json.dumps({"serverName": "app"}).encode(), json.dumps({"ts_ms": 1}).encode()]
+    assert Decoder().decode(raw) is Skip.HEARTBEAT
+
+
+def test_schema_tombstone_is_skipped() -> None:
+    raw = [b'{"schema":null,"payload":{"id":1}}', b'{"schema":null,"payload":null}']
+    assert Decoder().decode(raw) is Skip.TOMBSTONE
+
+
+def test_custom_null_marker() -> None:
+    decoder = Decoder(null_marker="NULL")
+    assert decoder.decode([b'{"id":1}', b"NULL"]) is Skip.TOMBSTONE
+    with pytest.raises(PoisonEntryError):
+        decoder.decode([b'{"id":1}', b"default"])
+
+
+def test_incremental_snapshot_read_without_lsn_gets_the_lowest_position() -> None:
+    value = envelope("r", "public.users", None, after={"id": 1}, snapshot="incremental")
+    event = Decoder().decode(fields_of(value))
+    assert isinstance(event, ChangeEvent) and event.position == NO_POSITION
+
+
+def test_toast_placeholder_columns_are_reported_unchanged() -> None:
+    row = {"id": 1, "bio": PLACEHOLDER, "tags": [PLACEHOLDER], "name": "x", "blob": None}
+    event = Decoder().decode(fields_of(envelope("u", "public.users", 10, after=row)))
+    assert isinstance(event, ChangeEvent)
+    assert event.unchanged == {"bio", "tags"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ([b'{"id":1}', b"not json"], "value is not valid JSON"),
+        ([b'{"id":1}', b"[1,2]"], "not a JSON object"),
+        ([b'{"id":1}', b'{"after":{"id":1}}'], "no 'op'"),
+        ([b"a", b"b", b"c", b"d"], "lacks its 'key' or 'value'"),
+        ([b"not json", b'{"op":"c"}'], "key is not valid JSON"),
+    ],
+)
+def test_malformed_entries_say_why(fields: list[bytes], reason: str) -> None:
+    with pytest.raises(PoisonEntryError, match=reason):
+        Decoder().decode(fields)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda v: v.update(op="x"), "unknown op 'x'"),
+        (lambda v: v.update(op="m"), "logical message"),
+        (lambda v: v.update(after=None), "carries no 'after'"),
+        (lambda v: v.pop("source"), "no 'source'"),
+        (lambda v: v["source"].update(lsn=None), "no source.lsn"),
+        (lambda v: v["source"].update(lsn=-5), "64-bit"),
+        (lambda v: v["source"].update(lsn=2**64), "64-bit"),
+        (lambda v: v["source"].update(lsn="12"), "64-bit"),
+        (lambda v: v["source"].update(connector="mysql"), "postgresql only"),
+        (lambda v: v["source"].pop("table"), "lacks 'schema' or 'table'"),
+    ],
+)
+def test_unappliable_events_say_why(mutate: object, reason: str) -> None:
+    value = envelope("u", "public.users", 42, after={"id": 1})
+    mutate(value)  # type: ignore[operator]
+    with pytest.raises(PoisonEntryError, match=reason):
+        Decoder().decode(fields_of(value))
+
+
+def test_forced_compact_format_rejects_extended_entries() -> None:
+    value = envelope("c", "public.users", 1, after={"id": 1})
+    raw = fields_of(value, extended=True)
+    assert isinstance(Decoder(StreamFormat.EXTENDED).decode(raw), ChangeEvent)
+    with pytest.raises(PoisonEntryError, match="exactly one field/value pair"):
+        Decoder(StreamFormat.COMPACT).decode(raw)
+
+
+def test_positions_order_like_lsns() -> None:
+    decoder = Decoder()
+    lsns = [0, 9, 10, 99, 2**53 + 1, 2**53 + 2, 2**64 - 1]
+    positions = []
+    for lsn in lsns:
+        event = decoder.decode(fields_of(envelope("u", "public.users", lsn, after={"id": 1})))
+        assert isinstance(event, ChangeEvent)
+        positions.append(event.position)
+    assert positions == sorted(positions)
+    assert len(set(positions)) == len(lsns)

@@ -1,0 +1,260 @@
+"""The Lua Functions library on a real redis-server: position checks, tombstones, TOAST merges,
+TTLs, trimming and version handling."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.crc import key_slot as redis_py_key_slot
+
+from streamsync.config import Rule
+from streamsync.errors import LibraryIncompatibleError
+from streamsync.events import ChangeEvent
+from streamsync.functions import ensure_library, library_source, library_version, loaded_version
+from streamsync.mapping import Planner, key_slot, position_key
+from tests.debezium import PLACEHOLDER
+
+TOMBSTONE_MS = 60_000
+APPLIED, STALE, SKIPPED, DROPPED = 1, 0, 2, 3
+
+HASH_RULE = Rule(table="public.users", key="user:{id}", type="hash")  # type: ignore[arg-type]
+JSON_RULE = Rule(table="public.users", key="user:{id}", type="json")  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def lib(r: redis.Redis) -> redis.Redis:
+    ensure_library(r)
+    return r
+
+
+def change(op: str, lsn: int, row: dict[str, Any]) -> ChangeEvent:
+    unchanged = frozenset(c for c, v in row.items() if v == PLACEHOLDER)
+    return ChangeEvent(op=op, table="public.users", position=f"{lsn:020d}", ts_ms=None,
+                       after=None if op == "d" else row, before=row if op == "d" else None,
+                       key={"id": row["id"]}, unchanged=unchanged)
+
+
+def apply(r: redis.Redis, rule: Rule, *events: ChangeEvent) -> list[Any]:
+    """Apply events the way the worker does: one batch call per function, rows in order."""
+    planner = Planner({"public.users": (rule,)}, "streamsync:pos:")
+    statuses: list[Any] = []
+    for event in events:
+        for row in planner.plan(event):
+            reply = r.fcall(row.function, 2, row.target, row.position_key, TOMBSTONE_MS,
+                            *row.args)
+            statuses.extend(reply)
+    return statuses
+
+
+def hash_of(r: redis.Redis, key: str) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in r.hgetall(key).items()}
+
+
+def test_hash_write_applies_only_newer_positions(lib: redis.Redis) -> None:
+    v1 = {"id": 1, "name": "a", "plan": "free"}
+    v2 = {"id": 1, "name": "b", "plan": None}
+    assert apply(lib, HASH_RULE, change("c", 100, v1)) == [APPLIED]
+    assert apply(lib, HASH_RULE, change("u", 200, v2)) == [APPLIED]
+    # replay of both, and an older one: nothing changes
+    assert apply(lib, HASH_RULE, change("c", 100, v1), change("u", 200, v2)) == [STALE, STALE]
+    assert apply(lib, HASH_RULE, change("u", 150, {"id": 1, "name": "old"})) == [STALE]
+    assert hash_of(lib, "user:1") == {"id": "1", "name": "b"}  # null column: no field
+    assert lib.get("streamsync:pos:{user:1}") == f"{200:020d}".encode()
+    assert lib.pttl("streamsync:pos:{user:1}") == -1  # a live row's position never expires
+
+
+def test_full_row_write_replaces_stale_fields(lib: redis.Redis) -> None:
+    apply(lib, HASH_RULE, change("c", 1, {"id": 1, "gone": "x", "name": "a"}))
+    apply(lib, HASH_RULE, change("u", 2, {"id": 1, "name": "b"}))
+    assert hash_of(lib, "user:1") == {"id": "1", "name": "b"}
+
+
+def test_delete_then_late_older_upsert_stays_deleted(lib: redis.Redis) -> None:
+    apply(lib, HASH_RULE, change("c", 10, {"id": 7, "name": "a"}))
+    assert apply(lib, HASH_RULE, change("d", 30, {"id": 7})) == [APPLIED]
+    assert apply(lib, HASH_RULE, change("u", 20, {"id": 7, "name": "zombie"})) == [STALE]
+    assert apply(lib, HASH_RULE, change("d", 30, {"id": 7})) == [STALE]
+    assert not lib.exists("user:7")
+    ttl = lib.pttl("streamsync:pos:{user:7}")
+    assert 0 < ttl <= TOMBSTONE_MS
+    # a re-insert after the delete is newer and applies
+    assert apply(lib, HASH_RULE, change("c", 40, {"id": 7, "name": "new"})) == [APPLIED]
+    assert hash_of(lib, "user:7") == {"id": "7", "name": "new"}
+    assert lib.pttl("streamsync:pos:{user:7}") == -1
+
+
+def test_positions_compare_beyond_double_precision(lib: redis.Redis) -> None:
+    big = 2**53
+    apply(lib, HASH_RULE, change("u", big + 2, {"id": 1, "v": "newer"}))
+    # big + 1 and big + 2 are the same double: compared as numbers they would tie
+    assert apply(lib, HASH_RULE, change("u", big + 1, {"id": 1, "v": "older"})) == [STALE]
+    assert apply(lib, HASH_RULE, change("u", 2**64 - 1, {"id": 1, "v": "max"})) == [APPLIED]
+    assert hash_of(lib, "user:1")["v"] == "max"
+
+
+def test_json_write_and_replay(lib: redis.Redis) -> None:
+    row = {"id": 1, "big": 2**63 - 1, "price": "10.50", "tags": ["a", "b"], "meta": None}
+    assert apply(lib, JSON_RULE, change("c", 5, row)) == [APPLIED]
+    assert apply(lib, JSON_RULE, change("c", 5, {"id": 1, "big": 0})) == [STALE]
+    assert orjson.loads(lib.get("user:1") or b"") == row
+
+
+def test_hash_toast_placeholder_keeps_the_cached_field(lib: redis.Redis) -> None:
+    apply(lib, HASH_RULE, change("c", 1, {"id": 1, "bio": "long text", "name": "a", "x": "1"}))
+    status = apply(lib, HASH_RULE, change("u", 2, {"id": 1, "bio": PLACEHOLDER, "name": "b",
+                                                   "x": None}))
+    assert status == [APPLIED]
+    assert hash_of(lib, "user:1") == {"id": "1", "bio": "long text", "name": "b"}
+    assert PLACEHOLDER.encode() not in b"".join(lib.hvals("user:1"))
+
+
+def test_hash_toast_update_of_an_uncached_row_caches_nothing(lib: redis.Redis) -> None:
+    status = apply(lib, HASH_RULE, change("u", 2, {"id": 1, "bio": PLACEHOLDER, "name": "b"}))
+    assert status == [SKIPPED]
+    assert not lib.exists("user:1")
+    # its position is remembered (like a tombstone): an older full row cannot fill it back
+    assert apply(lib, HASH_RULE, change("u", 1, {"id": 1, "bio": "old", "name": "a"})) == [STALE]
+    assert 0 < lib.pttl("streamsync:pos:{user:1}") <= TOMBSTONE_MS
+
+
+def test_hash_toast_update_of_an_incomplete_cached_row_drops_it(lib: redis.Redis) -> None:
+    lib.hset("user:1", mapping={"id": "1", "name": "a"})  # cached without the TOAST column
+    status = apply(lib, HASH_RULE, change("u", 2, {"id": 1, "bio": PLACEHOLDER, "name": "b"}))
+    assert status == [DROPPED]
+    assert not lib.exists("user:1")
+
+
+def test_json_toast_placeholder_merges_the_cached_value(lib: redis.Redis) -> None:
+    doc = {"id": 1, "bio": 'a "quoted" {text}, with [brackets]', "n": 2**62 + 1,
+           "nested": {"a": [1, {"b": "}"}]}, "name": "a"}
+    apply(lib, JSON_RULE, change("c", 1, doc))
+    update = {"id": 1, "bio": PLACEHOLDER, "n": 3, "nested": PLACEHOLDER, "name": "b"}
+    assert apply(lib, JSON_RULE, change("u", 2, update)) == [APPLIED]
+    assert orjson.loads(lib.get("user:1") or b"") == {**doc, "n": 3, "name": "b"}
+
+
+def test_json_toast_update_of_an_uncached_row_caches_nothing(lib: redis.Redis) -> None:
+    update = {"id": 1, "bio": PLACEHOLDER, "name": "b"}
+    assert apply(lib, JSON_RULE, change("u", 2, update)) == [SKIPPED]
+    assert not lib.exists("user:1")
+
+
+def test_json_toast_update_of_a_document_lacking_the_column_drops_it(lib: redis.Redis) -> None:
+    apply(lib, JSON_RULE, change("c", 1, {"id": 1, "name": "a"}))
+    update = {"id": 1, "bio": PLACEHOLDER, "name": "b"}
+    assert apply(lib, JSON_RULE, change("u", 2, update)) == [DROPPED]
+    assert not lib.exists("user:1")
+
+
+def test_ttl_safety_net(lib: redis.Redis) -> None:
+    rule = Rule(table="public.users", key="user:{id}", type="hash", ttl_s=100)  # type: ignore[arg-type]
+    apply(lib, rule, change("c", 1, {"id": 1, "name": "a"}))
+    assert 99_000 < lib.pttl("user:1") <= 100_000
+    # the position outlives the key by the tombstone window
+    assert 100_000 + TOMBSTONE_MS - 1_000 < lib.pttl("streamsync:pos:{user:1}")
+    json_rule = Rule(table="public.users", key="doc:{id}", type="json", ttl_s=50)  # type: ignore[arg-type]
+    apply(lib, json_rule, change("c", 1, {"id": 1}))
+    assert 49_000 < lib.pttl("doc:1") <= 50_000
+
+
+def test_invalidate_deletes_and_remembers(lib: redis.Redis) -> None:
+    rule = Rule(table="public.users", key="user:{id}", mode="invalidate")  # type: ignore[arg-type]
+    lib.set("user:1", "cached by the application")
+    assert apply(lib, rule, change("u", 5, {"id": 1})) == [APPLIED]
+    assert not lib.exists("user:1")
+    lib.set("user:1", "repopulated after the change")
+    assert apply(lib, rule, change("u", 4, {"id": 1})) == [STALE]
+    assert lib.get("user:1") == b"repopulated after the change"
+
+
+def test_one_call_applies_many_rows_independently(lib: redis.Redis) -> None:
+    pos = "streamsync:pos:"
+    lib.hset("streamsync:pos:{user:2}", "x", "y")  # a broken position record: WRONGTYPE
+    reply = lib.fcall("streamsync_delete", 6, "user:1", pos + "{user:1}", "user:2",
+                      pos + "{user:2}", "user:3", pos + "{user:3}", TOMBSTONE_MS,
+                      "1".zfill(20), "1".zfill(20), "1".zfill(20))
+    assert reply[0] == APPLIED and reply[2] == APPLIED
+    assert isinstance(reply[1], bytes) and b"WRONGTYPE" in reply[1]
+
+
+@given(st.text(min_size=1, max_size=30))
+def test_position_key_shares_the_target_slot(target: str) -> None:
+    key = position_key("streamsync:pos:", target)
+    assert key != target
+    assert key_slot(key.encode()) == key_slot(target.encode())
+    assert redis_py_key_slot(key.encode()) == redis_py_key_slot(target.encode())
+
+
+@pytest.mark.parametrize("target", ["user:1", "{t1}:user:1", "a}b", "{}x", "x{y", "}{a}"])
+def test_position_key_examples(target: str) -> None:
+    key = position_key("p:", target)
+    assert redis_py_key_slot(key.encode()) == redis_py_key_slot(target.encode())
+
+
+def test_version_is_read_only_and_matches_the_package(lib: redis.Redis) -> None:
+    assert loaded_version(lib) == library_version()
+    assert lib.fcall_ro("streamsync_version", 0).decode() == ".".join(
+        map(str, library_version()))
+
+
+def _load_as(r: redis.Redis, version: str) -> None:
+    major, minor, patch = library_version()
+    source = library_source().replace(f"local VERSION = '{major}.{minor}.{patch}'",
+                                      f"local VERSION = '{version}'")
+    r.function_load(source, replace=True)
+
+
+def test_newer_compatible_library_is_kept(r: redis.Redis) -> None:
+    major, minor, _ = library_version()
+    _load_as(r, f"{major}.{minor + 1}.0")
+    assert ensure_library(r) == (major, minor + 1, 0)
+    assert loaded_version(r) == (major, minor + 1, 0)
+
+
+def test_newer_incompatible_library_is_refused(r: redis.Redis) -> None:
+    major, _, _ = library_version()
+    _load_as(r, f"{major + 1}.0.0")
+    with pytest.raises(LibraryIncompatibleError, match="upgrade streamsync"):
+        ensure_library(r)
+    assert loaded_version(r) == (major + 1, 0, 0)
+
+
+def test_older_library_is_replaced(r: redis.Redis) -> None:
+    _load_as(r, "0.0.1")
+    assert ensure_library(r) == library_version()
+    assert loaded_version(r) == library_version()
+
+
+def test_trim_removes_only_entries_every_group_acked(lib: redis.Redis) -> None:
+    ids = [lib.xadd("s", {"n": str(i)}) for i in range(10)]
+    assert lib.fcall("streamsync_trim", 1, "s") == 0  # no group: never trim
+    lib.xgroup_create("s", "g1", id="0")
+    lib.xgroup_create("s", "g2", id="0")
+    lib.xreadgroup("g1", "c", {"s": ">"}, count=10)
+    lib.xack("s", "g1", *ids)
+    lib.xreadgroup("g2", "c", {"s": ">"}, count=6)
+    lib.xack("s", "g2", *ids[:3], ids[4])  # ids[3] and ids[5] pending in g2
+    lib.fcall("streamsync_trim", 1, "s")
+    remaining = [i for i, _ in lib.xrange("s")]
+    assert remaining[0] == ids[3]
+    assert remaining == ids[3:]
+    lib.xack("s", "g2", ids[3], ids[5])
+    lib.fcall("streamsync_trim", 1, "s")
+    # g2 last read ids[5]; ids[6:] were never delivered to it
+    assert [i for i, _ in lib.xrange("s")] == ids[5:]
+
+
+def test_prune_consumer_keeps_one_with_pending_entries(lib: redis.Redis) -> None:
+    lib.xadd("s", {"n": "1"})
+    lib.xgroup_create("s", "g", id="0")
+    lib.xreadgroup("g", "busy", {"s": ">"}, count=1)
+    lib.xgroup_createconsumer("s", "g", "idle")
+    assert lib.fcall("streamsync_prune_consumer", 1, "s", "g", "busy", 0) == 0
+    assert lib.fcall("streamsync_prune_consumer", 1, "s", "g", "idle", 10**9) == 0
+    assert lib.fcall("streamsync_prune_consumer", 1, "s", "g", "idle", 0) == 1
+    assert [c["name"] for c in lib.xinfo_consumers("s", "g")] == [b"busy"]
