@@ -125,9 +125,10 @@ class Worker:
 
     def run(self) -> ExitCode:
         """Consume until stopped (signal, request_stop, or drained in drain mode)."""
+        previous = {}
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGINT, self._on_signal)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous[signum] = signal.signal(signum, self._on_signal)
         log.info("worker %s starting: group %s, streams %s", self.consumer, self._group,
                  self._streams or f"prefix {self.settings.source.stream_prefix!r}")
         attempt = 0
@@ -156,6 +157,8 @@ class Worker:
         finally:
             self._disconnect()
             self._log_summary()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         return ExitCode.OK
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
