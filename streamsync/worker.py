@@ -475,6 +475,24 @@ class Worker:
     # -- housekeeping --------------------------------------------------------------------
 
     def _periodic(self, now: float) -> None:
+        try:
+            self._housekeeping(now)
+        except redis.ResponseError as exc:
+            # housekeeping must never stop the applying; it runs again at its next interval
+            log.error("housekeeping failed: %s", exc)
+
+    def _library_call(self, function: str, *args: Any) -> Any:
+        """FCALL from the housekeeping path, reloading the library if Redis lost it."""
+        assert self._client is not None
+        try:
+            return self._client.fcall(function, *args)
+        except redis.ResponseError as exc:
+            if "function not found" not in str(exc).lower():
+                raise
+            ensure_library(self._client)
+            return self._client.fcall(function, *args)
+
+    def _housekeeping(self, now: float) -> None:
         worker = self.settings.worker
         if self.settings.source.stream_prefix is not None and now >= self._next_discover:
             self._discover()
@@ -528,7 +546,7 @@ class Worker:
     def _trim(self) -> None:
         assert self._client is not None
         for stream in self._streams:
-            removed = self._client.fcall("streamsync_trim", 1, stream)
+            removed = self._library_call("streamsync_trim", 1, stream)
             if removed:
                 log.debug("%s: trimmed %d acknowledged entries", stream, removed)
 
@@ -545,7 +563,7 @@ class Worker:
                     name != self.consumer
                     and c["pending"] == 0
                     and c["idle"] >= CONSUMER_PRUNE_IDLE_MS
-                    and self._client.fcall("streamsync_prune_consumer", 1, stream, self._group,
+                    and self._library_call("streamsync_prune_consumer", 1, stream, self._group,
                                            name, CONSUMER_PRUNE_IDLE_MS)
                 ):
                     log.info("%s: removed consumer %s, idle with nothing pending", stream, name)
