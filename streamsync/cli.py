@@ -16,7 +16,10 @@ from streamsync.worker import run_worker
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 config_option = click.option(
-    "-c", "--config", "config_path", required=True,
+    "-c",
+    "--config",
+    "config_path",
+    required=True,
     type=click.Path(dir_okay=False, path_type=Path),
     help="The streamsync YAML configuration file.",
 )
@@ -32,9 +35,13 @@ def _load(config_path: Path) -> Settings:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="streamsync")
-@click.option("--log-level", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-              help="Logging threshold (logs go to stderr).")
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="Logging threshold (logs go to stderr).",
+)
 def cli(log_level: str) -> None:
     """Keep Redis caches in sync with a database through Debezium change data capture."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
@@ -59,8 +66,11 @@ def check_config(config_path: Path) -> None:
 @cli.command()
 @config_option
 @click.option("--consumer", help="Consumer name in the group (default: <hostname>-<pid>).")
-@click.option("--drain", is_flag=True,
-              help="Exit once every entry is read and acknowledged (catch-up jobs, tests).")
+@click.option(
+    "--drain",
+    is_flag=True,
+    help="Exit once every entry is read and acknowledged (catch-up jobs, tests).",
+)
 def run(config_path: Path, consumer: str | None, drain: bool) -> None:
     """Consume the configured streams and apply every change to Redis."""
     settings = _load(config_path)

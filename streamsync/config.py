@@ -44,7 +44,7 @@ class RedisSettings(_Model):
 
 
 class StreamFormat(StrEnum):
-    """How Debezium Server's Redis sink lays out an entry (``debezium.sink.redis.message.format``)."""
+    """How Debezium Server's Redis sink lays out an entry (its ``message.format``)."""
 
     COMPACT = "compact"
     EXTENDED = "extended"
@@ -141,9 +141,7 @@ class Rule(_Model):
 
     @field_validator("fields")
     @classmethod
-    def _fields_unique(
-        cls, fields: tuple[str, ...] | None
-    ) -> tuple[str, ...] | None:
+    def _fields_unique(cls, fields: tuple[str, ...] | None) -> tuple[str, ...] | None:
         if fields is not None:
             if not fields:
                 raise ValueError("must list at least one column (omit it to keep all)")

@@ -51,7 +51,7 @@ class ChangeEvent:
     ts_ms: int | None
     #: The row after the change (c, u, r); None for deletes.
     after: dict[str, Any] | None
-    #: The row before the change; on deletes without REPLICA IDENTITY FULL only key columns are real.
+    #: The row before the change; without REPLICA IDENTITY FULL only its key columns are real.
     before: dict[str, Any] | None
     #: The record key (primary-key columns), when the entry has one.
     key: dict[str, Any] | None

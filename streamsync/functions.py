@@ -77,8 +77,11 @@ def ensure_library(client: redis.Redis) -> Version:
         return current
     client.function_load(library_source(), replace=True)
     if current != ours:
-        log.info("loaded streamsync library %s (was %s)", _fmt(ours),
-                 _fmt(current) if current else "absent")
+        log.info(
+            "loaded streamsync library %s (was %s)",
+            _fmt(ours),
+            _fmt(current) if current else "absent",
+        )
     return ours
 
 

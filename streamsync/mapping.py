@@ -104,7 +104,9 @@ def _ttl_ms(rule: Rule) -> str:
 class Planner:
     """Turns a change event into the rows to apply, following the rules for its table."""
 
-    def __init__(self, rules_by_table: Mapping[str, tuple[Rule, ...]], position_prefix: str) -> None:
+    def __init__(
+        self, rules_by_table: Mapping[str, tuple[Rule, ...]], position_prefix: str
+    ) -> None:
         self.rules_by_table = rules_by_table
         self.position_prefix = position_prefix
 
@@ -123,11 +125,13 @@ class Planner:
             elif event.op == "d":
                 out.append(RowWrite(FN_DELETE, target, pos_key, [event.position]))
             elif rule.type is TargetType.HASH:
-                out.append(RowWrite(FN_WRITE_HASH, target, pos_key,
-                                    self._hash_args(rule, event, row)))
+                out.append(
+                    RowWrite(FN_WRITE_HASH, target, pos_key, self._hash_args(rule, event, row))
+                )
             else:
-                out.append(RowWrite(FN_WRITE_JSON, target, pos_key,
-                                    self._json_args(rule, event, row)))
+                out.append(
+                    RowWrite(FN_WRITE_JSON, target, pos_key, self._json_args(rule, event, row))
+                )
         return out
 
     def _hash_args(self, rule: Rule, event: ChangeEvent, row: dict[str, Any]) -> ArgV:
@@ -147,8 +151,17 @@ class Planner:
                 pairs.append(hash_value(value))
         ttl = _ttl_ms(rule)
         if keep:
-            return [event.position, ttl, "P", str(len(pairs) // 2), str(len(nulls)),
-                    str(len(keep)), *pairs, *nulls, *keep]
+            return [
+                event.position,
+                ttl,
+                "P",
+                str(len(pairs) // 2),
+                str(len(nulls)),
+                str(len(keep)),
+                *pairs,
+                *nulls,
+                *keep,
+            ]
         return [event.position, ttl, "F", str(len(pairs) // 2), "0", "0", *pairs]
 
     def _json_args(self, rule: Rule, event: ChangeEvent, row: dict[str, Any]) -> ArgV:

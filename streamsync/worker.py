@@ -43,8 +43,16 @@ CONSUMER_PRUNE_IDLE_MS = 3_600_000
 
 #: Error replies after which the same calls are retried unchanged: Redis is busy or full,
 #: not the entry at fault.
-TRANSIENT_ERRORS = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN",
-                    "CLUSTERDOWN", "NOREPLICAS")
+TRANSIENT_ERRORS = (
+    "OOM",
+    "BUSY",
+    "LOADING",
+    "READONLY",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "NOREPLICAS",
+)
 
 # Row statuses replied by the library (lua/streamsync.lua).
 APPLIED, STALE, SKIPPED, DROPPED = 1, 0, 2, 3
@@ -129,8 +137,12 @@ class Worker:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 previous[signum] = signal.signal(signum, self._on_signal)
-        log.info("worker %s starting: group %s, streams %s", self.consumer, self._group,
-                 self._streams or f"prefix {self.settings.source.stream_prefix!r}")
+        log.info(
+            "worker %s starting: group %s, streams %s",
+            self.consumer,
+            self._group,
+            self._streams or f"prefix {self.settings.source.stream_prefix!r}",
+        )
         attempt = 0
         try:
             while True:
@@ -173,8 +185,11 @@ class Worker:
         totals: Counter[str] = Counter()
         for (_, _, _, outcome), n in self.counts.items():
             totals[outcome] += n
-        log.info("worker %s stopped: %s", self.consumer,
-                 ", ".join(f"{k} {v}" for k, v in sorted(totals.items())) or "nothing processed")
+        log.info(
+            "worker %s stopped: %s",
+            self.consumer,
+            ", ".join(f"{k} {v}" for k, v in sorted(totals.items())) or "nothing processed",
+        )
 
     # -- connection ----------------------------------------------------------------------
 
@@ -182,8 +197,11 @@ class Worker:
         worker = self.settings.worker
         timeout = max(self.settings.redis.socket_timeout_s, worker.block_ms / 1000 + 5)
         self._pool = redis.ConnectionPool.from_url(
-            self.settings.redis.url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            client_name=f"streamsync:{self.consumer}", protocol=2,
+            self.settings.redis.url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            client_name=f"streamsync:{self.consumer}",
+            protocol=2,
         )
         self._client = redis.Redis(connection_pool=self._pool)
         self._conn = self._pool.get_connection()
@@ -205,10 +223,12 @@ class Worker:
     def _ensure_group(self, stream: str) -> None:
         assert self._client is not None
         try:
-            self._client.xgroup_create(stream, self._group, id=self.settings.source.start,
-                                       mkstream=True)
-            log.info("created group %s on %s at %s", self._group, stream,
-                     self.settings.source.start)
+            self._client.xgroup_create(
+                stream, self._group, id=self.settings.source.start, mkstream=True
+            )
+            log.info(
+                "created group %s on %s at %s", self._group, stream, self.settings.source.start
+            )
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -217,8 +237,10 @@ class Worker:
         assert self._client is not None
         prefix = self.settings.source.stream_prefix or ""
         found = sorted(
-            k.decode() for k in self._client.scan_iter(match=_glob_escape(prefix) + "*",
-                                                       count=1000, _type="stream")
+            k.decode()
+            for k in self._client.scan_iter(
+                match=_glob_escape(prefix) + "*", count=1000, _type="stream"
+            )
             if not k.endswith(DLQ_SUFFIX.encode())
         )
         new = [s for s in found if s not in self._streams]
@@ -236,9 +258,17 @@ class Worker:
             cursor = b"0"
             while True:
                 reply = self._client.execute_command(
-                    "XREADGROUP", "GROUP", self._group, self.consumer, "COUNT",
-                    self.settings.worker.batch_size, "STREAMS", stream, cursor,
-                    NEVER_DECODE=True)
+                    "XREADGROUP",
+                    "GROUP",
+                    self._group,
+                    self.consumer,
+                    "COUNT",
+                    self.settings.worker.batch_size,
+                    "STREAMS",
+                    stream,
+                    cursor,
+                    NEVER_DECODE=True,
+                )
                 items = reply[0][1] if reply else []
                 if not items:
                     break
@@ -282,8 +312,9 @@ class Worker:
             except (redis.ConnectionError, redis.TimeoutError):
                 break
         if self._batch or self._backlog:
-            log.info("%d entries left pending for another worker",
-                     len(self._batch) + len(self._backlog))
+            log.info(
+                "%d entries left pending for another worker", len(self._batch) + len(self._backlog)
+            )
 
     def _round_trip(self, read: bool, block: int | None) -> list[Any]:
         """Send the batch's calls, the dead letters and acks due, and optionally a read; settle
@@ -298,12 +329,13 @@ class Worker:
         commands += [("XACK", s, self._group, *ids) for s, ids in ack_streams]
         if read:
             commands.append(self._read_command(block))
-        self._conn.send_packed_command([b"".join(hiredis.pack_command(c) for c in commands)],
-                                       check_health=False)
+        self._conn.send_packed_command(
+            [b"".join(hiredis.pack_command(c) for c in commands)], check_health=False
+        )
         replies = [self._read_reply() for _ in commands]
         # The acks were delivered: they count even if something below asks for a retry.
         self._acks = {}
-        self._settle_dead(dead, replies[len(calls):len(calls) + len(dead)])
+        self._settle_dead(dead, replies[len(calls) : len(calls) + len(dead)])
         if read and isinstance(replies[-1], redis.ResponseError):
             self._on_read_error(replies[-1])
             replies[-1] = None
@@ -319,8 +351,14 @@ class Worker:
 
     def _read_command(self, block: int | None) -> tuple[Any, ...]:
         worker = self.settings.worker
-        cmd: tuple[Any, ...] = ("XREADGROUP", "GROUP", self._group, self.consumer,
-                                "COUNT", worker.batch_size)
+        cmd: tuple[Any, ...] = (
+            "XREADGROUP",
+            "GROUP",
+            self._group,
+            self.consumer,
+            "COUNT",
+            worker.batch_size,
+        )
         if block is not None:
             cmd += ("BLOCK", block)
         return (*cmd, "STREAMS", *self._streams, *([">"] * len(self._streams)))
@@ -386,8 +424,9 @@ class Worker:
     def _fcall(self, function: str, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
         return ("FCALL", function, len(keys), *keys, self._tombstone_ms, *args)
 
-    def _settle_calls(self, batch: list[Entry], calls: list[tuple[Any, list[tuple[int, int]]]],
-                      replies: list[Any]) -> None:
+    def _settle_calls(
+        self, batch: list[Entry], calls: list[tuple[Any, list[tuple[int, int]]]], replies: list[Any]
+    ) -> None:
         retry = False
         for (_, refs), reply in zip(calls, replies, strict=True):
             if isinstance(reply, redis.ResponseError):
@@ -434,13 +473,23 @@ class Worker:
 
     def _failed(self, entry: Entry) -> None:
         if entry.deliveries >= self.settings.worker.max_deliveries:
-            log.error("%s %s: failed on delivery %d, dead-lettering: %s", entry.stream,
-                      entry.id.decode(), entry.deliveries, entry.error)
+            log.error(
+                "%s %s: failed on delivery %d, dead-lettering: %s",
+                entry.stream,
+                entry.id.decode(),
+                entry.deliveries,
+                entry.error,
+            )
             self._dead.append(entry)
         else:
-            log.warning("%s %s: failed on delivery %d of %d, left pending for a retry: %s",
-                        entry.stream, entry.id.decode(), entry.deliveries,
-                        self.settings.worker.max_deliveries, entry.error)
+            log.warning(
+                "%s %s: failed on delivery %d of %d, left pending for a retry: %s",
+                entry.stream,
+                entry.id.decode(),
+                entry.deliveries,
+                self.settings.worker.max_deliveries,
+                entry.error,
+            )
             self._count(entry, "failed")
         entry.outcomes.clear()
 
@@ -454,20 +503,49 @@ class Worker:
 
     def _dlq_command(self, entry: Entry) -> tuple[Any, ...]:
         fields = entry.fields or []
-        return ("XADD", entry.stream + DLQ_SUFFIX, "MAXLEN", "~", self.settings.worker.dlq_max_len,
-                "*", "reason", entry.error or "unknown", "stream", entry.stream, "id", entry.id,
-                "deliveries", entry.deliveries, "consumer", self.consumer,
-                "failed_at_ms", int(time.time() * 1000), "fields", len(fields) // 2, *fields)
+        return (
+            "XADD",
+            entry.stream + DLQ_SUFFIX,
+            "MAXLEN",
+            "~",
+            self.settings.worker.dlq_max_len,
+            "*",
+            "reason",
+            entry.error or "unknown",
+            "stream",
+            entry.stream,
+            "id",
+            entry.id,
+            "deliveries",
+            entry.deliveries,
+            "consumer",
+            self.consumer,
+            "failed_at_ms",
+            int(time.time() * 1000),
+            "fields",
+            len(fields) // 2,
+            *fields,
+        )
 
     def _settle_dead(self, dead: list[Entry], replies: list[Any]) -> None:
         for entry, reply in zip(dead, replies, strict=True):
             if isinstance(reply, redis.ResponseError):
                 # not dead-lettered, so not acked: it stays pending and comes back via a claim
-                log.error("%s %s: cannot write the dead letter: %s", entry.stream,
-                          entry.id.decode(), reply)
+                log.error(
+                    "%s %s: cannot write the dead letter: %s",
+                    entry.stream,
+                    entry.id.decode(),
+                    reply,
+                )
                 continue
-            log.warning("%s %s: dead-lettered to %s%s: %s", entry.stream, entry.id.decode(),
-                        entry.stream, DLQ_SUFFIX, entry.error)
+            log.warning(
+                "%s %s: dead-lettered to %s%s: %s",
+                entry.stream,
+                entry.id.decode(),
+                entry.stream,
+                DLQ_SUFFIX,
+                entry.error,
+            )
             self._count(entry, "dead_lettered")
             self._ack(entry)
         self._dead = []
@@ -515,8 +593,16 @@ class Worker:
             cursor = self._claim_cursor.get(stream, b"0-0")
             try:
                 reply = self._client.execute_command(
-                    "XAUTOCLAIM", stream, self._group, self.consumer, worker.claim_idle_ms,
-                    cursor, "COUNT", worker.batch_size, NEVER_DECODE=True)
+                    "XAUTOCLAIM",
+                    stream,
+                    self._group,
+                    self.consumer,
+                    worker.claim_idle_ms,
+                    cursor,
+                    "COUNT",
+                    worker.batch_size,
+                    NEVER_DECODE=True,
+                )
             except redis.ResponseError as exc:
                 if "NOGROUP" in str(exc):
                     self._ensure_group(stream)
@@ -524,9 +610,12 @@ class Worker:
                 raise
             self._claim_cursor[stream] = reply[0]
             if len(reply) > 2 and reply[2]:
-                log.warning("%s: %d pending entries were deleted from the stream before being "
-                            "applied: %s", stream, len(reply[2]),
-                            ", ".join(i.decode() for i in reply[2][:10]))
+                log.warning(
+                    "%s: %d pending entries were deleted from the stream before being applied: %s",
+                    stream,
+                    len(reply[2]),
+                    ", ".join(i.decode() for i in reply[2][:10]),
+                )
             entries = [Entry(stream, eid, _flat(fields)) for eid, fields in reply[1]]
             if entries:
                 self._set_deliveries(stream, entries)
@@ -537,8 +626,15 @@ class Worker:
     def _set_deliveries(self, stream: str, entries: list[Entry]) -> None:
         assert self._client is not None
         pending = self._client.execute_command(
-            "XPENDING", stream, self._group, entries[0].id, entries[-1].id, len(entries) * 2,
-            self.consumer, NEVER_DECODE=True)
+            "XPENDING",
+            stream,
+            self._group,
+            entries[0].id,
+            entries[-1].id,
+            len(entries) * 2,
+            self.consumer,
+            NEVER_DECODE=True,
+        )
         counts = {eid: int(n) for eid, _, _, n in pending}
         for entry in entries:
             entry.deliveries = counts.get(entry.id, entry.deliveries)
@@ -563,8 +659,14 @@ class Worker:
                     name != self.consumer
                     and c["pending"] == 0
                     and c["idle"] >= CONSUMER_PRUNE_IDLE_MS
-                    and self._library_call("streamsync_prune_consumer", 1, stream, self._group,
-                                           name, CONSUMER_PRUNE_IDLE_MS)
+                    and self._library_call(
+                        "streamsync_prune_consumer",
+                        1,
+                        stream,
+                        self._group,
+                        name,
+                        CONSUMER_PRUNE_IDLE_MS,
+                    )
                 ):
                     log.info("%s: removed consumer %s, idle with nothing pending", stream, name)
 
@@ -606,8 +708,12 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
-def run_worker(settings: Settings, consumer: str | None = None, drain: bool = False,
-               on_start: Callable[[Worker], None] | None = None) -> ExitCode:
+def run_worker(
+    settings: Settings,
+    consumer: str | None = None,
+    drain: bool = False,
+    on_start: Callable[[Worker], None] | None = None,
+) -> ExitCode:
     """Build a worker and run it until stopped; the CLI's entry point."""
     worker = Worker(settings, consumer, drain=drain)
     if on_start:

@@ -33,19 +33,38 @@ def envelope(
         "before": dict(before) if before is not None else None,
         "after": dict(after) if after is not None else None,
         "source": {
-            "version": "3.6.3.Final", "connector": connector, "name": "app",
-            "ts_ms": now, "snapshot": snapshot, "db": "app",
-            "sequence": json.dumps([None, str(lsn)]), "ts_us": now * 1000,
-            "ts_ns": now * 1_000_000, "schema": schema, "table": name, "txId": 700,
-            "lsn": lsn, "xmin": None, "origin": None, "origin_lsn": None,
+            "version": "3.6.3.Final",
+            "connector": connector,
+            "name": "app",
+            "ts_ms": now,
+            "snapshot": snapshot,
+            "db": "app",
+            "sequence": json.dumps([None, str(lsn)]),
+            "ts_us": now * 1000,
+            "ts_ns": now * 1_000_000,
+            "schema": schema,
+            "table": name,
+            "txId": 700,
+            "lsn": lsn,
+            "xmin": None,
+            "origin": None,
+            "origin_lsn": None,
         },
-        "transaction": None, "op": op, "ts_ms": now, "ts_us": now * 1000,
+        "transaction": None,
+        "op": op,
+        "ts_ms": now,
+        "ts_us": now * 1000,
         "ts_ns": now * 1_000_000,
     }
 
 
-def entry_fields(key: Mapping[str, Any] | None, value: Mapping[str, Any] | None,
-                 *, extended: bool = False, null: str = "default") -> dict[str, str]:
+def entry_fields(
+    key: Mapping[str, Any] | None,
+    value: Mapping[str, Any] | None,
+    *,
+    extended: bool = False,
+    null: str = "default",
+) -> dict[str, str]:
     """The XADD field/value pairs Debezium Server's Redis sink writes for a record."""
     k = json.dumps(key, separators=(",", ":")) if key is not None else null
     v = json.dumps(value, separators=(",", ":")) if value is not None else null
@@ -54,9 +73,17 @@ def entry_fields(key: Mapping[str, Any] | None, value: Mapping[str, Any] | None,
     return {k: v}
 
 
-def add_change(r: redis.Redis, stream: str, op: str, row: Mapping[str, Any], lsn: int | None,
-               *, table: str = "public.users", key_columns: tuple[str, ...] = ("id",),
-               extended: bool = False) -> bytes:
+def add_change(
+    r: redis.Redis,
+    stream: str,
+    op: str,
+    row: Mapping[str, Any],
+    lsn: int | None,
+    *,
+    table: str = "public.users",
+    key_columns: tuple[str, ...] = ("id",),
+    extended: bool = False,
+) -> bytes:
     """XADD one change of ``row``: c/u/r carry it as ``after``; d carries it as ``before``."""
     key = {c: row[c] for c in key_columns}
     if op == "d":
@@ -67,14 +94,25 @@ def add_change(r: redis.Redis, stream: str, op: str, row: Mapping[str, Any], lsn
     return entry_id
 
 
-def write_config(path: Path, url: str, *, streams: list[str] | None = None,
-                 rules: list[dict[str, Any]] | None = None, **worker: Any) -> Path:
+def write_config(
+    path: Path,
+    url: str,
+    *,
+    streams: list[str] | None = None,
+    rules: list[dict[str, Any]] | None = None,
+    **worker: Any,
+) -> Path:
     """A streamsync YAML config for tests: users hash rule by default, fast timings."""
     data: dict[str, Any] = {
         "redis": {"url": url},
         "source": {"streams": streams or ["app.public.users"], "group": "streamsync"},
-        "worker": {"block_ms": 100, "claim_idle_ms": 500, "claim_interval_ms": 200,
-                   "trim_interval_ms": 200, **worker},
+        "worker": {
+            "block_ms": 100,
+            "claim_idle_ms": 500,
+            "claim_interval_ms": 200,
+            "trim_interval_ms": 200,
+            **worker,
+        },
         "rules": rules or [{"table": "public.users", "key": "user:{id}", "type": "hash"}],
     }
     path.write_text(yaml.safe_dump(data))

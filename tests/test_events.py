@@ -20,8 +20,14 @@ def raw_fields(rec: dict[str, object], extended: bool = False) -> list[bytes]:
     key = rec["key"] if rec["key"] is not None else "default"
     value = rec["value"] if rec["value"] is not None else "default"
     if extended:
-        return [b"key", str(key).encode(), b"value", str(value).encode(),
-                b"__DEBEZIUM.CONTEXT.TASKID", b"0"]
+        return [
+            b"key",
+            str(key).encode(),
+            b"value",
+            str(value).encode(),
+            b"__DEBEZIUM.CONTEXT.TASKID",
+            b"0",
+        ]
     return [str(key).encode(), str(value).encode()]
 
 
@@ -61,8 +67,12 @@ def test_fixture_positions_and_rows() -> None:
     assert snapshot[0].position == snapshot[1].position
     assert all(e.position > snapshot[0].position for e in events[2:])
     assert snapshot[0].after == {
-        "id": 1, "name": "alice", "email": "alice@example.com", "plan": "free",
-        "balance": "10.50", "updated_at": snapshot[0].after["updated_at"],  # type: ignore[index]
+        "id": 1,
+        "name": "alice",
+        "email": "alice@example.com",
+        "plan": "free",
+        "balance": "10.50",
+        "updated_at": snapshot[0].after["updated_at"],  # type: ignore[index]
     }
     # a primary-key change: delete of the old key and create of the new one share one LSN
     pk_delete, pk_create = events[4], events[5]
@@ -78,7 +88,7 @@ def test_schema_decimals_decode_to_the_string_mode_values() -> None:
     for a, b in zip(with_schema, as_strings, strict=True):
         if isinstance(a, ChangeEvent):
             assert isinstance(b, ChangeEvent)
-            assert a.after is not None and b.after is not None or a.op == "d"
+            assert (a.after is not None and b.after is not None) or a.op == "d"
             if a.after is not None and b.after is not None:
                 assert a.after["balance"] == b.after["balance"]
 
@@ -90,8 +100,11 @@ def test_schemas_off_leaves_base64_decimals_as_sent() -> None:
 
 
 def fields_of(value: object, key: object = None, extended: bool = False) -> list[bytes]:
-    flat = entry_fields(key if key is not None else {"id": 1},  # type: ignore[arg-type]
-                        value, extended=extended)  # type: ignore[arg-type]
+    flat = entry_fields(
+        key if key is not None else {"id": 1},  # type: ignore[arg-type]
+        value,
+        extended=extended,
+    )  # type: ignore[arg-type]
     return [x.encode() for pair in flat.items() for x in pair]
 
 

@@ -17,8 +17,16 @@ from streamsync import __version__
 from streamsync.config import load_settings
 from streamsync.errors import ExitCode
 from streamsync.events import ChangeEvent, Decoder
+from streamsync.functions import library_source, library_version
 from streamsync.worker import Worker
-from tests.debezium import add_change, add_fixture, entry_fields, envelope, fixture_records, write_config
+from tests.debezium import (
+    add_change,
+    add_fixture,
+    entry_fields,
+    envelope,
+    fixture_records,
+    write_config,
+)
 
 STREAM = "spike.public.users"
 
@@ -53,8 +61,11 @@ def expected_rows(fixture: str) -> dict[int, dict[str, Any] | None]:
 
 
 def as_hash(row: dict[str, Any]) -> dict[bytes, bytes]:
-    return {k.encode(): (v if isinstance(v, str) else json.dumps(v)).encode()
-            for k, v in row.items() if v is not None}
+    return {
+        k.encode(): (v if isinstance(v, str) else json.dumps(v)).encode()
+        for k, v in row.items()
+        if v is not None
+    }
 
 
 def pending(r: redis.Redis, stream: str = STREAM, group: str = "streamsync") -> int:
@@ -62,8 +73,9 @@ def pending(r: redis.Redis, stream: str = STREAM, group: str = "streamsync") -> 
 
 
 @pytest.mark.parametrize("fixture", ["decimal-string.jsonl", "schemas-on.jsonl"])
-def test_fixture_stream_lands_as_hashes(r: redis.Redis, redis_url: str, tmp_path: Path,
-                                        fixture: str) -> None:
+def test_fixture_stream_lands_as_hashes(
+    r: redis.Redis, redis_url: str, tmp_path: Path, fixture: str
+) -> None:
     add_fixture(r, fixture)
     cfg = write_config(tmp_path / "c.yaml", redis_url, streams=[STREAM])
     worker = run_drain(cfg)
@@ -85,8 +97,14 @@ def test_fixture_stream_lands_as_hashes(r: redis.Redis, redis_url: str, tmp_path
 
 def test_fixture_stream_lands_as_json(r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
     add_fixture(r, "decimal-string.jsonl")
-    rules = [{"table": "public.users", "key": "doc:{id}", "type": "json",
-              "fields": ["id", "name", "balance"]}]
+    rules = [
+        {
+            "table": "public.users",
+            "key": "doc:{id}",
+            "type": "json",
+            "fields": ["id", "name", "balance"],
+        }
+    ]
     run_drain(write_config(tmp_path / "c.yaml", redis_url, streams=[STREAM], rules=rules))
     for row_id, row in expected_rows("decimal-string.jsonl").items():
         if row is None:
@@ -96,8 +114,9 @@ def test_fixture_stream_lands_as_json(r: redis.Redis, redis_url: str, tmp_path: 
             assert doc == {"id": row["id"], "name": row["name"], "balance": row["balance"]}
 
 
-def test_replaying_every_entry_changes_nothing(r: redis.Redis, redis_url: str,
-                                               tmp_path: Path) -> None:
+def test_replaying_every_entry_changes_nothing(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
     add_fixture(r, "decimal-string.jsonl")
     cfg = write_config(tmp_path / "c.yaml", redis_url, streams=[STREAM])
     run_drain(cfg)
@@ -111,8 +130,9 @@ def test_replaying_every_entry_changes_nothing(r: redis.Redis, redis_url: str,
     assert counts["stale"] == 11 and "applied" not in counts
 
 
-def test_older_change_after_newer_does_not_roll_back(r: redis.Redis, redis_url: str,
-                                                     tmp_path: Path) -> None:
+def test_older_change_after_newer_does_not_roll_back(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
     stream = "app.public.users"
     add_change(r, stream, "c", {"id": 1, "name": "v3"}, lsn=300)
     add_change(r, stream, "u", {"id": 1, "name": "v1"}, lsn=100)
@@ -131,15 +151,18 @@ def test_malformed_and_unmapped_entries_are_dead_lettered_at_once(
     stream = "app.public.users"
     good = add_change(r, stream, "c", {"id": 1, "name": "a"}, lsn=10)
     bad = {
-        r.xadd(stream, {"{\"id\":2}": "this is not json"}): "not valid JSON",
+        r.xadd(stream, {'{"id":2}': "this is not json"}): "not valid JSON",
         r.xadd(stream, {"a": "1", "b": "2"}): "lacks its 'key' or 'value'",
-        r.xadd(stream, entry_fields({"id": 3}, envelope("c", "public.other", 11,
-                                                        after={"id": 3}))): "no rule maps",
-        r.xadd(stream, entry_fields({"id": 4}, envelope("c", "public.users", 12,
-                                                        after={"name": "no id"}))):
-            "names column 'id', absent",
-        r.xadd(stream, entry_fields({"id": 5}, envelope("x", "public.users", 13,
-                                                        after={"id": 5}))): "unknown op",
+        r.xadd(
+            stream, entry_fields({"id": 3}, envelope("c", "public.other", 11, after={"id": 3}))
+        ): "no rule maps",
+        r.xadd(
+            stream,
+            entry_fields({"id": 4}, envelope("c", "public.users", 12, after={"name": "no id"})),
+        ): "names column 'id', absent",
+        r.xadd(
+            stream, entry_fields({"id": 5}, envelope("x", "public.users", 13, after={"id": 5}))
+        ): "unknown op",
     }
     worker = run_drain(write_config(tmp_path / "c.yaml", redis_url))
     assert r.hgetall("user:1") == {b"id": b"1", b"name": b"a"}
@@ -160,14 +183,15 @@ def test_malformed_and_unmapped_entries_are_dead_lettered_at_once(
     finally:
         r.connection_pool.release(conn)
     n = int(raw[raw.index(b"fields") + 1])
-    assert raw[-2 * n:] == [b'{"id":2}', b"this is not json"]
+    assert raw[-2 * n :] == [b'{"id":2}', b"this is not json"]
     assert outcomes(worker)["dead_lettered"] == len(bad)
     assert pending(r, stream) == 0
     assert good not in by_id
 
 
-def test_several_rules_per_table_and_invalidation(r: redis.Redis, redis_url: str,
-                                                  tmp_path: Path) -> None:
+def test_several_rules_per_table_and_invalidation(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
     rules = [
         {"table": "public.users", "key": "user:{id}", "type": "hash", "fields": ["id", "name"]},
         {"table": "public.users", "key": "user-doc:{id}", "type": "json"},
@@ -185,16 +209,30 @@ def test_several_rules_per_table_and_invalidation(r: redis.Redis, redis_url: str
     assert not r.exists("user:2") and not r.exists("user-doc:2")
 
 
-def test_extended_format_and_composite_keys(r: redis.Redis, redis_url: str,
-                                            tmp_path: Path) -> None:
-    rules = [{"table": "public.order_items", "key": "order_item:{order_id}:{line_no}",
-              "type": "hash"}]
+def test_extended_format_and_composite_keys(r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    rules = [
+        {"table": "public.order_items", "key": "order_item:{order_id}:{line_no}", "type": "hash"}
+    ]
     stream = "app.public.order_items"
     row = {"order_id": 7, "line_no": 2, "sku": "X1"}
-    add_change(r, stream, "c", row, lsn=5, table="public.order_items",
-               key_columns=("order_id", "line_no"), extended=True)
-    run_drain(write_config(tmp_path / "c.yaml", redis_url, streams=[stream], rules=rules,
-                           ))
+    add_change(
+        r,
+        stream,
+        "c",
+        row,
+        lsn=5,
+        table="public.order_items",
+        key_columns=("order_id", "line_no"),
+        extended=True,
+    )
+    run_drain(
+        write_config(
+            tmp_path / "c.yaml",
+            redis_url,
+            streams=[stream],
+            rules=rules,
+        )
+    )
     assert r.hgetall("order_item:7:2") == {b"order_id": b"7", b"line_no": b"2", b"sku": b"X1"}
 
 
@@ -202,14 +240,19 @@ def test_stream_prefix_discovers_streams_but_not_dead_letters(
     r: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
     add_change(r, "app.public.users", "c", {"id": 1, "name": "a"}, lsn=1)
-    add_change(r, "app.public.orders", "c", {"id": 9, "total": "5.00"}, lsn=2,
-               table="public.orders")
+    add_change(
+        r, "app.public.orders", "c", {"id": 9, "total": "5.00"}, lsn=2, table="public.orders"
+    )
     r.xadd("app.public.users:dlq", {"reason": "old"})
     cfg = tmp_path / "c.yaml"
-    write_config(cfg, redis_url, rules=[
-        {"table": "public.users", "key": "user:{id}", "type": "hash"},
-        {"table": "public.orders", "key": "order:{id}", "type": "json"},
-    ])
+    write_config(
+        cfg,
+        redis_url,
+        rules=[
+            {"table": "public.users", "key": "user:{id}", "type": "hash"},
+            {"table": "public.orders", "key": "order:{id}", "type": "json"},
+        ],
+    )
     text = cfg.read_text().replace("  streams:\n  - app.public.users\n", "  stream_prefix: app.\n")
     cfg.write_text(text)
     run_drain(cfg)
@@ -219,19 +262,22 @@ def test_stream_prefix_discovers_streams_but_not_dead_letters(
     assert groups == []
 
 
-def test_start_dollar_skips_existing_entries(r: redis.Redis, redis_url: str,
-                                            tmp_path: Path) -> None:
+def test_start_dollar_skips_existing_entries(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
     add_change(r, "app.public.users", "c", {"id": 1, "name": "old"}, lsn=1)
     cfg = write_config(tmp_path / "c.yaml", redis_url)
-    cfg.write_text(cfg.read_text().replace("  group: streamsync\n",
-                                           "  group: streamsync\n  start: $\n"))
+    cfg.write_text(
+        cfg.read_text().replace("  group: streamsync\n", "  group: streamsync\n  start: $\n")
+    )
     run_drain(cfg)
     assert not r.exists("user:1")
 
 
 @pytest.mark.parametrize("trim", [True, False])  # the housekeeping path, the apply path
-def test_library_is_reloaded_when_redis_loses_it(r: redis.Redis, redis_url: str,
-                                                 tmp_path: Path, trim: bool) -> None:
+def test_library_is_reloaded_when_redis_loses_it(
+    r: redis.Redis, redis_url: str, tmp_path: Path, trim: bool
+) -> None:
     cfg = write_config(tmp_path / "c.yaml", redis_url, trim=trim)
     run_drain(cfg)
     r.function_flush()
@@ -244,30 +290,46 @@ def test_library_is_reloaded_when_redis_loses_it(r: redis.Redis, redis_url: str,
     assert r.hgetall("user:1") == {b"id": b"1", b"name": b"a"}
 
 
-def test_newer_incompatible_library_stops_the_worker(r: redis.Redis, redis_url: str,
-                                                     tmp_path: Path) -> None:
-    from streamsync.functions import library_source, library_version
-
+def test_newer_incompatible_library_stops_the_worker(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
     major, minor, patch = library_version()
-    r.function_load(library_source().replace(f"'{major}.{minor}.{patch}'", f"'{major + 1}.0.0'"),
-                    replace=True)
+    r.function_load(
+        library_source().replace(f"'{major}.{minor}.{patch}'", f"'{major + 1}.0.0'"), replace=True
+    )
     cfg = write_config(tmp_path / "c.yaml", redis_url)
-    proc = subprocess.run([sys.executable, "-m", "streamsync", "run", "-c", str(cfg)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamsync", "run", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == ExitCode.LIBRARY_INCOMPATIBLE, proc.stderr
     assert "upgrade streamsync" in proc.stderr
 
 
 def test_installed_entry_point(tmp_path: Path) -> None:
-    version = subprocess.run(["streamsync", "--version"], capture_output=True, text=True,
-                             timeout=60, check=True)
+    version = subprocess.run(
+        ["streamsync", "--version"], capture_output=True, text=True, timeout=60, check=True
+    )
     assert __version__ in version.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("source: {streams: [a]}\nrules: []\n")
-    proc = subprocess.run(["streamsync", "check-config", "-c", str(bad)], capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        ["streamsync", "check-config", "-c", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == ExitCode.CONFIG_INVALID
     assert f"{bad}: rules: at least one rule is needed" in proc.stderr
-    run = subprocess.run([sys.executable, "-m", "streamsync", "run", "-c", str(bad)],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "streamsync", "run", "-c", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert run.returncode == ExitCode.CONFIG_INVALID
