@@ -210,9 +210,12 @@ class Worker:
             self._discover()
         for stream in self._streams:
             self._ensure_group(stream)
-        self._recover_own_pending()
+        # whatever was in hand is in this consumer's pending list: re-read it from there
         self._batch.clear()
+        self._backlog.clear()
         self._solo.clear()
+        self._retry_attempt = 0
+        self._recover_own_pending()
         log.info("connected to redis; %d stream(s)", len(self._streams))
 
     def _disconnect(self) -> None:
@@ -257,7 +260,7 @@ class Worker:
         for stream in self._streams:
             cursor = b"0"
             while True:
-                reply = self._client.execute_command(
+                reply = self._raw(
                     "XREADGROUP",
                     "GROUP",
                     self._group,
@@ -267,7 +270,6 @@ class Worker:
                     "STREAMS",
                     stream,
                     cursor,
-                    NEVER_DECODE=True,
                 )
                 items = reply[0][1] if reply else []
                 if not items:
@@ -342,6 +344,13 @@ class Worker:
         self._settle_calls(batch, calls, replies[: len(calls)])
         return replies
 
+    def _raw(self, *command: Any) -> Any:
+        """One command on the loop's connection, its reply unparsed (field lists stay lists,
+        so an entry keeps its exact fields, duplicates and order included)."""
+        assert self._conn is not None
+        self._conn.send_packed_command([hiredis.pack_command(command)], check_health=False)
+        return self._conn.read_response(disable_decoding=True)
+
     def _read_reply(self) -> Any:
         assert self._conn is not None
         try:
@@ -394,6 +403,12 @@ class Worker:
                 entry.rows = plan(event)
             except PoisonEntryError as exc:
                 entry.error = str(exc)
+                self._dead.append(entry)
+                continue
+            except Exception as exc:
+                # a bug, not the entry's fault; still never crash the loop nor lose the entry
+                log.exception("%s %s: cannot decode or map", entry.stream, entry.id.decode())
+                entry.error = f"internal error: {type(exc).__name__}: {exc}"
                 self._dead.append(entry)
                 continue
             self._batch.append(entry)
@@ -592,7 +607,7 @@ class Worker:
         for stream in self._streams:
             cursor = self._claim_cursor.get(stream, b"0-0")
             try:
-                reply = self._client.execute_command(
+                reply = self._raw(
                     "XAUTOCLAIM",
                     stream,
                     self._group,
@@ -601,7 +616,6 @@ class Worker:
                     cursor,
                     "COUNT",
                     worker.batch_size,
-                    NEVER_DECODE=True,
                 )
             except redis.ResponseError as exc:
                 if "NOGROUP" in str(exc):
@@ -624,8 +638,7 @@ class Worker:
                 self._backlog.extend(entries)
 
     def _set_deliveries(self, stream: str, entries: list[Entry]) -> None:
-        assert self._client is not None
-        pending = self._client.execute_command(
+        pending = self._raw(
             "XPENDING",
             stream,
             self._group,
@@ -633,7 +646,6 @@ class Worker:
             entries[-1].id,
             len(entries) * 2,
             self.consumer,
-            NEVER_DECODE=True,
         )
         counts = {eid: int(n) for eid, _, _, n in pending}
         for entry in entries:
