@@ -20,6 +20,7 @@ from streamsync.events import ChangeEvent, Decoder
 from streamsync.functions import library_source, library_version
 from streamsync.worker import Worker
 from tests.debezium import (
+    PLACEHOLDER,
     add_change,
     add_fixture,
     entry_fields,
@@ -333,3 +334,25 @@ def test_installed_entry_point(tmp_path: Path) -> None:
         check=False,
     )
     assert run.returncode == ExitCode.CONFIG_INVALID
+
+
+@pytest.mark.parametrize("target_type", ["hash", "json"])
+def test_unchanged_toast_column_keeps_its_cached_value(
+    r: redis.Redis, redis_url: str, tmp_path: Path, target_type: str
+) -> None:
+    stream = "app.public.users"
+    bio = "x" * 5000
+    add_change(r, stream, "c", {"id": 1, "name": "a", "bio": bio}, lsn=10)
+    add_change(r, stream, "u", {"id": 1, "name": "b", "bio": PLACEHOLDER}, lsn=20)
+    add_change(r, stream, "u", {"id": 2, "name": "never cached", "bio": PLACEHOLDER}, lsn=30)
+    rules = [{"table": "public.users", "key": "user:{id}", "type": target_type}]
+    worker = run_drain(write_config(tmp_path / "c.yaml", redis_url, rules=rules))
+    if target_type == "hash":
+        assert r.hgetall("user:1") == {b"id": b"1", b"name": b"b", b"bio": bio.encode()}
+    else:
+        assert orjson.loads(r.get("user:1") or b"") == {"id": 1, "name": "b", "bio": bio}
+    assert not r.exists("user:2")
+    assert outcomes(worker) == {"applied": 2, "skipped": 1}
+    cache_keys = [k for k in r.scan_iter("*") if r.type(k) != b"stream"]
+    assert cache_keys
+    assert not any(PLACEHOLDER.encode() in (r.dump(k) or b"") for k in cache_keys)
