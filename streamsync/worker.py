@@ -38,6 +38,10 @@ MAX_ROWS_PER_CALL = 500
 #: Reconnect backoff: full jitter between 0 and min(cap, base * 2**attempt) seconds.
 BACKOFF_BASE_S = 0.05
 BACKOFF_CAP_S = 5.0
+#: How long a graceful stop may spend applying what is in hand.
+FINISH_BUDGET_S = 2.0
+#: Most entries one claim pass takes over, in batch_size pages.
+MAX_CLAIM_PAGES = 10
 #: Consumers idle this long with nothing pending are removed from the group.
 CONSUMER_PRUNE_IDLE_MS = 3_600_000
 
@@ -284,13 +288,11 @@ class Worker:
     # -- the loop ------------------------------------------------------------------------
 
     def _cycle(self) -> None:
-        now = time.monotonic()
-        if not self._batch:
-            self._periodic(now)
+        # housekeeping runs on its own clock even under a steady flow: reclaiming a crashed
+        # worker's entries and trimming must not wait for the streams to go quiet
+        self._periodic(time.monotonic())
         if not self._batch and self._backlog:
-            n = self.settings.worker.batch_size
-            self._prepare(self._backlog[:n])
-            del self._backlog[:n]
+            self._take_backlog()
         read = not self._backlog and self._retry_attempt == 0 and bool(self._streams)
         block = None if (self._batch or self._dead or self._acks) else self.settings.worker.block_ms
         replies = self._round_trip(read, block)
@@ -304,9 +306,19 @@ class Worker:
         elif not self._streams:
             self._stop.wait(self.settings.worker.block_ms / 1000)
 
+    def _take_backlog(self) -> None:
+        n = self.settings.worker.batch_size
+        self._prepare(self._backlog[:n])
+        del self._backlog[:n]
+
     def _finish(self) -> None:
-        """Apply and settle what is in hand without reading more; used when stopping."""
-        for _ in range(3):
+        """Apply and settle what is in hand without reading more; used when stopping. Reclaimed
+        entries are applied too, within a short budget: left pending, they would wait another
+        claim_idle_ms for a taker."""
+        deadline = time.monotonic() + FINISH_BUDGET_S
+        while time.monotonic() < deadline:
+            if not self._batch and self._backlog:
+                self._take_backlog()
             if not (self._batch or self._dead or self._acks):
                 break
             try:
@@ -601,41 +613,49 @@ class Worker:
 
     def _claim(self) -> None:
         """Take over entries idle longer than claim_idle_ms (a crashed worker's, or our own
-        failed ones awaiting a retry)."""
-        assert self._client is not None
+        failed ones awaiting a retry), a few pages per pass so a backlog is not starved."""
         worker = self.settings.worker
+        limit = MAX_CLAIM_PAGES * worker.batch_size
         for stream in self._streams:
-            cursor = self._claim_cursor.get(stream, b"0-0")
-            try:
-                reply = self._raw(
-                    "XAUTOCLAIM",
-                    stream,
-                    self._group,
-                    self.consumer,
-                    worker.claim_idle_ms,
-                    cursor,
-                    "COUNT",
-                    worker.batch_size,
-                )
-            except redis.ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    self._ensure_group(stream)
-                    continue
-                raise
-            self._claim_cursor[stream] = reply[0]
-            if len(reply) > 2 and reply[2]:
-                log.warning(
-                    "%s: %d pending entries were deleted from the stream before being applied: %s",
-                    stream,
-                    len(reply[2]),
-                    ", ".join(i.decode() for i in reply[2][:10]),
-                )
-            entries = [Entry(stream, eid, _flat(fields)) for eid, fields in reply[1]]
-            if entries:
-                self._set_deliveries(stream, entries)
-                log.info("%s: claimed %d idle entries", stream, len(entries))
-                self.counts[(stream, "", "", "claimed")] += len(entries)
-                self._backlog.extend(entries)
+            for _ in range(MAX_CLAIM_PAGES):
+                if len(self._backlog) >= limit or not self._claim_page(stream):
+                    break
+
+    def _claim_page(self, stream: str) -> bool:
+        """One XAUTOCLAIM page; True when the scan of the pending list should go on."""
+        worker = self.settings.worker
+        cursor = self._claim_cursor.get(stream, b"0-0")
+        try:
+            reply = self._raw(
+                "XAUTOCLAIM",
+                stream,
+                self._group,
+                self.consumer,
+                worker.claim_idle_ms,
+                cursor,
+                "COUNT",
+                worker.batch_size,
+            )
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                self._ensure_group(stream)
+                return False
+            raise
+        self._claim_cursor[stream] = reply[0]
+        if len(reply) > 2 and reply[2]:
+            log.warning(
+                "%s: %d pending entries were deleted from the stream before being applied: %s",
+                stream,
+                len(reply[2]),
+                ", ".join(i.decode() for i in reply[2][:10]),
+            )
+        entries = [Entry(stream, eid, _flat(fields)) for eid, fields in reply[1]]
+        if entries:
+            self._set_deliveries(stream, entries)
+            log.info("%s: claimed %d idle entries", stream, len(entries))
+            self.counts[(stream, "", "", "claimed")] += len(entries)
+            self._backlog.extend(entries)
+        return bool(reply[0] != b"0-0")
 
     def _set_deliveries(self, stream: str, entries: list[Entry]) -> None:
         pending = self._raw(
@@ -690,6 +710,8 @@ class Worker:
             summary = self._client.xpending(stream, self._group)
             if summary["pending"]:
                 return
+        if self.settings.worker.trim:
+            self._trim()
         log.info("drained: every entry read and acknowledged")
         self._stop.set()
 

@@ -1,0 +1,192 @@
+"""``streamsync run`` worker subprocesses for tests: started, signalled, killed, their logs read.
+
+A worker runs as ``python -m streamsync run`` in a child process of the test session, so that
+SIGTERM, SIGINT and SIGKILL are real test inputs. Its log goes to a file the test owns (never to a
+pipe nobody drains, which would block a chatty worker), and the summary line it logs on exit is
+parsed into counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+__all__ = ["WorkerProcess"]
+
+DEFAULT_EXIT_TIMEOUT_S = 10.0
+LOG_TAIL_LINES = 40
+
+# "worker w1 stopped: applied 120, stale 3" (or "... stopped: nothing processed")
+_SUMMARY_RE = re.compile(r"worker (?P<consumer>\S+) stopped: (?P<counts>.*)$", re.MULTILINE)
+_COUNT_RE = re.compile(r"(?P<outcome>[a-z_]+) (?P<n>\d+)")
+
+
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """A pre-exec hook asking Linux to SIGKILL the worker if the test process dies first.
+
+    Only from the main thread: the kernel ties the signal to the thread that forked.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not (
+        threading.main_thread()
+    ):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+    sigkill = int(signal.SIGKILL)
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, sigkill, 0, 0, 0)
+
+    return hook
+
+
+class WorkerProcess:
+    """One ``streamsync run`` child process with a consumer name and a log file of its own."""
+
+    def __init__(
+        self,
+        config: Path,
+        consumer: str,
+        log_dir: Path,
+        *,
+        drain: bool = False,
+        log_level: str = "INFO",
+    ) -> None:
+        self.config = Path(config)
+        self.consumer = consumer
+        self.drain = drain
+        self.log_level = log_level
+        self.log_path = Path(log_dir) / f"worker-{consumer}.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __repr__(self) -> str:
+        state = "not started"
+        if self._proc is not None:
+            rc = self._proc.poll()
+            state = f"pid={self._proc.pid}" if rc is None else f"exited {rc}"
+        return f"WorkerProcess({self.consumer!r}, {state})"
+
+    def command_line(self) -> list[str]:
+        """The full command line of the worker."""
+        args = [sys.executable, "-m", "streamsync", "--log-level", self.log_level]
+        args += ["run", "-c", str(self.config), "--consumer", self.consumer]
+        if self.drain:
+            args.append("--drain")
+        return args
+
+    def start(self) -> Self:
+        """Launch the worker; return ``self``. Its log is appended to ``log_path``."""
+        if self._proc is not None:
+            raise RuntimeError(f"{self!r} was already started")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                self.command_line(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent_hook(),  # noqa: PLW1509
+            )
+        return self
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        """The child process (after ``start()``)."""
+        if self._proc is None:
+            raise RuntimeError(f"{self!r} was never started")
+        return self._proc
+
+    @property
+    def pid(self) -> int:
+        """The worker's pid."""
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def send_signal(self, signum: int) -> None:
+        """Send ``signum`` to the worker (nothing if it already exited)."""
+        if self.running:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signum)
+
+    def terminate(self) -> None:
+        """SIGTERM: the worker finishes and acknowledges the batch in hand, then exits 0."""
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """``kill -9`` the worker and reap it."""
+        if self._proc is None:
+            return
+        self.send_signal(signal.SIGKILL)
+        self._proc.wait(timeout=DEFAULT_EXIT_TIMEOUT_S)
+
+    def wait(self, timeout: float = DEFAULT_EXIT_TIMEOUT_S) -> int:
+        """Wait for the worker to exit and return its exit code.
+
+        Raises ``AssertionError`` with the tail of its log if it is still running at the deadline.
+        """
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"worker {self.consumer} did not exit within {timeout:g}s; last lines of "
+                f"{self.log_path}:\n{self.log_tail()}"
+            ) from None
+
+    def log(self) -> str:
+        """The worker's whole log so far."""
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last lines of the worker's log, for failure messages."""
+        tail = self.log().splitlines()[-lines:]
+        return "\n".join(tail) if tail else "<log empty>"
+
+    def summary(self) -> dict[str, int]:
+        """The counts of the exit summary line (``{"applied": 120, "stale": 3}``).
+
+        Raises ``AssertionError`` if the worker logged no summary for this consumer.
+        """
+        for match in _SUMMARY_RE.finditer(self.log()):
+            if match["consumer"] == self.consumer:
+                return {m["outcome"]: int(m["n"]) for m in _COUNT_RE.finditer(match["counts"])}
+        raise AssertionError(
+            f"worker {self.consumer} logged no exit summary; last lines of {self.log_path}:\n"
+            f"{self.log_tail()}"
+        )
+
+    def close(self) -> None:
+        """Kill the worker if it is still running (teardown); safe to call twice."""
+        if self.running:
+            self.kill()
+
+    def __enter__(self) -> Self:
+        if self._proc is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
