@@ -23,6 +23,7 @@ import contextlib
 import cProfile
 import ctypes
 import datetime
+import gc
 import io
 import json
 import logging
@@ -477,6 +478,9 @@ def drain_streamsync(
     worker = Worker(settings, consumer="bench", drain=True)
     result: list[int] = []
     failure: list[BaseException] = []
+    # An Event, not Thread.join/is_alive: on Python < 3.13 a join() interrupted by Ctrl-C can
+    # leave is_alive() False while the thread still runs, and the stop request would be skipped.
+    done = threading.Event()
 
     def target() -> None:
         try:
@@ -488,24 +492,23 @@ def drain_streamsync(
         finally:
             if profile is not None:
                 profile.disable()
+            done.set()
 
-    thread = threading.Thread(target=target, name="streamsync-worker", daemon=True)
-    deadline = time.monotonic() + timeout_s
-    thread.start()
+    threading.Thread(target=target, name="streamsync-worker", daemon=True).start()
+    finished = False
     try:
-        while thread.is_alive() and time.monotonic() < deadline:
-            thread.join(0.05)
+        finished = done.wait(timeout_s)
     finally:
-        if thread.is_alive():
+        if not done.is_set():
             worker.request_stop()
-            thread.join(STOP_TIMEOUT_S)
+            done.wait(STOP_TIMEOUT_S)
     totals: Counter[str] = Counter()
     for (_, _, _, outcome), n in worker.counts.items():
         totals[outcome] += n
     outcomes = dict(sorted(totals.items()))
     if failure:
         raise RuntimeError(f"the worker raised {failure[0]!r}") from failure[0]
-    if time.monotonic() >= deadline:
+    if not finished:
         outcomes["drain_timeout"] = 1
     if result and result[0] != 0:
         outcomes["exit_code"] = result[0]
@@ -642,6 +645,18 @@ def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         )
 
 
+def _pin(mode: str, server: RedisServer) -> str:
+    """Apply ``--pin``; threads started later (the worker's) inherit this thread's affinity."""
+    if mode == "off" or server.proc is None:
+        return mode
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 and mode == "split":
+        raise SystemExit("--pin split needs two CPUs")
+    os.sched_setaffinity(server.proc.pid, {cpus[0]})
+    os.sched_setaffinity(0, {cpus[0] if mode == "same" else cpus[1]})
+    return mode
+
+
 def _profile_text(profile: cProfile.Profile, top: int) -> str:
     out = io.StringIO()
     pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(top)
@@ -708,6 +723,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "and print the top functions",
     )
     parser.add_argument(
+        "--pin",
+        choices=("off", "same", "split"),
+        default="off",
+        help="CPU affinity: off (the scheduler decides), same (this process and redis-server "
+        "on CPU 0), split (this process on CPU 1, redis-server on CPU 0) (default %(default)s)",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         help="also print the results as one JSON object on the last line",
@@ -718,6 +740,164 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     args.naive_events = min(args.naive_events, args.events)
     return args
+
+
+@dataclass(slots=True)
+class Design:
+    """One consumer under test: how many leading entries it drains and how to check it."""
+
+    name: str
+    events: int
+    drain: Callable[[], dict[str, int]]
+    group: str
+    #: streamsync's position-record prefix, to check position records too.
+    position_prefix: str | None = None
+
+
+def measure_all(
+    args: argparse.Namespace, workload: Workload, server: RedisServer
+) -> tuple[list[Measurement], str | None]:
+    """The interleaved rounds on identical data (FLUSHALL + preload before each drain); then,
+    with ``--profile``, one more streamsync drain under cProfile."""
+    client = redis.Redis.from_url(server.url, decode_responses=False)
+    settings = streamsync_settings(server.url, args.batch_size)
+    designs = [
+        Design(
+            "streamsync",
+            args.events,
+            lambda: drain_streamsync(settings, args.drain_timeout_s),
+            GROUP_STREAMSYNC,
+            settings.worker.position_prefix,
+        )
+    ]
+    if not args.skip_naive:
+        designs.append(Design("naive", args.naive_events, lambda: drain_naive(client), GROUP_NAIVE))
+    if not args.skip_pipelined:
+        designs.append(
+            Design(
+                "pipelined",
+                args.events,
+                lambda: drain_pipelined(client, args.batch_size),
+                GROUP_PIPELINED,
+            )
+        )
+    measurements: list[Measurement] = []
+    try:
+        for round_no in range(1, args.runs + 1):
+            for d in designs:
+                preload(client, workload.entries[: d.events])
+                if d.name != "streamsync":
+                    client.xgroup_create(STREAM, d.group, id="0")
+                m = _measure(client, d.name, round_no, d.events, d.drain)
+                m.problems = verify(
+                    client,
+                    workload,
+                    d.events,
+                    d.group,
+                    sample=args.check_sample,
+                    seed=args.seed + round_no,
+                    position_prefix=d.position_prefix,
+                )
+                m.problems += _outcome_problems(m)
+                measurements.append(m)
+                failed = "  CHECK FAILED: " + "; ".join(m.problems) if m.problems else ""
+                print(
+                    f"  round {round_no} {d.name:<10} {d.events:>9,} events {m.elapsed_s:7.2f}s "
+                    f"{_fmt_rate(m.events_per_s):>9}/s  {_outcome_text(m)}{failed}",
+                    flush=True,
+                )
+        if not args.profile:
+            return measurements, None
+        preload(client, workload.entries)
+        profile = cProfile.Profile()
+        drain_streamsync(settings, args.drain_timeout_s, profile)
+        return measurements, _profile_text(profile, 25)
+    finally:
+        client.close()
+
+
+def summarize(
+    args: argparse.Namespace, measurements: Sequence[Measurement]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median events/s per design, and the ratios of streamsync's median to the others'."""
+    names = dict.fromkeys(m.design for m in measurements)
+    medians = {
+        name: statistics.median(m.events_per_s for m in measurements if m.design == name)
+        for name in names
+    }
+    ratios = {
+        f"streamsync/{name}": medians["streamsync"] / rate
+        for name, rate in medians.items()
+        if name != "streamsync" and rate > 0
+    }
+    return medians, ratios
+
+
+ROUND_HEADERS = (
+    "round",
+    "design",
+    "events",
+    "elapsed s",
+    "events/s",
+    "client CPU µs/ev",
+    "redis CPU µs/ev",
+    "check",
+)
+
+
+def _round_row(m: Measurement) -> list[str]:
+    check = "FAILED" if m.problems else "ok"
+    rate, elapsed = _fmt_rate(m.events_per_s), f"{m.elapsed_s:.2f}"
+    cpu, redis_cpu = f"{m.client_cpu_us:.1f}", f"{m.redis_cpu_us:.1f}"
+    return [str(m.round), m.design, f"{m.events:,}", elapsed, rate, cpu, redis_cpu, check]
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def print_results(
+    args: argparse.Namespace,
+    measurements: Sequence[Measurement],
+    medians: dict[str, float],
+    ratios: dict[str, float],
+) -> None:
+    """Every round's figures, then the medians and ratios next to their targets."""
+    print()
+    _print_table(ROUND_HEADERS, [_round_row(m) for m in measurements])
+    ss = medians["streamsync"]
+    target = f">= {_fmt_rate(TARGET_EVENTS_PER_S)}/s"
+    rows = [
+        [
+            "streamsync",
+            "position-checked Worker drain",
+            _fmt_rate(ss),
+            target,
+            _verdict(ss >= TARGET_EVENTS_PER_S),
+        ]
+    ]
+    if "naive" in medians:
+        what = f"COUNT 1, first {args.naive_events:,} entries"
+        rows.append(["naive", what, _fmt_rate(medians["naive"]), "", ""])
+    if "pipelined" in medians:
+        what = "batch HSET/DEL, no position check"
+        rows.append(["pipelined", what, _fmt_rate(medians["pipelined"]), "", ""])
+    if "streamsync/naive" in ratios:
+        ratio, target = ratios["streamsync/naive"], f">= {TARGET_RATIO_NAIVE:g}x"
+        verdict = _verdict(ratio >= TARGET_RATIO_NAIVE)
+        rows.append(["streamsync/naive", "ratio of medians", f"{ratio:.1f}x", target, verdict])
+    if "streamsync/pipelined" in ratios:
+        ratio = ratios["streamsync/pipelined"]
+        rows.append(["streamsync/pipelined", "ratio of medians", f"{ratio:.2f}x", "", ""])
+    print(f"\nmedians of {args.runs} interleaved round(s), events/s, batch size {args.batch_size}:")
+    _print_table(["", "what", "median", "target", ""], rows)
+    if "naive" in medians:
+        print(
+            "note: the naive handler is timed on the first "
+            f"{args.naive_events:,} entries only. Its rate depends on whether the scheduler "
+            "keeps it and redis-server on one CPU (a round trip across CPUs costs ~2.5x on a "
+            "small VM): compare rounds, or fix the placement with --pin."
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -731,166 +911,30 @@ def run(args: argparse.Namespace) -> int:
         f"touched of {args.rows:,}, mean value {workload.mean_value_bytes():.0f} B; "
         f"generated in {time.perf_counter() - t0:.1f}s"
     )
-
-    measurements: list[Measurement] = []
-    profile_top: str | None = None
+    # The workload is a few hundred thousand live objects that a worker process would not hold;
+    # left to the cyclic GC they make every collection during a drain slower (seen as ~15% of
+    # the worker's time in py-spy). Freeze them out of its reach.
+    gc.collect()
+    gc.freeze()
     with redis_server() as server:
-        client = redis.Redis.from_url(server.url, decode_responses=False)
-        info = client.info("server")
-        env = {
-            "redis": str(info["redis_version"]),
+        probe = redis.Redis.from_url(server.url)
+        env: dict[str, str | int] = {
+            "redis": str(probe.info("server")["redis_version"]),
             "python": platform.python_version(),
             "redis_py": redis.__version__,
             "hiredis": hiredis.__version__,
             "streamsync": streamsync_version,
             "cpus": os.cpu_count() or 0,
+            "pin": _pin(args.pin, server),
         }
+        probe.close()
         print("environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
-        settings = streamsync_settings(server.url, args.batch_size)
-        prefix = settings.worker.position_prefix
-        designs: list[tuple[str, int, Callable[[], dict[str, int]], str, str | None]] = [
-            (
-                "streamsync",
-                args.events,
-                lambda: drain_streamsync(settings, args.drain_timeout_s),
-                GROUP_STREAMSYNC,
-                prefix,
-            )
-        ]
-        if not args.skip_naive:
-            designs.append(
-                ("naive", args.naive_events, lambda: drain_naive(client), GROUP_NAIVE, None)
-            )
-        if not args.skip_pipelined:
-            designs.append(
-                (
-                    "pipelined",
-                    args.events,
-                    lambda: drain_pipelined(client, args.batch_size),
-                    GROUP_PIPELINED,
-                    None,
-                )
-            )
-        for round_no in range(1, args.runs + 1):
-            for design, n, drain, group, pos_prefix in designs:
-                preload(client, workload.entries[:n])
-                if design != "streamsync":
-                    client.xgroup_create(STREAM, group, id="0")
-                m = _measure(client, design, round_no, n, drain)
-                m.problems = verify(
-                    client,
-                    workload,
-                    n,
-                    group,
-                    sample=args.check_sample,
-                    seed=args.seed + round_no,
-                    position_prefix=pos_prefix,
-                )
-                m.problems += _outcome_problems(m)
-                measurements.append(m)
-                print(
-                    f"  round {round_no} {design:<10} {n:>9,} events {m.elapsed_s:7.2f}s "
-                    f"{_fmt_rate(m.events_per_s):>9}/s  {_outcome_text(m)}"
-                    f"{'  CHECK FAILED: ' + '; '.join(m.problems) if m.problems else ''}",
-                    flush=True,
-                )
-        if args.profile:
-            preload(client, workload.entries)
-            profile = cProfile.Profile()
-            drain_streamsync(settings, args.drain_timeout_s, profile)
-            profile_top = _profile_text(profile, 25)
-        client.close()
-
-    print()
-    _print_table(
-        [
-            "round",
-            "design",
-            "events",
-            "elapsed s",
-            "events/s",
-            "client CPU µs/ev",
-            "redis CPU µs/ev",
-            "check",
-        ],
-        [
-            [
-                str(m.round),
-                m.design,
-                f"{m.events:,}",
-                f"{m.elapsed_s:.2f}",
-                _fmt_rate(m.events_per_s),
-                f"{m.client_cpu_us:.1f}",
-                f"{m.redis_cpu_us:.1f}",
-                "FAILED" if m.problems else "ok",
-            ]
-            for m in measurements
-        ],
-    )
-    medians = {
-        design: statistics.median(m.events_per_s for m in measurements if m.design == design)
-        for design, *_ in designs
-    }
-    ss = medians["streamsync"]
-    summary: list[list[str]] = [
-        [
-            "streamsync",
-            "position-checked, Worker drain",
-            _fmt_rate(ss),
-            f">= {_fmt_rate(TARGET_EVENTS_PER_S)}/s",
-            "PASS" if ss >= TARGET_EVENTS_PER_S else "MISS",
-        ],
-    ]
-    if "naive" in medians:
-        summary.append(
-            [
-                "naive",
-                f"COUNT 1, first {args.naive_events:,} entries",
-                _fmt_rate(medians["naive"]),
-                "",
-                "",
-            ]
-        )
-    if "pipelined" in medians:
-        summary.append(
-            [
-                "pipelined",
-                "HSET/DEL batch, no position check",
-                _fmt_rate(medians["pipelined"]),
-                "",
-                "",
-            ]
-        )
-    ratios: dict[str, float] = {}
-    if "naive" in medians:
-        ratios["streamsync/naive"] = ss / medians["naive"]
-        summary.append(
-            [
-                "streamsync/naive",
-                "ratio of medians",
-                f"{ratios['streamsync/naive']:.1f}x",
-                f">= {TARGET_RATIO_NAIVE:g}x",
-                "PASS" if ratios["streamsync/naive"] >= TARGET_RATIO_NAIVE else "MISS",
-            ]
-        )
-    if "pipelined" in medians:
-        ratios["streamsync/pipelined"] = ss / medians["pipelined"]
-        summary.append(
-            [
-                "streamsync/pipelined",
-                "cost of the position check",
-                f"{ratios['streamsync/pipelined']:.2f}x",
-                "",
-                "",
-            ]
-        )
-    print(
-        f"\nmedians of {args.runs} interleaved round(s), events/s (batch size {args.batch_size}):"
-    )
-    _print_table(["", "what", "median", "target", ""], summary)
-    if profile_top is not None:
+        measurements, profile_text = measure_all(args, workload, server)
+    medians, ratios = summarize(args, measurements)
+    print_results(args, measurements, medians, ratios)
+    if profile_text is not None:
         print("\ncProfile of one more streamsync drain (top functions by own time):")
-        print(profile_top)
+        print(profile_text)
     failed = [m for m in measurements if m.problems]
     if failed:
         print(f"\n{len(failed)} drain(s) FAILED their checks (see above)")
@@ -923,7 +967,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _outcome_text(m: Measurement) -> str:
-    return ", ".join(f"{k} {v:,}" for k, v in m.outcomes.items())
+    outcomes = dict(m.outcomes)
+    if m.design == "streamsync":
+        # stale is the number to watch: it must stay 0 here (one consumer, increasing LSNs)
+        outcomes = {"applied": 0, "stale": 0, **outcomes}
+    return ", ".join(f"{k} {v:,}" for k, v in outcomes.items())
 
 
 def _outcome_problems(m: Measurement) -> list[str]:
@@ -935,7 +983,7 @@ def _outcome_problems(m: Measurement) -> list[str]:
     problems = []
     if m.outcomes.get("applied", 0) != m.events:
         problems.append(f"applied {m.outcomes.get('applied', 0)} of {m.events}")
-    unexpected = {k: v for k, v in m.outcomes.items() if k != "applied"}
+    unexpected = {k: v for k, v in m.outcomes.items() if k != "applied" and v}
     if unexpected:
         problems.append(f"unexpected outcomes {unexpected}")
     return problems
