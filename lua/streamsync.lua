@@ -12,8 +12,8 @@ as stale. So duplicates, replays and out-of-order delivery never roll a key back
 Positions compare as fixed-width digit strings: LSNs are 64-bit and Lua numbers are doubles.
 
 All row functions take KEYS in pairs (target key, its position record), one pair per row, and
-ARGV[1] = tombstone TTL in milliseconds followed by one segment per row, in KEYS order. They
-reply with an array holding one status per row:
+ARGV[1] = tombstone TTL in milliseconds followed by one segment per row, in KEYS order, each
+starting with the row's kind. They reply with an array holding one status per row:
   1 applied, 0 stale (position not newer), 2 skipped (an update with unchanged TOAST columns for a
   row that is not cached: the key stays absent so no partial row is cached), 3 dropped (the cached
   row could not be completed, so it was deleted: the next full change or read fills it again), or
@@ -25,22 +25,33 @@ local VERSION = '1.0.0'
 
 local APPLIED, STALE, SKIPPED, DROPPED = 1, 0, 2, 3
 
--- true when `pos` is strictly newer than what the position record `pos_key` holds
-local function is_newer(pos_key, pos)
-    local current = redis.call('GET', pos_key)
-    return (not current) or current < pos
+--[[ A position record holds "<position>" or "<position>|<shape>". The shape names the set of
+fields the last full hash write left in the target; while it stays the same, a full write is a
+plain HSET (every field it had is rewritten), and only a different shape needs the DEL that
+removes fields the row no longer has.
+--]]
+local function stored(pos_key)
+    local value = redis.call('GET', pos_key)
+    if not value then
+        return nil, nil
+    end
+    local bar = string.find(value, '|', 1, true)
+    if bar then
+        return string.sub(value, 1, bar - 1), string.sub(value, bar + 1)
+    end
+    return value, nil
 end
 
 -- The position record outlives a key with a TTL by the tombstone window, so a replay of an old
--- change arriving right after the key expired cannot resurrect it. A row left uncached (skipped,
--- dropped) keeps its position only for the tombstone window, like a deleted one.
-local function store_position(pos_key, pos, status, ttl_ms, tombstone_ms)
+-- change arriving right after the key expired cannot resurrect it. A row left uncached (deleted,
+-- skipped, dropped) keeps its position only for the tombstone window.
+local function store_position(pos_key, value, status, ttl_ms, tombstone_ms)
     if status ~= APPLIED then
-        redis.call('SET', pos_key, pos, 'PX', tombstone_ms)
+        redis.call('SET', pos_key, value, 'PX', tombstone_ms)
     elseif ttl_ms > 0 then
-        redis.call('SET', pos_key, pos, 'PX', ttl_ms + tombstone_ms)
+        redis.call('SET', pos_key, value, 'PX', ttl_ms + tombstone_ms)
     else
-        redis.call('SET', pos_key, pos)
+        redis.call('SET', pos_key, value)
     end
 end
 
@@ -50,81 +61,65 @@ local function expire_target(target, ttl_ms)
     end
 end
 
--- run `fn(...)` as one row: a failing Redis command becomes that row's error string
-local function guarded(fn, ...)
-    local ok, result = pcall(fn, ...)
-    if ok then
-        return result
+--[[ 'H' full hash row: position, ttl_ms (0 = none), shape, n, n field/value pairs.
+The hash becomes exactly those fields (null columns are absent fields). --]]
+local function hash_full(target, pos_key, argv, i, tombstone_ms)
+    local pos, ttl_ms, shape, n = argv[i], tonumber(argv[i + 1]), argv[i + 2], tonumber(argv[i + 3])
+    local current, current_shape = stored(pos_key)
+    if current and current >= pos then
+        return STALE
     end
-    if type(result) == 'table' and result.err then
-        return result.err
+    if current_shape ~= shape then
+        redis.call('DEL', target)
     end
-    return tostring(result)
+    if n > 0 then
+        redis.call('HSET', target, unpack(argv, i + 4, i + 3 + 2 * n))
+    end
+    expire_target(target, ttl_ms)
+    store_position(pos_key, pos .. '|' .. shape, APPLIED, ttl_ms, tombstone_ms)
+    return APPLIED
 end
 
---[[ streamsync_write_hash
-KEYS: target hash, position record; repeated per row
-ARGV: tombstone_ms, then per row:
-  position, ttl_ms (0 = none), mode ('F' full row | 'P' partial: some columns unchanged TOAST),
-  n_set, n_null, n_keep, n_set field/value pairs, n_null fields, n_keep fields
-  F: the hash is replaced by exactly the n_set fields (null columns are absent fields).
-  P: the n_set fields are written, the n_null fields removed, the n_keep fields must already be
-     in the cached hash and keep their value.
-Reply: one status per row (see the header).
---]]
-local function write_hash_row(target, pos_key, argv, i, tombstone_ms)
-    local pos, ttl_ms, mode = argv[i], tonumber(argv[i + 1]), argv[i + 2]
-    local n_set, n_null, n_keep = tonumber(argv[i + 3]), tonumber(argv[i + 4]), tonumber(argv[i + 5])
-    local first_set = i + 6
+--[[ 'h' partial hash row (some columns are unchanged TOAST values, not sent): position, ttl_ms,
+n_set, n_null, n_keep, n_set field/value pairs, n_null fields, n_keep fields. The set fields are
+written, the null ones removed, and the kept ones must already be cached: otherwise the row cannot
+be completed and is not cached. --]]
+local function hash_partial(target, pos_key, argv, i, tombstone_ms)
+    local pos, ttl_ms = argv[i], tonumber(argv[i + 1])
+    local n_set, n_null, n_keep = tonumber(argv[i + 2]), tonumber(argv[i + 3]), tonumber(argv[i + 4])
+    local first_set = i + 5
     local first_null = first_set + 2 * n_set
     local first_keep = first_null + n_null
-    if not is_newer(pos_key, pos) then
+    local current = stored(pos_key)
+    if current and current >= pos then
         return STALE
     end
     local status = APPLIED
-    if mode == 'F' then
-        redis.call('DEL', target)
-        if n_set > 0 then
-            redis.call('HSET', target, unpack(argv, first_set, first_null - 1))
-        end
-        expire_target(target, ttl_ms)
+    local kind = redis.call('TYPE', target).ok
+    if kind == 'none' then
+        status = SKIPPED
     else
-        local kind = redis.call('TYPE', target).ok
-        if kind == 'none' then
-            status = SKIPPED
+        local complete = kind == 'hash'
+        for k = first_keep, first_keep + n_keep - 1 do
+            if not complete then break end
+            complete = redis.call('HEXISTS', target, argv[k]) == 1
+        end
+        if not complete then
+            redis.call('DEL', target)
+            status = DROPPED
         else
-            local complete = kind == 'hash'
-            for k = first_keep, first_keep + n_keep - 1 do
-                if not complete then break end
-                complete = redis.call('HEXISTS', target, argv[k]) == 1
+            if n_set > 0 then
+                redis.call('HSET', target, unpack(argv, first_set, first_null - 1))
             end
-            if not complete then
-                redis.call('DEL', target)
-                status = DROPPED
-            else
-                if n_set > 0 then
-                    redis.call('HSET', target, unpack(argv, first_set, first_null - 1))
-                end
-                if n_null > 0 then
-                    redis.call('HDEL', target, unpack(argv, first_null, first_keep - 1))
-                end
-                expire_target(target, ttl_ms)
+            if n_null > 0 then
+                redis.call('HDEL', target, unpack(argv, first_null, first_keep - 1))
             end
+            expire_target(target, ttl_ms)
         end
     end
+    -- no shape: the next full write replaces the hash whole
     store_position(pos_key, pos, status, ttl_ms, tombstone_ms)
     return status
-end
-
-local function write_hash(keys, argv)
-    local tombstone_ms = tonumber(argv[1])
-    local replies = {}
-    local i = 2
-    for k = 1, #keys, 2 do
-        replies[#replies + 1] = guarded(write_hash_row, keys[k], keys[k + 1], argv, i, tombstone_ms)
-        i = i + 6 + 2 * tonumber(argv[i + 3]) + tonumber(argv[i + 4]) + tonumber(argv[i + 5])
-    end
-    return replies
 end
 
 --[[ Top-level members of a JSON object text, as {member name token -> raw value text}.
@@ -199,90 +194,79 @@ local function json_members(text)
     return nil
 end
 
---[[ streamsync_write_json
-KEYS: target string, position record; repeated per row
-ARGV: tombstone_ms, then per row:
-  position, ttl_ms (0 = none), mode ('F' | 'P'), n, then
-  F: n = 1, the whole document;
-  P: n member triples: name token (JSON string as written, e.g. "\"bio\""), kind ('v' value |
-     'k' keep the cached value), raw JSON value ('' for 'k').
-Reply: one status per row (see the header).
---]]
-local function write_json_row(target, pos_key, argv, i, tombstone_ms)
-    local pos, ttl_ms, mode, n = argv[i], tonumber(argv[i + 1]), argv[i + 2], tonumber(argv[i + 3])
-    if not is_newer(pos_key, pos) then
+local function set_document(target, doc, ttl_ms)
+    if ttl_ms > 0 then
+        redis.call('SET', target, doc, 'PX', ttl_ms)
+    else
+        redis.call('SET', target, doc)
+    end
+end
+
+--[[ 'J' full JSON row: position, ttl_ms, the document. --]]
+local function json_full(target, pos_key, argv, i, tombstone_ms)
+    local pos, ttl_ms = argv[i], tonumber(argv[i + 1])
+    local current = stored(pos_key)
+    if current and current >= pos then
+        return STALE
+    end
+    set_document(target, argv[i + 2], ttl_ms)
+    store_position(pos_key, pos, APPLIED, ttl_ms, tombstone_ms)
+    return APPLIED
+end
+
+--[[ 'j' partial JSON row: position, ttl_ms, n, then n member triples: name token (the JSON
+string as written, e.g. "\"bio\""), kind ('v' value | 'k' keep the cached value), raw JSON value
+('' for 'k'). The cached document supplies the kept members; without it the row is not cached. --]]
+local function json_partial(target, pos_key, argv, i, tombstone_ms)
+    local pos, ttl_ms, n = argv[i], tonumber(argv[i + 1]), tonumber(argv[i + 2])
+    local current = stored(pos_key)
+    if current and current >= pos then
         return STALE
     end
     local status = APPLIED
-    if mode == 'F' then
-        if ttl_ms > 0 then
-            redis.call('SET', target, argv[i + 4], 'PX', ttl_ms)
-        else
-            redis.call('SET', target, argv[i + 4])
-        end
+    local kind, cached = redis.call('TYPE', target).ok, nil
+    if kind == 'none' then
+        status = SKIPPED
     else
-        local kind, cached = redis.call('TYPE', target).ok, nil
-        if kind == 'none' then
-            status = SKIPPED
-        else
-            if kind == 'string' then
-                cached = json_members(redis.call('GET', target))
+        if kind == 'string' then
+            cached = json_members(redis.call('GET', target))
+        end
+        if not cached then
+            status = DROPPED
+        end
+    end
+    if status == APPLIED then
+        local parts = {}
+        for m = 0, n - 1 do
+            local j = i + 3 + 3 * m
+            local name, value = argv[j], argv[j + 2]
+            if argv[j + 1] == 'k' then
+                value = cached[name]
+                if value == nil then
+                    status = DROPPED
+                    break
+                end
             end
-            if not cached then
-                status = DROPPED
-            end
+            parts[#parts + 1] = name .. ':' .. value
         end
         if status == APPLIED then
-            local parts = {}
-            for m = 0, n - 1 do
-                local j = i + 4 + 3 * m
-                local name, value = argv[j], argv[j + 2]
-                if argv[j + 1] == 'k' then
-                    value = cached[name]
-                    if value == nil then
-                        status = DROPPED
-                        break
-                    end
-                end
-                parts[#parts + 1] = name .. ':' .. value
-            end
-            if status == APPLIED then
-                local doc = '{' .. table.concat(parts, ',') .. '}'
-                if ttl_ms > 0 then
-                    redis.call('SET', target, doc, 'PX', ttl_ms)
-                else
-                    redis.call('SET', target, doc)
-                end
-            end
+            set_document(target, '{' .. table.concat(parts, ',') .. '}', ttl_ms)
         end
-        if status == DROPPED then
-            redis.call('DEL', target)
-        end
+    end
+    if status == DROPPED then
+        redis.call('DEL', target)
     end
     store_position(pos_key, pos, status, ttl_ms, tombstone_ms)
     return status
 end
 
-local function write_json(keys, argv)
-    local tombstone_ms = tonumber(argv[1])
-    local replies = {}
-    local i = 2
-    for k = 1, #keys, 2 do
-        replies[#replies + 1] = guarded(write_json_row, keys[k], keys[k + 1], argv, i, tombstone_ms)
-        local n = tonumber(argv[i + 3])
-        i = i + 4 + (argv[i + 2] == 'F' and 1 or 3 * n)
-    end
-    return replies
-end
-
---[[ streamsync_delete and streamsync_invalidate
-KEYS: target key, position record; repeated per row
-ARGV: tombstone_ms, then per row: position
-The target is deleted and the position remembered for tombstone_ms, so a late replay of an older
-change cannot bring the row back. Reply: one status per row (see the header).
---]]
-local function remove_row(target, pos_key, pos, tombstone_ms)
-    if not is_newer(pos_key, pos) then
+--[[ 'D' delete and 'I' invalidate rows: position. The target is deleted and the position
+remembered for the tombstone window, so a late replay of an older change cannot bring the row
+back. --]]
+local function remove(target, pos_key, argv, i, tombstone_ms)
+    local pos = argv[i]
+    local current = stored(pos_key)
+    if current and current >= pos then
         return STALE
     end
     redis.call('DEL', target)
@@ -290,15 +274,67 @@ local function remove_row(target, pos_key, pos, tombstone_ms)
     return APPLIED
 end
 
-local function remove_rows(keys, argv)
+-- row kinds: the function applying one, and the number of ARGV items the row spans (given the
+-- index of its first item after the op code)
+local ROWS = {
+    H = {hash_full, function(argv, i) return 4 + 2 * tonumber(argv[i + 3]) end},
+    h = {hash_partial, function(argv, i)
+        return 5 + 2 * tonumber(argv[i + 2]) + tonumber(argv[i + 3]) + tonumber(argv[i + 4])
+    end},
+    J = {json_full, function() return 3 end},
+    j = {json_partial, function(argv, i) return 3 + 3 * tonumber(argv[i + 2]) end},
+    D = {remove, function() return 1 end},
+    I = {remove, function() return 1 end},
+}
+
+--[[ Apply rows of the given kinds. KEYS: (target, position record) per row. ARGV: tombstone_ms,
+then per row its kind and its items. One failing row (a Redis error) does not stop the others:
+its reply is the error text. --]]
+local function apply_rows(keys, argv, allowed)
     local tombstone_ms = tonumber(argv[1])
     local replies = {}
+    local i = 2
     for k = 1, #keys, 2 do
-        replies[#replies + 1] = guarded(remove_row, keys[k], keys[k + 1], argv[1 + (k + 1) / 2],
-            tombstone_ms)
+        local op = argv[i]
+        local row = ROWS[op]
+        if not row or (allowed and not allowed[op]) then
+            return redis.error_reply('row ' .. (k + 1) / 2 .. ': unexpected row kind ' ..
+                tostring(op))
+        end
+        local ok, result = pcall(row[1], keys[k], keys[k + 1], argv, i + 1, tombstone_ms)
+        if ok then
+            replies[#replies + 1] = result
+        elseif type(result) == 'table' and result.err then
+            replies[#replies + 1] = result.err
+        else
+            replies[#replies + 1] = tostring(result)
+        end
+        i = i + 1 + row[2](argv, i + 1)
     end
     return replies
 end
+
+--[[ streamsync_apply: the batch entry point, rows of any kind.
+KEYS: target key, position record; repeated per row
+ARGV: tombstone_ms, then per row: kind, items:
+  H (full hash): position, ttl_ms, shape, n, n field/value pairs
+  h (partial hash): position, ttl_ms, n_set, n_null, n_keep, pairs, null fields, kept fields
+  J (full JSON): position, ttl_ms, document
+  j (partial JSON): position, ttl_ms, n, n triples (name token, 'v' | 'k', raw value)
+  D (delete), I (invalidate): position
+Reply: one status per row (see the header).
+--]]
+local function apply(keys, argv)
+    return apply_rows(keys, argv, nil)
+end
+
+-- streamsync_write_hash, streamsync_write_json, streamsync_delete, streamsync_invalidate: the
+-- same, restricted to the rows of one operation (H/h, J/j, D, I).
+local function only(kinds)
+    return function(keys, argv) return apply_rows(keys, argv, kinds) end
+end
+
+local TRIM_LIMIT = 10000
 
 -- stream ids compare as (ms, seq) pairs of 64-bit integers: compare as digit strings
 local function id_less(a, b)
@@ -322,7 +358,8 @@ KEYS: a stream
 ARGV: none
 Removes the entries that every consumer group of the stream has acknowledged: those older than
 the oldest pending entry of each group, and no newer than the last entry each group has read.
-Never removes an unacknowledged entry, and trims nothing when the stream has no group.
+Never removes an unacknowledged entry, and trims nothing when the stream has no group. Removes
+at most about TRIM_LIMIT entries per call: call it again while it replies TRIM_LIMIT or more.
 Reply: the number of entries removed.
 --]]
 local function trim(keys, argv)
@@ -345,7 +382,13 @@ local function trim(keys, argv)
     if min_id == nil or min_id == '0-0' then
         return 0
     end
-    return redis.call('XTRIM', stream, 'MINID', min_id)
+    -- whole radix-tree nodes first, at most TRIM_LIMIT entries, so one call stays short; then,
+    -- unless that reached the bound, the few entries left in the first node (at most one node)
+    local removed = redis.call('XTRIM', stream, 'MINID', '~', min_id, 'LIMIT', TRIM_LIMIT)
+    if removed < TRIM_LIMIT then
+        removed = removed + redis.call('XTRIM', stream, 'MINID', min_id)
+    end
+    return removed
 end
 
 --[[ streamsync_prune_consumer
@@ -382,9 +425,10 @@ end
 
 redis.register_function{function_name = 'streamsync_version', callback = version,
     flags = {'no-writes'}}
-redis.register_function('streamsync_write_hash', write_hash)
-redis.register_function('streamsync_write_json', write_json)
-redis.register_function('streamsync_delete', remove_rows)
-redis.register_function('streamsync_invalidate', remove_rows)
+redis.register_function('streamsync_apply', apply)
+redis.register_function('streamsync_write_hash', only({H = true, h = true}))
+redis.register_function('streamsync_write_json', only({J = true, j = true}))
+redis.register_function('streamsync_delete', only({D = true}))
+redis.register_function('streamsync_invalidate', only({I = true}))
 redis.register_function('streamsync_trim', trim)
 redis.register_function('streamsync_prune_consumer', prune_consumer)

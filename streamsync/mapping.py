@@ -20,21 +20,25 @@ from streamsync.config import Mode, Rule, TargetType
 from streamsync.errors import PoisonEntryError
 from streamsync.events import ChangeEvent
 
-FN_WRITE_HASH = "streamsync_write_hash"
-FN_WRITE_JSON = "streamsync_write_json"
-FN_DELETE = "streamsync_delete"
-FN_INVALIDATE = "streamsync_invalidate"
+#: The library's batch entry point: rows of every kind in one call.
+FN_APPLY = "streamsync_apply"
+
+# Row kinds (lua/streamsync.lua): full and partial hash and JSON writes, delete, invalidate.
+ROW_HASH, ROW_HASH_PARTIAL, ROW_JSON, ROW_JSON_PARTIAL = "H", "h", "J", "j"
+ROW_DELETE, ROW_INVALIDATE = "D", "I"
 
 CLUSTER_SLOTS = 16384
+#: Field-name sets remembered by a planner before it starts over.
+MAX_SHAPES = 4096
 
 ArgV = list[str | bytes]
 
 
 @dataclass(slots=True)
 class RowWrite:
-    """One row of a batch call to a registered function."""
+    """One row of a batch call: its target key, the target's position record, and its ARGV
+    items, starting with the row kind."""
 
-    function: str
     target: str
     position_key: str
     args: ArgV
@@ -109,6 +113,7 @@ class Planner:
     ) -> None:
         self.rules_by_table = rules_by_table
         self.position_prefix = position_prefix
+        self._shapes: dict[tuple[str | bytes, ...], str] = {}
 
     def plan(self, event: ChangeEvent) -> list[RowWrite]:
         """The rows for ``event``; PoisonEntryError when it cannot be applied."""
@@ -121,48 +126,66 @@ class Planner:
             target = rule.template.render(row)
             pos_key = position_key(self.position_prefix, target)
             if rule.mode is Mode.INVALIDATE:
-                out.append(RowWrite(FN_INVALIDATE, target, pos_key, [event.position]))
+                args: ArgV = [ROW_INVALIDATE, event.position]
             elif event.op == "d":
-                out.append(RowWrite(FN_DELETE, target, pos_key, [event.position]))
+                args = [ROW_DELETE, event.position]
             elif rule.type is TargetType.HASH:
-                out.append(
-                    RowWrite(FN_WRITE_HASH, target, pos_key, self._hash_args(rule, event, row))
-                )
+                args = self._hash_args(rule, event, row)
             else:
-                out.append(
-                    RowWrite(FN_WRITE_JSON, target, pos_key, self._json_args(rule, event, row))
-                )
+                args = self._json_args(rule, event, row)
+            out.append(RowWrite(target, pos_key, args))
         return out
 
+    def _shape(self, names: tuple[str | bytes, ...]) -> str:
+        """A short token naming a set of hash fields (see the library's position records)."""
+        shape = self._shapes.get(names)
+        if shape is None:
+            if len(self._shapes) >= MAX_SHAPES:
+                self._shapes.clear()
+            joined = "\0".join(n if isinstance(n, str) else n.decode() for n in names)
+            shape = self._shapes[names] = f"{binascii.crc32(joined.encode()):08x}"
+        return shape
+
     def _hash_args(self, rule: Rule, event: ChangeEvent, row: dict[str, Any]) -> ArgV:
-        columns: Iterable[str] = rule.fields if rule.fields is not None else row.keys()
-        unchanged = event.unchanged
         pairs: ArgV = []
+        ttl = _ttl_ms(rule)
+        if not event.unchanged:
+            if rule.fields is None:
+                for column, value in row.items():
+                    if value is not None:
+                        pairs.append(column)
+                        pairs.append(value if type(value) is str else hash_value(value))
+            else:
+                for column in rule.fields:
+                    value = row.get(column)
+                    if value is not None:
+                        pairs.append(column)
+                        pairs.append(value if type(value) is str else hash_value(value))
+            shape = self._shape(tuple(pairs[::2]))
+            return [ROW_HASH, event.position, ttl, shape, str(len(pairs) // 2), *pairs]
+        columns: Iterable[str] = rule.fields if rule.fields is not None else row.keys()
         nulls: ArgV = []
         keep: ArgV = []
         for column in columns:
             value = row.get(column)
             if value is None:
                 nulls.append(column)
-            elif column in unchanged:
+            elif column in event.unchanged:
                 keep.append(column)
             else:
                 pairs.append(column)
                 pairs.append(hash_value(value))
-        ttl = _ttl_ms(rule)
-        if keep:
-            return [
-                event.position,
-                ttl,
-                "P",
-                str(len(pairs) // 2),
-                str(len(nulls)),
-                str(len(keep)),
-                *pairs,
-                *nulls,
-                *keep,
-            ]
-        return [event.position, ttl, "F", str(len(pairs) // 2), "0", "0", *pairs]
+        return [
+            ROW_HASH_PARTIAL,
+            event.position,
+            ttl,
+            str(len(pairs) // 2),
+            str(len(nulls)),
+            str(len(keep)),
+            *pairs,
+            *nulls,
+            *keep,
+        ]
 
     def _json_args(self, rule: Rule, event: ChangeEvent, row: dict[str, Any]) -> ArgV:
         if rule.fields is not None:
@@ -170,7 +193,7 @@ class Planner:
         ttl = _ttl_ms(rule)
         unchanged = event.unchanged.intersection(row)
         if not unchanged:
-            return [event.position, ttl, "F", "1", orjson.dumps(row)]
+            return [ROW_JSON, event.position, ttl, orjson.dumps(row)]
         members: ArgV = []
         for column, value in row.items():
             members.append(orjson.dumps(column))
@@ -178,4 +201,4 @@ class Planner:
                 members += ["k", ""]
             else:
                 members += ["v", orjson.dumps(value)]
-        return [event.position, ttl, "P", str(len(row)), *members]
+        return [ROW_JSON_PARTIAL, event.position, ttl, str(len(row)), *members]

@@ -29,12 +29,12 @@ from streamsync.config import DLQ_SUFFIX, Settings
 from streamsync.errors import ExitCode, LibraryIncompatibleError, PoisonEntryError
 from streamsync.events import Decoder, Skip
 from streamsync.functions import ensure_library
-from streamsync.mapping import Planner, RowWrite
+from streamsync.mapping import FN_APPLY, Planner, RowWrite
 
 log = logging.getLogger(__name__)
 
 #: Most rows packed into one function call; bounds the Lua stack and one call's run time.
-MAX_ROWS_PER_CALL = 500
+MAX_ROWS_PER_CALL = 1000
 #: Reconnect backoff: full jitter between 0 and min(cap, base * 2**attempt) seconds.
 BACKOFF_BASE_S = 0.05
 BACKOFF_CAP_S = 5.0
@@ -80,6 +80,8 @@ class Entry:
     #: Why the entry failed this time, if it did.
     error: str | None = None
     outcomes: list[str] = field(default_factory=list)
+    #: Apply each of its rows in a call of its own (a batch call failed as a whole).
+    solo: bool = False
 
 
 def _backoff(attempt: int) -> float:
@@ -124,10 +126,9 @@ class Worker:
         self._dead: list[Entry] = []
         self._acks: dict[str, list[bytes]] = {}
         self._retry_attempt = 0
-        self._solo: set[int] = set()
+        self._unread: list[Entry] = []
         self._claim_cursor: dict[str, bytes] = {}
         self._next_claim = self._next_trim = self._next_discover = self._next_prune = 0.0
-        self._idle_read = False
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -216,8 +217,8 @@ class Worker:
             self._ensure_group(stream)
         # whatever was in hand is in this consumer's pending list: re-read it from there
         self._batch.clear()
+        self._unread.clear()
         self._backlog.clear()
-        self._solo.clear()
         self._retry_attempt = 0
         self._recover_own_pending()
         log.info("connected to redis; %d stream(s)", len(self._streams))
@@ -291,24 +292,24 @@ class Worker:
         # housekeeping runs on its own clock even under a steady flow: reclaiming a crashed
         # worker's entries and trimming must not wait for the streams to go quiet
         self._periodic(time.monotonic())
-        if not self._batch and self._backlog:
+        if not self._batch and not self._unread and self._backlog:
             self._take_backlog()
         read = not self._backlog and self._retry_attempt == 0 and bool(self._streams)
-        block = None if (self._batch or self._dead or self._acks) else self.settings.worker.block_ms
-        replies = self._round_trip(read, block)
-        if read:
-            entries = _parse_read(replies[-1])
-            self._idle_read = not entries
-            if entries:
-                self._prepare(entries)
-            elif self.drain and not self._batch and not self._acks and not self._dead:
-                self._check_drained()
-        elif not self._streams:
+        idle = not (self._batch or self._unread or self._dead or self._acks)
+        entries = self._round_trip(read, None if not idle else self.settings.worker.block_ms)
+        if entries:
+            self._unread = entries
+        elif read and self.drain and not self._in_hand():
+            self._check_drained()
+        if not self._streams:
             self._stop.wait(self.settings.worker.block_ms / 1000)
+
+    def _in_hand(self) -> bool:
+        return bool(self._batch or self._unread or self._dead or self._acks or self._backlog)
 
     def _take_backlog(self) -> None:
         n = self.settings.worker.batch_size
-        self._prepare(self._backlog[:n])
+        self._unread = self._backlog[:n]
         del self._backlog[:n]
 
     def _finish(self) -> None:
@@ -316,45 +317,50 @@ class Worker:
         entries are applied too, within a short budget: left pending, they would wait another
         claim_idle_ms for a taker."""
         deadline = time.monotonic() + FINISH_BUDGET_S
-        while time.monotonic() < deadline:
-            if not self._batch and self._backlog:
+        while time.monotonic() < deadline and self._in_hand():
+            if not self._batch and not self._unread and self._backlog:
                 self._take_backlog()
-            if not (self._batch or self._dead or self._acks):
-                break
             try:
                 self._round_trip(read=False, block=None)
             except (redis.ConnectionError, redis.TimeoutError):
                 break
-        if self._batch or self._backlog:
-            log.info(
-                "%d entries left pending for another worker", len(self._batch) + len(self._backlog)
-            )
+        left = len(self._batch) + len(self._unread) + len(self._backlog)
+        if left:
+            log.info("%d entries left pending for another worker", left)
 
-    def _round_trip(self, read: bool, block: int | None) -> list[Any]:
-        """Send the batch's calls, the dead letters and acks due, and optionally a read; settle
-        what the replies say. Returns the raw replies."""
+    def _round_trip(self, read: bool, block: int | None) -> list[Entry]:
+        """One round trip: send the batch's function calls, the dead letters and acks due, and
+        optionally a read; decode the entries read last time while Redis works; then settle
+        what the replies say. Returns the entries read."""
         assert self._conn is not None
-        batch, dead = self._batch, self._dead
-        commands: list[tuple[Any, ...]] = []
+        batch, dead, acks = self._batch, self._dead, self._acks
         calls = list(self._calls(batch))
-        commands += [c for c, _ in calls]
+        commands = [c for c, _ in calls]
         commands += [self._dlq_command(e) for e in dead]
-        ack_streams = list(self._acks.items())
-        commands += [("XACK", s, self._group, *ids) for s, ids in ack_streams]
+        commands += [("XACK", s, self._group, *ids) for s, ids in acks.items()]
         if read:
             commands.append(self._read_command(block))
         self._conn.send_packed_command(
             [b"".join(hiredis.pack_command(c) for c in commands)], check_health=False
         )
+        # From here on, what the replies settle is gone from the lists; an entry lost with a
+        # dropped connection is still pending in Redis and comes back to this consumer.
+        self._batch, self._dead, self._acks = [], [], {}
+        unread, self._unread = self._unread, []
+        planned = self._prepare(unread)
         replies = [self._read_reply() for _ in commands]
-        # The acks were delivered: they count even if something below asks for a retry.
-        self._acks = {}
         self._settle_dead(dead, replies[len(calls) : len(calls) + len(dead)])
-        if read and isinstance(replies[-1], redis.ResponseError):
-            self._on_read_error(replies[-1])
-            replies[-1] = None
-        self._settle_calls(batch, calls, replies[: len(calls)])
-        return replies
+        entries: list[Entry] = []
+        if read:
+            if isinstance(replies[-1], redis.ResponseError):
+                self._on_read_error(replies[-1])
+            else:
+                entries = _parse_read(replies[-1])
+        if self._settle_calls(batch, calls, replies[: len(calls)]):
+            self._batch = batch + planned
+        else:
+            self._batch = planned
+        return entries
 
     def _raw(self, *command: Any) -> Any:
         """One command on the loop's connection, its reply unparsed (field lists stay lists,
@@ -396,9 +402,11 @@ class Worker:
 
     # -- applying ------------------------------------------------------------------------
 
-    def _prepare(self, entries: Sequence[Entry]) -> None:
-        """Decode and plan entries into the batch; settle at once those with nothing to apply."""
+    def _prepare(self, entries: Sequence[Entry]) -> list[Entry]:
+        """Decode and plan entries; returns those with rows to apply. Entries with nothing to
+        apply are acknowledged, unappliable ones dead-lettered, with the next round trip."""
         decode, plan = self._decoder.decode, self._planner.plan
+        planned = []
         for entry in entries:
             if entry.fields is None:
                 # deleted from the stream while pending: nothing left to apply
@@ -423,39 +431,38 @@ class Worker:
                 entry.error = f"internal error: {type(exc).__name__}: {exc}"
                 self._dead.append(entry)
                 continue
-            self._batch.append(entry)
+            planned.append(entry)
+        return planned
 
-    def _calls(self, batch: list[Entry]) -> Iterator[tuple[tuple[Any, ...], list[tuple[int, int]]]]:
-        """The FCALL commands for the batch: consecutive rows of one function share a call.
-        Yields (command, [(entry index, row index), ...])."""
+    def _calls(self, batch: list[Entry]) -> Iterator[tuple[tuple[Any, ...], list[Entry]]]:
+        """The FCALLs applying the batch: one per MAX_ROWS_PER_CALL rows, and one per row of
+        an entry marked solo. Yields (command, the entry of each row)."""
         keys: list[str] = []
         args: list[Any] = []
-        refs: list[tuple[int, int]] = []
-        function = ""
-        for i, entry in enumerate(batch):
-            for j, row in enumerate(entry.rows):
-                solo = i in self._solo
-                if refs and (row.function != function or len(refs) >= MAX_ROWS_PER_CALL or solo):
-                    yield self._fcall(function, keys, args), refs
-                    keys, args, refs = [], [], []
-                function = row.function
+        owners: list[Entry] = []
+        for entry in batch:
+            for row in entry.rows:
+                if entry.solo:
+                    yield self._fcall([row.target, row.position_key], row.args), [entry]
+                    continue
                 keys += (row.target, row.position_key)
                 args += row.args
-                refs.append((i, j))
-                if solo:
-                    yield self._fcall(function, keys, args), refs
-                    keys, args, refs = [], [], []
-        if refs:
-            yield self._fcall(function, keys, args), refs
+                owners.append(entry)
+                if len(owners) >= MAX_ROWS_PER_CALL:
+                    yield self._fcall(keys, args), owners
+                    keys, args, owners = [], [], []
+        if owners:
+            yield self._fcall(keys, args), owners
 
-    def _fcall(self, function: str, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
-        return ("FCALL", function, len(keys), *keys, self._tombstone_ms, *args)
+    def _fcall(self, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
+        return ("FCALL", FN_APPLY, len(keys), *keys, self._tombstone_ms, *args)
 
     def _settle_calls(
-        self, batch: list[Entry], calls: list[tuple[Any, list[tuple[int, int]]]], replies: list[Any]
-    ) -> None:
+        self, batch: list[Entry], calls: list[tuple[Any, list[Entry]]], replies: list[Any]
+    ) -> bool:
+        """Settle the batch from its calls' replies; True when it must be sent again."""
         retry = False
-        for (_, refs), reply in zip(calls, replies, strict=True):
+        for (_, owners), reply in zip(calls, replies, strict=True):
             if isinstance(reply, redis.ResponseError):
                 message = str(reply)
                 if "function not found" in message.lower():
@@ -465,29 +472,28 @@ class Worker:
                 elif message.startswith(TRANSIENT_ERRORS):
                     log.warning("redis refused a call (%s); retrying the batch", message)
                     retry = True
-                elif len(refs) > 1 or len(batch[refs[0][0]].rows) > 1:
-                    # one bad row fails its whole call: retry the rows one call each, so only
+                elif len(owners) > 1:
+                    # one bad row fails its whole call: retry its rows one call each, so only
                     # the bad entry fails
-                    self._solo.update(i for i, _ in refs)
+                    for entry in owners:
+                        entry.solo = True
                     retry = True
                 else:
-                    batch[refs[0][0]].error = f"redis error: {message}"
+                    owners[0].error = f"redis error: {message}"
                 continue
-            for (i, _), status in zip(refs, reply, strict=True):
+            for entry, status in zip(owners, reply, strict=True):
                 if isinstance(status, bytes):
-                    batch[i].error = f"redis error: {status.decode(errors='replace')}"
+                    entry.error = f"redis error: {status.decode(errors='replace')}"
                 else:
-                    batch[i].outcomes.append(_ROW_OUTCOMES.get(status, "unknown"))
+                    entry.outcomes.append(_ROW_OUTCOMES.get(status, "unknown"))
         if retry:
             for entry in batch:
                 entry.outcomes.clear()
                 entry.error = None
             self._retry_attempt += 1
             self._stop.wait(_backoff(self._retry_attempt))
-            return
+            return True
         self._retry_attempt = 0
-        self._solo.clear()
-        self._batch = []
         now_ms = time.time() * 1000
         for entry in batch:
             if entry.error is None:
@@ -497,6 +503,7 @@ class Worker:
                     self.lag_ms = now_ms - entry.ts_ms
             else:
                 self._failed(entry)
+        return False
 
     def _failed(self, entry: Entry) -> None:
         if entry.deliveries >= self.settings.worker.max_deliveries:
@@ -575,7 +582,6 @@ class Worker:
             )
             self._count(entry, "dead_lettered")
             self._ack(entry)
-        self._dead = []
 
     # -- housekeeping --------------------------------------------------------------------
 

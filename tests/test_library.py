@@ -16,7 +16,7 @@ from streamsync.config import Rule
 from streamsync.errors import LibraryIncompatibleError
 from streamsync.events import ChangeEvent
 from streamsync.functions import ensure_library, library_source, library_version, loaded_version
-from streamsync.mapping import Planner, key_slot, position_key
+from streamsync.mapping import FN_APPLY, Planner, key_slot, position_key
 from tests.debezium import PLACEHOLDER
 
 TOMBSTONE_MS = 60_000
@@ -52,7 +52,7 @@ def apply(r: redis.Redis, rule: Rule, *events: ChangeEvent) -> list[Any]:
     statuses: list[Any] = []
     for event in events:
         for row in planner.plan(event):
-            reply = r.fcall(row.function, 2, row.target, row.position_key, TOMBSTONE_MS, *row.args)
+            reply = r.fcall(FN_APPLY, 2, row.target, row.position_key, TOMBSTONE_MS, *row.args)
             statuses.extend(reply)
     return statuses
 
@@ -70,7 +70,8 @@ def test_hash_write_applies_only_newer_positions(lib: redis.Redis) -> None:
     assert apply(lib, HASH_RULE, change("c", 100, v1), change("u", 200, v2)) == [STALE, STALE]
     assert apply(lib, HASH_RULE, change("u", 150, {"id": 1, "name": "old"})) == [STALE]
     assert hash_of(lib, "user:1") == {"id": "1", "name": "b"}  # null column: no field
-    assert lib.get("streamsync:pos:{user:1}") == f"{200:020d}".encode()
+    # the position, then the shape of the field set written
+    assert lib.get("streamsync:pos:{user:1}").split(b"|")[0] == f"{200:020d}".encode()
     assert lib.pttl("streamsync:pos:{user:1}") == -1  # a live row's position never expires
 
 
@@ -197,9 +198,7 @@ def test_one_call_applies_many_rows_independently(lib: redis.Redis) -> None:
         "user:3",
         pos + "{user:3}",
         TOMBSTONE_MS,
-        "1".zfill(20),
-        "1".zfill(20),
-        "1".zfill(20),
+        *["D", "1".zfill(20)] * 3,
     )
     assert reply[0] == APPLIED and reply[2] == APPLIED
     assert isinstance(reply[1], bytes) and b"WRONGTYPE" in reply[1]
@@ -281,3 +280,30 @@ def test_prune_consumer_keeps_one_with_pending_entries(lib: redis.Redis) -> None
     assert lib.fcall("streamsync_prune_consumer", 1, "s", "g", "idle", 10**9) == 0
     assert lib.fcall("streamsync_prune_consumer", 1, "s", "g", "idle", 0) == 1
     assert [c["name"] for c in lib.xinfo_consumers("s", "g")] == [b"busy"]
+
+
+def test_per_operation_functions_accept_only_their_rows(lib: redis.Redis) -> None:
+    pos = "1".zfill(20)
+    args = ("user:1", "streamsync:pos:{user:1}", TOMBSTONE_MS)
+    assert lib.fcall("streamsync_invalidate", 2, *args, "I", pos) == [APPLIED]
+    for function, row in [
+        ("streamsync_write_hash", ["J", pos, "0", "{}"]),
+        ("streamsync_write_json", ["D", pos]),
+        ("streamsync_delete", ["I", pos]),
+        ("streamsync_invalidate", ["H", pos, "0", "s", "0"]),
+    ]:
+        with pytest.raises(redis.ResponseError, match="unexpected row kind"):
+            lib.fcall(function, 2, *args, *row)
+    assert lib.fcall("streamsync_write_json", 2, *args, "J", "2".zfill(20), "0", "{}") == [APPLIED]
+    assert lib.fcall("streamsync_delete", 2, *args, "D", "3".zfill(20)) == [APPLIED]
+
+
+def test_full_hash_write_keeps_shape_and_drops_vanished_fields(lib: redis.Redis) -> None:
+    apply(lib, HASH_RULE, change("c", 1, {"id": 1, "a": "x", "b": "y"}))
+    # same fields: a plain HSET; the key was lost meanwhile (evicted): the row comes back whole
+    lib.delete("user:1")
+    apply(lib, HASH_RULE, change("u", 2, {"id": 1, "a": "x2", "b": "y2"}))
+    assert hash_of(lib, "user:1") == {"id": "1", "a": "x2", "b": "y2"}
+    # a column became null, another was dropped from the table: neither lingers
+    apply(lib, HASH_RULE, change("u", 3, {"id": 1, "a": None}))
+    assert hash_of(lib, "user:1") == {"id": "1"}
