@@ -7,6 +7,7 @@ field per record header). A null key or value is the configured null marker (``d
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -16,7 +17,7 @@ import orjson
 
 from streamsync.config import StreamFormat
 from streamsync.errors import PoisonEntryError
-from streamsync.logical import ConverterCache, is_unavailable
+from streamsync.logical import UNAVAILABLE, ConverterCache, is_unavailable
 
 #: Width of a PostgreSQL position: 2**64 has 20 decimal digits.
 POSITION_WIDTH = 20
@@ -29,6 +30,15 @@ NO_POSITION = "0" * POSITION_WIDTH
 ROW_OPS = frozenset({"c", "u", "r", "d"})
 
 _OP_NAMES = {"t": "truncate", "m": "logical message"}
+
+# Every form the unavailable-TOAST placeholder takes as a column value (text, base64 for bytes
+# columns, a one-element array for array columns).
+_PLACEHOLDER_FORMS: tuple[object, ...] = (
+    UNAVAILABLE,
+    _b64_placeholder := base64.b64encode(UNAVAILABLE.encode()).decode(),
+    [UNAVAILABLE],
+    [_b64_placeholder],
+)
 
 
 class Skip(Enum):
@@ -53,7 +63,7 @@ class ChangeEvent:
     after: dict[str, Any] | None
     #: The row before the change; without REPLICA IDENTITY FULL only its key columns are real.
     before: dict[str, Any] | None
-    #: The record key (primary-key columns), when the entry has one.
+    #: The record key (primary-key columns); decoded for deletes only.
     key: dict[str, Any] | None
     #: Columns of ``after`` holding the unavailable-TOAST placeholder: unchanged, value not sent.
     unchanged: frozenset[str] = frozenset()
@@ -115,56 +125,68 @@ class Decoder:
             value = value["payload"]
             if value is None:
                 return Skip.TOMBSTONE
-            if not isinstance(value, dict):
+            if type(value) is not dict:
                 raise PoisonEntryError("value payload is not a JSON object")
-        key = None
-        if raw_key != self.null_marker:
-            key = _load_object(raw_key, "key")
-            if "payload" in key and "schema" in key:
-                key = key["payload"]
         op = value.get("op")
-        if op is None:
-            if key is not None and "serverName" in key and "ts_ms" in value:
-                return Skip.HEARTBEAT
-            raise PoisonEntryError("value has no 'op': not a Debezium change event")
         if op not in ROW_OPS:
-            name = _OP_NAMES.get(op) if isinstance(op, str) else None
+            if op is None:
+                key = self._key(raw_key)
+                if key is not None and "serverName" in key and "ts_ms" in value:
+                    return Skip.HEARTBEAT
+                raise PoisonEntryError("value has no 'op': not a Debezium change event")
+            name = _OP_NAMES.get(op) if type(op) is str else None
             if name:
                 raise PoisonEntryError(f"op {op!r} ({name}) is not supported yet")
             raise PoisonEntryError(f"unknown op {op!r}")
         source = value.get("source")
-        if not isinstance(source, dict):
+        if type(source) is not dict:
             raise PoisonEntryError("value has no 'source' object")
         schema_name, table_name = source.get("schema"), source.get("table")
-        if not isinstance(schema_name, str) or not isinstance(table_name, str):
+        if type(schema_name) is not str or type(table_name) is not str:
             raise PoisonEntryError("source lacks 'schema' or 'table'")
         position = _position(op, source)
-        after = value.get("after")
         before = value.get("before")
+        if before is not None and type(before) is not dict:
+            raise PoisonEntryError("'before' is not an object")
+        key = None
         if op == "d":
-            if not isinstance(before, dict) and not isinstance(key, dict):
+            # only the record key's columns are sure to be real in a delete's before-image
+            key = self._key(raw_key)
+            if before is None and key is None:
                 raise PoisonEntryError("delete carries neither 'before' nor a key")
             after = None
-        elif not isinstance(after, dict):
-            raise PoisonEntryError(f"op {op!r} carries no 'after' row")
-        if before is not None and not isinstance(before, dict):
-            raise PoisonEntryError("'before' is not an object")
+        else:
+            after = value.get("after")
+            if type(after) is not dict:
+                raise PoisonEntryError(f"op {op!r} carries no 'after' row")
         if schema is not None:
             after, before = self._convert(schema, after, before)
         unchanged: frozenset[str] = frozenset()
         if after is not None:
-            unchanged = frozenset(c for c, v in after.items() if _maybe_placeholder(v))
+            # one pass in C over the values; the per-column check runs only on a hit
+            values = after.values()
+            if any(form in values for form in _PLACEHOLDER_FORMS):
+                unchanged = frozenset(c for c, v in after.items() if is_unavailable(v))
         ts_ms = source.get("ts_ms")
         return ChangeEvent(
             op=op,
             table=f"{schema_name}.{table_name}",
             position=position,
-            ts_ms=ts_ms if isinstance(ts_ms, int) else None,
+            ts_ms=ts_ms if type(ts_ms) is int else None,
             after=after,
             before=before,
             key=key,
             unchanged=unchanged,
         )
+
+    def _key(self, raw_key: bytes) -> dict[str, Any] | None:
+        if raw_key == self.null_marker:
+            return None
+        key = _load_object(raw_key, "key")
+        if "payload" in key and "schema" in key:
+            payload = key["payload"]
+            return payload if type(payload) is dict else None
+        return key
 
     def _convert(
         self, schema: Any, after: dict[str, Any] | None, before: dict[str, Any] | None
@@ -189,15 +211,6 @@ def _guarded(convert: Any, row: dict[str, Any]) -> dict[str, Any]:
     except (ValueError, TypeError, KeyError, OverflowError) as exc:
         raise PoisonEntryError(f"cannot decode a logical-typed column: {exc}") from None
     return result
-
-
-def _maybe_placeholder(value: Any) -> bool:
-    # cheap pre-check first: this runs for every column of every event
-    if isinstance(value, str):
-        return len(value) >= 28 and is_unavailable(value)
-    if isinstance(value, list):
-        return len(value) == 1 and is_unavailable(value)
-    return False
 
 
 def _load_object(raw: bytes, what: str) -> dict[str, Any]:

@@ -150,19 +150,17 @@ class Planner:
         pairs: ArgV = []
         ttl = _ttl_ms(rule)
         if not event.unchanged:
-            if rule.fields is None:
-                for column, value in row.items():
-                    if value is not None:
-                        pairs.append(column)
-                        pairs.append(value if type(value) is str else hash_value(value))
-            else:
-                for column in rule.fields:
-                    value = row.get(column)
-                    if value is not None:
-                        pairs.append(column)
-                        pairs.append(value if type(value) is str else hash_value(value))
-            shape = self._shape(tuple(pairs[::2]))
-            return [ROW_HASH, event.position, ttl, shape, str(len(pairs) // 2), *pairs]
+            items = row.items() if rule.fields is None else [(c, row.get(c)) for c in rule.fields]
+            present = [(c, v) for c, v in items if v is not None]
+            names = tuple(c for c, _ in present)
+            return [
+                ROW_HASH,
+                event.position,
+                ttl,
+                self._shape(names),
+                str(len(names)),
+                *[x for c, v in present for x in (c, v if type(v) is str else hash_value(v))],
+            ]
         columns: Iterable[str] = rule.fields if rule.fields is not None else row.keys()
         nulls: ArgV = []
         keep: ArgV = []

@@ -72,6 +72,11 @@ class KeyTemplate:
     def render(self, row: Mapping[str, Any]) -> str:
         """The key for ``row``; TemplateError if a named column is missing or null."""
         literals = self.literals
+        if len(literals) == 2:
+            # one column, the usual case ("user:{id}"): no list to build
+            value = row.get(self.columns[0])
+            if type(value) is int or type(value) is str:
+                return f"{literals[0]}{value}{literals[1]}"
         out = [literals[0]]
         for i, column in enumerate(self.columns):
             try:

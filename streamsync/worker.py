@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -74,12 +74,13 @@ class Entry:
     deliveries: int = 1
     table: str = ""
     op: str = ""
-    rows: list[RowWrite] = field(default_factory=list)
+    rows: Sequence[RowWrite] = ()
     #: Source commit time, for the end-to-end lag.
     ts_ms: int | None = None
     #: Why the entry failed this time, if it did.
     error: str | None = None
-    outcomes: list[str] = field(default_factory=list)
+    #: What applying its rows did: "applied" if any row applied, else the first row's outcome.
+    outcome: str | None = None
     #: Apply each of its rows in a call of its own (a batch call failed as a whole).
     solo: bool = False
 
@@ -485,11 +486,12 @@ class Worker:
                 if isinstance(status, bytes):
                     entry.error = f"redis error: {status.decode(errors='replace')}"
                 else:
-                    entry.outcomes.append(_ROW_OUTCOMES.get(status, "unknown"))
+                    outcome = _ROW_OUTCOMES.get(status, "unknown")
+                    if entry.outcome is None or outcome == "applied":
+                        entry.outcome = outcome
         if retry:
             for entry in batch:
-                entry.outcomes.clear()
-                entry.error = None
+                entry.outcome = entry.error = None
             self._retry_attempt += 1
             self._stop.wait(_backoff(self._retry_attempt))
             return True
@@ -497,7 +499,7 @@ class Worker:
         now_ms = time.time() * 1000
         for entry in batch:
             if entry.error is None:
-                self._count(entry, _entry_outcome(entry.outcomes))
+                self._count(entry, entry.outcome or "applied")
                 self._ack(entry)
                 if entry.ts_ms is not None:
                     self.lag_ms = now_ms - entry.ts_ms
@@ -525,7 +527,7 @@ class Worker:
                 entry.error,
             )
             self._count(entry, "failed")
-        entry.outcomes.clear()
+        entry.outcome = None
 
     def _ack(self, entry: Entry) -> None:
         self._acks.setdefault(entry.stream, []).append(entry.id)
@@ -720,14 +722,6 @@ class Worker:
             self._trim()
         log.info("drained: every entry read and acknowledged")
         self._stop.set()
-
-
-def _entry_outcome(outcomes: list[str]) -> str:
-    if not outcomes:
-        return "applied"
-    if len(outcomes) == 1:
-        return outcomes[0]
-    return "applied" if "applied" in outcomes else outcomes[0]
 
 
 def _flat(fields: Any) -> list[bytes] | None:
