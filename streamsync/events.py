@@ -31,14 +31,8 @@ ROW_OPS = frozenset({"c", "u", "r", "d"})
 
 _OP_NAMES = {"t": "truncate", "m": "logical message"}
 
-# Every form the unavailable-TOAST placeholder takes as a column value (text, base64 for bytes
-# columns, a one-element array for array columns).
-_PLACEHOLDER_FORMS: tuple[object, ...] = (
-    UNAVAILABLE,
-    _b64_placeholder := base64.b64encode(UNAVAILABLE.encode()).decode(),
-    [UNAVAILABLE],
-    [_b64_placeholder],
-)
+# The unavailable-TOAST placeholder of a bytes column (bytea): base64 of the text.
+_PLACEHOLDER_B64 = base64.b64encode(UNAVAILABLE.encode()).decode()
 
 
 class Skip(Enum):
@@ -115,7 +109,10 @@ class Decoder:
 
     def decode(self, fields: Sequence[bytes]) -> ChangeEvent | Skip:
         """Decode one entry; PoisonEntryError says why it can never be applied."""
-        raw_key, raw_value = self.split(fields)
+        if len(fields) == 2 and self.format is not StreamFormat.EXTENDED:
+            raw_key, raw_value = fields
+        else:
+            raw_key, raw_value = self.split(fields)
         if raw_value == self.null_marker:
             return Skip.TOMBSTONE
         value = _load_object(raw_value, "value")
@@ -165,18 +162,23 @@ class Decoder:
         if after is not None:
             # one pass in C over the values; the per-column check runs only on a hit
             values = after.values()
-            if any(form in values for form in _PLACEHOLDER_FORMS):
+            if (
+                UNAVAILABLE in values
+                or _PLACEHOLDER_B64 in values
+                or [UNAVAILABLE] in values
+                or [_PLACEHOLDER_B64] in values
+            ):
                 unchanged = frozenset(c for c, v in after.items() if is_unavailable(v))
         ts_ms = source.get("ts_ms")
         return ChangeEvent(
-            op=op,
-            table=f"{schema_name}.{table_name}",
-            position=position,
-            ts_ms=ts_ms if type(ts_ms) is int else None,
-            after=after,
-            before=before,
-            key=key,
-            unchanged=unchanged,
+            op,
+            f"{schema_name}.{table_name}",
+            position,
+            ts_ms if type(ts_ms) is int else None,
+            after,
+            before,
+            key,
+            unchanged,
         )
 
     def _key(self, raw_key: bytes) -> dict[str, Any] | None:
@@ -224,6 +226,9 @@ def _load_object(raw: bytes, what: str) -> dict[str, Any]:
 
 
 def _position(op: str, source: dict[str, Any]) -> str:
+    lsn = source.get("lsn")
+    if type(lsn) is int and 0 <= lsn < 2**64 and source.get("connector") == "postgresql":
+        return f"{lsn:020d}"
     connector = source.get("connector")
     if connector != "postgresql":
         raise PoisonEntryError(

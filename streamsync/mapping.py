@@ -113,7 +113,7 @@ class Planner:
     ) -> None:
         self.rules_by_table = rules_by_table
         self.position_prefix = position_prefix
-        self._shapes: dict[tuple[str | bytes, ...], str] = {}
+        self._shapes: dict[tuple[str, ...], str] = {}
 
     def plan(self, event: ChangeEvent) -> list[RowWrite]:
         """The rows for ``event``; PoisonEntryError when it cannot be applied."""
@@ -136,31 +136,33 @@ class Planner:
             out.append(RowWrite(target, pos_key, args))
         return out
 
-    def _shape(self, names: tuple[str | bytes, ...]) -> str:
+    def _shape(self, names: tuple[str, ...]) -> str:
         """A short token naming a set of hash fields (see the library's position records)."""
         shape = self._shapes.get(names)
         if shape is None:
             if len(self._shapes) >= MAX_SHAPES:
                 self._shapes.clear()
-            joined = "\0".join(n if isinstance(n, str) else n.decode() for n in names)
-            shape = self._shapes[names] = f"{binascii.crc32(joined.encode()):08x}"
+            joined = "\0".join(names).encode()
+            shape = self._shapes[names] = f"{binascii.crc32(joined):08x}"
         return shape
 
     def _hash_args(self, rule: Rule, event: ChangeEvent, row: dict[str, Any]) -> ArgV:
         pairs: ArgV = []
         ttl = _ttl_ms(rule)
         if not event.unchanged:
-            items = row.items() if rule.fields is None else [(c, row.get(c)) for c in rule.fields]
-            present = [(c, v) for c, v in items if v is not None]
-            names = tuple(c for c, _ in present)
-            return [
-                ROW_HASH,
-                event.position,
-                ttl,
-                self._shape(names),
-                str(len(names)),
-                *[x for c, v in present for x in (c, v if type(v) is str else hash_value(v))],
-            ]
+            if rule.fields is None and None not in row.values():
+                names: tuple[str, ...] = tuple(row)
+                values = [v if type(v) is str else hash_value(v) for v in row.values()]
+            else:
+                selected = row if rule.fields is None else rule.fields
+                present = [(c, v) for c in selected if (v := row.get(c)) is not None]
+                names = tuple([c for c, _ in present])
+                values = [v if type(v) is str else hash_value(v) for _, v in present]
+            head: ArgV = [ROW_HASH, event.position, ttl, self._shape(names), str(len(names))]
+            interleaved: ArgV = [""] * (2 * len(names))
+            interleaved[0::2] = names
+            interleaved[1::2] = values
+            return head + interleaved
         columns: Iterable[str] = rule.fields if rule.fields is not None else row.keys()
         nulls: ArgV = []
         keep: ArgV = []
