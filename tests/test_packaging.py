@@ -1,0 +1,29 @@
+"""The wheel ships the Functions library, the type marker and the console script."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_library(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        timeout=300,
+    )
+    [wheel] = tmp_path.glob("streamsync-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        assert "streamsync/py.typed" in names
+        shipped = z.read("streamsync/lua/streamsync.lua")
+        entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+        assert b"streamsync = streamsync.cli:main" in z.read(entry_points)
+    assert shipped == (ROOT / "lua" / "streamsync.lua").read_bytes()
