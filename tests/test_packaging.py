@@ -27,3 +27,11 @@ def test_wheel_ships_the_library(tmp_path: Path) -> None:
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         assert b"streamsync = streamsync.cli:main" in z.read(entry_points)
     assert shipped == (ROOT / "lua" / "streamsync.lua").read_bytes()
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = "python3 -m pytest"
+    assert f"\n{command}\n" in readme
+    assert ci.rstrip().endswith(f"exec {command}")
