@@ -175,6 +175,20 @@ class Rule(_Model):
         return self.table.split(".", 1)[0]
 
 
+class CaptureSettings(_Model):
+    """The embedded Debezium engine of ``streamsync capture`` and ``streamsync demo``."""
+
+    #: Debezium Server's application.properties: its ``debezium.source.*`` keys configure the
+    #: embedded engine, so one file serves the container and the embedded engine alike.
+    properties: Path = Path("debezium/application.properties")
+    #: Where the embedded engine keeps its source offsets (FileOffsetBackingStore).
+    offsets_file: Path = Path(".streamsync/offsets.dat")
+    #: Properties applied over the file (e.g. a database host that differs outside containers).
+    overrides: dict[str, str] = Field(default_factory=dict)
+    #: Options for the JVM that runs the engine.
+    jvm_options: tuple[str, ...] = ("-Xmx384m",)
+
+
 class Settings(_Model):
     """The whole configuration file."""
 
@@ -182,6 +196,7 @@ class Settings(_Model):
     source: SourceSettings
     worker: WorkerSettings = WorkerSettings()
     rules: tuple[Rule, ...]
+    capture: CaptureSettings = CaptureSettings()
 
     @field_validator("rules")
     @classmethod
@@ -248,4 +263,14 @@ def load_settings(path: Path | str, environ: Mapping[str, str] | None = None) ->
         redis_section = dict(redis_section) if isinstance(redis_section, dict) else {}
         redis_section["url"] = environ[REDIS_URL_ENV]
         data = {**data, "redis": redis_section}
-    return parse_settings(data, path)
+    settings = parse_settings(data, path)
+    # files named in the configuration are relative to the file that names them
+    capture = settings.capture
+    base = path.parent
+    resolved = capture.model_copy(
+        update={
+            "properties": base / capture.properties,
+            "offsets_file": base / capture.offsets_file,
+        }
+    )
+    return settings.model_copy(update={"capture": resolved})
