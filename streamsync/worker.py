@@ -30,6 +30,7 @@ from streamsync.errors import ExitCode, LibraryIncompatibleError, PoisonEntryErr
 from streamsync.events import Decoder, Skip
 from streamsync.functions import ensure_library
 from streamsync.mapping import FN_APPLY, Planner, RowWrite
+from streamsync.stats import LatencySamples
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,10 @@ class Worker:
         self.consumer = consumer or default_consumer_name()
         self.drain = drain
         self.counts: Counter[tuple[str, str, str, str]] = Counter()
-        self.lag_ms: float | None = None
+        #: Source commit (``source.ts_ms``) to applied in Redis, per applied entry.
+        self.commit_lag = LatencySamples()
+        #: Stream entry added (its id's time) to applied in Redis: the part streamsync adds.
+        self.stream_lag = LatencySamples()
         self.reconnects = 0
         self._group = settings.source.group
         self._decoder = Decoder(settings.source.format, settings.source.null_marker)
@@ -502,7 +506,8 @@ class Worker:
                 self._count(entry, entry.outcome or "applied")
                 self._ack(entry)
                 if entry.ts_ms is not None:
-                    self.lag_ms = now_ms - entry.ts_ms
+                    self.commit_lag.add(now_ms - entry.ts_ms)
+                self.stream_lag.add(now_ms - int(entry.id.partition(b"-")[0]))
             else:
                 self._failed(entry)
         return False
