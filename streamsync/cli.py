@@ -10,7 +10,8 @@ import click
 
 from streamsync import __version__
 from streamsync.capture import exit_now, run_capture
-from streamsync.config import Settings, load_settings
+from streamsync.config import Settings, load_settings, redact_url
+from streamsync.demo import DemoOptions, run_demo
 from streamsync.errors import ConfigError, ExitCode
 from streamsync.worker import run_worker
 
@@ -56,7 +57,7 @@ def check_config(config_path: Path) -> None:
     source = settings.source
     streams = ", ".join(source.streams) if source.streams else f"prefix {source.stream_prefix!r}"
     click.echo(f"{config_path}: ok")
-    click.echo(f"  redis: {_redact(settings.redis.url)}")
+    click.echo(f"  redis: {redact_url(settings.redis.url)}")
     click.echo(f"  streams: {streams} (group {source.group}, format {source.format.value})")
     for rule in settings.rules:
         detail = f"{rule.type.value} " if rule.type else ""
@@ -96,11 +97,33 @@ def capture(config_path: Path) -> None:
     exit_now(code)
 
 
-def _redact(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.rsplit("@", 1)[1]
-    return scheme + sep + rest
+@cli.command()
+@click.option(
+    "--postgres-url", help="Use this PostgreSQL (wal_level=logical) instead of starting one."
+)
+@click.option("--redis-url", help="Use this Redis instead of starting one.")
+@click.option(
+    "--pace",
+    "pace_s",
+    default=1.5,
+    show_default=True,
+    type=float,
+    help="Seconds between the scripted changes.",
+)
+@click.option("--once", is_flag=True, help="Run the scripted changes, check them, and exit.")
+@click.option("--keep", is_flag=True, help="Keep the temporary directory (logs, configuration).")
+def demo(
+    postgres_url: str | None, redis_url: str | None, pace_s: float, once: bool, keep: bool
+) -> None:
+    """A first look: PostgreSQL -> Debezium -> Redis Streams -> streamsync -> Redis, live.
+
+    Starts throw-away PostgreSQL and Redis servers from the local binaries (or uses the given
+    URLs), creates a demo users table, runs capture and a worker, makes a few changes and shows
+    each row next to its Redis key. Ctrl-C stops and removes everything it started. Needs the
+    embedded extra and Java 17 or newer.
+    """
+    options = DemoOptions(postgres_url, redis_url, pace_s, once, keep)
+    sys.exit(run_demo(options))
 
 
 def main() -> None:

@@ -274,3 +274,11 @@ def load_settings(path: Path | str, environ: Mapping[str, str] | None = None) ->
         }
     )
     return settings.model_copy(update={"capture": resolved})
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its credentials, fit for logs and terminals."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    return scheme + sep + rest
