@@ -213,35 +213,27 @@ def _redis_server_binary() -> str:
     raise RedisServerError("redis-server not found on PATH nor at /usr/bin/redis-server")
 
 
-class RedisServer:
-    """One real ``redis-server`` child process with its own port and data directory.
+class _ChildServer:
+    """What a server child process has in common: a port of its own (kept across restarts), a
+    data directory and log, start with a readiness deadline, stop, ``kill -9``, restart."""
 
-    ``start()`` picks a free port unless one was given; ``kill()`` is ``kill -9``; ``restart()``
-    comes back on the same port with the same data directory, so with ``appendonly=True`` (which
-    also sets ``appendfsync always``) every acknowledged write survives a kill. ``extra_args`` go
-    last on the command line, so they override the defaults.
-    """
+    #: What ``start`` raises, and the server's name in messages.
+    error: type[SandboxError] = SandboxError
+    name = "server"
+    #: The signal of a graceful stop.
+    stop_signal = signal.SIGTERM
 
-    def __init__(
-        self,
-        data_dir: Path,
-        port: int | None = None,
-        appendonly: bool = False,
-        extra_args: Sequence[str] = (),
-    ) -> None:
-        self.data_dir = Path(data_dir)
-        self.appendonly = appendonly
-        self.extra_args = tuple(extra_args)
-        self.log_path = self.data_dir / "redis.log"
+    def __init__(self, data_dir: Path, log_name: str, port: int | None) -> None:
+        self.data_dir = Path(data_dir).absolute()
+        self.log_path = self.data_dir / log_name
         self._port = port
         # A port given by the caller, or one the server has already listened on, must be kept.
         self._port_fixed = port is not None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._clients: list[redis.Redis] = []
 
     def __repr__(self) -> str:
         state = f"pid={self._proc.pid}" if self.running and self._proc else "stopped"
-        return f"RedisServer(port={self._port}, {state}, data_dir={str(self.data_dir)!r})"
+        return f"{type(self).__name__}(port={self._port}, {state}, data_dir={str(self.data_dir)!r})"
 
     @property
     def port(self) -> int:
@@ -251,21 +243,163 @@ class RedisServer:
         return self._port
 
     @property
-    def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0``."""
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
     def pid(self) -> int:
-        """The pid of the current (or last) redis-server process."""
+        """The pid of the current (or last) server process."""
         if self._proc is None:
-            raise RedisServerError(f"{self!r} was never started")
+            raise self.error(f"{self!r} was never started")
         return self._proc.pid
 
     @property
     def running(self) -> bool:
-        """Whether the redis-server process is alive."""
+        """Whether the server process is alive."""
         return self._proc is not None and self._proc.poll() is None
+
+    def command_line(self) -> list[str]:
+        """The full command line for the current port."""
+        raise NotImplementedError
+
+    def start(self, timeout: float = DEFAULT_START_TIMEOUT_S) -> Self:
+        """Launch the server and wait until it answers as itself; return ``self``.
+
+        Raises ``error`` with the tail of the server log if it does not come up.
+        """
+        if self.running:
+            raise self.error(f"{self!r} is already running")
+        self._prepare()
+        deadline = time.monotonic() + timeout
+        attempts = 0
+        while True:
+            attempts += 1
+            log_offset = _log_size(self.log_path)
+            proc = self._spawn()
+            error = self._wait_ready(proc, deadline)
+            if error is None:
+                self._port_fixed = True
+                return self
+            log_tail = _log_tail(self.log_path, log_offset)
+            _reap(proc, DEFAULT_STOP_TIMEOUT_S)
+            port_taken = self._port_taken(log_tail)
+            if port_taken and not self._port_fixed and attempts < MAX_PORT_ATTEMPTS:
+                self._port = free_port()
+                continue
+            if (port_taken or self._retry_later(log_tail)) and time.monotonic() < deadline:
+                # Something briefly holds our port (e.g. a client's ephemeral source port), or
+                # what a killed predecessor left behind has not gone yet.
+                time.sleep(0.05)
+                continue
+            raise self.error(
+                f"{self.name} on port {self.port} did not start: {error}\n"
+                f"command: {shlex.join(self.command_line())}\n"
+                f"last lines of {self.log_path}:\n{log_tail}"
+            )
+
+    def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> None:
+        """Shut down gracefully and wait; SIGKILL if it overstays. Nothing if not running."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            if proc is not None:
+                _reap(proc, timeout)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(self.stop_signal)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        _reap(proc, timeout)
+
+    def kill(self) -> None:
+        """``kill -9`` the server and reap it. Does nothing if not running."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        _reap(proc, DEFAULT_STOP_TIMEOUT_S)
+
+    def restart(self, timeout: float = DEFAULT_START_TIMEOUT_S) -> Self:
+        """Start again on the same port with the same data directory (stopping it first if up)."""
+        if self.running:
+            self.stop()
+        self._port_fixed = True
+        return self.start(timeout=timeout)
+
+    def __enter__(self) -> Self:
+        if not self.running:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+    def _spawn_options(self) -> dict[str, Any]:
+        return {}
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        # stdout/stderr share the log file so that errors printed before the server opens its
+        # own log (a bad argument, say) end up in the tail we report.
+        with self.log_path.open("ab") as console:
+            proc = subprocess.Popen(
+                self.command_line(),
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir,
+                preexec_fn=_die_with_parent_hook(),  # noqa: PLW1509
+                **self._spawn_options(),
+            )
+        self._proc = proc
+        _track(proc)
+        return proc
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes], deadline: float) -> str | None:
+        """Return None once ``proc`` itself answers on our port, else why it did not."""
+        raise NotImplementedError
+
+    def _port_taken(self, log_tail: str) -> bool:
+        return False
+
+    def _retry_later(self, log_tail: str) -> bool:
+        return False
+
+
+class RedisServer(_ChildServer):
+    """One real ``redis-server`` child process with its own port and data directory.
+
+    ``start()`` picks a free port unless one was given; ``kill()`` is ``kill -9``; ``restart()``
+    comes back on the same port with the same data directory, so with ``appendonly=True`` (which
+    also sets ``appendfsync always``) every acknowledged write survives a kill. ``extra_args`` go
+    last on the command line, so they override the defaults.
+    """
+
+    error = RedisServerError
+    name = "redis-server"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        appendonly: bool = False,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        super().__init__(data_dir, "redis.log", port)
+        self.appendonly = appendonly
+        self.extra_args = tuple(extra_args)
+        self._clients: list[redis.Redis] = []
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
 
     def command_line(self) -> list[str]:
         """The full ``redis-server`` command line for the current port."""
@@ -291,75 +425,13 @@ class RedisServer:
         args += self.extra_args
         return args
 
-    def start(self, timeout: float = DEFAULT_START_TIMEOUT_S) -> Self:
-        """Launch redis-server and wait until it answers PING as itself; return ``self``.
-
-        Raises ``RedisServerError`` with the tail of the server log if it does not come up.
-        """
-        if self.running:
-            raise RedisServerError(f"{self!r} is already running")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + timeout
-        attempts = 0
-        while True:
-            attempts += 1
-            log_offset = _log_size(self.log_path)
-            proc = self._spawn()
-            error = self._wait_ready(proc, deadline)
-            if error is None:
-                self._port_fixed = True
-                return self
-            log_tail = _log_tail(self.log_path, log_offset)
-            _reap(proc, DEFAULT_STOP_TIMEOUT_S)
-            port_taken = _REDIS_ADDRESS_IN_USE in log_tail
-            if port_taken and not self._port_fixed and attempts < MAX_PORT_ATTEMPTS:
-                self._port = free_port()
-                continue
-            if port_taken and self._port_fixed and time.monotonic() < deadline:
-                # Something briefly holds our port (e.g. a client's ephemeral source port).
-                time.sleep(0.05)
-                continue
-            raise RedisServerError(
-                f"redis-server on port {self.port} did not start: {error}\n"
-                f"command: {shlex.join(self.command_line())}\n"
-                f"last lines of {self.log_path}:\n{log_tail}"
-            )
-
     def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> None:
         """Shut down gracefully (SIGTERM, no RDB save) and wait; SIGKILL if it overstays.
 
         Also closes every client made by ``client()``. Does nothing more if not running.
         """
         self._close_clients()
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            if proc is not None:
-                _reap(proc, timeout)
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        _reap(proc, timeout)
-
-    def kill(self) -> None:
-        """``kill -9`` the server and reap it. Does nothing if not running."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        _reap(proc, DEFAULT_STOP_TIMEOUT_S)
-
-    def restart(self, timeout: float = DEFAULT_START_TIMEOUT_S) -> Self:
-        """Start again on the same port with the same data directory (stopping it first if up)."""
-        if self.running:
-            self.stop()
-        self._port_fixed = True
-        return self.start(timeout=timeout)
+        super().stop(timeout)
 
     def client(self, **kwargs: Any) -> redis.Redis:
         """A ``redis.Redis`` for this server (bytes replies unless told otherwise).
@@ -371,35 +443,6 @@ class RedisServer:
         client = redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
         self._clients.append(client)
         return client
-
-    def __enter__(self) -> Self:
-        if not self.running:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        # stdout/stderr share the log file so that errors printed before the logfile is opened
-        # (a bad argument, say) end up in the tail we report.
-        with self.log_path.open("ab") as console:
-            proc = subprocess.Popen(
-                self.command_line(),
-                stdin=subprocess.DEVNULL,
-                stdout=console,
-                stderr=subprocess.STDOUT,
-                cwd=self.data_dir,
-                preexec_fn=_die_with_parent_hook(),  # noqa: PLW1509
-            )
-        self._proc = proc
-        _track(proc)
-        return proc
 
     def _wait_ready(self, proc: subprocess.Popen[bytes], deadline: float) -> str | None:
         """Return None once ``proc`` itself answers on our port, else why it did not."""
@@ -430,6 +473,9 @@ class RedisServer:
                 proc.kill()
                 return f"no PING answer before the deadline ({last_error})"
             time.sleep(0.02)
+
+    def _port_taken(self, log_tail: str) -> bool:
+        return _REDIS_ADDRESS_IN_USE in log_tail
 
     def _close_clients(self) -> None:
         clients, self._clients = self._clients, []
@@ -522,7 +568,7 @@ def _group_members(gid: int) -> list[str]:
         return []
 
 
-class PostgresServer:
+class PostgresServer(_ChildServer):
     """One real PostgreSQL child process with its own port and data directory.
 
     ``data_dir`` holds the cluster (``data_dir/pgdata``, created by ``initdb`` on the first
@@ -536,6 +582,11 @@ class PostgresServer:
     Right for tests and demos.
     """
 
+    error = PostgresServerError
+    name = "PostgreSQL"
+    #: fast shutdown: disconnect clients, checkpoint
+    stop_signal = signal.SIGINT
+
     def __init__(
         self,
         data_dir: Path,
@@ -546,20 +597,12 @@ class PostgresServer:
         settings: Mapping[str, str] | None = None,
         bindir: Path | None = None,
     ) -> None:
-        self.data_dir = Path(data_dir).absolute()
+        super().__init__(data_dir, "postgres.log", port)
         self.pgdata = self.data_dir / "pgdata"
-        self.log_path = self.data_dir / "postgres.log"
         self.wal_level = wal_level
         self.fsync = fsync
         self.settings = dict(settings or {})
         self._bindir = bindir
-        self._port = port
-        self._port_fixed = port is not None
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def __repr__(self) -> str:
-        state = f"pid={self._proc.pid}" if self.running and self._proc else "stopped"
-        return f"PostgresServer(port={self._port}, {state}, data_dir={str(self.data_dir)!r})"
 
     @property
     def bindir(self) -> Path:
@@ -567,13 +610,6 @@ class PostgresServer:
         if self._bindir is None:
             self._bindir = find_postgres_bindir()
         return self._bindir
-
-    @property
-    def port(self) -> int:
-        """The TCP port, chosen on first use if none was given."""
-        if self._port is None:
-            self._port = free_port()
-        return self._port
 
     @property
     def host(self) -> str:
@@ -602,18 +638,6 @@ class PostgresServer:
     def url_for(self, dbname: str) -> str:
         """``postgresql://`` URL of ``dbname``."""
         return f"postgresql://{self.user}@{self.host}:{self.port}/{dbname}"
-
-    @property
-    def pid(self) -> int:
-        """The pid of the current (or last) postmaster."""
-        if self._proc is None:
-            raise PostgresServerError(f"{self!r} was never started")
-        return self._proc.pid
-
-    @property
-    def running(self) -> bool:
-        """Whether the postmaster process is alive."""
-        return self._proc is not None and self._proc.poll() is None
 
     def command_line(self) -> list[str]:
         """The full ``postgres`` command line for the current port."""
@@ -690,78 +714,6 @@ class PostgresServer:
                 f"last lines of {self.log_path}:\n{_log_tail(self.log_path, offset)}"
             )
 
-    def start(self, timeout: float = DEFAULT_START_TIMEOUT_S) -> Self:
-        """Create the cluster if needed, launch the server and wait until it accepts queries.
-
-        Raises ``PostgresServerError`` with the tail of the server log if it does not come up.
-        """
-        if self.running:
-            raise PostgresServerError(f"{self!r} is already running")
-        _require_psycopg()
-        self.initdb()
-        deadline = time.monotonic() + timeout
-        attempts = 0
-        while True:
-            attempts += 1
-            log_offset = _log_size(self.log_path)
-            proc = self._spawn()
-            error = self._wait_ready(proc, deadline)
-            if error is None:
-                self._port_fixed = True
-                return self
-            log_tail = _log_tail(self.log_path, log_offset)
-            _reap(proc, DEFAULT_STOP_TIMEOUT_S)
-            port_taken = _PG_ADDRESS_IN_USE in log_tail
-            if port_taken and not self._port_fixed and attempts < MAX_PORT_ATTEMPTS:
-                self._port = free_port()
-                continue
-            retry_later = any(marker in log_tail for marker in _PG_RETRY_LATER)
-            if retry_later and time.monotonic() < deadline:
-                # Our port is briefly held, or the backends of a killed postmaster have not
-                # noticed its death yet and still hold its shared memory.
-                time.sleep(0.1)
-                continue
-            raise PostgresServerError(
-                f"PostgreSQL on port {self.port} did not start: {error}\n"
-                f"command: {shlex.join(self.command_line())}\n"
-                f"last lines of {self.log_path}:\n{log_tail}"
-            )
-
-    def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> None:
-        """Fast shutdown (SIGINT: disconnect clients, checkpoint) and wait; SIGKILL if slow."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            if proc is not None:
-                _reap(proc, timeout)
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        _reap(proc, timeout)
-
-    def kill(self) -> None:
-        """``kill -9`` the postmaster and reap it. Does nothing if not running.
-
-        Its backends notice and exit on their own within moments; ``restart()`` waits for them.
-        """
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        _reap(proc, DEFAULT_STOP_TIMEOUT_S)
-
-    def restart(self, timeout: float = DEFAULT_START_TIMEOUT_S) -> Self:
-        """Start again on the same port with the same data directory (stopping it first if up)."""
-        if self.running:
-            self.stop()
-        self._port_fixed = True
-        return self.start(timeout=timeout)
-
     def connect(
         self, dbname: str = "postgres", *, autocommit: bool = True, timeout_s: float = 5.0
     ) -> psycopg.Connection[tuple[Any, ...]]:
@@ -834,33 +786,20 @@ class PostgresServer:
                     time.sleep(0.1)
             raise PostgresServerError(f"could not drop database {dbname!r}: still in use")
 
-    def __enter__(self) -> Self:
-        if not self.running:
-            self.start()
-        return self
+    def _prepare(self) -> None:
+        _require_psycopg()
+        self.initdb()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def _spawn_options(self) -> dict[str, Any]:
+        return _as_user(_pg_user())
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        with self.log_path.open("ab") as console:
-            proc = subprocess.Popen(
-                self.command_line(),
-                stdin=subprocess.DEVNULL,
-                stdout=console,
-                stderr=subprocess.STDOUT,
-                cwd=self.data_dir,
-                preexec_fn=_die_with_parent_hook(),  # noqa: PLW1509
-                **_as_user(_pg_user()),
-            )
-        self._proc = proc
-        _track(proc)
-        return proc
+    def _port_taken(self, log_tail: str) -> bool:
+        return _PG_ADDRESS_IN_USE in log_tail
+
+    def _retry_later(self, log_tail: str) -> bool:
+        # the backends of a killed postmaster may not have noticed its death yet and still
+        # hold its shared memory
+        return any(marker in log_tail for marker in _PG_RETRY_LATER)
 
     def _wait_ready(self, proc: subprocess.Popen[bytes], deadline: float) -> str | None:
         """Return None once ``proc`` itself answers queries on our port, else why it did not."""
