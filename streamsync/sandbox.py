@@ -44,6 +44,7 @@ __all__ = [
     "RedisServer",
     "RedisServerError",
     "SandboxError",
+    "die_with_parent_hook",
     "find_postgres_bindir",
     "free_port",
     "kill_all",
@@ -160,7 +161,7 @@ def _reap(proc: subprocess.Popen[bytes], timeout: float) -> None:
     _untrack(proc)
 
 
-def _die_with_parent_hook() -> Callable[[], None] | None:
+def die_with_parent_hook() -> Callable[[], None] | None:
     """Return a pre-exec hook asking Linux to SIGKILL the child when its parent thread dies.
 
     atexit covers normal exits; this covers the parent itself being killed (SIGKILL,
@@ -184,6 +185,9 @@ def _die_with_parent_hook() -> Callable[[], None] | None:
         prctl(pr_set_pdeathsig, sigkill, 0, 0, 0)
 
     return hook
+
+
+_die_with_parent_hook = die_with_parent_hook  # TEMPORARY alias, removed once tests/e2e.py lands
 
 
 def _log_tail(path: Path, offset: int) -> str:
@@ -354,7 +358,7 @@ class _ChildServer:
                 stdout=console,
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir,
-                preexec_fn=_die_with_parent_hook(),  # noqa: PLW1509
+                preexec_fn=die_with_parent_hook(),  # noqa: PLW1509
                 **self._spawn_options(),
             )
         self._proc = proc

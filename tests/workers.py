@@ -9,16 +9,15 @@ parsed into counts.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import re
 import signal
 import subprocess
 import sys
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from streamsync.sandbox import die_with_parent_hook
 
 __all__ = ["WorkerProcess"]
 
@@ -28,28 +27,6 @@ LOG_TAIL_LINES = 40
 # "worker w1 stopped: applied 120, stale 3" (or "... stopped: nothing processed")
 _SUMMARY_RE = re.compile(r"worker (?P<consumer>\S+) stopped: (?P<counts>.*)$", re.MULTILINE)
 _COUNT_RE = re.compile(r"(?P<outcome>[a-z_]+) (?P<n>\d+)")
-
-
-def _die_with_parent_hook() -> Callable[[], None] | None:
-    """A pre-exec hook asking Linux to SIGKILL the worker if the test process dies first.
-
-    Only from the main thread: the kernel ties the signal to the thread that forked.
-    """
-    if not sys.platform.startswith("linux") or threading.current_thread() is not (
-        threading.main_thread()
-    ):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-    sigkill = int(signal.SIGKILL)
-
-    def hook() -> None:
-        prctl(pr_set_pdeathsig, sigkill, 0, 0, 0)
-
-    return hook
 
 
 class WorkerProcess:
@@ -97,7 +74,7 @@ class WorkerProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent_hook(),  # noqa: PLW1509
+                preexec_fn=die_with_parent_hook(),  # noqa: PLW1509
             )
         return self
 
