@@ -187,9 +187,6 @@ def die_with_parent_hook() -> Callable[[], None] | None:
     return hook
 
 
-_die_with_parent_hook = die_with_parent_hook  # TEMPORARY alias, removed once tests/e2e.py lands
-
-
 def _log_tail(path: Path, offset: int) -> str:
     try:
         with path.open("rb") as log:

