@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import ctypes
 import datetime
 import gc
 import io
@@ -33,9 +32,7 @@ import pstats
 import random
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -54,6 +51,7 @@ import redis
 from streamsync import __version__ as streamsync_version
 from streamsync.config import Settings, parse_settings
 from streamsync.mapping import hash_value, position_key
+from streamsync.sandbox import RedisServer
 from streamsync.worker import Worker
 
 STREAM = "app.public.users"
@@ -279,104 +277,11 @@ def generate(events: int, rows: int, seed: int) -> Workload:
 # -- the private redis-server ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A pre-exec hook asking Linux to SIGKILL redis-server if this process dies without
-    cleaning up (SIGKILL, ``os._exit``): the server must never outlive the benchmark."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-    def hook() -> None:
-        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-
-    return hook
-
-
-class RedisServer:
-    """A ``redis-server`` child on a free port, no persistence, data in a temporary directory."""
-
-    def __init__(self, data_dir: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("redis-server not found on PATH (apt-get install redis-server)")
-        self.binary = binary
-        self.data_dir = data_dir
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        """Start the server and wait until it answers PING; retry on a port taken meanwhile."""
-        for _ in range(5):
-            self.port = _free_port()
-            log_path = self.data_dir / f"redis-{self.port}.log"
-            self.proc = subprocess.Popen(
-                [
-                    self.binary,
-                    "--port",
-                    str(self.port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--dir",
-                    str(self.data_dir),
-                    "--logfile",
-                    str(log_path),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--daemonize",
-                    "no",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent(),  # noqa: PLW1509 (no threads exist yet)
-            )
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while self.proc.poll() is None and time.monotonic() < deadline:
-                probe = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0)
-                try:
-                    if int(probe.info("server")["process_id"]) == self.proc.pid:
-                        return
-                except redis.RedisError:
-                    pass
-                finally:
-                    probe.close()
-                time.sleep(0.02)
-            self.stop()
-        raise SystemExit(f"redis-server did not start; see the logs in {self.data_dir}")
-
-    def stop(self) -> None:
-        """Terminate the server (SIGTERM, then SIGKILL if it overstays) and reap it."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.wait()
-
-
 @contextlib.contextmanager
 def redis_server() -> Iterator[RedisServer]:
     """A running private server, stopped on the way out whatever happened (Ctrl-C included)."""
+    if shutil.which("redis-server") is None:
+        raise SystemExit("redis-server not found on PATH (apt-get install redis-server)")
     with tempfile.TemporaryDirectory(prefix="streamsync-bench-") as tmp:
         server = RedisServer(Path(tmp))
         try:
@@ -648,12 +553,12 @@ def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 def _pin(mode: str, server: RedisServer) -> str:
     """Apply ``--pin``; threads started later (the worker's) inherit this thread's affinity."""
-    if mode == "off" or server.proc is None:
+    if mode == "off" or not server.running:
         return mode
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2 and mode == "split":
         raise SystemExit("--pin split needs two CPUs")
-    os.sched_setaffinity(server.proc.pid, {cpus[0]})
+    os.sched_setaffinity(server.pid, {cpus[0]})
     os.sched_setaffinity(0, {cpus[0] if mode == "same" else cpus[1]})
     return mode
 
