@@ -207,6 +207,7 @@ def _write_config(stack: _Stack) -> Path:
         "debezium.source.topic.prefix": "demo",
         "debezium.source.table.include.list": f"{stack.schema}.users",
         "debezium.source.decimal.handling.mode": "string",
+        "debezium.source.time.precision.mode": "isostring",
         "debezium.source.tombstones.on.delete": "false",
         "debezium.source.skipped.operations": "none",
         "debezium.source.offset.flush.interval.ms": "1000",

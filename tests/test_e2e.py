@@ -276,48 +276,124 @@ CREATE TABLE types (
     ratio numeric,
     ts timestamp,
     ts_ms timestamp(3),
+    ts_s timestamp(0),
     tstz timestamptz,
     day date,
     clock time,
+    clock_ms time(3),
+    clock_tz timetz,
+    span interval,
     doc jsonb,
     raw_json json,
     uid uuid,
     bin bytea,
     tags text[],
     nums int[],
+    stamps timestamp[],
+    days date[],
     flag boolean,
     big bigint,
     status text DEFAULT 'new'
 )
 """
+TYPES_COLUMNS = (
+    "amount, ratio, ts, ts_ms, ts_s, tstz, day, clock, clock_ms, clock_tz, span, doc, raw_json, "
+    "uid, bin, tags, nums, stamps, days, flag, big, status"
+)
 TYPES_ROWS = r"""
 INSERT INTO types VALUES
  (1, 1234567890.50, 123.4500, '2024-05-01 10:00:00.123456', '2024-05-01 10:00:00.123',
-  '2024-05-01 12:00:00.123456+02', '2024-05-01', '10:00:00.123456', '{"b": [1, 2], "a": "x"}',
-  '{"b": [1,2],  "a": "x"}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\x00ff10',
-  '{"a b","c,d","e\"f",NULL}', '{1,2,3}', true, 9223372036854775807, 'shipped'),
- (2, -0.01, 1e-20, '1969-12-31 23:59:59.999999', '1900-01-01 00:00:00', '2024-05-01 10:00:00+00',
-  '1900-01-01', '00:00:00', '[]', 'null', '00000000-0000-0000-0000-000000000000', '', '{}', '{}',
-  false, -9223372036854775808, NULL),
+  '2024-05-01 10:00:00.6', '2024-05-01 12:00:00.123456+02', '2024-05-01', '10:00:00.123456',
+  '10:00:00.123', '10:00:00.123456+02', '1 year 2 mons 3 days 04:05:06.789',
+  '{"b": [1, 2], "a": "x"}', '{"b": [1,2],  "a": "x"}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+  '\x00ff10', '{"a b","c,d","e\"f",NULL}', '{1,2,3}',
+  '{"2024-05-01 10:00:00.123456","1969-12-31 23:59:59",NULL}', '{2024-05-01,1900-01-01,NULL}',
+  true, 9223372036854775807, 'shipped'),
+ (2, -0.01, 1e-20, '1969-12-31 23:59:59.999999', '1900-01-01 00:00:00', '0001-01-01 00:00:00',
+  '2024-05-01 10:00:00+00', '1900-01-01', '00:00:00', '23:59:59.999', '00:00:00.5-14:59',
+  '-1 days -00:00:01', '[]', 'null', '00000000-0000-0000-0000-000000000000', '', '{}', '{}',
+  '{}', '{}', false, -9223372036854775808, NULL),
  (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-  NULL)
+  NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+-- beyond year 9999, the largest values, 24:00; the infinities
+INSERT INTO types (id, ts, ts_ms, ts_s, tstz, day, clock, clock_ms, clock_tz, span, stamps, days)
+VALUES
+ (4, '294276-12-31 23:59:59.999999', '12345-06-07 08:09:10.12', '10000-01-01 00:00:00',
+  '10000-01-01 00:00:00+00', '5874897-12-31', '24:00:00', '12:34:56.1', '24:00:00+14',
+  '100 years', '{"10000-01-01 00:00:00.1"}', '{10000-01-01}'),
+ (5, 'infinity', '-infinity', 'infinity', 'infinity', NULL, NULL, NULL, NULL, NULL,
+  '{infinity,-infinity}', NULL)
+"""
+#: What Debezium (time.precision.mode=isostring) sends, computed by PostgreSQL. Zone-less values
+#: (timestamp, date, time) get a "Z" all the same, on their wall-clock value; their fraction has
+#: no trailing zeros (none at all if zero); a year past 9999 gets a "+". The infinities of
+#: timestamp become dates 292,000 years away; 24:00:00 becomes 00:00:00. timestamptz is in UTC
+#: with as many digits as its precision (6). Left out because Debezium mangles them, differently
+#: in snapshots and streaming or by the JVM's time zone: the infinities of date, dates BC, and
+#: array elements before 1582-10-15 (the Gregorian calendar).
+TYPES_FUNCTIONS = r"""
+CREATE FUNCTION iso_year(y numeric) RETURNS text STRICT LANGUAGE sql
+    AS $$ SELECT CASE WHEN y > 9999 THEN '+' || y ELSE lpad(y::text, 4, '0') END $$;
+CREATE FUNCTION iso_fraction(microseconds text) RETURNS text STRICT LANGUAGE sql
+    AS $$ SELECT rtrim('.' || microseconds, '.0') $$;
+CREATE FUNCTION iso(t timestamp) RETURNS text STRICT LANGUAGE sql AS $$
+    SELECT CASE t
+        WHEN 'infinity' THEN '+294247-01-10T04:00:25.2Z'
+        WHEN '-infinity' THEN '-290308-12-21T19:59:27.6Z'
+        ELSE iso_year(extract(year FROM t)) || to_char(t, '-MM-DD"T"HH24:MI:SS')
+            || iso_fraction(to_char(t, 'US')) || 'Z'
+    END $$;
+CREATE FUNCTION iso(t timestamptz) RETURNS text STRICT LANGUAGE sql AS $$
+    SELECT CASE WHEN isfinite(t)
+        THEN iso_year(extract(year FROM t AT TIME ZONE 'UTC'))
+            || to_char(t AT TIME ZONE 'UTC', '-MM-DD"T"HH24:MI:SS.US"Z"')
+        ELSE t::text
+    END $$;
+CREATE FUNCTION iso(d date) RETURNS text STRICT LANGUAGE sql
+    AS $$ SELECT format('%s-%s-%sZ', iso_year(extract(year FROM d)),
+                        to_char(extract(month FROM d), 'FM00'),
+                        to_char(extract(day FROM d), 'FM00')) $$;
+CREATE FUNCTION iso(t time) RETURNS text STRICT LANGUAGE sql AS $$
+    SELECT CASE t
+        WHEN '24:00:00' THEN '00:00:00Z'
+        ELSE to_char(t, 'HH24:MI:SS') || iso_fraction(to_char(t, 'US')) || 'Z'
+    END $$;
+CREATE FUNCTION iso(t timetz) RETURNS text STRICT LANGUAGE sql
+    AS $$ SELECT iso((t AT TIME ZONE 'UTC')::time) $$;
+CREATE FUNCTION iso(a timestamp[]) RETURNS json STRICT LANGUAGE sql
+    AS $$ SELECT array_to_json(ARRAY(SELECT iso(x) FROM unnest(a) WITH ORDINALITY u(x, i)
+                                     ORDER BY i)) $$;
+CREATE FUNCTION iso(a date[]) RETURNS json STRICT LANGUAGE sql
+    AS $$ SELECT array_to_json(ARRAY(SELECT iso(x) FROM unnest(a) WITH ORDINALITY u(x, i)
+                                     ORDER BY i)) $$;
+-- interval (interval.handling.mode=numeric): microseconds, a month taken as 30.4375 days
+CREATE FUNCTION micros(s interval) RETURNS bigint STRICT LANGUAGE sql AS $$
+    SELECT ((12 * extract(year FROM s) + extract(month FROM s)) * 2629800000000
+            + extract(day FROM s) * 86400000000
+            + extract(epoch FROM s - date_trunc('day', s)) * 1000000)::bigint $$;
 """
 #: What a cache user finds in the hash of row 1: the documented encodings, spelled out.
 TYPES_ROW1_HASH = {
     "id": "1",
     "amount": "1234567890.50",  # decimal.handling.mode=string: exact, scale kept
     "ratio": "123.4500",  # numeric without scale: exact, as PostgreSQL prints it
-    "ts": "1714557600123456",  # timestamp: microseconds since the epoch
-    "ts_ms": "1714557600123",  # timestamp(0..3): MILLIseconds since the epoch
+    "ts": "2024-05-01T10:00:00.123456Z",  # timestamp: ISO 8601, a "Z" although it has no zone
+    "ts_ms": "2024-05-01T10:00:00.123Z",  # the digits it has, trailing zeros dropped
+    "ts_s": "2024-05-01T10:00:01Z",  # timestamp(0): rounded by PostgreSQL, no fraction
     "tstz": "2024-05-01T10:00:00.123456Z",  # timestamptz: ISO 8601 in UTC, 6 digits
-    "day": "19844",  # date: days since 1970-01-01
-    "clock": "36000123456",  # time: microseconds since midnight
+    "day": "2024-05-01Z",  # date: with a "Z" too
+    "clock": "10:00:00.123456Z",  # time: with a "Z" too
+    "clock_ms": "10:00:00.123Z",
+    "clock_tz": "08:00:00.123456Z",  # timetz: in UTC
+    "span": "37091106789000",  # interval: microseconds, 1 year = 12 months = 365.25 days
     "doc": '{"a": "x", "b": [1, 2]}',  # jsonb: PostgreSQL's canonical text
     "raw_json": '{"b": [1,2],  "a": "x"}',  # json: the text as stored
     "uid": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
     "bin": "AP8Q",  # bytea: base64
     "tags": '["a b","c,d","e\\"f",null]',  # arrays: compact JSON text
     "nums": "[1,2,3]",
+    "stamps": '["2024-05-01T10:00:00.123456Z","1969-12-31T23:59:59Z",null]',
+    "days": '["2024-05-01Z","1900-01-01Z",null]',
     "flag": "true",
     "big": "9223372036854775807",  # exact
     "status": "shipped",
@@ -328,17 +404,23 @@ SELECT 'type:' || id, json_build_object(
     'id', id::text,
     'amount', amount::text,
     'ratio', ratio::text,
-    'ts', (extract(epoch FROM ts) * 1000000)::bigint::text,
-    'ts_ms', (extract(epoch FROM ts_ms) * 1000)::bigint::text,
-    'tstz', to_char(tstz AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-    'day', (day - DATE '1970-01-01')::text,
-    'clock', (extract(epoch FROM clock) * 1000000)::bigint::text,
+    'ts', iso(ts),
+    'ts_ms', iso(ts_ms),
+    'ts_s', iso(ts_s),
+    'tstz', iso(tstz),
+    'day', iso(day),
+    'clock', iso(clock),
+    'clock_ms', iso(clock_ms),
+    'clock_tz', iso(clock_tz),
+    'span', micros(span)::text,
     'doc', doc::text,
     'raw_json', raw_json::text,
     'uid', uid::text,
     'bin', translate(encode(bin, 'base64'), E'\n', ''),
     'tags', array_to_json(tags)::text,
     'nums', array_to_json(nums)::text,
+    'stamps', iso(stamps)::text,
+    'days', iso(days)::text,
     'flag', flag::text,
     'big', big::text,
     'status', status)
@@ -349,50 +431,85 @@ SELECT 'typedoc:' || id, json_build_object(
     'id', id,
     'amount', amount::text,
     'ratio', ratio::text,
-    'ts', (extract(epoch FROM ts) * 1000000)::bigint,
-    'ts_ms', (extract(epoch FROM ts_ms) * 1000)::bigint,
-    'tstz', to_char(tstz AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-    'day', day - DATE '1970-01-01',
-    'clock', (extract(epoch FROM clock) * 1000000)::bigint,
+    'ts', iso(ts),
+    'ts_ms', iso(ts_ms),
+    'ts_s', iso(ts_s),
+    'tstz', iso(tstz),
+    'day', iso(day),
+    'clock', iso(clock),
+    'clock_ms', iso(clock_ms),
+    'clock_tz', iso(clock_tz),
+    'span', micros(span),
     'doc', doc::text,
     'raw_json', raw_json::text,
     'uid', uid::text,
     'bin', translate(encode(bin, 'base64'), E'\n', ''),
     'tags', array_to_json(tags),
     'nums', array_to_json(nums),
+    'stamps', iso(stamps),
+    'days', iso(days),
     'flag', flag,
     'big', big,
     'status', status)
 FROM types
 """
+#: Row 4 and 5, spelled out: the edges of the encodings.
+TYPES_EDGES_HASH = {
+    "type:4": {
+        "id": "4",
+        "ts": "+294276-12-31T23:59:59.999999Z",  # past 9999: a "+" (ISO 8601 expanded year)
+        "ts_ms": "+12345-06-07T08:09:10.12Z",
+        "ts_s": "+10000-01-01T00:00:00Z",
+        "tstz": "+10000-01-01T00:00:00.000000Z",
+        "day": "+5874897-12-31Z",
+        "clock": "00:00:00Z",  # 24:00:00 becomes 00:00:00
+        "clock_ms": "12:34:56.1Z",
+        "clock_tz": "10:00:00Z",
+        "span": "3155760000000000",
+        "stamps": '["+10000-01-01T00:00:00.1Z"]',
+        "days": '["+10000-01-01Z"]',
+        "status": "new",
+    },
+    "type:5": {
+        "id": "5",
+        "ts": "+294247-01-10T04:00:25.2Z",  # timestamp 'infinity': a date, not a marker
+        "ts_ms": "-290308-12-21T19:59:27.6Z",  # '-infinity'
+        "ts_s": "+294247-01-10T04:00:25.2Z",
+        "tstz": "infinity",  # timestamptz keeps PostgreSQL's word
+        "stamps": '["+294247-01-10T04:00:25.2Z","-290308-12-21T19:59:27.6Z"]',
+        "status": "new",
+    },
+}
 
 
 @pytest.mark.timeout(180)
-def test_column_types_arrive_as_documented(pipelines: MakePipeline) -> None:
+@pytest.mark.parametrize("schemas", [False, True], ids=["schemas off", "schemas on"])
+def test_column_types_arrive_as_documented(pipelines: MakePipeline, schemas: bool) -> None:
+    # With the JSON converter's schemas on, the time columns are strings of the logical types
+    # IsoTimestamp, IsoDate and IsoTime, which streamsync leaves as they are: the same cache.
     p = pipelines(
         tables=["types"],
         rules=[
             {"table": "public.types", "key": "type:{id}", "type": "hash"},
             {"table": "public.types", "key": "typedoc:{id}", "type": "json"},
         ],
+        overrides={"debezium.format.value.schemas.enable": "true"} if schemas else None,
     )
     p.sql(TYPES_DDL)
+    p.sql(TYPES_FUNCTIONS)
     p.sql(TYPES_ROWS)
     worker = p.start_worker("w1")
     capture = p.start_capture()
-    p.wait_for_added(capture, 3)
+    p.wait_for_added(capture, 5)
     # the same types through streamed creates and updates, not only snapshot reads
-    p.sql(
-        "INSERT INTO types SELECT id + 10, amount, ratio, ts, ts_ms, tstz, day, clock, doc, "
-        "raw_json, uid, bin, tags, nums, flag, big, status FROM types"
-    )
+    p.sql(f"INSERT INTO types SELECT id + 10, {TYPES_COLUMNS} FROM types")
     p.sql(
         "UPDATE types SET ratio = 12345678901234567890.123456789, tstz = '2000-01-01 00:00:00Z', "
         "ts = '2262-04-11 23:47:16.854775', big = -1, status = NULL, "
         'doc = \'{"nested": {"deep": [true, null, 1.5]}}\' WHERE id = 1'
     )
-    p.sql("UPDATE types SET amount = 0, tags = '{}', bin = '\\x' WHERE id = 12")
-    p.wait_for_added(capture, 3 + 3 + 1 + 1)
+    p.sql("UPDATE types SET amount = 0, tags = '{}', bin = '\\x', days = '{}' WHERE id = 12")
+    p.wait_for_added(capture, 5 + 5 + 1 + 1)
     assert capture.stop() == 0, capture.log()
     p.settle(worker)
 
@@ -402,6 +519,8 @@ def test_column_types_arrive_as_documented(pipelines: MakePipeline) -> None:
     row11 = cast(dict[bytes, bytes], p.r.hgetall("type:11"))
     assert {k.decode(): v.decode() for k, v in row11.items()} == TYPES_ROW1_HASH | {"id": "11"}
     assert hashes["type:11"] == TYPES_ROW1_HASH | {"id": "11"}
+    for key, fields in TYPES_EDGES_HASH.items():
+        assert {c: v for c, v in hashes[key].items() if v is not None} == fields
     # a NULL in every column: no field but the key (the DEFAULT is not substituted)
     assert p.r.hgetall("type:3") == {b"id": b"3"}
     assert p.r.hgetall("type:13") == {b"id": b"13"}

@@ -296,6 +296,14 @@ def test_nano_timestamp_extends_micro_timestamp(micros: int, nanos: int) -> None
     [
         (column("z", "string", "io.debezium.time.ZonedTimestamp"), "2024-05-01T10:00:00.123456Z"),
         (column("z", "string", "io.debezium.time.ZonedTime"), "10:00:00.123456Z"),
+        # time.precision.mode=isostring: already ISO 8601 strings
+        (column("t", "string", "io.debezium.time.IsoTimestamp"), "2024-05-01T10:00:00.123456Z"),
+        (column("d", "string", "io.debezium.time.IsoDate"), "2024-05-01Z"),
+        (column("c", "string", "io.debezium.time.IsoTime"), "10:00:00.5Z"),
+        (
+            column("a", "array", items={"type": "string", "name": "io.debezium.time.IsoDate"}),
+            ["2024-05-01Z", None],
+        ),
         (column("j", "string", "io.debezium.data.Json"), '{"a": 1}'),
         (column("u", "string", "io.debezium.data.Uuid"), "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
         (column("e", "string", "io.debezium.data.Enum", parameters={"allowed": "a,b"}), "a"),
