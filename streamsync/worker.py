@@ -173,6 +173,16 @@ class Worker:
                     if self._stop.wait(delay):
                         log.warning("stopping while disconnected: unsettled entries stay pending")
                         break
+                except redis.ResponseError as exc:
+                    # a refusal outside the per-entry paths (READONLY after a failover, LOADING,
+                    # a key of the wrong type where a stream should be): start over, patiently
+                    self._disconnect()
+                    delay = _backoff(max(attempt, 4))
+                    attempt += 1
+                    log.error("redis refused a command (%s); starting over in %.2fs", exc, delay)
+                    if self._stop.wait(delay):
+                        log.warning("stopping while disconnected: unsettled entries stay pending")
+                        break
         except LibraryIncompatibleError as exc:
             log.error("%s", exc)
             return ExitCode.LIBRARY_INCOMPATIBLE

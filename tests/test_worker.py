@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from tests.debezium import (
     fixture_records,
     write_config,
 )
+from tests.servers import wait_until
 
 STREAM = "spike.public.users"
 
@@ -356,3 +358,28 @@ def test_unchanged_toast_column_keeps_its_cached_value(
     cache_keys = [k for k in r.scan_iter("*") if r.type(k) != b"stream"]
     assert cache_keys
     assert not any(PLACEHOLDER.encode() in (r.dump(k) or b"") for k in cache_keys)
+
+
+def test_a_refused_command_is_retried_not_fatal(
+    r: redis.Redis, redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the stream's name holds a string: XGROUP CREATE is refused (WRONGTYPE) until it is fixed
+    r.set("app.public.users", "not a stream")
+    worker = Worker(
+        load_settings(write_config(tmp_path / "c.yaml", redis_url), environ={}),
+        consumer="w",
+        drain=True,
+    )
+    result: list[ExitCode] = []
+    thread = threading.Thread(target=lambda: result.append(worker.run()))
+    thread.start()
+    try:
+        wait_until(lambda: "WRONGTYPE" in caplog.text, message="the refusal to be logged")
+        r.delete("app.public.users")
+        add_change(r, "app.public.users", "c", {"id": 1, "name": "a"}, lsn=1)
+        thread.join(timeout=30)
+    finally:
+        worker.request_stop()
+        thread.join(timeout=30)
+    assert result == [ExitCode.OK]
+    assert r.hgetall("user:1") == {b"id": b"1", b"name": b"a"}
