@@ -211,6 +211,7 @@ def _write_config(stack: _Stack) -> Path:
         "debezium.source.tombstones.on.delete": "false",
         "debezium.source.skipped.operations": "none",
         "debezium.source.offset.flush.interval.ms": "1000",
+        "debezium.source.poll.interval.ms": "50",
         "debezium.format.key.schemas.enable": "false",
         "debezium.format.value.schemas.enable": "false",
         "debezium.format.value.replace.null.with.default": "false",

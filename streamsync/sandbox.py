@@ -356,6 +356,9 @@ class _ChildServer:
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir,
                 preexec_fn=die_with_parent_hook(),  # noqa: PLW1509
+                # out of the terminal's process group: a Ctrl-C reaches the caller alone, which
+                # then stops its servers in order (the hook still covers the caller dying)
+                start_new_session=True,
                 **self._spawn_options(),
             )
         self._proc = proc

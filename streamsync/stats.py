@@ -29,6 +29,10 @@ class LatencySamples:
         rank = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
         return ordered[rank]
 
+    def mean(self) -> float | None:
+        """The mean of the recorded samples, None if empty."""
+        return sum(self._samples) / len(self._samples) if self._samples else None
+
     def clear(self) -> None:
         """Forget every sample."""
         self._samples.clear()

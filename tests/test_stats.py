@@ -7,7 +7,7 @@ from streamsync.stats import LatencySamples
 
 def test_quantiles_are_nearest_rank() -> None:
     samples = LatencySamples()
-    assert samples.quantile(0.5) is None
+    assert samples.quantile(0.5) is None and samples.mean() is None
     for ms in range(1, 101):
         samples.add(float(ms))
     assert samples.quantile(0.5) == 50.0
@@ -15,6 +15,7 @@ def test_quantiles_are_nearest_rank() -> None:
     assert samples.quantile(1.0) == 100.0
     assert samples.quantile(0.0) == 1.0
     assert samples.last == 100.0
+    assert samples.mean() == 50.5
 
 
 def test_only_the_most_recent_are_kept() -> None:
