@@ -31,7 +31,13 @@ from rich.table import Table
 
 from streamsync.config import redact_url
 from streamsync.errors import ExitCode, StreamsyncError
-from streamsync.sandbox import PostgresServer, RedisServer, SandboxError, wait_until
+from streamsync.sandbox import (
+    PostgresServer,
+    RedisServer,
+    SandboxError,
+    die_with_parent_hook,
+    wait_until,
+)
 
 #: How long a change may take to show in Redis before the demo calls it a failure.
 SYNC_TIMEOUT_S = 30.0
@@ -115,7 +121,10 @@ class _Stack:
 def run_demo(options: DemoOptions, console: Console | None = None) -> ExitCode:
     """Run the demo; returns the process exit code."""
     console = console or Console()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # a closed terminal (SIGHUP) or a SIGTERM stops the demo like Ctrl-C: cleaned up
+    previous = {
+        sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)
+    }
     workdir = Path(tempfile.mkdtemp(prefix="streamsync-demo-"))
     # PostgreSQL runs as the postgres user when we are root: it must reach its data directory
     os.chmod(workdir, 0o755)
@@ -144,7 +153,8 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> ExitCode:
         return ExitCode.FAILURE
     finally:
         _cleanup(stack, options, console)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -245,8 +255,10 @@ def _spawn(stack: _Stack, command: str, config: Path) -> subprocess.Popen[bytes]
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         env=env,
-        # its own process group: Ctrl-C in the terminal goes to the demo, which stops it
+        # its own process group: Ctrl-C in the terminal goes to the demo, which stops it;
+        # and if the demo itself is killed, the child goes with it
         start_new_session=True,
+        preexec_fn=die_with_parent_hook(),  # noqa: PLW1509
     )
 
 
@@ -382,7 +394,7 @@ def _watch(stack: _Stack, console: Console) -> None:
         "Change the table and watch Redis follow, e.g.\n"
         f"  psql -h {info.get('host')} -p {info.get('port')} -U {info.get('user')}"
         f" {info.get('dbname')} -c \"UPDATE {stack.schema}.users SET plan = 'team'\"\n"
-        f"  redis-cli -u {stack.redis_url} HGETALL demo:user:1\n"
+        f"  redis-cli -u {redact_url(stack.redis_url)} HGETALL demo:user:1\n"
         "Ctrl-C stops the demo and removes everything it started."
     )
     last = ""
@@ -393,7 +405,9 @@ def _watch(stack: _Stack, console: Console) -> None:
             console.print(_side_by_side(stack))
         text = capture.get()
         if text != last:
-            console.print(text, end="")
+            # already rendered (styles included): write it as is
+            console.file.write(text)
+            console.file.flush()
             last = text
 
 
