@@ -14,7 +14,6 @@ from streamsync.errors import LibraryIncompatibleError
 
 log = logging.getLogger(__name__)
 
-LIBRARY_NAME = "streamsync"
 VERSION_FUNCTION = "streamsync_version"
 
 _VERSION_RE = re.compile(r"^local VERSION = '(\d+)\.(\d+)\.(\d+)'$", re.MULTILINE)

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -276,7 +276,6 @@ class Worker:
     def _recover_own_pending(self) -> None:
         """Queue the entries this consumer was delivered but had not settled (after a reconnect,
         or a restart under the same consumer name)."""
-        assert self._client is not None
         for stream in self._streams:
             cursor = b"0"
             while True:
@@ -761,10 +760,6 @@ def run_worker(
     settings: Settings,
     consumer: str | None = None,
     drain: bool = False,
-    on_start: Callable[[Worker], None] | None = None,
 ) -> ExitCode:
     """Build a worker and run it until stopped; the CLI's entry point."""
-    worker = Worker(settings, consumer, drain=drain)
-    if on_start:
-        on_start(worker)
-    return worker.run()
+    return Worker(settings, consumer, drain=drain).run()
