@@ -520,7 +520,9 @@ def verify(
         if position_prefix is not None:
             position = next(replies)
             # the record holds the position, then "|" and the shape of the hash's field set
-            if position is None or position.split(b"|")[0] != f"{change.lsn:020d}".encode():
+            rank = 0 if change.after is None else 1
+            want = f"{change.lsn:020d}{rank}".encode()
+            if position is None or position.split(b"|")[0] != want:
                 wrong.append(f"{KEY_PREFIX}{row_id}: position {position!r}, want {change.lsn}")
     if wrong:
         problems.append(f"{len(wrong)} of {len(ids)} sampled rows wrong, e.g. {wrong[0]}")

@@ -21,7 +21,7 @@ starting with the row's kind. They reply with an array holding one status per ro
 Every key the library touches arrives in KEYS; it never builds key names or scans the keyspace.
 --]]
 
-local VERSION = '1.0.0'
+local VERSION = '1.1.0'
 
 local APPLIED, STALE, SKIPPED, DROPPED = 1, 0, 2, 3
 
@@ -274,22 +274,294 @@ local function remove(target, pos_key, argv, i, tombstone_ms)
     return APPLIED
 end
 
--- row kinds: the function applying one, and the number of ARGV items the row spans (given the
--- index of its first item after the op code)
+--[[ Placement records (library 1.1). A rule whose structure gathers many rows (set, sorted set,
+list, stream), or whose key may move when a non-key column changes, keeps one record per (rule,
+source row): "<position>|" for a row placed nowhere (a tombstone, kept for the tombstone window),
+or "<position>|<kind><msgpack array>" saying where the row is, by kind:
+  T set member        {key, member}
+  Z sorted-set member {key, member}
+  M single-value key  {key, its position record}
+  L list entries      {key, order key, {entry order members...}}
+Events carry no before-image under PostgreSQL's default REPLICA IDENTITY, so this record is the
+only way to learn where a row was: the old member or key is removed when the row moves, is
+deleted, or leaves the rule's filter. It carries the row's position, so placement changes are
+exactly as idempotent and order-safe as plain writes. The keys named inside a record are not in
+KEYS (they cannot be known before reading it); in a Redis Cluster a rule whose keys can move must
+pin them to one slot with a hash tag.
+--]]
+local function placement(p_key)
+    local value = redis.call('GET', p_key)
+    if not value then
+        return nil, nil, nil
+    end
+    local bar = string.find(value, '|', 1, true)
+    local pos = string.sub(value, 1, bar - 1)
+    if bar == #value then
+        return pos, nil, nil
+    end
+    return pos, string.sub(value, bar + 1, bar + 1), cmsgpack.unpack(string.sub(value, bar + 2))
+end
+
+local function store_placement(p_key, pos, kind, data, ttl_ms, tombstone_ms)
+    if not kind then
+        redis.call('SET', p_key, pos .. '|', 'PX', tombstone_ms)
+    elseif ttl_ms > 0 then
+        redis.call('SET', p_key, pos .. '|' .. kind .. cmsgpack.pack(data), 'PX', ttl_ms + tombstone_ms)
+    else
+        redis.call('SET', p_key, pos .. '|' .. kind .. cmsgpack.pack(data))
+    end
+end
+
+-- A list entry being removed is first overwritten with this value, then LREM'd: removal by index
+-- even when several entries hold the same text.
+local REMOVED = '\0streamsync:removed\0'
+
+--[[ A list rule keeps its entries ordered by source position, newest first, whatever the
+delivery order: the order key, a sorted set with score 0 whose members "<position>|<row>" sort
+like the entries, gives each entry's index (ZREVRANK). Lists have no insert-at-index, so an entry
+that belongs below the head pops the newer entries above it and pushes them back; out-of-order
+entries land near the head, so this stays short.
+--]]
+local function list_consistent(list, order)
+    if redis.call('LLEN', list) ~= redis.call('ZCARD', order) then
+        -- edited or expired outside streamsync: its order is unknown, start it over
+        redis.call('DEL', list, order)
+    end
+end
+
+local function list_remove(list, order, entries)
+    list_consistent(list, order)
+    local removed = 0
+    for _, entry in ipairs(entries) do
+        local index = redis.call('ZREVRANK', order, entry)
+        if index then
+            redis.call('LSET', list, index, REMOVED)
+            redis.call('ZREM', order, entry)
+            removed = removed + 1
+        end
+    end
+    if removed > 0 then
+        redis.call('LREM', list, removed, REMOVED)
+    end
+end
+
+-- Insert value at the place of its order member; false when a full list keeps only newer ones.
+local function list_insert(list, order, entry, value, max_len)
+    redis.call('ZADD', order, 0, entry)
+    local index = redis.call('ZREVRANK', order, entry)
+    if max_len > 0 and index >= max_len then
+        redis.call('ZREM', order, entry)
+        return false
+    end
+    if index == 0 then
+        redis.call('LPUSH', list, value)
+    else
+        local above = redis.call('LPOP', list, index)
+        redis.call('LPUSH', list, value)
+        local back = {}
+        for n = #above, 1, -1 do
+            back[#back + 1] = above[n]
+        end
+        redis.call('LPUSH', list, unpack(back))
+    end
+    if max_len > 0 then
+        local excess = redis.call('ZCARD', order) - max_len
+        if excess > 0 then
+            redis.call('ZPOPMIN', order, excess)
+            redis.call('RPOP', list, excess)
+        end
+    end
+    return true
+end
+
+-- Remove what a placement record says the row holds. A moved single-value key is deleted only
+-- if no newer change (of another row that took the key over) wrote it since.
+local function unplace(kind, data, pos, tombstone_ms, list_entries)
+    if kind == 'T' then
+        redis.call('SREM', data[1], data[2])
+    elseif kind == 'Z' then
+        redis.call('ZREM', data[1], data[2])
+    elseif kind == 'M' then
+        remove(data[1], data[2], {pos}, 1, tombstone_ms)
+    elseif kind == 'L' and list_entries then
+        list_remove(data[1], data[2], data[3])
+    end
+end
+
+--[[ 'T' set member: KEYS placement record, set; items: position, ttl_ms, member.
+     'Z' sorted-set member: KEYS placement record, sorted set; items: position, ttl_ms, member,
+score. The row's previous member (another key, or another member) is removed. --]]
+local function member_row(kind)
+    return function(keys, k, argv, i, tombstone_ms)
+        local p_key, target = keys[k], keys[k + 1]
+        local pos, ttl_ms, member = argv[i], tonumber(argv[i + 1]), argv[i + 2]
+        local current, old_kind, old = placement(p_key)
+        if current and current >= pos then
+            return STALE
+        end
+        if old and (old_kind ~= kind or old[1] ~= target or old[2] ~= member) then
+            unplace(old_kind, old, pos, tombstone_ms, true)
+        end
+        if kind == 'T' then
+            redis.call('SADD', target, member)
+        else
+            redis.call('ZADD', target, argv[i + 3], member)
+        end
+        expire_target(target, ttl_ms)
+        store_placement(p_key, pos, kind, {target, member}, ttl_ms, tombstone_ms)
+        return APPLIED, true
+    end
+end
+
+--[[ 'L' list entry: KEYS placement record, list, its order key; items: position, ttl_ms,
+max_len (0 = unbounded), mode ('p' push one entry per change | 'r' replace the row's entry in
+place), order member ("<position>|<row>"), value. --]]
+local function list_row(keys, k, argv, i, tombstone_ms)
+    local p_key, list, order = keys[k], keys[k + 1], keys[k + 2]
+    local pos, ttl_ms, max_len = argv[i], tonumber(argv[i + 1]), tonumber(argv[i + 2])
+    local mode, entry, value = argv[i + 3], argv[i + 4], argv[i + 5]
+    local current, old_kind, old = placement(p_key)
+    if current and current >= pos then
+        return STALE
+    end
+    list_consistent(list, order)
+    local entries = {}
+    if old and old_kind == 'L' and old[1] == list then
+        -- entries trimmed away since are forgotten
+        for _, e in ipairs(old[3]) do
+            if redis.call('ZSCORE', order, e) then
+                entries[#entries + 1] = e
+            end
+        end
+    elseif old then
+        unplace(old_kind, old, pos, tombstone_ms, true)
+    end
+    if mode == 'r' and #entries > 0 then
+        local index = redis.call('ZREVRANK', order, entries[1])
+        redis.call('LSET', list, index, value)
+        for n = 2, #entries do
+            list_remove(list, order, {entries[n]})
+        end
+        entries = {entries[1]}
+    elseif list_insert(list, order, entry, value, max_len) then
+        entries[#entries + 1] = entry
+        if max_len > 0 and #entries > max_len then
+            table.remove(entries, 1)
+        end
+    end
+    expire_target(list, ttl_ms)
+    expire_target(order, ttl_ms)
+    if #entries == 0 then
+        store_placement(p_key, pos, nil, nil, ttl_ms, tombstone_ms)
+        return APPLIED, false
+    end
+    store_placement(p_key, pos, 'L', {list, order, entries}, ttl_ms, tombstone_ms)
+    return APPLIED, true
+end
+
+--[[ 'X' stream event: KEYS the row's record, stream; items: position, max_len (0 = unbounded),
+n, n field/value pairs. Published once per strictly newer position of the row: a replay within the
+tombstone window publishes nothing. --]]
+local function stream_row(keys, k, argv, i, tombstone_ms)
+    local p_key, stream = keys[k], keys[k + 1]
+    local pos, max_len, n = argv[i], tonumber(argv[i + 1]), tonumber(argv[i + 2])
+    local current = placement(p_key)
+    if current and current >= pos then
+        return STALE
+    end
+    if max_len > 0 then
+        redis.call('XADD', stream, 'MAXLEN', '~', max_len, '*', unpack(argv, i + 3, i + 2 + 2 * n))
+    else
+        redis.call('XADD', stream, '*', unpack(argv, i + 3, i + 2 + 2 * n))
+    end
+    store_placement(p_key, pos, nil, nil, 0, tombstone_ms)
+    return APPLIED
+end
+
+--[[ 'R' remove a row's placement (a delete, the row leaving the rule's filter, a TRUNCATE):
+KEYS placement record; items: position, list entries ('1' removed | '0' kept). --]]
+local function remove_row(keys, k, argv, i, tombstone_ms)
+    local p_key, pos = keys[k], argv[i]
+    local current, old_kind, old = placement(p_key)
+    if current and current >= pos then
+        return STALE
+    end
+    if old then
+        unplace(old_kind, old, pos, tombstone_ms, argv[i + 1] == '1')
+    end
+    store_placement(p_key, pos, nil, nil, 0, tombstone_ms)
+    return APPLIED, false
+end
+
+-- Single-value rows (two KEYS: target, position record) as (status, placed).
+local function single(fn, removes)
+    return function(keys, k, argv, i, tombstone_ms)
+        local status = fn(keys[k], keys[k + 1], argv, i, tombstone_ms)
+        if status == STALE then
+            return status
+        end
+        return status, status == APPLIED and not removes
+    end
+end
+
+-- row kinds: the function applying one, its number of KEYS, and the number of ARGV items it
+-- spans (given the index of its first item after the kind)
 local ROWS = {
-    H = {hash_full, function(argv, i) return 4 + 2 * tonumber(argv[i + 3]) end},
-    h = {hash_partial, function(argv, i)
+    H = {single(hash_full), 2, function(argv, i) return 4 + 2 * tonumber(argv[i + 3]) end},
+    h = {single(hash_partial), 2, function(argv, i)
         return 5 + 2 * tonumber(argv[i + 2]) + tonumber(argv[i + 3]) + tonumber(argv[i + 4])
     end},
-    J = {json_full, function() return 3 end},
-    j = {json_partial, function(argv, i) return 3 + 3 * tonumber(argv[i + 2]) end},
-    D = {remove, function() return 1 end},
-    I = {remove, function() return 1 end},
+    J = {single(json_full), 2, function() return 3 end},
+    j = {single(json_partial), 2, function(argv, i) return 3 + 3 * tonumber(argv[i + 2]) end},
+    D = {single(remove, true), 2, function() return 1 end},
+    I = {single(remove, true), 2, function() return 1 end},
+    T = {member_row('T'), 2, function() return 3 end},
+    Z = {member_row('Z'), 2, function() return 4 end},
+    L = {list_row, 3, function() return 6 end},
+    X = {stream_row, 2, function(argv, i) return 3 + 2 * tonumber(argv[i + 2]) end},
+    R = {remove_row, 1, function() return 2 end},
 }
 
---[[ Apply rows of the given kinds. KEYS: (target, position record) per row. ARGV: tombstone_ms,
-then per row its kind and its items. One failing row (a Redis error) does not stop the others:
-its reply is the error text. --]]
+--[[ 'M' a single-value row whose key may move: KEYS placement record, target, its position
+record; items: position, then an H, h, J or j row's kind and items. The row-level position decides
+whether the change is new; the target's own position record then decides whether it may write
+the key (another row may have taken the key over later: a unique column changing hands). The key
+the row held before, if another, is deleted unless a newer change wrote it since. --]]
+local function moving_row(keys, k, argv, i, tombstone_ms)
+    local p_key, target, t_pos = keys[k], keys[k + 1], keys[k + 2]
+    local pos, inner = argv[i], argv[i + 1]
+    local current, old_kind, old = placement(p_key)
+    if current and current >= pos then
+        return STALE
+    end
+    local status = ROWS[inner][1](keys, k + 1, argv, i + 2, tombstone_ms)
+    if old and (old_kind ~= 'M' or old[1] ~= target) then
+        unplace(old_kind, old, pos, tombstone_ms, true)
+    end
+    local ttl_ms = tonumber(argv[i + 3])
+    if status == APPLIED then
+        store_placement(p_key, pos, 'M', {target, t_pos}, ttl_ms, tombstone_ms)
+        return APPLIED, true
+    end
+    store_placement(p_key, pos, nil, nil, ttl_ms, tombstone_ms)
+    return status, false
+end
+ROWS.M = {moving_row, 3, function(argv, i)
+    return 2 + ROWS[argv[i + 1]][3](argv, i + 2)
+end}
+
+local V1_KINDS = {H = true, h = true, J = true, j = true, D = true, I = true}
+
+local function row_error(result)
+    if type(result) == 'table' and result.err then
+        return result.err
+    end
+    return tostring(result)
+end
+
+--[[ Apply rows of the given kinds (library 1.0 layout). KEYS: (target, position record) per row.
+ARGV: tombstone_ms, then per row its kind and its items. One failing row (a Redis error) does
+not stop the others: its reply is the error text. --]]
 local function apply_rows(keys, argv, allowed)
     local tombstone_ms = tonumber(argv[1])
     local replies = {}
@@ -297,29 +569,23 @@ local function apply_rows(keys, argv, allowed)
     for k = 1, #keys, 2 do
         local op = argv[i]
         local row = ROWS[op]
-        if not row or (allowed and not allowed[op]) then
+        if not V1_KINDS[op] or (allowed and not allowed[op]) then
             return redis.error_reply('row ' .. (k + 1) / 2 .. ': unexpected row kind ' ..
                 tostring(op))
         end
-        local ok, result = pcall(row[1], keys[k], keys[k + 1], argv, i + 1, tombstone_ms)
-        if ok then
-            replies[#replies + 1] = result
-        elseif type(result) == 'table' and result.err then
-            replies[#replies + 1] = result.err
-        else
-            replies[#replies + 1] = tostring(result)
-        end
-        i = i + 1 + row[2](argv, i + 1)
+        local ok, result = pcall(row[1], keys, k, argv, i + 1, tombstone_ms)
+        replies[#replies + 1] = ok and result or row_error(result)
+        i = i + 1 + row[3](argv, i + 1)
     end
     return replies
 end
 
---[[ streamsync_apply: the batch entry point, rows of any kind.
+--[[ streamsync_apply: the batch entry point of library 1.0, rows of any 1.0 kind.
 KEYS: target key, position record; repeated per row
 ARGV: tombstone_ms, then per row: kind, items:
   H (full hash): position, ttl_ms, shape, n, n field/value pairs
   h (partial hash): position, ttl_ms, n_set, n_null, n_keep, pairs, null fields, kept fields
-  J (full JSON): position, ttl_ms, document
+  J (full JSON or string value): position, ttl_ms, document
   j (partial JSON): position, ttl_ms, n, n triples (name token, 'v' | 'k', raw value)
   D (delete), I (invalidate): position
 Reply: one status per row (see the header).
@@ -328,8 +594,48 @@ local function apply(keys, argv)
     return apply_rows(keys, argv, nil)
 end
 
+--[[ streamsync_batch: the batch entry point of library 1.1: rows of every kind, each kept in
+its rule's index (the set of what the rule placed, so TRUNCATE and resync find every key derived
+from a table without scanning the keyspace).
+KEYS: per row, its rule's index, then the kind's KEYS (see each kind above and streamsync_apply)
+ARGV: tombstone_ms, then per row: kind, index member ('' = the row is not indexed), items.
+An applied row that leaves the row placed adds the member to the index; one that leaves it
+placed nowhere removes it.
+Reply: one status per row (see the header).
+--]]
+local function batch(keys, argv)
+    local tombstone_ms = tonumber(argv[1])
+    local replies = {}
+    local i, k, n = 2, 1, 0
+    while k <= #keys do
+        local op = argv[i]
+        local row = ROWS[op]
+        n = n + 1
+        if not row then
+            return redis.error_reply('row ' .. n .. ': unexpected row kind ' .. tostring(op))
+        end
+        local member = argv[i + 1]
+        local ok, status, placed = pcall(row[1], keys, k + 1, argv, i + 2, tombstone_ms)
+        if not ok then
+            replies[n] = row_error(status)
+        else
+            replies[n] = status
+            if member ~= '' then
+                if placed == true then
+                    redis.call('SADD', keys[k], member)
+                elseif placed == false then
+                    redis.call('SREM', keys[k], member)
+                end
+            end
+        end
+        i = i + 2 + row[3](argv, i + 2)
+        k = k + 1 + row[2]
+    end
+    return replies
+end
+
 -- streamsync_write_hash, streamsync_write_json, streamsync_delete, streamsync_invalidate: the
--- same, restricted to the rows of one operation (H/h, J/j, D, I).
+-- same as streamsync_apply, restricted to the rows of one operation (H/h, J/j, D, I).
 local function only(kinds)
     return function(keys, argv) return apply_rows(keys, argv, kinds) end
 end
@@ -416,6 +722,35 @@ local function prune_consumer(keys, argv)
     return 0
 end
 
+--[[ streamsync_mark_epoch
+KEYS: the epochs hash, a stream
+ARGV: none
+Starts a new resync epoch for the stream: entries added after its last entry belong to it.
+Changes of a newer epoch compare newer than any change of an older one, so a re-snapshot of a
+restored database (whose positions may be lower than those cached) overwrites what is cached.
+The hash field is the stream's name; its value the JSON array of [epoch, first id after which it
+applies], oldest first. Reply: {epoch, that id}.
+--]]
+local function mark_epoch(keys, argv)
+    local epochs, stream = keys[1], keys[2]
+    local last = '0-0'
+    if redis.call('EXISTS', stream) == 1 then
+        last = field(redis.call('XINFO', 'STREAM', stream), 'last-generated-id')
+    end
+    local current = redis.call('HGET', epochs, stream)
+    local marks = {}
+    if current then
+        marks = cjson.decode(current)
+    end
+    local epoch = 1
+    if #marks > 0 then
+        epoch = marks[#marks][1] + 1
+    end
+    marks[#marks + 1] = {epoch, last}
+    redis.call('HSET', epochs, stream, cjson.encode(marks))
+    return {epoch, last}
+end
+
 --[[ streamsync_version
 KEYS: none; ARGV: none. Reply: the library version, "MAJOR.MINOR.PATCH". Read-only.
 --]]
@@ -426,9 +761,11 @@ end
 redis.register_function{function_name = 'streamsync_version', callback = version,
     flags = {'no-writes'}}
 redis.register_function('streamsync_apply', apply)
+redis.register_function('streamsync_batch', batch)
 redis.register_function('streamsync_write_hash', only({H = true, h = true}))
 redis.register_function('streamsync_write_json', only({J = true, j = true}))
 redis.register_function('streamsync_delete', only({D = true}))
 redis.register_function('streamsync_invalidate', only({I = true}))
 redis.register_function('streamsync_trim', trim)
+redis.register_function('streamsync_mark_epoch', mark_epoch)
 redis.register_function('streamsync_prune_consumer', prune_consumer)

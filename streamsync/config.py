@@ -5,6 +5,7 @@ Every model forbids unknown keys, so a typo is an error that names the file and 
 
 from __future__ import annotations
 
+import binascii
 import os
 import re
 from collections.abc import Mapping
@@ -15,14 +16,31 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from streamsync.errors import ConfigError
+from streamsync.filters import RowFilter
 from streamsync.templates import KeyTemplate
 
 #: Environment variable that overrides ``redis.url``, so credentials can stay out of the file.
 REDIS_URL_ENV = "STREAMSYNC_REDIS_URL"
 
 _TABLE_RE = re.compile(r"^[^.\s]+\.[^.\s]+$")
+
+
+def _field_error(model: BaseModel, name: str, message: str) -> ValidationError:
+    """A validation error located at ``name`` (a model validator's own errors would otherwise
+    name only the model)."""
+    return ValidationError.from_exception_data(
+        type(model).__name__,
+        [
+            InitErrorDetails(
+                type=PydanticCustomError("value_error", message),
+                loc=(name,),
+                input=getattr(model, name, None),
+            )
+        ],
+    )
 
 
 class _Model(BaseModel):
@@ -93,8 +111,10 @@ class WorkerSettings(_Model):
     trim_interval_ms: Annotated[int, Field(ge=100)] = 5_000
     dlq_max_len: Annotated[int, Field(ge=1)] = 100_000
     position_prefix: Annotated[str, Field(min_length=1)] = "streamsync:pos:"
+    #: Prefix of the other records streamsync keeps: placements, indexes, resync epochs.
+    state_prefix: Annotated[str, Field(min_length=1)] = "streamsync:"
 
-    @field_validator("position_prefix")
+    @field_validator("position_prefix", "state_prefix")
     @classmethod
     def _no_braces(cls, prefix: str) -> str:
         if "{" in prefix or "}" in prefix:
@@ -114,17 +134,85 @@ class TargetType(StrEnum):
 
     HASH = "hash"
     JSON = "json"
+    STRING = "string"
+    ZSET = "zset"
+    SET = "set"
+    LIST = "list"
+    STREAM = "stream"
+
+
+#: Types holding one row per key: the key identifies the row.
+SINGLE_VALUE_TYPES = frozenset({TargetType.HASH, TargetType.JSON, TargetType.STRING})
+#: Types whose key gathers many rows: each row is a member, an entry or an event in it.
+COLLECTION_TYPES = frozenset({TargetType.ZSET, TargetType.SET, TargetType.LIST, TargetType.STREAM})
+
+
+class ListDelete(StrEnum):
+    """What a delete (or a row leaving the rule's ``where``) does to a list rule's entries."""
+
+    REMOVE = "remove"
+    IGNORE = "ignore"
+
+
+class ListUpdate(StrEnum):
+    """What a newer change of a row already in a list does."""
+
+    PUSH = "push"
+    REPLACE = "replace"
+
+
+#: The ``value`` that stores the whole (selected, renamed) row as a JSON document.
+JSON_VALUE = "json"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:@#/-]+$")
+
+# options each type accepts besides table, mode, key, type, name, where, fields, rename, ttl_s
+_TYPE_OPTIONS: Mapping[TargetType, frozenset[str]] = {
+    TargetType.HASH: frozenset(),
+    TargetType.JSON: frozenset(),
+    TargetType.STRING: frozenset({"value"}),
+    TargetType.SET: frozenset({"member"}),
+    TargetType.ZSET: frozenset({"member", "score"}),
+    TargetType.LIST: frozenset({"value", "max_len", "on_delete", "on_update"}),
+    TargetType.STREAM: frozenset({"max_len"}),
+}
+_REQUIRED: Mapping[TargetType, tuple[str, ...]] = {
+    TargetType.STRING: ("value",),
+    TargetType.SET: ("member",),
+    TargetType.ZSET: ("member", "score"),
+    TargetType.LIST: ("value",),
+}
+_OPTIONAL = ("value", "member", "score", "max_len", "on_delete", "on_update")
 
 
 class Rule(_Model):
-    """One mapping: changes of ``table`` update the key rendered from ``key``."""
+    """One mapping: changes of ``table`` update the Redis structure named by ``key``."""
 
     table: str
     mode: Mode = Mode.WRITE_THROUGH
     key: str
     type: TargetType | None = None
+    #: A stable name for the rule's state in Redis (placement records and indexes). Derived from
+    #: table, type and templates when omitted; set it to keep that state across a template edit.
+    name: str | None = None
+    #: Optional row filter, e.g. ``active = true and price < 40`` (see streamsync.filters).
+    where: str | None = None
     fields: tuple[Annotated[str, Field(min_length=1)], ...] | None = None
+    #: Column -> field (or JSON member) name in Redis.
+    rename: dict[Annotated[str, Field(min_length=1)], Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=dict
+    )
     ttl_s: Annotated[int, Field(ge=1)] | None = None
+    #: set and zset: the member template, e.g. ``product:{id}``.
+    member: str | None = None
+    #: zset: the numeric column that scores the member.
+    score: Annotated[str, Field(min_length=1)] | None = None
+    #: string and list: ``json`` (the whole selected row) or a template such as ``{value}``.
+    value: str | None = None
+    #: list and stream: keep at most this many entries (newest kept).
+    max_len: Annotated[int, Field(ge=1)] | None = None
+    on_delete: ListDelete | None = None
+    on_update: ListUpdate | None = None
 
     @field_validator("table")
     @classmethod
@@ -136,8 +224,39 @@ class Rule(_Model):
     @field_validator("key")
     @classmethod
     def _key_template(cls, key: str) -> str:
-        KeyTemplate.parse(key)
+        KeyTemplate.parse(key, static_ok=True)
         return key
+
+    @field_validator("member")
+    @classmethod
+    def _member_template(cls, member: str | None) -> str | None:
+        if member is not None:
+            KeyTemplate.parse(member)
+        return member
+
+    @field_validator("value")
+    @classmethod
+    def _value_template(cls, value: str | None) -> str | None:
+        if value is not None and value != JSON_VALUE:
+            KeyTemplate.parse(value)
+        return value
+
+    @field_validator("where")
+    @classmethod
+    def _where_filter(cls, where: str | None) -> str | None:
+        if where is not None:
+            RowFilter.parse(where)
+        return where
+
+    @field_validator("name")
+    @classmethod
+    def _name_form(cls, name: str | None) -> str | None:
+        if name is not None and not _NAME_RE.match(name):
+            raise ValueError(
+                "may hold letters, digits and _ . : @ # / - only (no braces: they would change"
+                " the hash slot of the rule's records)"
+            )
+        return name
 
     @field_validator("fields")
     @classmethod
@@ -151,23 +270,91 @@ class Rule(_Model):
 
     @model_validator(mode="after")
     def _mode_fits(self) -> Rule:
-        if self.mode is Mode.WRITE_THROUGH:
-            if self.type is None:
-                raise ValueError("'type' is required when mode is write_through (hash or json)")
-            if self.fields is not None:
-                missing = [c for c in self.template.columns if c not in self.fields]
-                if missing:
-                    raise ValueError(f"'fields' must include the key's columns {missing}")
-        else:
-            for name in ("type", "fields", "ttl_s"):
+        if self.mode is Mode.INVALIDATE:
+            for name in ("type", "fields", "ttl_s", "where", *_OPTIONAL):
                 if getattr(self, name) is not None:
-                    raise ValueError(f"'{name}' has no meaning when mode is invalidate")
+                    raise _field_error(self, name, "has no meaning when mode is invalidate")
+            if self.rename:
+                raise _field_error(self, "rename", "has no meaning when mode is invalidate")
+            self._require_key_column()
+            return self
+        if self.type is None:
+            raise _field_error(
+                self,
+                "type",
+                "is required when mode is write_through"
+                f" ({', '.join(t.value for t in TargetType)})",
+            )
+        allowed = _TYPE_OPTIONS[self.type]
+        for name in _OPTIONAL:
+            if getattr(self, name) is not None and name not in allowed:
+                raise _field_error(self, name, f"has no meaning for type {self.type.value}")
+        for name in _REQUIRED.get(self.type, ()):
+            if getattr(self, name) is None:
+                raise _field_error(self, name, f"is required for type {self.type.value}")
+        if self.type in SINGLE_VALUE_TYPES:
+            self._require_key_column()
+        if self.type in (TargetType.SET, TargetType.ZSET):
+            for name in ("fields", "rename"):
+                if getattr(self, name):
+                    raise _field_error(self, name, f"has no meaning for type {self.type.value}")
+        if self.fields is not None and self.type in SINGLE_VALUE_TYPES:
+            missing = [c for c in self.template.columns if c not in self.fields]
+            if missing:
+                raise _field_error(self, "fields", f"must include the key's columns {missing}")
+        if self.fields is not None:
+            unknown = [c for c in self.rename if c not in self.fields]
+            if unknown:
+                raise _field_error(
+                    self, "rename", f"names columns {unknown} that 'fields' leaves out"
+                )
+        targets = [self.rename.get(c, c) for c in (self.fields or self.rename)]
+        renamed = list(self.rename.values())
+        if len(set(renamed)) != len(renamed) or (
+            self.fields is not None and len(set(targets)) != len(targets)
+        ):
+            raise _field_error(self, "rename", "gives two columns the same name")
         return self
+
+    def _require_key_column(self) -> None:
+        if self.template.is_static:
+            kind = self.type.value if self.type else "invalidate"
+            raise _field_error(
+                self,
+                "key",
+                f"names no column, but a {kind} rule needs one key per row, e.g. 'user:{{id}}'",
+            )
 
     @cached_property
     def template(self) -> KeyTemplate:
         """The parsed key template."""
-        return KeyTemplate.parse(self.key)
+        return KeyTemplate.parse(self.key, static_ok=True)
+
+    @cached_property
+    def member_template(self) -> KeyTemplate | None:
+        """The parsed member template (set, zset)."""
+        return None if self.member is None else KeyTemplate.parse(self.member)
+
+    @cached_property
+    def value_template(self) -> KeyTemplate | None:
+        """The parsed value template (string, list); None for ``json`` or no value."""
+        if self.value is None or self.value == JSON_VALUE:
+            return None
+        return KeyTemplate.parse(self.value)
+
+    @cached_property
+    def filter(self) -> RowFilter | None:
+        """The parsed ``where`` filter."""
+        return None if self.where is None else RowFilter.parse(self.where)
+
+    @cached_property
+    def state_name(self) -> str:
+        """The rule's name in its Redis state: ``name`` or one derived from what it maps."""
+        if self.name is not None:
+            return self.name
+        kind = self.type.value if self.type else self.mode.value
+        what = "\0".join((self.key, self.member or "", self.value or "", self.score or ""))
+        return f"{self.table}:{kind}:{binascii.crc32(what.encode()):08x}"
 
     @property
     def schema_name(self) -> str:
@@ -203,6 +390,14 @@ class Settings(_Model):
     def _some_rules(cls, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
         if not rules:
             raise ValueError("at least one rule is needed")
+        seen: dict[str, int] = {}
+        for i, rule in enumerate(rules):
+            if rule.state_name in seen:
+                raise ValueError(
+                    f"rules[{seen[rule.state_name]}] and rules[{i}] share the name"
+                    f" {rule.state_name!r}: give one of them a distinct 'name'"
+                )
+            seen[rule.state_name] = i
         return rules
 
     @cached_property

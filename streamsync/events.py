@@ -19,17 +19,25 @@ from streamsync.config import StreamFormat
 from streamsync.errors import PoisonEntryError
 from streamsync.logical import UNAVAILABLE, ConverterCache, is_unavailable
 
-#: Width of a PostgreSQL position: 2**64 has 20 decimal digits.
+#: Width of a PostgreSQL LSN in a position: 2**64 has 20 decimal digits.
 POSITION_WIDTH = 20
+
+#: The last character of a position ranks changes sharing one LSN: a primary-key change is a
+#: delete of the old key and a create of the new one at the same LSN, and when both map to the
+#: same Redis key (a key template over a non-key column) the create must win. TRUNCATE ranks
+#: with deletes: it removes what is older.
+RANK_REMOVE, RANK_WRITE = "0", "1"
 
 #: The position of a change that carries none (incremental-snapshot reads have no LSN). It is
 #: older than every real position, so such a read only fills a row never seen before.
-NO_POSITION = "0" * POSITION_WIDTH
+NO_POSITION = "0" * POSITION_WIDTH + RANK_WRITE
 
 #: Operations that carry a row: create, update, snapshot read, delete.
 ROW_OPS = frozenset({"c", "u", "r", "d"})
+#: TRUNCATE: no row, one event per table.
+TRUNCATE = "t"
 
-_OP_NAMES = {"t": "truncate", "m": "logical message"}
+_OP_NAMES = {"m": "logical message"}
 
 # The unavailable-TOAST placeholder of a bytes column (bytea): base64 of the text.
 _PLACEHOLDER_B64 = base64.b64encode(UNAVAILABLE.encode()).decode()
@@ -49,15 +57,16 @@ class ChangeEvent:
     op: str
     #: ``schema.table`` from ``source``.
     table: str
-    #: The source position, a fixed-width digit string (see POSITION_WIDTH).
+    #: The source position: the LSN as a fixed-width digit string (see POSITION_WIDTH) and a
+    #: rank (RANK_REMOVE or RANK_WRITE). Compared as strings, never across rows.
     position: str
     #: Commit time in the database (``source.ts_ms``), for the end-to-end lag.
     ts_ms: int | None
-    #: The row after the change (c, u, r); None for deletes.
+    #: The row after the change (c, u, r); None for deletes and truncates.
     after: dict[str, Any] | None
     #: The row before the change; without REPLICA IDENTITY FULL only its key columns are real.
     before: dict[str, Any] | None
-    #: The record key (primary-key columns); decoded for deletes only.
+    #: The record key: the primary-key columns, None for a table without one and for TRUNCATE.
     key: dict[str, Any] | None
     #: Columns of ``after`` holding the unavailable-TOAST placeholder: unchanged, value not sent.
     unchanged: frozenset[str] = frozenset()
@@ -65,14 +74,17 @@ class ChangeEvent:
     def row(self) -> dict[str, Any]:
         """The columns that identify the row for key templates.
 
-        For a delete, the record key's columns are authoritative and ``before`` fills the rest
-        (real values only with REPLICA IDENTITY FULL).
+        For a delete, ``before`` (real values only with REPLICA IDENTITY FULL, except the key
+        columns) completed with the record key.
         """
         if self.after is not None:
             return self.after
         row = dict(self.before or {})
         if self.key:
-            row.update(self.key)
+            # the before-image's key columns are real and decoded like every column: prefer them
+            for column, value in self.key.items():
+                if row.get(column) is None:
+                    row[column] = value
         return row
 
 
@@ -125,7 +137,7 @@ class Decoder:
             if type(value) is not dict:
                 raise PoisonEntryError("value payload is not a JSON object")
         op = value.get("op")
-        if op not in ROW_OPS:
+        if op not in ROW_OPS and op != TRUNCATE:
             if op is None:
                 key = self._key(raw_key)
                 if key is not None and "serverName" in key and "ts_ms" in value:
@@ -142,13 +154,22 @@ class Decoder:
         if type(schema_name) is not str or type(table_name) is not str:
             raise PoisonEntryError("source lacks 'schema' or 'table'")
         position = _position(op, source)
+        if op == TRUNCATE:
+            return ChangeEvent(
+                op,
+                f"{schema_name}.{table_name}",
+                position,
+                _ts_ms(source),
+                None,
+                None,
+                None,
+            )
         before = value.get("before")
         if before is not None and type(before) is not dict:
             raise PoisonEntryError("'before' is not an object")
-        key = None
+        # the row's identity; in a delete's before-image only these columns are sure to be real
+        key = self._key(raw_key)
         if op == "d":
-            # only the record key's columns are sure to be real in a delete's before-image
-            key = self._key(raw_key)
             if before is None and key is None:
                 raise PoisonEntryError("delete carries neither 'before' nor a key")
             after = None
@@ -169,12 +190,11 @@ class Decoder:
                 or [_PLACEHOLDER_B64] in values
             ):
                 unchanged = frozenset(c for c, v in after.items() if is_unavailable(v))
-        ts_ms = source.get("ts_ms")
         return ChangeEvent(
             op,
             f"{schema_name}.{table_name}",
             position,
-            ts_ms if type(ts_ms) is int else None,
+            _ts_ms(source),
             after,
             before,
             key,
@@ -225,10 +245,16 @@ def _load_object(raw: bytes, what: str) -> dict[str, Any]:
     return obj
 
 
+def _ts_ms(source: dict[str, Any]) -> int | None:
+    ts_ms = source.get("ts_ms")
+    return ts_ms if type(ts_ms) is int else None
+
+
 def _position(op: str, source: dict[str, Any]) -> str:
+    rank = RANK_REMOVE if op in {"d", TRUNCATE} else RANK_WRITE
     lsn = source.get("lsn")
     if type(lsn) is int and 0 <= lsn < 2**64 and source.get("connector") == "postgresql":
-        return f"{lsn:020d}"
+        return f"{lsn:020d}{rank}"
     connector = source.get("connector")
     if connector != "postgresql":
         raise PoisonEntryError(
@@ -241,4 +267,4 @@ def _position(op: str, source: dict[str, Any]) -> str:
         raise PoisonEntryError(f"op {op!r} has no source.lsn")
     if not isinstance(lsn, int) or isinstance(lsn, bool) or not 0 <= lsn < 2**64:
         raise PoisonEntryError(f"source.lsn {lsn!r} is not a 64-bit unsigned integer")
-    return f"{lsn:020d}"
+    return f"{lsn:020d}{rank}"

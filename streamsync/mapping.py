@@ -9,6 +9,7 @@ from __future__ import annotations
 import binascii
 import functools
 import itertools
+import math
 import string
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -16,16 +17,29 @@ from typing import Any
 
 import orjson
 
-from streamsync.config import Mode, Rule, TargetType
-from streamsync.errors import PoisonEntryError
+from streamsync.config import (
+    JSON_VALUE,
+    SINGLE_VALUE_TYPES,
+    ListDelete,
+    ListUpdate,
+    Mode,
+    Rule,
+    TargetType,
+)
+from streamsync.errors import PoisonEntryError, TemplateError
 from streamsync.events import ChangeEvent
+from streamsync.filters import FilterError
+from streamsync.templates import render_value
 
-#: The library's batch entry point: rows of every kind in one call.
-FN_APPLY = "streamsync_apply"
+#: The library's batch entry point (library 1.1): rows of every kind, each with its rule's index.
+FN_BATCH = "streamsync_batch"
 
-# Row kinds (lua/streamsync.lua): full and partial hash and JSON writes, delete, invalidate.
+# Row kinds (lua/streamsync.lua): full and partial hash and JSON writes (J also writes a string
+# rule's value), delete, invalidate, set and sorted-set members, list entries, stream events,
+# removal of a row's placement, and a single-value write whose key may move.
 ROW_HASH, ROW_HASH_PARTIAL, ROW_JSON, ROW_JSON_PARTIAL = "H", "h", "J", "j"
 ROW_DELETE, ROW_INVALIDATE = "D", "I"
+ROW_SET, ROW_ZSET, ROW_LIST, ROW_STREAM, ROW_REMOVE, ROW_MOVING = "T", "Z", "L", "X", "R", "M"
 
 CLUSTER_SLOTS = 16384
 #: Field-name sets remembered by a planner before it starts over.
@@ -36,11 +50,10 @@ ArgV = list[str | bytes]
 
 @dataclass(slots=True)
 class RowWrite:
-    """One row of a batch call: its target key, the target's position record, and its ARGV
-    items, starting with the row kind."""
+    """One row of a batch call: its KEYS (its rule's index first, then the kind's keys) and its
+    ARGV items (kind, index member, then the kind's items)."""
 
-    target: str
-    position_key: str
+    keys: list[str]
     args: ArgV
 
 
@@ -101,6 +114,56 @@ def hash_value(value: Any) -> str | bytes:
     return orjson.dumps(value)
 
 
+def row_identity(key: Mapping[str, Any], row: Mapping[str, Any]) -> str:
+    """The source row's identity within its table: its primary-key value, or for a composite
+    key the JSON array of its values (in key order)."""
+    if len(key) == 1:
+        (column,) = key
+        value = row.get(column, key[column])
+        return value if type(value) is str else render_value(value)
+    return orjson.dumps([row.get(c, v) for c, v in key.items()]).decode()
+
+
+def _sort_token(key: Mapping[str, Any], row: Mapping[str, Any], identity: str) -> str:
+    # entries sharing a position (one snapshot) sort by row: integers by value, not as text
+    if len(key) == 1:
+        (column,) = key
+        value = row.get(column)
+        if type(value) is int and value >= 0:
+            return f"{value:020d}"
+    return identity
+
+
+def _score(rule: Rule, row: Mapping[str, Any]) -> str | None:
+    assert rule.score is not None
+    if rule.score not in row:
+        raise PoisonEntryError(f"zset score column {rule.score!r} is absent from the row")
+    value = row[rule.score]
+    if value is None:
+        return None
+    if type(value) is int:
+        return str(value)
+    if type(value) is float:
+        number = value
+    elif type(value) is str:
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+    else:
+        number = math.nan
+    if math.isnan(number):
+        raise PoisonEntryError(
+            f"zset score column {rule.score!r} is not numeric: {_excerpt(value)}"
+        )
+    return repr(number) if type(value) is float else value
+
+
+def _excerpt(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _ttl_ms(rule: Rule) -> str:
     return str(rule.ttl_s * 1000) if rule.ttl_s else "0"
 
@@ -109,32 +172,251 @@ class Planner:
     """Turns a change event into the rows to apply, following the rules for its table."""
 
     def __init__(
-        self, rules_by_table: Mapping[str, tuple[Rule, ...]], position_prefix: str
+        self,
+        rules_by_table: Mapping[str, tuple[Rule, ...]],
+        position_prefix: str,
+        state_prefix: str = "streamsync:",
     ) -> None:
         self.rules_by_table = rules_by_table
         self.position_prefix = position_prefix
+        self.state_prefix = state_prefix
         self._shapes: dict[tuple[str, ...], str] = {}
 
-    def plan(self, event: ChangeEvent) -> list[RowWrite]:
-        """The rows for ``event``; PoisonEntryError when it cannot be applied."""
+    # -- the keys of streamsync's own records --------------------------------------------
+
+    def key_index(self, rule: Rule) -> str:
+        """The set of keys a rule keyed by primary key has written (for TRUNCATE and resync)."""
+        return f"{self.state_prefix}idx:{rule.state_name}:keys"
+
+    def row_index(self, rule: Rule) -> str:
+        """The set of rows a rule with placement records has placed."""
+        return f"{self.state_prefix}idx:{rule.state_name}:rows"
+
+    def placement_key(self, rule: Rule, identity: str) -> str:
+        """The record of where ``rule`` placed the source row ``identity``."""
+        return f"{self.state_prefix}pl:{rule.state_name}:{identity}"
+
+    def order_key(self, list_key: str) -> str:
+        """The order record of a list rule's list (same hash slot as the list)."""
+        return position_key(f"{self.state_prefix}ord:", list_key)
+
+    # -- planning ------------------------------------------------------------------------
+
+    def plan(self, event: ChangeEvent, epoch: str = "") -> list[RowWrite]:
+        """The rows for ``event`` (a row change, not a TRUNCATE); PoisonEntryError when it
+        cannot be applied. ``epoch`` prefixes the position (see streamsync.resync)."""
         rules = self.rules_by_table.get(event.table)
         if not rules:
             raise PoisonEntryError(f"no rule maps table {event.table!r}")
+        position = epoch + event.position
         row = event.row()
+        key = event.key
+        identity = None if key is None else row_identity(key, row)
         out = []
         for rule in rules:
-            target = rule.template.render(row)
-            pos_key = position_key(self.position_prefix, target)
-            if rule.mode is Mode.INVALIDATE:
-                args: ArgV = [ROW_INVALIDATE, event.position]
-            elif event.op == "d":
-                args = [ROW_DELETE, event.position]
-            elif rule.type is TargetType.HASH:
-                args = self._hash_args(rule, event, row)
-            else:
-                args = self._json_args(rule, event, row)
-            out.append(RowWrite(target, pos_key, args))
+            try:
+                out.append(
+                    self._plan_rule(
+                        rule, event=event, row=row, position=position, key=key, identity=identity
+                    )
+                )
+            except (TemplateError, FilterError) as exc:
+                raise PoisonEntryError(f"rule {rule.state_name}: {exc}") from None
         return out
+
+    def _plan_rule(
+        self,
+        rule: Rule,
+        *,
+        event: ChangeEvent,
+        row: dict[str, Any],
+        position: str,
+        key: dict[str, Any] | None,
+        identity: str | None,
+    ) -> RowWrite:
+        kind = rule.type
+        if rule.mode is Mode.INVALIDATE:
+            target = rule.template.render(row)
+            return RowWrite(
+                [target, target, position_key(self.position_prefix, target)],
+                [ROW_INVALIDATE, "", position],
+            )
+        assert kind is not None
+        present = event.op != "d" and self._matches(rule, event, row)
+        if kind in SINGLE_VALUE_TYPES and (
+            key is None or all(c in key for c in rule.template.columns)
+        ):
+            # the key names the row for good: the target's own position record is the row's
+            target = rule.template.render(row)
+            keys = [self.key_index(rule), target, position_key(self.position_prefix, target)]
+            if not present:
+                return RowWrite(keys, [ROW_DELETE, target, position])
+            kind_and_items = self._single_args(rule, event, row, position)
+            return RowWrite(keys, [kind_and_items[0], target, *kind_and_items[1:]])
+        if identity is None:
+            raise PoisonEntryError(
+                f"rule {rule.state_name}: a {kind.value} rule needs the row's primary key, and"
+                f" {event.table} has none (set REPLICA IDENTITY and Debezium's"
+                " message.key.columns)"
+            )
+        p_key = self.placement_key(rule, identity)
+        if kind is TargetType.STREAM:
+            return self._stream_row(
+                rule, event=event, row=row, position=position, p_key=p_key, present=present
+            )
+        index = self.row_index(rule)
+        if not present:
+            keep = rule.on_delete is ListDelete.IGNORE
+            return RowWrite([index, p_key], [ROW_REMOVE, identity, position, "0" if keep else "1"])
+        self._check_available(rule, event)
+        target = rule.template.render(row)
+        ttl = _ttl_ms(rule)
+        if kind in SINGLE_VALUE_TYPES:
+            inner = self._single_args(rule, event, row, position)
+            return RowWrite(
+                [index, p_key, target, position_key(self.position_prefix, target)],
+                [ROW_MOVING, identity, position, *inner],
+            )
+        if kind is TargetType.SET:
+            assert rule.member_template is not None
+            member = rule.member_template.render(row)
+            return RowWrite([index, p_key, target], [ROW_SET, identity, position, ttl, member])
+        if kind is TargetType.ZSET:
+            assert rule.member_template is not None
+            score = _score(rule, row)
+            if score is None:
+                # a null score ranks nowhere: the row leaves the sorted set
+                return RowWrite([index, p_key], [ROW_REMOVE, identity, position, "1"])
+            member = rule.member_template.render(row)
+            return RowWrite(
+                [index, p_key, target], [ROW_ZSET, identity, position, ttl, member, score]
+            )
+        assert kind is TargetType.LIST and key is not None
+        mode = "r" if rule.on_update is ListUpdate.REPLACE else "p"
+        entry = f"{position}|{_sort_token(key, row, identity)}"
+        return RowWrite(
+            [index, p_key, target, self.order_key(target)],
+            [
+                ROW_LIST,
+                identity,
+                position,
+                ttl,
+                str(rule.max_len or 0),
+                mode,
+                entry,
+                self._value(rule, row),
+            ],
+        )
+
+    def _matches(self, rule: Rule, event: ChangeEvent, row: dict[str, Any]) -> bool:
+        flt = rule.filter
+        if flt is None:
+            return True
+        if event.unchanged and not event.unchanged.isdisjoint(flt.columns):
+            raise PoisonEntryError(
+                f"rule {rule.state_name}: filter column(s)"
+                f" {sorted(event.unchanged & flt.columns)} hold unchanged TOAST values, not sent"
+                " by PostgreSQL: set REPLICA IDENTITY FULL on the table"
+            )
+        return flt.matches(row)
+
+    def _check_available(self, rule: Rule, event: ChangeEvent) -> None:
+        if not event.unchanged:
+            return
+        used = set(rule.template.columns)
+        for template in (rule.member_template, rule.value_template):
+            if template is not None:
+                used.update(template.columns)
+        if rule.score is not None:
+            used.add(rule.score)
+        if rule.value == JSON_VALUE and rule.type is TargetType.LIST:
+            used.update(rule.fields or event.unchanged)
+        missing = sorted(used & event.unchanged)
+        if missing:
+            raise PoisonEntryError(
+                f"rule {rule.state_name}: column(s) {missing} hold unchanged TOAST values, not"
+                " sent by PostgreSQL: set REPLICA IDENTITY FULL on the table"
+            )
+
+    def _value(self, rule: Rule, row: dict[str, Any]) -> str | bytes:
+        template = rule.value_template
+        if template is not None:
+            return template.render(row)
+        return orjson.dumps(self._shaped(rule, row))
+
+    @staticmethod
+    def _shaped(rule: Rule, row: dict[str, Any]) -> dict[str, Any]:
+        """The row's selected columns under their Redis names."""
+        if rule.fields is not None:
+            row = {c: row.get(c) for c in rule.fields}
+        if rule.rename:
+            rename = rule.rename
+            row = {rename.get(c, c): v for c, v in row.items()}
+        return row
+
+    def _single_args(
+        self, rule: Rule, event: ChangeEvent, row: dict[str, Any], position: str
+    ) -> ArgV:
+        """The kind and items of a hash, JSON or string write (without index member)."""
+        if rule.type is TargetType.HASH:
+            return self._hash_args(rule, event, row, position)
+        if rule.type is TargetType.STRING and rule.value_template is not None:
+            template = rule.value_template
+            if event.unchanged and not event.unchanged.isdisjoint(template.columns):
+                # the value cannot be rendered: drop the cached one, the next change fills it
+                return [ROW_DELETE, position]
+            return [ROW_JSON, position, _ttl_ms(rule), template.render(row)]
+        return self._json_args(rule, event, row, position)
+
+    def _stream_row(
+        self,
+        rule: Rule,
+        *,
+        event: ChangeEvent,
+        row: dict[str, Any],
+        position: str,
+        p_key: str,
+        present: bool,
+    ) -> RowWrite:
+        target = rule.template.render(row)
+        pairs: ArgV = ["op", event.op, "table", event.table, "position", position]
+        if event.op == "d":
+            shaped = {rule.rename.get(c, c): v for c, v in (event.key or {}).items()}
+        elif present:
+            self._check_available(rule, event)
+            shaped = self._shaped(rule, row)
+        else:
+            # a row that does not match the filter is not published
+            return RowWrite([p_key, p_key], [ROW_REMOVE, "", position, "0"])
+        for name, value in shaped.items():
+            if value is not None and name not in event.unchanged:
+                pairs += (name, hash_value(value))
+        return RowWrite(
+            [p_key, p_key, target],
+            [ROW_STREAM, "", position, str(rule.max_len or 0), str(len(pairs) // 2), *pairs],
+        )
+
+    def truncate_event(self, rule: Rule, table: str, position: str) -> RowWrite:
+        """The event a stream rule publishes for a TRUNCATE of its table."""
+        p_key = self.placement_key(rule, "#truncate")
+        target = rule.template.render({})
+        pairs: ArgV = ["op", "t", "table", table, "position", position]
+        return RowWrite(
+            [p_key, p_key, target],
+            [ROW_STREAM, "", position, str(rule.max_len or 0), str(len(pairs) // 2), *pairs],
+        )
+
+    def removal(self, rule: Rule, index: str, member: str, position: str) -> RowWrite:
+        """The row removing what an index member stands for, unless a change newer than
+        ``position`` wrote it (TRUNCATE, resync)."""
+        if index == self.key_index(rule):
+            return RowWrite(
+                [index, member, position_key(self.position_prefix, member)],
+                [ROW_DELETE, member, position],
+            )
+        return RowWrite(
+            [index, self.placement_key(rule, member)], [ROW_REMOVE, member, position, "1"]
+        )
 
     def _shape(self, names: tuple[str, ...]) -> str:
         """A short token naming a set of hash fields (see the library's position records)."""
@@ -146,38 +428,42 @@ class Planner:
             shape = self._shapes[names] = f"{binascii.crc32(joined):08x}"
         return shape
 
-    def _hash_args(self, rule: Rule, event: ChangeEvent, row: dict[str, Any]) -> ArgV:
-        pairs: ArgV = []
+    def _hash_args(
+        self, rule: Rule, event: ChangeEvent, row: dict[str, Any], position: str
+    ) -> ArgV:
         ttl = _ttl_ms(rule)
+        rename = rule.rename
         if not event.unchanged:
-            if rule.fields is None and None not in row.values():
+            if rule.fields is None and not rename and None not in row.values():
                 names: tuple[str, ...] = tuple(row)
                 values = [v if type(v) is str else hash_value(v) for v in row.values()]
             else:
                 selected = row if rule.fields is None else rule.fields
                 present = [(c, v) for c in selected if (v := row.get(c)) is not None]
-                names = tuple([c for c, _ in present])
+                names = tuple([rename.get(c, c) for c, _ in present])
                 values = [v if type(v) is str else hash_value(v) for _, v in present]
-            head: ArgV = [ROW_HASH, event.position, ttl, self._shape(names), str(len(names))]
+            head: ArgV = [ROW_HASH, position, ttl, self._shape(names), str(len(names))]
             interleaved: ArgV = [""] * (2 * len(names))
             interleaved[0::2] = names
             interleaved[1::2] = values
             return head + interleaved
         columns: Iterable[str] = rule.fields if rule.fields is not None else row.keys()
+        pairs: ArgV = []
         nulls: ArgV = []
         keep: ArgV = []
         for column in columns:
             value = row.get(column)
+            name = rename.get(column, column)
             if value is None:
-                nulls.append(column)
+                nulls.append(name)
             elif column in event.unchanged:
-                keep.append(column)
+                keep.append(name)
             else:
-                pairs.append(column)
+                pairs.append(name)
                 pairs.append(hash_value(value))
         return [
             ROW_HASH_PARTIAL,
-            event.position,
+            position,
             ttl,
             str(len(pairs) // 2),
             str(len(nulls)),
@@ -187,18 +473,20 @@ class Planner:
             *keep,
         ]
 
-    def _json_args(self, rule: Rule, event: ChangeEvent, row: dict[str, Any]) -> ArgV:
-        if rule.fields is not None:
-            row = {c: row.get(c) for c in rule.fields}
+    def _json_args(
+        self, rule: Rule, event: ChangeEvent, row: dict[str, Any], position: str
+    ) -> ArgV:
         ttl = _ttl_ms(rule)
-        unchanged = event.unchanged.intersection(row)
+        unchanged = event.unchanged.intersection(rule.fields or row)
+        doc = self._shaped(rule, row)
         if not unchanged:
-            return [ROW_JSON, event.position, ttl, orjson.dumps(row)]
+            return [ROW_JSON, position, ttl, orjson.dumps(doc)]
+        renamed = {rule.rename.get(c, c) for c in unchanged}
         members: ArgV = []
-        for column, value in row.items():
-            members.append(orjson.dumps(column))
-            if column in unchanged:
+        for name, value in doc.items():
+            members.append(orjson.dumps(name))
+            if name in renamed:
                 members += ["k", ""]
             else:
                 members += ["v", orjson.dumps(value)]
-        return [ROW_JSON_PARTIAL, event.position, ttl, str(len(row)), *members]
+        return [ROW_JSON_PARTIAL, position, ttl, str(len(doc)), *members]

@@ -1,21 +1,31 @@
-"""Key templates such as ``user:{id}``: parsed once at config load, rendered per row.
+"""Templates such as ``user:{id}``: parsed once at config load, rendered per row.
 
-The syntax is the replacement-field subset of Python's ``str.format``: ``{column}`` inserts a
-column's value, ``{{`` and ``}}`` are literal braces (useful for Redis Cluster hash tags, e.g.
-``{{tenant:{tenant_id}}}:user:{id}``). Attribute access, indexing, conversions and format specs
-are refused: a template can only read column values, never run anything.
+They render keys, set and sorted-set members and list or string values. The syntax is the
+replacement-field subset of Python's ``str.format``: ``{column}`` inserts a column's value, ``{{``
+and ``}}`` are literal braces (useful for Redis Cluster hash tags, e.g.
+``{{tenant:{tenant_id}}}:user:{id}``). A column may pass through named transforms,
+``{email|lower}`` or ``{code|trim|upper}``: only the pure text functions in ``TRANSFORMS``.
+Attribute access, indexing, conversions and format specs are refused: a template can only read
+column values, never run anything.
 """
 
 from __future__ import annotations
 
 import string
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from streamsync.errors import TemplateError
 
 _FORMATTER = string.Formatter()
+
+#: The transforms a template may apply to a column's text, by name.
+TRANSFORMS: Mapping[str, Callable[[str], str]] = {
+    "lower": str.lower,
+    "upper": str.upper,
+    "trim": str.strip,
+}
 
 
 def render_value(value: Any) -> str:
@@ -33,17 +43,24 @@ def render_value(value: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class KeyTemplate:
-    """A parsed key template: literal text interleaved with column references."""
+    """A parsed template: literal text interleaved with column references."""
 
     source: str
     literals: tuple[str, ...]
     columns: tuple[str, ...]
+    #: Per column reference, the transforms applied to its text, in order.
+    transforms: tuple[tuple[Callable[[str], str], ...], ...] = ()
 
     @classmethod
-    def parse(cls, source: str) -> KeyTemplate:
-        """Parse ``source``; raise ValueError with a readable reason when it is not valid."""
+    def parse(cls, source: str, *, static_ok: bool = False) -> KeyTemplate:
+        """Parse ``source``; raise ValueError with a readable reason when it is not valid.
+
+        A template naming no column is refused unless ``static_ok`` (e.g. the one sorted set
+        that ranks every row of a table).
+        """
         literals: list[str] = []
         columns: list[str] = []
+        transforms: list[tuple[Callable[[str], str], ...]] = []
         pending = ""
         try:
             parts = list(_FORMATTER.parse(source))
@@ -59,20 +76,35 @@ class KeyTemplate:
                 raise ValueError(
                     f"invalid template {source!r}: {{{field}"
                     f"{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
-                    " may only name a column"
+                    " may only name a column, optionally with transforms such as {email|lower}"
+                )
+            column, *names = (part.strip() for part in field.split("|"))
+            if not column:
+                raise ValueError(f"invalid template {source!r}: {{{field}}} names no column")
+            unknown = [n for n in names if n not in TRANSFORMS]
+            if unknown:
+                raise ValueError(
+                    f"invalid template {source!r}: unknown transform {unknown[0]!r}"
+                    f" (known: {', '.join(TRANSFORMS)})"
                 )
             literals.append(pending)
-            columns.append(field)
+            columns.append(column)
+            transforms.append(tuple(TRANSFORMS[n] for n in names))
             pending = ""
-        if not columns:
+        if not columns and not static_ok:
             raise ValueError(f"invalid template {source!r}: it names no column, e.g. 'user:{{id}}'")
         literals.append(pending)
-        return cls(source, tuple(literals), tuple(columns))
+        return cls(source, tuple(literals), tuple(columns), tuple(transforms))
+
+    @property
+    def is_static(self) -> bool:
+        """True when the template names no column: it always renders the same text."""
+        return not self.columns
 
     def render(self, row: Mapping[str, Any]) -> str:
-        """The key for ``row``; TemplateError if a named column is missing or null."""
+        """The text for ``row``; TemplateError if a named column is missing or null."""
         literals = self.literals
-        if len(literals) == 2:
+        if len(literals) == 2 and not self.transforms[0]:
             # one column, the usual case ("user:{id}"): no list to build
             value = row.get(self.columns[0])
             if type(value) is int or type(value) is str:
@@ -83,12 +115,15 @@ class KeyTemplate:
                 value = row[column]
             except KeyError:
                 raise TemplateError(
-                    f"key template {self.source!r} names column {column!r}, absent from the row"
+                    f"template {self.source!r} names column {column!r}, absent from the row"
                 ) from None
             if value is None:
                 raise TemplateError(
-                    f"key template {self.source!r}: column {column!r} is null in this row"
+                    f"template {self.source!r}: column {column!r} is null in this row"
                 )
-            out.append(render_value(value))
+            text = render_value(value)
+            for transform in self.transforms[i]:
+                text = transform(text)
+            out.append(text)
             out.append(literals[i + 1])
         return "".join(out)

@@ -26,11 +26,13 @@ import redis
 from redis.connection import Connection
 
 from streamsync.config import DLQ_SUFFIX, Settings
+from streamsync.epochs import Epochs
 from streamsync.errors import ExitCode, LibraryIncompatibleError, PoisonEntryError
-from streamsync.events import Decoder, Skip
+from streamsync.events import TRUNCATE, ChangeEvent, Decoder, Skip
 from streamsync.functions import ensure_library
-from streamsync.mapping import FN_APPLY, Planner, RowWrite
+from streamsync.mapping import FN_BATCH, Planner, RowWrite
 from streamsync.stats import LatencySamples
+from streamsync.sweep import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,16 @@ class Entry:
     solo: bool = False
 
 
+@dataclass(slots=True)
+class Control:
+    """An entry applied on its own once every older entry of its stream is settled: a TRUNCATE
+    must not run before a change it follows, or that change would bring a row back."""
+
+    entry: Entry
+    event: ChangeEvent
+    position: str
+
+
 def _backoff(attempt: int) -> float:
     return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
 
@@ -116,7 +128,12 @@ class Worker:
         self.reconnects = 0
         self._group = settings.source.group
         self._decoder = Decoder(settings.source.format, settings.source.null_marker)
-        self._planner = Planner(settings.rules_by_table, settings.worker.position_prefix)
+        self._planner = Planner(
+            settings.rules_by_table, settings.worker.position_prefix, settings.worker.state_prefix
+        )
+        self._epochs = Epochs()
+        self._epochs_key = settings.worker.state_prefix + "epochs"
+        self._controls: list[Control] = []
         self._tombstone_ms = str(settings.worker.tombstone_ttl_s * 1000)
         self._streams: list[str] = list(settings.source.streams or ())
         self._stop = threading.Event()
@@ -234,8 +251,10 @@ class Worker:
         self._batch.clear()
         self._unread.clear()
         self._backlog.clear()
+        self._controls.clear()
         self._retry_attempt = 0
         self._recover_own_pending()
+        self._refresh_epochs()
         log.info("connected to redis; %d stream(s)", len(self._streams))
 
     def _disconnect(self) -> None:
@@ -306,6 +325,8 @@ class Worker:
         # housekeeping runs on its own clock even under a steady flow: reclaiming a crashed
         # worker's entries and trimming must not wait for the streams to go quiet
         self._periodic(time.monotonic())
+        if self._controls:
+            self._run_controls()
         if not self._batch and not self._unread and self._backlog:
             self._take_backlog()
         read = not self._backlog and self._retry_attempt == 0 and bool(self._streams)
@@ -319,7 +340,14 @@ class Worker:
             self._stop.wait(self.settings.worker.block_ms / 1000)
 
     def _in_hand(self) -> bool:
-        return bool(self._batch or self._unread or self._dead or self._acks or self._backlog)
+        return bool(
+            self._batch
+            or self._unread
+            or self._dead
+            or self._acks
+            or self._backlog
+            or self._controls
+        )
 
     def _take_backlog(self) -> None:
         n = self.settings.worker.batch_size
@@ -354,6 +382,9 @@ class Worker:
         commands += [("XACK", s, self._group, *ids) for s, ids in acks.items()]
         if read:
             commands.append(self._read_command(block))
+        # after the read: an entry it returns that belongs to a new resync epoch was added after
+        # the epoch was marked, so this reply knows that epoch
+        commands.append(("HGETALL", self._epochs_key))
         self._conn.send_packed_command(
             [b"".join(hiredis.pack_command(c) for c in commands)], check_health=False
         )
@@ -363,6 +394,9 @@ class Worker:
         unread, self._unread = self._unread, []
         planned = self._prepare(unread)
         replies = [self._read_reply() for _ in commands]
+        epochs = replies.pop()
+        if not isinstance(epochs, redis.ResponseError):
+            self._epochs.load(epochs)
         self._settle_dead(dead, replies[len(calls) : len(calls) + len(dead)])
         entries: list[Entry] = []
         if read:
@@ -434,7 +468,13 @@ class Worker:
                     self._ack(entry)
                     continue
                 entry.table, entry.op, entry.ts_ms = event.table, event.op, event.ts_ms
-                entry.rows = plan(event)
+                epoch = self._epochs.prefix(entry.stream, entry.id)
+                if event.op == TRUNCATE:
+                    if event.table not in self._planner.rules_by_table:
+                        raise PoisonEntryError(f"no rule maps table {event.table!r}")
+                    self._controls.append(Control(entry, event, epoch + event.position))
+                    continue
+                entry.rows = plan(event, epoch)
             except PoisonEntryError as exc:
                 entry.error = str(exc)
                 self._dead.append(entry)
@@ -457,9 +497,9 @@ class Worker:
         for entry in batch:
             for row in entry.rows:
                 if entry.solo:
-                    yield self._fcall([row.target, row.position_key], row.args), [entry]
+                    yield self._fcall(row.keys, row.args), [entry]
                     continue
-                keys += (row.target, row.position_key)
+                keys += row.keys
                 args += row.args
                 owners.append(entry)
                 if len(owners) >= MAX_ROWS_PER_CALL:
@@ -469,7 +509,7 @@ class Worker:
             yield self._fcall(keys, args), owners
 
     def _fcall(self, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
-        return ("FCALL", FN_APPLY, len(keys), *keys, self._tombstone_ms, *args)
+        return ("FCALL", FN_BATCH, len(keys), *keys, self._tombstone_ms, *args)
 
     def _settle_calls(
         self, batch: list[Entry], calls: list[tuple[Any, list[Entry]]], replies: list[Any]
@@ -548,6 +588,51 @@ class Worker:
 
     def _count(self, entry: Entry, outcome: str) -> None:
         self.counts[(entry.stream, entry.table, entry.op, outcome)] += 1
+
+    # -- controls ------------------------------------------------------------------------
+
+    def _run_controls(self) -> None:
+        """Apply the TRUNCATEs whose streams have settled every older entry; the others wait
+        (the worker goes on applying newer entries meanwhile: a TRUNCATE removes only what is
+        older than it)."""
+        waiting: list[Control] = []
+        blocked: set[str] = set()
+        for control in self._controls:
+            entry = control.entry
+            if entry.stream in blocked or not self._older_settled(entry):
+                blocked.add(entry.stream)
+                waiting.append(control)
+                continue
+            assert self._client is not None
+            sweeper = Sweeper(self._client, self._planner, int(self._tombstone_ms))
+            try:
+                removed = sweeper.truncate(control.event.table, control.position)
+            except redis.ResponseError as exc:
+                entry.error = f"truncate failed: {exc}"
+                self._failed(entry)
+                continue
+            log.info(
+                "%s %s: truncated %s, %d row(s) removed",
+                entry.stream,
+                entry.id.decode(),
+                control.event.table,
+                removed,
+            )
+            self._count(entry, "applied")
+            self._ack(entry)
+        self._controls = waiting
+
+    def _older_settled(self, entry: Entry) -> bool:
+        """True when no entry of the stream older than ``entry`` awaits an ack. Keeps ``entry``
+        from looking idle meanwhile, so no other worker reclaims it."""
+        assert self._client is not None
+        self._raw("XCLAIM", entry.stream, self._group, self.consumer, 0, entry.id, "JUSTID")
+        settled = set(self._acks.get(entry.stream, ()))
+        pending = self._raw("XPENDING", entry.stream, self._group, "-", b"(" + entry.id, 100)
+        return all(p[0] in settled for p in pending)
+
+    def _refresh_epochs(self) -> None:
+        self._epochs.load(self._raw("HGETALL", self._epochs_key))
 
     # -- dead letters --------------------------------------------------------------------
 
@@ -675,6 +760,7 @@ class Worker:
         if entries:
             self._set_deliveries(stream, entries)
             log.info("%s: claimed %d idle entries", stream, len(entries))
+            self._refresh_epochs()
             self.counts[(stream, "", "", "claimed")] += len(entries)
             self._backlog.extend(entries)
         return bool(reply[0] != b"0-0")

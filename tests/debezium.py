@@ -125,10 +125,15 @@ def fixture_records(name: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f]
 
 
-def add_fixture(r: redis.Redis, name: str, *, stream: str | None = None) -> list[bytes]:
-    """XADD every record of a fixture file as Debezium Server's compact format would."""
+def add_fixture(
+    r: redis.Redis, name: str, *, stream: str | None = None, truncate: bool = True
+) -> list[bytes]:
+    """XADD every record of a fixture file as Debezium Server's compact format would (without
+    its final TRUNCATE unless ``truncate``)."""
     ids = []
     for rec in fixture_records(name):
+        if not truncate and rec["key"] is None and '"op":"t"' in (rec["value"] or ""):
+            continue
         key = rec["key"] if rec["key"] is not None else "default"
         value = rec["value"] if rec["value"] is not None else "default"
         ids.append(r.xadd(stream or rec["destination"], {key: value}))

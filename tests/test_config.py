@@ -74,8 +74,8 @@ def test_environment_overrides_the_redis_url(tmp_path: Path) -> None:
         ('    key: "user:{id}"', '    key: "user"', "rules[0].key", "names no column"),
         ('    key: "user:{id}"', '    key: "user:{id!r}"', "rules[0].key", "only name a column"),
         ('    key: "user:{id}"', '    key: "user:{}"', "rules[0].key", "names no column"),
-        ("    type: hash\n", "", "rules[0]", "'type' is required"),
-        ("    type: hash", "    type: zset", "rules[0].type", "'hash' or 'json'"),
+        ("    type: hash\n", "", "rules[0].type", "is required"),
+        ("    type: hash", "    type: bag", "rules[0].type", "'hash', 'json'"),
         ("  - table: public.users", "  - table: users", "rules[0].table", "schema.table"),
         ('    key: "order:{id}"\n', "", "rules[1].key", "Field required"),
         (

@@ -167,7 +167,7 @@ def assert_rows(r: redis.Redis, changes: Iterable[Change], keys: Iterable[str]) 
             continue
         want_kind = b"none" if change.op == "d" else b"hash"
         want_fields = {} if change.op == "d" else expected_hash(change)
-        want_position = f"{change.lsn:020d}".encode()
+        want_position = f"{change.lsn:020d}{0 if change.op == 'd' else 1}".encode()
         if kind != want_kind or fields != want_fields:
             wrong.append(
                 f"{key}: want {change.op} at lsn {change.lsn} {want_fields}, got {kind!r} "

@@ -16,7 +16,7 @@ from streamsync.config import Rule
 from streamsync.errors import LibraryIncompatibleError
 from streamsync.events import ChangeEvent
 from streamsync.functions import ensure_library, library_source, library_version, loaded_version
-from streamsync.mapping import FN_APPLY, Planner, key_slot, position_key
+from streamsync.mapping import FN_BATCH, Planner, key_slot, position_key
 from tests.debezium import PLACEHOLDER
 
 TOMBSTONE_MS = 60_000
@@ -52,7 +52,7 @@ def apply(r: redis.Redis, rule: Rule, *events: ChangeEvent) -> list[Any]:
     statuses: list[Any] = []
     for event in events:
         for row in planner.plan(event):
-            reply = r.fcall(FN_APPLY, 2, row.target, row.position_key, TOMBSTONE_MS, *row.args)
+            reply = r.fcall(FN_BATCH, len(row.keys), *row.keys, TOMBSTONE_MS, *row.args)
             statuses.extend(reply)
     return statuses
 

@@ -1,0 +1,84 @@
+"""Resync epochs: which epoch a stream entry belongs to, and how positions carry it.
+
+After a point-in-time restore, or on a new replication slot, the database produces positions
+lower than those already cached, and every change would be refused as stale. ``streamsync resync``
+starts a new epoch for a table's stream at its current end: entries added afterwards (the
+re-snapshot and what follows) carry positions prefixed by the epoch, which compare newer than any
+position of an earlier epoch. Epoch 0, the default, adds no prefix, so positions cached before
+any resync keep their meaning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
+
+#: Width of the epoch number in a position prefix.
+EPOCH_WIDTH = 6
+
+
+def epoch_prefix(epoch: int) -> str:
+    """The text a position of ``epoch`` starts with: none for epoch 0, ``e000001`` for 1.
+
+    ``e`` sorts after every digit, so any position of epoch 1 or later is newer than every
+    position of epoch 0; among later epochs the fixed width keeps the order.
+    """
+    return f"e{epoch:0{EPOCH_WIDTH}d}" if epoch else ""
+
+
+def epoch_floor(epoch: int) -> str:
+    """A position older than every position of ``epoch`` and newer than all earlier ones."""
+    return epoch_prefix(epoch) + "0"
+
+
+def parse_id(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream id as (milliseconds, sequence), in the order Redis gives ids."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class Epochs:
+    """The epoch marks of every stream, as read from the epochs hash."""
+
+    def __init__(self) -> None:
+        self._marks: dict[str, list[tuple[tuple[int, int], str]]] = {}
+
+    def load(self, hash_fields: Mapping[bytes, bytes] | list[Any] | None) -> None:
+        """Replace the marks with an HGETALL reply (a flat list or a mapping)."""
+        marks: dict[str, list[tuple[tuple[int, int], str]]] = {}
+        pairs: Iterable[tuple[Any, Any]]
+        if isinstance(hash_fields, list):
+            pairs = zip(hash_fields[0::2], hash_fields[1::2], strict=True)
+        else:
+            pairs = (hash_fields or {}).items()
+        for stream, value in pairs:
+            try:
+                parsed = orjson.loads(value)
+                marks[stream.decode()] = [
+                    (parse_id(str(start)), epoch_prefix(int(epoch))) for epoch, start in parsed
+                ]
+            except (ValueError, TypeError):
+                continue
+        self._marks = marks
+
+    def prefix(self, stream: str, entry_id: bytes) -> str:
+        """The position prefix of entry ``entry_id`` of ``stream``."""
+        marks = self._marks.get(stream)
+        if not marks:
+            return ""
+        eid = parse_id(entry_id)
+        prefix = ""
+        for start, mark in marks:
+            if eid > start:
+                prefix = mark
+        return prefix
+
+    def latest(self, stream: str) -> int:
+        """The newest epoch of ``stream`` (0 when it was never resynced)."""
+        marks = self._marks.get(stream)
+        if not marks:
+            return 0
+        return int(marks[-1][1][1:])

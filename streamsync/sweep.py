@@ -1,0 +1,120 @@
+"""Remove everything rules derived from a table, up to a position: TRUNCATE, and the end of a
+resync.
+
+Rules keep an index of what they placed (see the library's ``streamsync_batch``): the keys of
+rules keyed by primary key, the rows of rules with placement records. A sweep walks those
+indexes with SSCAN and removes each entry through the library at the sweep's position, so a row
+written by a newer change (after the TRUNCATE, or refreshed by the resync's re-snapshot) stays,
+and a late replay of an older change finds a tombstone and cannot bring a row back. Nothing scans
+the keyspace, except for invalidate rules, whose keys the application writes: those are found
+with a non-blocking SCAN over the key template's pattern.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator
+
+import redis
+
+from streamsync.config import Mode, Rule, TargetType
+from streamsync.mapping import FN_BATCH, ROW_INVALIDATE, Planner, RowWrite, position_key
+
+log = logging.getLogger(__name__)
+
+#: Index members removed per function call.
+SWEEP_CHUNK = 500
+
+
+class Sweeper:
+    """Removes what the rules of a table placed, up to a position."""
+
+    def __init__(self, client: redis.Redis, planner: Planner, tombstone_ms: int) -> None:
+        self.client = client
+        self.planner = planner
+        self.tombstone_ms = tombstone_ms
+
+    def truncate(self, table: str, position: str) -> int:
+        """TRUNCATE ``table`` at ``position``: remove what its rules placed before it, and
+        publish a truncate event to its stream rules. Returns the rows removed."""
+        removed = self.remove_older(table, position)
+        for rule in self.planner.rules_by_table.get(table, ()):
+            if rule.type is TargetType.STREAM and rule.mode is Mode.WRITE_THROUGH:
+                self._apply([self.planner.truncate_event(rule, table, position)])
+        return removed
+
+    def remove_older(self, table: str, position: str) -> int:
+        """Remove every key, member and entry the rules of ``table`` placed with a position
+        older than ``position``. Idempotent: safe to run again after a crash."""
+        removed = 0
+        for rule in self.planner.rules_by_table.get(table, ()):
+            if rule.mode is Mode.INVALIDATE:
+                removed += self._invalidate_all(rule, position)
+            elif rule.type is not TargetType.STREAM:
+                for index in (self.planner.key_index(rule), self.planner.row_index(rule)):
+                    removed += self._sweep_index(rule, index, position)
+        return removed
+
+    def _sweep_index(self, rule: Rule, index: str, position: str) -> int:
+        removed = 0
+        members_iter = (m.decode() for m in self.client.sscan_iter(index, count=SWEEP_CHUNK))
+        for members in _chunks(members_iter, SWEEP_CHUNK):
+            rows = [self.planner.removal(rule, index, m, position) for m in members]
+            removed += self._apply(rows)
+        if removed:
+            log.info("%s: removed %d row(s) placed before %s", rule.state_name, removed, position)
+        return removed
+
+    def _invalidate_all(self, rule: Rule, position: str) -> int:
+        pattern, matcher = _template_pattern(rule)
+        removed = 0
+        keys = (k.decode() for k in self.client.scan_iter(match=pattern, count=1000))
+        for chunk in _chunks((k for k in keys if matcher.fullmatch(k)), SWEEP_CHUNK):
+            rows = [
+                RowWrite(
+                    [k, k, position_key(self.planner.position_prefix, k)],
+                    [ROW_INVALIDATE, "", position],
+                )
+                for k in chunk
+            ]
+            removed += self._apply(rows)
+        return removed
+
+    def _apply(self, rows: list[RowWrite]) -> int:
+        keys: list[str] = []
+        args: list[str | bytes] = []
+        for row in rows:
+            keys += row.keys
+            args += row.args
+        reply = self.client.fcall(FN_BATCH, len(keys), *keys, self.tombstone_ms, *args)
+        errors = [r for r in reply if isinstance(r, bytes)]
+        if errors:
+            raise redis.ResponseError(f"sweep failed for {len(errors)} row(s): {errors[0]!r}")
+        return sum(1 for r in reply if r == 1)
+
+
+def _template_pattern(rule: Rule) -> tuple[str, re.Pattern[str]]:
+    """The SCAN pattern and the exact matcher of an invalidate rule's keys. Column values are
+    taken to hold no ':' so that ``user:{id}`` does not match ``user:42:sessions``."""
+    template = rule.template
+    glob = "".join(_glob_escape(lit) + "*" for lit in template.literals[:-1])
+    glob += _glob_escape(template.literals[-1])
+    regex = "".join(re.escape(lit) + "[^:]+" for lit in template.literals[:-1])
+    regex += re.escape(template.literals[-1])
+    return glob, re.compile(regex)
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
