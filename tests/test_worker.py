@@ -128,7 +128,8 @@ def test_replaying_every_entry_changes_nothing(
     run_drain(cfg)
     before = {k: r.hgetall(k) for k in r.scan_iter("user:*")}
     positions = {k: r.get(k) for k in r.scan_iter("streamsync:pos:*")}
-    add_fixture(r, "decimal-string.jsonl", truncate=False)  # Debezium re-sends everything after a crash
+    # Debezium re-sends everything after a crash
+    add_fixture(r, "decimal-string.jsonl", truncate=False)
     worker = run_drain(cfg, consumer="w2")
     assert {k: r.hgetall(k) for k in r.scan_iter("user:*")} == before
     assert {k: r.get(k) for k in r.scan_iter("streamsync:pos:*")} == positions

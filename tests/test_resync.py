@@ -1,0 +1,149 @@
+"""TRUNCATE and resync through the worker and the CLI, on a real redis-server: a TRUNCATE waits
+for the older entries of its stream, a resync lets a restored database's lower positions
+overwrite the cache and then sweeps what it no longer has."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import redis
+from click.testing import CliRunner
+
+from streamsync.cli import cli
+from streamsync.config import load_settings
+from streamsync.errors import ExitCode
+from streamsync.worker import Worker
+from tests.debezium import add_change, entry_fields, envelope, write_config
+
+STREAM = "app.public.users"
+
+
+def add_truncate(r: redis.Redis, lsn: int, table: str = "public.users") -> bytes:
+    entry_id: bytes = r.xadd(STREAM, entry_fields(None, envelope("t", table, lsn)))  # type: ignore[assignment]
+    return entry_id
+
+
+def drain(cfg: Path, consumer: str = "w1") -> Worker:
+    worker = Worker(load_settings(cfg, environ={}), consumer=consumer, drain=True)
+    assert worker.run() == ExitCode.OK
+    return worker
+
+
+def test_truncate_waits_for_older_entries_held_by_another_consumer(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "c.yaml", redis_url, streams=[STREAM], claim_idle_ms=300)
+    r.xgroup_create(STREAM, "streamsync", id="0", mkstream=True)
+    add_change(r, STREAM, "c", {"id": 1, "name": "before the truncate"}, 100)
+    add_truncate(r, 200)
+    # a consumer takes the insert and dies without applying it
+    r.xreadgroup("streamsync", "crashed", {STREAM: ">"}, count=1)
+    worker = Worker(load_settings(cfg, environ={}), consumer="w1", drain=True)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        # the truncate is read at once, but applied only after the insert is reclaimed and
+        # applied: otherwise the insert would land after it and bring the row back
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    finally:
+        worker.request_stop()
+        thread.join()
+    assert not r.exists("user:1")
+    assert r.xpending(STREAM, "streamsync")["pending"] == 0
+    assert not r.exists(STREAM + ":dlq")
+    counts = {o: n for (_, _, op, o), n in worker.counts.items() if op == "t"}
+    assert counts == {"applied": 1}
+
+
+def test_truncate_keeps_rows_written_after_it_and_refuses_older_replays(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    rules = [
+        {"table": "public.users", "key": "user:{id}", "type": "hash"},
+        {"table": "public.users", "key": "plan:{plan}", "type": "set", "member": "{id}"},
+    ]
+    cfg = write_config(tmp_path / "c.yaml", redis_url, streams=[STREAM], rules=rules)
+    for i in range(1, 4):
+        add_change(r, STREAM, "c", {"id": i, "plan": "free"}, 100 + i)
+    add_truncate(r, 200)
+    add_change(r, STREAM, "c", {"id": 9, "plan": "pro"}, 300)
+    drain(cfg)
+    assert sorted(r.keys("user:*")) == [b"user:9"]
+    assert r.smembers("plan:pro") == {b"9"} and not r.exists("plan:free")
+    # capture replays the changes from before the truncate: nothing comes back
+    for i in range(1, 4):
+        add_change(r, STREAM, "c", {"id": i, "plan": "free"}, 100 + i)
+    drain(cfg)
+    assert sorted(r.keys("user:*")) == [b"user:9"] and not r.exists("plan:free")
+
+
+def test_resync_lets_a_restored_database_overwrite_and_finish_sweeps(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "c.yaml", redis_url, streams=[STREAM])
+    # the cache was filled from the old database, far into its WAL
+    add_change(r, STREAM, "u", {"id": 1, "name": "newer, lost by the restore"}, 9_000_000)
+    add_change(r, STREAM, "c", {"id": 2, "name": "created after the restore point"}, 9_000_100)
+    drain(cfg)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["resync", "-c", str(cfg), "--table", "public.users"])
+    assert result.exit_code == 0, result.output
+    assert "epoch 1" in result.output
+    # capture starts over on the restored database: its snapshot has lower positions
+    add_change(
+        r,
+        STREAM,
+        "r",
+        {"id": 1, "name": "as restored"},
+        5_000,
+    )
+    add_change(r, STREAM, "r", {"id": 3, "name": "only in the restored database"}, 5_000)
+    drain(cfg)
+    assert r.hget("user:1", "name") == b"as restored"
+    assert r.hget("user:3", "name") == b"only in the restored database"
+    assert r.exists("user:2")  # no event will ever delete it...
+    result = runner.invoke(
+        cli, ["resync", "-c", str(cfg), "--table", "public.users", "--finish", "--wait-s", "10"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "1 row(s)" in result.output
+    assert not r.exists("user:2")  # ...so the finish sweeps it
+    assert sorted(r.keys("user:*")) == [b"user:1", b"user:3"]
+    # changes after the restore keep applying in the new epoch, in position order
+    add_change(r, STREAM, "u", {"id": 1, "name": "later"}, 6_000)
+    add_change(r, STREAM, "u", {"id": 1, "name": "replayed older"}, 5_500)
+    drain(cfg)
+    assert r.hget("user:1", "name") == b"later"
+
+
+def test_without_resync_a_restored_database_is_refused_as_stale(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "c.yaml", redis_url, streams=[STREAM])
+    add_change(r, STREAM, "u", {"id": 1, "name": "newer, lost by the restore"}, 9_000_000)
+    drain(cfg)
+    add_change(r, STREAM, "r", {"id": 1, "name": "as restored"}, 5_000)
+    drain(cfg)
+    assert r.hget("user:1", "name") == b"newer, lost by the restore"
+
+
+def test_resync_finish_waits_for_the_workers_then_gives_up(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "c.yaml", redis_url, streams=[STREAM])
+    runner = CliRunner()
+    assert runner.invoke(cli, ["resync", "-c", str(cfg), "--all"]).exit_code == 0
+    r.xgroup_create(STREAM, "streamsync", id="0", mkstream=True)
+    add_change(r, STREAM, "r", {"id": 1, "name": "not applied yet"}, 5_000)
+    result = runner.invoke(cli, ["resync", "-c", str(cfg), "--all", "--finish", "--wait-s", "0.5"])
+    assert result.exit_code == ExitCode.FAILURE
+    assert "has not applied everything" in result.output
+
+
+def test_resync_names_unknown_tables(r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", redis_url, streams=[STREAM])
+    result = CliRunner().invoke(cli, ["resync", "-c", str(cfg), "--table", "public.nope"])
+    assert result.exit_code == ExitCode.FAILURE
+    assert "no rule maps table 'public.nope'" in result.output
