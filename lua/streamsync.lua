@@ -28,7 +28,9 @@ local APPLIED, STALE, SKIPPED, DROPPED = 1, 0, 2, 3
 --[[ A position record holds "<position>" or "<position>|<shape>". The shape names the set of
 fields the last full hash write left in the target; while it stays the same, a full write is a
 plain HSET (every field it had is rewritten), and only a different shape needs the DEL that
-removes fields the row no longer has.
+removes fields the row no longer has. A JSON or string target's record holds "<position>|="
+while its value is cached. A bare "<position>" is a tombstone, a row not cached, or a hash last
+written partially.
 --]]
 local function stored(pos_key)
     local value = redis.call('GET', pos_key)
@@ -77,7 +79,8 @@ local function hash_full(target, pos_key, argv, i, tombstone_ms)
     end
     expire_target(target, ttl_ms)
     store_position(pos_key, pos .. '|' .. shape, APPLIED, ttl_ms, tombstone_ms)
-    return APPLIED
+    -- a shape means the row was cached already, so it is in its rule's index
+    return APPLIED, current_shape ~= nil
 end
 
 --[[ 'h' partial hash row (some columns are unchanged TOAST values, not sent): position, ttl_ms,
@@ -194,6 +197,9 @@ local function json_members(text)
     return nil
 end
 
+-- A JSON or string target's position record ends with this mark while the value is cached.
+local LIVE = '|='
+
 local function set_document(target, doc, ttl_ms)
     if ttl_ms > 0 then
         redis.call('SET', target, doc, 'PX', ttl_ms)
@@ -205,13 +211,13 @@ end
 --[[ 'J' full JSON row: position, ttl_ms, the document. --]]
 local function json_full(target, pos_key, argv, i, tombstone_ms)
     local pos, ttl_ms = argv[i], tonumber(argv[i + 1])
-    local current = stored(pos_key)
+    local current, current_mark = stored(pos_key)
     if current and current >= pos then
         return STALE
     end
     set_document(target, argv[i + 2], ttl_ms)
-    store_position(pos_key, pos, APPLIED, ttl_ms, tombstone_ms)
-    return APPLIED
+    store_position(pos_key, pos .. LIVE, APPLIED, ttl_ms, tombstone_ms)
+    return APPLIED, current_mark == '='
 end
 
 --[[ 'j' partial JSON row: position, ttl_ms, n, then n member triples: name token (the JSON
@@ -256,7 +262,11 @@ local function json_partial(target, pos_key, argv, i, tombstone_ms)
     if status == DROPPED then
         redis.call('DEL', target)
     end
-    store_position(pos_key, pos, status, ttl_ms, tombstone_ms)
+    if status == APPLIED then
+        store_position(pos_key, pos .. LIVE, status, ttl_ms, tombstone_ms)
+    else
+        store_position(pos_key, pos, status, ttl_ms, tombstone_ms)
+    end
     return status
 end
 
@@ -409,6 +419,9 @@ local function member_row(kind)
         end
         expire_target(target, ttl_ms)
         store_placement(p_key, pos, kind, {target, member}, ttl_ms, tombstone_ms)
+        if old then
+            return APPLIED
+        end
         return APPLIED, true
     end
 end
@@ -456,6 +469,9 @@ local function list_row(keys, k, argv, i, tombstone_ms)
         return APPLIED, false
     end
     store_placement(p_key, pos, 'L', {list, order, entries}, ttl_ms, tombstone_ms)
+    if old then
+        return APPLIED
+    end
     return APPLIED, true
 end
 
@@ -496,11 +512,17 @@ end
 -- Single-value rows (two KEYS: target, position record) as (status, placed).
 local function single(fn, removes)
     return function(keys, k, argv, i, tombstone_ms)
-        local status = fn(keys[k], keys[k + 1], argv, i, tombstone_ms)
+        local status, was_cached = fn(keys[k], keys[k + 1], argv, i, tombstone_ms)
         if status == STALE then
             return status
         end
-        return status, status == APPLIED and not removes
+        if status ~= APPLIED or removes then
+            return status, false
+        end
+        if was_cached then
+            return status
+        end
+        return status, true
     end
 end
 
@@ -541,6 +563,9 @@ local function moving_row(keys, k, argv, i, tombstone_ms)
     local ttl_ms = tonumber(argv[i + 3])
     if status == APPLIED then
         store_placement(p_key, pos, 'M', {target, t_pos}, ttl_ms, tombstone_ms)
+        if old then
+            return APPLIED
+        end
         return APPLIED, true
     end
     store_placement(p_key, pos, nil, nil, ttl_ms, tombstone_ms)
@@ -599,7 +624,8 @@ its rule's index (the set of what the rule placed, so TRUNCATE and resync find e
 from a table without scanning the keyspace).
 KEYS: per row, its rule's index, then the kind's KEYS (see each kind above and streamsync_apply)
 ARGV: tombstone_ms, then per row: kind, index member ('' = the row is not indexed), items.
-An applied row that leaves the row placed adds the member to the index; one that leaves it
+An applied row that places a row not placed before adds the member to the index (a row already
+cached is known to be there, which spares the common update an SADD); one that leaves the row
 placed nowhere removes it.
 Reply: one status per row (see the header).
 --]]

@@ -211,7 +211,7 @@ class Planner:
         position = epoch + event.position
         row = event.row()
         key = event.key
-        identity = None if key is None else row_identity(key, row)
+        identity = None if key is None or self._all_fixed(rules, key) else row_identity(key, row)
         out = []
         for rule in rules:
             try:
@@ -243,9 +243,7 @@ class Planner:
             )
         assert kind is not None
         present = event.op != "d" and self._matches(rule, event, row)
-        if kind in SINGLE_VALUE_TYPES and (
-            key is None or all(c in key for c in rule.template.columns)
-        ):
+        if kind in SINGLE_VALUE_TYPES and (key is None or self._fixed(rule, key)):
             # the key names the row for good: the target's own position record is the row's
             target = rule.template.render(row)
             keys = [self.key_index(rule), target, position_key(self.position_prefix, target)]
@@ -306,6 +304,19 @@ class Planner:
                 entry,
                 self._value(rule, row),
             ],
+        )
+
+    def _fixed(self, rule: Rule, key: dict[str, Any]) -> bool:
+        """True when the rule's key names the row for good: it uses primary-key columns only."""
+        columns = rule.template.columns
+        if len(columns) == 1:
+            return columns[0] in key
+        return all(c in key for c in columns)
+
+    def _all_fixed(self, rules: tuple[Rule, ...], key: dict[str, Any]) -> bool:
+        return all(
+            r.mode is Mode.INVALIDATE or (r.type in SINGLE_VALUE_TYPES and self._fixed(r, key))
+            for r in rules
         )
 
     def _matches(self, rule: Rule, event: ChangeEvent, row: dict[str, Any]) -> bool:
