@@ -16,7 +16,7 @@ EXAMPLE = """\
 redis:
   url: redis://127.0.0.1:6379/0
 source:
-  streams: [app.public.users, app.public.orders]
+  streams: [app.public.users, app.public.orders, app.public.products, app.public.activity]
   group: streamsync
   start: "0"
   format: auto
@@ -28,15 +28,31 @@ worker:
   max_deliveries: 5
   tombstone_ttl_s: 86400
 rules:
-  - table: public.users
+  - table: public.users                 # a profile cache: one hash per user
     mode: write_through
     key: "user:{id}"
     type: hash
     fields: [id, name, email, plan]
+    rename: {email: mail}               # column -> field name in Redis
     ttl_s: 86400
-  - table: public.orders
+  - table: public.orders                # cache-aside: the application fills, changes evict
     mode: invalidate
     key: "order:{id}"
+  - table: public.users                 # the same change also maintains a membership set
+    key: "plan:{plan}:users"
+    type: set
+    member: "{id}"
+  - table: public.products              # a ranking: ZRANGEBYSCORE product_prices 0 40
+    key: product_prices
+    type: zset
+    member: "product:{id}"
+    score: price
+    where: "active = true"              # rows that stop matching leave the sorted set
+  - table: public.activity              # a feed: the newest 100 activities per user
+    key: "feed:{user_id}"
+    type: list
+    value: json
+    max_len: 100
 """
 
 
@@ -48,8 +64,13 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_the_documented_example_loads(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, EXAMPLE), environ={})
-    users, orders = settings.rules
+    users, orders, plans, prices, feed = settings.rules
     assert users.type is TargetType.HASH and users.fields == ("id", "name", "email", "plan")
+    assert users.rename == {"email": "mail"}
+    assert plans.type is TargetType.SET and plans.member == "{id}"
+    assert prices.filter is not None and prices.filter.columns == {"active"}
+    assert feed.max_len == 100 and feed.value == "json"
+    assert settings.rules_by_table["public.users"] == (users, plans)
     assert orders.mode is Mode.INVALIDATE
     assert settings.rules_by_table["public.orders"] == (orders,)
     assert settings.worker.max_deliveries == 5
@@ -91,19 +112,22 @@ def test_environment_overrides_the_redis_url(tmp_path: Path) -> None:
             "no meaning when mode is invalidate",
         ),
         (
-            "  streams: [app.public.users, app.public.orders]",
+            "  streams: [app.public.users, app.public.orders, app.public.products,"
+            " app.public.activity]",
             "  stream_prefix: app.",
             "source.stream_prefix",
             None,
         ),
         (
-            "  streams: [app.public.users, app.public.orders]",
+            "  streams: [app.public.users, app.public.orders, app.public.products,"
+            " app.public.activity]",
             "  streams: []",
             "source",
             "at least one stream",
         ),
         (
-            "  streams: [app.public.users, app.public.orders]",
+            "  streams: [app.public.users, app.public.orders, app.public.products,"
+            " app.public.activity]",
             "",
             "source",
             "exactly one of 'streams'",
@@ -111,6 +135,49 @@ def test_environment_overrides_the_redis_url(tmp_path: Path) -> None:
         ('  start: "0"', '  start: "5"', "source.start", "'0' or '$'"),
         ("  url: redis://127.0.0.1:6379/0", "  url: http://x", "redis.url", "redis://"),
         ("  max_deliveries: 5", "  max_deliveries: 0", "worker.max_deliveries", "greater"),
+        ('    member: "{id}"\n', "", "rules[2].member", "is required for type set"),
+        ("    score: price\n", "", "rules[3].score", "is required for type zset"),
+        ("    value: json\n", "", "rules[4].value", "is required for type list"),
+        ("    max_len: 100", "    max_len: 0", "rules[4].max_len", "greater than or equal"),
+        ("    max_len: 100", "    on_delete: forget", "rules[4].on_delete", "'remove' or"),
+        (
+            "    ttl_s: 86400\n  - table: public.orders",
+            "    member: '{id}'\n  - table: public.orders",
+            "rules[0].member",
+            "no meaning for type hash",
+        ),
+        (
+            '    where: "active = true"',
+            '    where: "active = "',
+            "rules[3].where",
+            "expected a value at position",
+        ),
+        ('    where: "active = true"', '    where: "active == true"', "rules[3].where", "'='"),
+        (
+            '    member: "product:{id}"',
+            '    member: "product:{id|title}"',
+            "rules[3].member",
+            "unknown transform 'title'",
+        ),
+        (
+            '    key: "plan:{plan}:users"',
+            '    key: "plan:{plan}:users"\n    fields: [id]',
+            "rules[2].fields",
+            "no meaning for type set",
+        ),
+        (
+            "    rename: {email: mail}",
+            "    rename: {email: mail, name: mail}",
+            "rules[0].rename",
+            "the same name",
+        ),
+        (
+            '    key: "order:{id}"',
+            '    key: "order:{id}"\n    where: "id > 1"',
+            "rules[1].where",
+            "no meaning when mode is invalidate",
+        ),
+        ('    key: "user:{id}"', '    key: "users"', "rules[0].key", "one key per row"),
     ],
 )
 def test_invalid_configuration_names_file_and_field(
@@ -126,6 +193,17 @@ def test_invalid_configuration_names_file_and_field(
     text = str(info.value)
     assert f"{path}: {field}" in text, text
     assert message in text, text
+
+
+def test_two_rules_with_one_name_are_refused(tmp_path: Path) -> None:
+    twice = EXAMPLE + '  - table: public.users\n    key: "plan:{plan}:users"\n    type: set\n'
+    twice += '    member: "{id}"\n'
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, twice), environ={})
+    assert "rules[2] and rules[5] share the name" in str(info.value)
+    assert "distinct 'name'" in str(info.value)
+    named = twice + "    name: plan-members-again\n"
+    load_settings(write(tmp_path, named), environ={})
 
 
 def test_unreadable_and_non_yaml_files(tmp_path: Path) -> None:

@@ -9,6 +9,9 @@ are trimmed. Every structure is then compared with what a fresh query of the dat
 and no other user-visible key may exist. Finally a shuffled sample of already-applied stream
 entries is added again (a replay at old positions): nothing may change.
 
+A second test makes the out-of-order delivery of a consumer group deterministic for a capped list:
+a worker applies a delete inside a full feed after the other worker applied a newer insert.
+
 What each structure must hold is computed by SQL here, never by streamsync's code.
 """
 
@@ -19,9 +22,8 @@ import random
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import psycopg
 import pytest
 import redis
 
@@ -37,6 +39,9 @@ from tests.e2e import (
 )
 from tests.servers import PostgresServer, wait_until
 from tests.workers import WorkerProcess
+
+if TYPE_CHECKING:
+    import psycopg
 
 pytestmark = [needs_engine, pytest.mark.slow]
 
@@ -450,19 +455,12 @@ def test_seed_article_mappings_follow_the_database(pipelines: MakePipeline) -> N
     events = {t: values(p.r, p.setup.stream_for(t)) for t in TABLES}
     ops = {t: [e["op"] for e in evs] for t, evs in events.items()}
     assert ops["user_roles"].count("t") == 1, ops["user_roles"]
-    user_lsns = [e["source"]["lsn"] for e in events["users"] if e["op"] in "dc"]
+    user_lsns = [e["source"]["lsn"] for e in events["users"] if e["op"] in ("d", "c")]
     assert any(user_lsns.count(lsn) == 2 for lsn in user_lsns), "no primary-key change"
     assert max(n for (n,) in p.sql("SELECT count(*) FROM activity GROUP BY user_id")) > FEED_LEN
     assert not p.r.exists("plan:enterprise:users")
     assert not p.r.exists("feed:4")
     assert {k.decode() for k in cast(set[bytes], p.r.smembers("plan:pro:users"))} == {"2", "5"}
-    # both workers took part
-    consumers = {
-        c["name"].decode(): c["pending"]
-        for t in TABLES
-        for c in p.r.xinfo_consumers(p.setup.stream_for(t), GROUP)
-    }
-    assert set(consumers) == {"w1", "w2"}, consumers
     assert not any(k.endswith(b":dlq") for k in p.r.scan_iter(count=1000))
 
     # duplicates at old positions, in shuffled order: nothing changes
@@ -482,6 +480,7 @@ def test_seed_article_mappings_follow_the_database(pipelines: MakePipeline) -> N
         worker.terminate()
         assert worker.wait() == 0, worker.log_tail()
         summaries.append(worker.summary())
+    assert all(s.get("applied", 0) > 0 for s in summaries), summaries  # both took part
     total = {k: sum(s.get(k, 0) for s in summaries) for s in summaries for k in s}
     assert not {"dead_lettered", "failed"} & set(total), total
     written = sum(len(xrange(p.r, s)) for s in p.setup.streams)
