@@ -291,7 +291,7 @@ or "<position>|<kind><msgpack array>" saying where the row is, by kind:
   T set member        {key, member}
   Z sorted-set member {key, member}
   M single-value key  {key, its position record}
-  L list entries      {key, order key, {entry order members...}}
+  L list entries      {key, order key, reserve key, {entry order members...}}
 Events carry no before-image under PostgreSQL's default REPLICA IDENTITY, so this record is the
 only way to learn where a row was: the old member or key is removed when the row moves, is
 deleted, or leaves the rule's filter. It carries the row's position, so placement changes are
@@ -327,41 +327,78 @@ end
 local REMOVED = '\0streamsync:removed\0'
 
 --[[ A list rule keeps its entries ordered by source position, newest first, whatever the
-delivery order: the order key, a sorted set with score 0 whose members "<position>|<row>" sort
-like the entries, gives each entry's index (ZREVRANK). Lists have no insert-at-index, so an entry
-that belongs below the head pops the newer entries above it and pushes them back; out-of-order
-entries land near the head, so this stays short.
+delivery order: the order key, a sorted set whose members "<position>|<row>" sort like the
+entries, gives each entry's index (ZREVRANK among the score-0 members). Lists have no
+insert-at-index, so an entry that belongs below the head pops the newer entries above it and
+pushes them back; out-of-order entries land near the head, so this stays short.
+A capped list (max_len) keeps the entries it trims in a reserve, up to max_len of them: order
+members with score -1, their values in the reserve hash. When an entry of the list is removed
+(a delete), the newest reserve entry takes the freed place at the tail, so the list holds the
+newest max_len rows in any delivery order, as long as no more than max_len of them are deleted.
 --]]
-local function list_consistent(list, order)
-    if redis.call('LLEN', list) ~= redis.call('ZCARD', order) then
+local IN_LIST, IN_RESERVE = 0, -1
+
+local function list_consistent(list, order, reserve)
+    if redis.call('LLEN', list) ~= redis.call('ZCOUNT', order, IN_LIST, IN_LIST) then
         -- edited or expired outside streamsync: its order is unknown, start it over
-        redis.call('DEL', list, order)
+        redis.call('DEL', list, order, reserve)
     end
 end
 
-local function list_remove(list, order, entries)
-    list_consistent(list, order)
+local function reserve_add(order, reserve, entry, value, max_len)
+    redis.call('ZADD', order, IN_RESERVE, entry)
+    redis.call('HSET', reserve, entry, value)
+    local excess = redis.call('ZCOUNT', order, IN_RESERVE, IN_RESERVE) - max_len
+    if excess > 0 then
+        local oldest = redis.call('ZRANGE', order, IN_RESERVE, IN_RESERVE, 'BYSCORE', 'LIMIT', 0,
+            excess)
+        redis.call('ZREM', order, unpack(oldest))
+        redis.call('HDEL', reserve, unpack(oldest))
+    end
+end
+
+-- Move the newest reserve entries to the tail while the list has room.
+local function list_refill(list, order, reserve, room)
+    for _ = 1, room do
+        local newest = redis.call('ZRANGE', order, IN_RESERVE, IN_RESERVE, 'BYSCORE', 'REV',
+            'LIMIT', 0, 1)[1]
+        if not newest then
+            return
+        end
+        redis.call('RPUSH', list, redis.call('HGET', reserve, newest))
+        redis.call('HDEL', reserve, newest)
+        redis.call('ZADD', order, IN_LIST, newest)
+    end
+end
+
+local function list_remove(list, order, reserve, entries)
+    list_consistent(list, order, reserve)
     local removed = 0
     for _, entry in ipairs(entries) do
-        local index = redis.call('ZREVRANK', order, entry)
-        if index then
-            redis.call('LSET', list, index, REMOVED)
+        local score = redis.call('ZSCORE', order, entry)
+        if score and tonumber(score) == IN_LIST then
+            redis.call('LSET', list, redis.call('ZREVRANK', order, entry), REMOVED)
             redis.call('ZREM', order, entry)
             removed = removed + 1
+        elseif score then
+            redis.call('ZREM', order, entry)
+            redis.call('HDEL', reserve, entry)
         end
     end
     if removed > 0 then
         redis.call('LREM', list, removed, REMOVED)
+        list_refill(list, order, reserve, removed)
     end
 end
 
--- Insert value at the place of its order member; false when a full list keeps only newer ones.
-local function list_insert(list, order, entry, value, max_len)
-    redis.call('ZADD', order, 0, entry)
+-- Insert value at the place of its order member (into the reserve if a full list keeps only
+-- newer entries).
+local function list_insert(list, order, reserve, entry, value, max_len)
+    redis.call('ZADD', order, IN_LIST, entry)
     local index = redis.call('ZREVRANK', order, entry)
     if max_len > 0 and index >= max_len then
-        redis.call('ZREM', order, entry)
-        return false
+        reserve_add(order, reserve, entry, value, max_len)
+        return
     end
     if index == 0 then
         redis.call('LPUSH', list, value)
@@ -375,13 +412,26 @@ local function list_insert(list, order, entry, value, max_len)
         redis.call('LPUSH', list, unpack(back))
     end
     if max_len > 0 then
-        local excess = redis.call('ZCARD', order) - max_len
+        local excess = redis.call('LLEN', list) - max_len
         if excess > 0 then
-            redis.call('ZPOPMIN', order, excess)
-            redis.call('RPOP', list, excess)
+            local oldest = redis.call('ZRANGE', order, IN_LIST, IN_LIST, 'BYSCORE', 'LIMIT', 0,
+                excess)
+            local values = redis.call('RPOP', list, excess)
+            for n = 1, excess do
+                reserve_add(order, reserve, oldest[n], values[n], max_len)
+            end
         end
     end
-    return true
+end
+
+-- Rewrite an entry's value where it is (list or reserve).
+local function list_set(list, order, reserve, entry, value)
+    local score = tonumber(redis.call('ZSCORE', order, entry))
+    if score == IN_LIST then
+        redis.call('LSET', list, redis.call('ZREVRANK', order, entry), value)
+    else
+        redis.call('HSET', reserve, entry, value)
+    end
 end
 
 -- Remove what a placement record says the row holds. A moved single-value key is deleted only
@@ -394,7 +444,7 @@ local function unplace(kind, data, pos, tombstone_ms, list_entries)
     elseif kind == 'M' then
         remove(data[1], data[2], {pos}, 1, tombstone_ms)
     elseif kind == 'L' and list_entries then
-        list_remove(data[1], data[2], data[3])
+        list_remove(data[1], data[2], data[3], data[4])
     end
 end
 
@@ -426,22 +476,22 @@ local function member_row(kind)
     end
 end
 
---[[ 'L' list entry: KEYS placement record, list, its order key; items: position, ttl_ms,
-max_len (0 = unbounded), mode ('p' push one entry per change | 'r' replace the row's entry in
-place), order member ("<position>|<row>"), value. --]]
+--[[ 'L' list entry: KEYS placement record, list, its order key, its reserve; items: position,
+ttl_ms, max_len (0 = unbounded), mode ('p' push one entry per change | 'r' replace the row's entry
+in place), order member ("<position>|<row>"), value. --]]
 local function list_row(keys, k, argv, i, tombstone_ms)
-    local p_key, list, order = keys[k], keys[k + 1], keys[k + 2]
+    local p_key, list, order, reserve = keys[k], keys[k + 1], keys[k + 2], keys[k + 3]
     local pos, ttl_ms, max_len = argv[i], tonumber(argv[i + 1]), tonumber(argv[i + 2])
     local mode, entry, value = argv[i + 3], argv[i + 4], argv[i + 5]
     local current, old_kind, old = placement(p_key)
     if current and current >= pos then
         return STALE
     end
-    list_consistent(list, order)
+    list_consistent(list, order, reserve)
     local entries = {}
     if old and old_kind == 'L' and old[1] == list then
-        -- entries trimmed away since are forgotten
-        for _, e in ipairs(old[3]) do
+        -- entries dropped from the reserve since are forgotten
+        for _, e in ipairs(old[4]) do
             if redis.call('ZSCORE', order, e) then
                 entries[#entries + 1] = e
             end
@@ -450,25 +500,28 @@ local function list_row(keys, k, argv, i, tombstone_ms)
         unplace(old_kind, old, pos, tombstone_ms, true)
     end
     if mode == 'r' and #entries > 0 then
-        local index = redis.call('ZREVRANK', order, entries[1])
-        redis.call('LSET', list, index, value)
-        for n = 2, #entries do
-            list_remove(list, order, {entries[n]})
+        list_set(list, order, reserve, entries[1], value)
+        if #entries > 1 then
+            list_remove(list, order, reserve, {unpack(entries, 2)})
         end
         entries = {entries[1]}
-    elseif list_insert(list, order, entry, value, max_len) then
-        entries[#entries + 1] = entry
-        if max_len > 0 and #entries > max_len then
+    else
+        list_insert(list, order, reserve, entry, value, max_len)
+        if redis.call('ZSCORE', order, entry) then
+            entries[#entries + 1] = entry
+        end
+        if max_len > 0 and #entries > 2 * max_len then
             table.remove(entries, 1)
         end
     end
     expire_target(list, ttl_ms)
     expire_target(order, ttl_ms)
+    expire_target(reserve, ttl_ms)
     if #entries == 0 then
         store_placement(p_key, pos, nil, nil, ttl_ms, tombstone_ms)
         return APPLIED, false
     end
-    store_placement(p_key, pos, 'L', {list, order, entries}, ttl_ms, tombstone_ms)
+    store_placement(p_key, pos, 'L', {list, order, reserve, entries}, ttl_ms, tombstone_ms)
     if old then
         return APPLIED
     end
@@ -539,7 +592,7 @@ local ROWS = {
     I = {single(remove, true), 2, function() return 1 end},
     T = {member_row('T'), 2, function() return 3 end},
     Z = {member_row('Z'), 2, function() return 4 end},
-    L = {list_row, 3, function() return 6 end},
+    L = {list_row, 4, function() return 6 end},
     X = {stream_row, 2, function(argv, i) return 3 + 2 * tonumber(argv[i + 2]) end},
     R = {remove_row, 1, function() return 2 end},
 }

@@ -31,6 +31,7 @@ from rich.table import Table
 
 from streamsync.config import redact_url
 from streamsync.errors import ExitCode, StreamsyncError
+from streamsync.mapping import glob_escape
 from streamsync.sandbox import (
     PostgresServer,
     RedisServer,
@@ -231,7 +232,7 @@ def _write_config(stack: _Stack) -> Path:
     config = {
         "redis": {"url": stack.redis_url},
         "source": {"streams": [_stream(stack)], "group": "streamsync-demo"},
-        "worker": {"block_ms": 200},
+        "worker": {"block_ms": 200, "state_prefix": _state_prefix(stack)},
         "rules": [
             {"table": f"{stack.schema}.users", "key": "demo:user:{id}", "type": "hash"},
         ],
@@ -240,6 +241,12 @@ def _write_config(stack: _Stack) -> Path:
     path = stack.workdir / "streamsync.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def _state_prefix(stack: _Stack) -> str:
+    """Where the demo's worker keeps its indexes and placements: its own prefix, so that the
+    clean-up of a Redis given by URL removes exactly those."""
+    return f"streamsync:{stack.schema}:"
 
 
 def _stream(stack: _Stack) -> str:
@@ -452,6 +459,7 @@ def _cleanup(stack: _Stack, options: DemoOptions, console: Console) -> None:
             doomed = [
                 *client.scan_iter("demo:user:*"),
                 *client.scan_iter("streamsync:pos:{demo:user:*"),
+                *client.scan_iter(glob_escape(_state_prefix(stack)) + "*"),
                 _stream(stack),
                 _stream(stack) + ":dlq",
             ]

@@ -36,4 +36,9 @@ class PoisonEntryError(StreamsyncError):
 
 
 class TemplateError(PoisonEntryError):
-    """Raised when a key template cannot be rendered from a row (missing or null column)."""
+    """Raised when a template cannot be rendered from a row (missing or null column)."""
+
+
+class NullColumnError(TemplateError):
+    """Raised when a column a template names is null in the row: the row has no key or member
+    under that rule, as a SQL query grouping by the column would leave it out."""

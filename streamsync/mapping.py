@@ -26,7 +26,7 @@ from streamsync.config import (
     Rule,
     TargetType,
 )
-from streamsync.errors import PoisonEntryError, TemplateError
+from streamsync.errors import NullColumnError, PoisonEntryError, TemplateError
 from streamsync.events import ChangeEvent
 from streamsync.filters import FilterError
 from streamsync.templates import render_value
@@ -82,6 +82,11 @@ def _slot_tags() -> tuple[str, ...]:
                 if not missing:
                     return tuple(t for t in tags if t is not None)
     raise AssertionError("unreachable")
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a literal in a SCAN MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def position_key(prefix: str, target: str) -> str:
@@ -200,6 +205,10 @@ class Planner:
         """The order record of a list rule's list (same hash slot as the list)."""
         return position_key(f"{self.state_prefix}ord:", list_key)
 
+    def reserve_key(self, list_key: str) -> str:
+        """The entries a capped list trimmed, kept to refill it (same hash slot as the list)."""
+        return position_key(f"{self.state_prefix}rsv:", list_key)
+
     # -- planning ------------------------------------------------------------------------
 
     def plan(self, event: ChangeEvent, epoch: str = "") -> list[RowWrite]:
@@ -267,10 +276,41 @@ class Planner:
             keep = rule.on_delete is ListDelete.IGNORE
             return RowWrite([index, p_key], [ROW_REMOVE, identity, position, "0" if keep else "1"])
         self._check_available(rule, event)
+        try:
+            return self._place(
+                rule,
+                event=event,
+                row=row,
+                position=position,
+                key=key,
+                identity=identity,
+                index=index,
+                p_key=p_key,
+            )
+        except NullColumnError:
+            # a null key, member or value column: the row is in no structure of this rule
+            keep = rule.on_delete is ListDelete.IGNORE
+            return RowWrite([index, p_key], [ROW_REMOVE, identity, position, "0" if keep else "1"])
+
+    def _place(
+        self,
+        rule: Rule,
+        *,
+        event: ChangeEvent,
+        row: dict[str, Any],
+        position: str,
+        key: dict[str, Any] | None,
+        identity: str,
+        index: str,
+        p_key: str,
+    ) -> RowWrite:
+        kind = rule.type
         target = rule.template.render(row)
         ttl = _ttl_ms(rule)
         if kind in SINGLE_VALUE_TYPES:
             inner = self._single_args(rule, event, row, position)
+            if inner[0] == ROW_DELETE:
+                return RowWrite([index, p_key], [ROW_REMOVE, identity, position, "1"])
             return RowWrite(
                 [index, p_key, target, position_key(self.position_prefix, target)],
                 [ROW_MOVING, identity, position, *inner],
@@ -293,7 +333,7 @@ class Planner:
         mode = "r" if rule.on_update is ListUpdate.REPLACE else "p"
         entry = f"{position}|{_sort_token(key, row, identity)}"
         return RowWrite(
-            [index, p_key, target, self.order_key(target)],
+            [index, p_key, target, self.order_key(target), self.reserve_key(target)],
             [
                 ROW_LIST,
                 identity,
@@ -376,7 +416,12 @@ class Planner:
             if event.unchanged and not event.unchanged.isdisjoint(template.columns):
                 # the value cannot be rendered: drop the cached one, the next change fills it
                 return [ROW_DELETE, position]
-            return [ROW_JSON, position, _ttl_ms(rule), template.render(row)]
+            try:
+                value = template.render(row)
+            except NullColumnError:
+                # a null value: no key, as for a null hash row's missing fields
+                return [ROW_DELETE, position]
+            return [ROW_JSON, position, _ttl_ms(rule), value]
         return self._json_args(rule, event, row, position)
 
     def _stream_row(

@@ -21,7 +21,7 @@ import redis
 from streamsync.config import DLQ_SUFFIX, Settings
 from streamsync.epochs import epoch_floor, parse_id
 from streamsync.functions import ensure_library
-from streamsync.mapping import Planner
+from streamsync.mapping import Planner, glob_escape
 from streamsync.sweep import Sweeper
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def streams_for_table(client: redis.Redis, settings: Settings, table: str) -> li
         prefix = source.stream_prefix or ""
         found = sorted(
             k.decode()
-            for k in client.scan_iter(match=_glob_escape(prefix) + "*", _type="stream")
+            for k in client.scan_iter(match=glob_escape(prefix) + "*", _type="stream")
             if k.decode().endswith(suffix) and not k.endswith(DLQ_SUFFIX.encode())
         )
         if not found:
@@ -128,7 +128,3 @@ def finish(client: redis.Redis, settings: Settings, table: str, timeout_s: float
     removed = sweeper.remove_older(table, epoch_floor(epoch))
     log.info("%s: resync epoch %d finished, %d stale row(s) removed", table, epoch, removed)
     return removed
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -19,7 +19,14 @@ from collections.abc import Iterable, Iterator
 import redis
 
 from streamsync.config import Mode, Rule, TargetType
-from streamsync.mapping import FN_BATCH, ROW_INVALIDATE, Planner, RowWrite, position_key
+from streamsync.mapping import (
+    FN_BATCH,
+    ROW_INVALIDATE,
+    Planner,
+    RowWrite,
+    glob_escape,
+    position_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +105,11 @@ def _template_pattern(rule: Rule) -> tuple[str, re.Pattern[str]]:
     """The SCAN pattern and the exact matcher of an invalidate rule's keys. Column values are
     taken to hold no ':' so that ``user:{id}`` does not match ``user:42:sessions``."""
     template = rule.template
-    glob = "".join(_glob_escape(lit) + "*" for lit in template.literals[:-1])
-    glob += _glob_escape(template.literals[-1])
+    glob = "".join(glob_escape(lit) + "*" for lit in template.literals[:-1])
+    glob += glob_escape(template.literals[-1])
     regex = "".join(re.escape(lit) + "[^:]+" for lit in template.literals[:-1])
     regex += re.escape(template.literals[-1])
     return glob, re.compile(regex)
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from streamsync.errors import TemplateError
+from streamsync.errors import NullColumnError, TemplateError
 
 _FORMATTER = string.Formatter()
 
@@ -118,7 +118,7 @@ class KeyTemplate:
                     f"template {self.source!r} names column {column!r}, absent from the row"
                 ) from None
             if value is None:
-                raise TemplateError(
+                raise NullColumnError(
                     f"template {self.source!r}: column {column!r} is null in this row"
                 )
             text = render_value(value)

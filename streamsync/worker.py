@@ -30,7 +30,7 @@ from streamsync.epochs import Epochs
 from streamsync.errors import ExitCode, LibraryIncompatibleError, PoisonEntryError
 from streamsync.events import TRUNCATE, ChangeEvent, Decoder, Skip
 from streamsync.functions import ensure_library
-from streamsync.mapping import FN_BATCH, Planner, RowWrite
+from streamsync.mapping import FN_BATCH, Planner, RowWrite, glob_escape
 from streamsync.stats import LatencySamples
 from streamsync.sweep import Sweeper
 
@@ -281,7 +281,7 @@ class Worker:
         found = sorted(
             k.decode()
             for k in self._client.scan_iter(
-                match=_glob_escape(prefix) + "*", count=1000, _type="stream"
+                match=glob_escape(prefix) + "*", count=1000, _type="stream"
             )
             if not k.endswith(DLQ_SUFFIX.encode())
         )
@@ -836,10 +836,6 @@ def _parse_read(reply: Any) -> list[Entry]:
         stream = stream_name.decode()
         entries.extend(Entry(stream, eid, fields) for eid, fields in items)
     return entries
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def run_worker(

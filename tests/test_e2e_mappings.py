@@ -383,7 +383,11 @@ def phase_one(conn: psycopg.Connection[Any]) -> None:
 
 
 def phase_two(conn: psycopg.Connection[Any]) -> None:
-    """Deletes of rows inside feeds: a feed shrinks, or goes altogether."""
+    """Deletes of rows inside feeds: a feed shrinks, or goes altogether.
+
+    Phase one deletes only rows already trimmed out of their feed; these deletes and the inserts
+    refilling the feeds (phase three) are kept apart by barriers: a delete inside a full feed
+    applied after a newer insert leaves a different feed (see the second test)."""
     run(
         conn,
         "DELETE FROM activity WHERE id IN (SELECT id FROM activity WHERE user_id = 1 "

@@ -512,6 +512,71 @@ def test_unique_value_changing_hands(lib: redis.Redis, kind: str, order: Sequenc
     assert cache.row_index(kind) == {"1", "2"}
 
 
+UNIQUE_MEMBER_RULES = {
+    "set_by_email": _rule(key="members", type="set", member="{email|lower}"),
+    "zset_by_email": _rule(key="ranked", type="zset", member="{email|lower}", score="price"),
+}
+
+
+def unique_snapshot(kind: str, rows: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    if kind == "set_by_email":
+        members = {row["email"].lower() for row in rows.values()}
+        return {"members": members} if members else {}
+    if kind == "zset_by_email":
+        scores = {row["email"].lower(): float(row["price"]) for row in rows.values()}
+        return {"ranked": scores} if scores else {}
+    return snapshot(kind, rows)
+
+
+def _orders_ending_wrong(r: redis.Redis, kind: str, last: str) -> dict[Any, Any]:
+    """Row A's email x -> y at LSN 20, row B takes x at LSN 30, then A changes again at LSN 40
+    (another email, or a delete): a UNIQUE constraint holds at every step. Applies the five
+    changes in every order; returns the orders whose final state is not the final table's."""
+    a_x = {**V1, "id": 1, "email": "x@a.io", "name": "ann"}
+    b_z = {**V1, "id": 2, "email": "z@a.io", "name": "bob"}
+    a_y, b_x = {**a_x, "email": "y@a.io"}, {**b_z, "email": "x@a.io"}
+    a_w = {**a_x, "email": "w@a.io"}
+    events = [
+        change("c", 10, a_x),
+        change("c", 11, b_z),
+        change("u", 20, a_y),
+        change("u", 30, b_x),
+        change(last, 40, a_w),
+    ]
+    want = unique_snapshot(kind, {1: a_w, 2: b_x} if last == "u" else {2: b_x})
+    rule = UNIQUE_MEMBER_RULES.get(kind) or RULES[kind]
+    wrong = {}
+    for order in itertools.permutations(range(5)):
+        r.flushdb()
+        Cache(r, rules=[rule]).apply(*(events[i] for i in order))
+        got = visible(r)
+        if got != want:
+            wrong[order] = got
+    return wrong
+
+
+@pytest.mark.parametrize("kind", MOVING)
+@pytest.mark.parametrize("last", ["u", "d"])
+def test_key_that_changed_hands_survives_the_old_owners_next_change(
+    lib: redis.Redis, kind: str, last: str
+) -> None:
+    """x must end as B's in every order: A's change at 40 may remove the key A placed only if
+    no newer change (B's, at 30) wrote it since."""
+    wrong = _orders_ending_wrong(lib, kind, last)
+    assert not wrong, f"{len(wrong)} of 120 orders end wrong, e.g. {next(iter(wrong.items()))}"
+
+
+@pytest.mark.parametrize("kind", list(UNIQUE_MEMBER_RULES))
+@pytest.mark.parametrize("last", ["u", "d"])
+def test_unique_member_that_changed_hands_survives_the_old_owners_next_change(
+    lib: redis.Redis, kind: str, last: str
+) -> None:
+    """The same for a set or sorted-set member over a unique column (README: such a member must
+    identify one row, as a unique constraint would; here it does at every step)."""
+    wrong = _orders_ending_wrong(lib, kind, last)
+    assert not wrong, f"{len(wrong)} of 120 orders end wrong, e.g. {next(iter(wrong.items()))}"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("order", ["delete_first", "create_first"])
 def test_primary_key_change_in_either_order(lib: redis.Redis, kind: str, order: str) -> None:
@@ -968,21 +1033,25 @@ def test_hash_rule_accepts_a_table_without_primary_key(
 
 # -- property: any delivery order builds what the final table builds -----------------------
 
-PROPERTY_KINDS = ["set", "zset", "hash", "string_by_email", "json_by_email", "list_replace"]
 PROPERTY_RULES = [
     RULES["set"],
     RULES["zset"],
     RULES["hash"],
     RULES["string_by_email"],
+    RULES["hash_by_email"],
     # keyed by another unique non-key column, with selected and renamed members
     _rule(key="uid:{uid}", type="json", fields=("id", "uid", "name"), rename={"name": "n"}),
     RULES["list_replace"],
 ]
+#: Unique columns' values (distinct once lowered); more than rows can be live at once.
+EMAILS = ["ann@x.io", "Bob@X.io", "CY@x.io", "dee@X.IO", "eve@x.io", "Fay@x.io", "gus@x.io"]
+UIDS = [101, 102, 103, 104, 105, 106, 107]
+IDS = range(1, 7)
 
 
 def property_snapshot(rows: dict[int, dict[str, Any]]) -> dict[str, Any]:
     want: dict[str, Any] = {}
-    for kind in ("set", "zset", "hash", "string_by_email"):
+    for kind in ("set", "zset", "hash", "string_by_email", "hash_by_email"):
         want |= snapshot(kind, rows)
     for ident, row in rows.items():
         want[f"uid:{row['uid']}"] = orjson.dumps(
@@ -996,28 +1065,43 @@ def property_snapshot(rows: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 @st.composite
 def histories(draw: st.DrawFn) -> list[ChangeEvent]:
-    """Valid change histories of rows 1-4: a row is created before it is updated or deleted,
-    and may come back after a delete. Email and uid stay unique across rows."""
-    n = draw(st.integers(1, 14))
-    live: set[int] = set()
+    """Valid change histories of rows 1-6, one LSN per transaction step: a row is created
+    before it is updated or deleted, may come back after a delete, and may change its primary
+    key (a delete and a create at one LSN). Email and uid are unique among live rows at every
+    step (a row may take a value another row gave up), as a UNIQUE constraint keeps them."""
+    live: dict[int, dict[str, Any]] = {}
     events = []
-    for step in range(n):
-        ident = draw(st.integers(1, 4))
-        op = "c" if ident not in live else draw(st.sampled_from(["u", "u", "d"]))
+    for step in range(draw(st.integers(1, 16))):
+        lsn = 10 * (step + 1)
+        ident = draw(st.sampled_from(IDS))
+        if ident not in live:
+            op = "c"
+        else:
+            op = draw(st.sampled_from(["u", "u", "d", "k"] if len(live) < len(IDS) else ["u"]))
+        if op == "d":
+            events.append(change("d", lsn, live.pop(ident)))
+            continue
+        others = [row for i, row in live.items() if i != ident]
         row = {
             "id": ident,
             "name": draw(st.sampled_from(["ann", "bob", "cy", "dé"])),
             "plan": draw(st.sampled_from(["free", "pro", "team"])),
             "price": draw(st.one_of(st.none(), st.integers(0, 100))),
             "active": draw(st.sampled_from([True, False, None])),
-            "email": f"User{ident}.{draw(st.integers(0, 2))}@Example.COM",
-            "uid": ident * 10 + draw(st.integers(0, 2)),
+            "email": draw(
+                st.sampled_from([e for e in EMAILS if e not in {o["email"] for o in others}])
+            ),
+            "uid": draw(st.sampled_from([u for u in UIDS if u not in {o["uid"] for o in others}])),
         }
-        events.append(change(op, 10 * (step + 1), row))
-        if op == "d":
-            live.discard(ident)
+        if op == "k":
+            new_id = draw(st.sampled_from([i for i in IDS if i not in live]))
+            events.append(change("d", lsn, live.pop(ident)))
+            row["id"] = new_id
+            events.append(change("c", lsn, row))
+            live[new_id] = row
         else:
-            live.add(ident)
+            events.append(change(op, lsn, row))
+            live[ident] = row
     return events
 
 
@@ -1045,7 +1129,8 @@ def test_any_delivery_order_builds_what_the_final_table_builds(
     assert got == property_snapshot(rows)
     assert not dangling_placements(r)
     assert cache.key_index("hash") == {f"user:{i}" for i in rows}
-    assert cache.row_index("set") == {str(i) for i in rows}
+    for kind in ("set", "string_by_email", "hash_by_email"):
+        assert cache.row_index(kind) == {str(i) for i in rows}, kind
     placed = {
         str(i) for i, row in rows.items() if row["active"] is True and row["price"] is not None
     }
