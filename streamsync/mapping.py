@@ -186,6 +186,8 @@ class Planner:
         self.position_prefix = position_prefix
         self.state_prefix = state_prefix
         self._shapes: dict[tuple[str, ...], str] = {}
+        # per table: its primary-key columns, and whether every rule is keyed by them
+        self._all_fixed_by_table: dict[str, tuple[set[str], bool]] = {}
 
     # -- the keys of streamsync's own records --------------------------------------------
 
@@ -220,7 +222,14 @@ class Planner:
         position = epoch + event.position
         row = event.row()
         key = event.key
-        identity = None if key is None or self._all_fixed(rules, key) else row_identity(key, row)
+        identity = None
+        if key is not None:
+            known = self._all_fixed_by_table.get(event.table)
+            if known is None or known[0] != key.keys():
+                known = (set(key), self._all_fixed(rules, key))
+                self._all_fixed_by_table[event.table] = known
+            if not known[1]:
+                identity = row_identity(key, row)
         out = []
         for rule in rules:
             try:

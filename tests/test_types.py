@@ -193,6 +193,11 @@ def placements(r: redis.Redis) -> dict[str, tuple[str, str | None, Any]]:
     return out
 
 
+def listed(r: redis.Redis, list_key: str) -> int:
+    """The entries a list rule's order record says its list holds."""
+    return int(r.zcount(f"streamsync:ord:{{{list_key}}}", 0, 0))
+
+
 def dangling_placements(r: redis.Redis) -> list[str]:
     """Placement records naming a member, key or list entry that Redis does not hold."""
     problems = []
@@ -204,8 +209,10 @@ def dangling_placements(r: redis.Redis) -> list[str]:
         elif kind == "M" and not (r.exists(data[0]) and r.exists(data[1])):
             problems.append(f"{name}: key {data}")
         elif kind == "L":
+            # {list, order key, ..., [entries]}: the entries are order members; the order
+            # members scored 0 are the list's (a capped list keeps trimmed ones apart)
             order = {m.decode() for m in r.zrange(data[1], 0, -1)}
-            if not set(data[2]) <= order or r.llen(data[0]) != len(order):
+            if not set(data[-1]) <= order or r.llen(data[0]) != listed(r, data[0]):
                 problems.append(f"{name}: list entries {data}")
     return problems
 
@@ -643,7 +650,7 @@ def test_list_replace_mode_rewrites_the_rows_entry_in_place(lib: redis.Redis) ->
     assert visible(lib) == {"feedr": ["2:bob", "1:annie"]}
     assert cache.apply(change("u", 12, {**V1, "name": "old"})) == [STALE]
     assert visible(lib) == {"feedr": ["2:bob", "1:annie"]}
-    assert lib.zcard("streamsync:ord:{feedr}") == 2
+    assert listed(lib, "feedr") == 2
     assert not dangling_placements(lib)
 
 
@@ -654,18 +661,32 @@ def test_list_max_len_keeps_the_newest(lib: redis.Redis) -> None:
     cache.apply(*(change("c", 10 * i, row) for i, row in enumerate(rows, 1)))
     assert visible(lib) == {"feed": ["5:n5", "4:n4", "3:n3"]}
     # a late change older than every kept entry does not get in
-    cache.apply(change("c", 5, {**V1, "id": 9, "name": "late"}))
+    assert cache.apply(change("c", 5, {**V1, "id": 9, "name": "late"})) == [APPLIED]
     assert visible(lib) == {"feed": ["5:n5", "4:n4", "3:n3"]}
     # a late one newer than the oldest kept entry pushes that one out
     cache.apply(change("u", 35, {**V1, "id": 2, "name": "n2b"}))
     assert visible(lib) == {"feed": ["5:n5", "4:n4", "2:n2b"]}
-    assert lib.zcard("streamsync:ord:{feed}") == 3
-    # one row's own entries are trimmed too
+    assert listed(lib, "feed") == 3
+    # one row's own entries are capped too
     for lsn in range(60, 100, 10):
         cache.apply(change("u", lsn, {**V1, "id": 7, "name": f"v{lsn}"}))
     assert visible(lib) == {"feed": ["7:v90", "7:v80", "7:v70"]}
-    cache.apply(change("d", 100, {"id": 7}))
-    assert visible(lib) == {}
+    assert listed(lib, "feed") == 3
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(5))))
+def test_capped_list_holds_the_newest_rows_in_any_order(
+    lib: redis.Redis, order: Sequence[int]
+) -> None:
+    """lua/streamsync.lua: a capped list holds the newest max_len rows in any delivery order,
+    as long as no more than max_len of them are deleted."""
+    rule = _rule(key="feed", type="list", value="{id}:{name}", max_len=3)
+    cache = Cache(lib, rules=[rule])
+    rows = [{**V1, "id": i, "name": f"n{i}"} for i in range(1, 6)]
+    cache.apply(*(change("c", 10 * (i + 1), rows[i]) for i in order))
+    assert visible(lib) == {"feed": ["5:n5", "4:n4", "3:n3"]}
+    cache.apply(change("d", 60, rows[4]))
+    assert visible(lib) == {"feed": ["4:n4", "3:n3", "2:n2"]}
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations([30, 10, 20])))
@@ -716,13 +737,13 @@ def test_list_deleted_outside_streamsync_is_restarted_consistently(lib: redis.Re
     lib.delete("feed")  # the application dropped the list, not its order record
     assert cache.apply(change("u", 40, {**rows[2], "name": "n2b"})) == [APPLIED]
     assert visible(lib) == {"feed": ["2:n2b"]}
-    assert lib.zcard("streamsync:ord:{feed}") == 1
+    assert listed(lib, "feed") == 1
     # the other rows' records point at entries no longer there: removing them is harmless
     assert cache.apply(change("d", 50, rows[1])) == [APPLIED]
     assert visible(lib) == {"feed": ["2:n2b"]}
     cache.apply(change("c", 60, {**V1, "id": 4, "name": "n4"}), change("u", 70, rows[3]))
     assert visible(lib) == {"feed": ["3:n3", "4:n4", "2:n2b"]}
-    assert lib.zcard("streamsync:ord:{feed}") == 3
+    assert listed(lib, "feed") == 3
 
 
 def test_list_pushed_to_outside_streamsync_is_restarted_consistently(lib: redis.Redis) -> None:
@@ -731,7 +752,7 @@ def test_list_pushed_to_outside_streamsync_is_restarted_consistently(lib: redis.
     lib.lpush("feed", "not ours")
     cache.apply(change("c", 30, {**V1, "id": 3, "name": "cy"}))
     assert visible(lib) == {"feed": ["3:cy"]}
-    assert lib.zcard("streamsync:ord:{feed}") == 1
+    assert listed(lib, "feed") == 1
     cache.apply(change("u", 40, {**V1, "name": "annie"}), change("d", 50, {"id": 3}))
     assert visible(lib) == {"feed": ["1:annie"]}
 
