@@ -25,6 +25,10 @@ local VERSION = '1.1.0'
 
 local APPLIED, STALE, SKIPPED, DROPPED = 1, 0, 2, 3
 
+-- True while a 1.0 call (streamsync_apply) runs: it keeps no index, so the records it writes
+-- must not claim the row is cached (and therefore indexed): no shape, no live mark.
+local LEGACY = false
+
 --[[ A position record holds "<position>" or "<position>|<shape>". The shape names the set of
 fields the last full hash write left in the target; while it stays the same, a full write is a
 plain HSET (every field it had is rewritten), and only a different shape needs the DEL that
@@ -78,6 +82,10 @@ local function hash_full(target, pos_key, argv, i, tombstone_ms)
         redis.call('HSET', target, unpack(argv, i + 4, i + 3 + 2 * n))
     end
     expire_target(target, ttl_ms)
+    if LEGACY then
+        store_position(pos_key, pos, APPLIED, ttl_ms, tombstone_ms)
+        return APPLIED
+    end
     store_position(pos_key, pos .. '|' .. shape, APPLIED, ttl_ms, tombstone_ms)
     -- a shape means the row was cached already, so it is in its rule's index
     return APPLIED, current_shape ~= nil
@@ -216,7 +224,7 @@ local function json_full(target, pos_key, argv, i, tombstone_ms)
         return STALE
     end
     set_document(target, argv[i + 2], ttl_ms)
-    store_position(pos_key, pos .. LIVE, APPLIED, ttl_ms, tombstone_ms)
+    store_position(pos_key, LEGACY and pos or pos .. LIVE, APPLIED, ttl_ms, tombstone_ms)
     return APPLIED, current_mark == '='
 end
 
@@ -262,7 +270,7 @@ local function json_partial(target, pos_key, argv, i, tombstone_ms)
     if status == DROPPED then
         redis.call('DEL', target)
     end
-    if status == APPLIED then
+    if status == APPLIED and not LEGACY then
         store_position(pos_key, pos .. LIVE, status, ttl_ms, tombstone_ms)
     else
         store_position(pos_key, pos, status, ttl_ms, tombstone_ms)
@@ -434,15 +442,21 @@ local function list_set(list, order, reserve, entry, value)
     end
 end
 
--- Remove what a placement record says the row holds. A moved single-value key is deleted only
--- if no newer change (of another row that took the key over) wrote it since.
-local function unplace(kind, data, pos, tombstone_ms, list_entries)
+-- Remove what a placement record (made at position placed_at) says the row holds. A
+-- single-value key is deleted only if no other row wrote it since (a unique value that changed
+-- hands); its tombstone keeps the row's own position, so the new holder's write, newer than
+-- that, still applies whatever the order.
+local function unplace(kind, data, placed_at, tombstone_ms, list_entries)
     if kind == 'T' then
         redis.call('SREM', data[1], data[2])
     elseif kind == 'Z' then
         redis.call('ZREM', data[1], data[2])
     elseif kind == 'M' then
-        remove(data[1], data[2], {pos}, 1, tombstone_ms)
+        local written = stored(data[2])
+        if not written or written <= placed_at then
+            redis.call('DEL', data[1])
+            redis.call('SET', data[2], placed_at, 'PX', tombstone_ms)
+        end
     elseif kind == 'L' and list_entries then
         list_remove(data[1], data[2], data[3], data[4])
     end
@@ -460,7 +474,7 @@ local function member_row(kind)
             return STALE
         end
         if old and (old_kind ~= kind or old[1] ~= target or old[2] ~= member) then
-            unplace(old_kind, old, pos, tombstone_ms, true)
+            unplace(old_kind, old, current, tombstone_ms, true)
         end
         if kind == 'T' then
             redis.call('SADD', target, member)
@@ -497,7 +511,7 @@ local function list_row(keys, k, argv, i, tombstone_ms)
             end
         end
     elseif old then
-        unplace(old_kind, old, pos, tombstone_ms, true)
+        unplace(old_kind, old, current, tombstone_ms, true)
     end
     if mode == 'r' and #entries > 0 then
         list_set(list, order, reserve, entries[1], value)
@@ -539,7 +553,7 @@ local function stream_row(keys, k, argv, i, tombstone_ms)
         return STALE
     end
     if max_len > 0 then
-        redis.call('XADD', stream, 'MAXLEN', '~', max_len, '*', unpack(argv, i + 3, i + 2 + 2 * n))
+        redis.call('XADD', stream, 'MAXLEN', max_len, '*', unpack(argv, i + 3, i + 2 + 2 * n))
     else
         redis.call('XADD', stream, '*', unpack(argv, i + 3, i + 2 + 2 * n))
     end
@@ -555,8 +569,14 @@ local function remove_row(keys, k, argv, i, tombstone_ms)
     if current and current >= pos then
         return STALE
     end
+    if old and old_kind == 'L' and argv[i + 1] ~= '1' then
+        -- on_delete ignore: the entries stay, and so does the record of them (and the row in
+        -- its index), for a TRUNCATE or a resync to find
+        store_placement(p_key, pos, 'L', old, 0, tombstone_ms)
+        return APPLIED
+    end
     if old then
-        unplace(old_kind, old, pos, tombstone_ms, argv[i + 1] == '1')
+        unplace(old_kind, old, current, tombstone_ms, true)
     end
     store_placement(p_key, pos, nil, nil, 0, tombstone_ms)
     return APPLIED, false
@@ -611,7 +631,7 @@ local function moving_row(keys, k, argv, i, tombstone_ms)
     end
     local status = ROWS[inner][1](keys, k + 1, argv, i + 2, tombstone_ms)
     if old and (old_kind ~= 'M' or old[1] ~= target) then
-        unplace(old_kind, old, pos, tombstone_ms, true)
+        unplace(old_kind, old, current, tombstone_ms, true)
     end
     local ttl_ms = tonumber(argv[i + 3])
     if status == APPLIED then
@@ -643,11 +663,13 @@ not stop the others: its reply is the error text. --]]
 local function apply_rows(keys, argv, allowed)
     local tombstone_ms = tonumber(argv[1])
     local replies = {}
+    LEGACY = true
     local i = 2
     for k = 1, #keys, 2 do
         local op = argv[i]
         local row = ROWS[op]
         if not V1_KINDS[op] or (allowed and not allowed[op]) then
+            LEGACY = false
             return redis.error_reply('row ' .. (k + 1) / 2 .. ': unexpected row kind ' ..
                 tostring(op))
         end
@@ -655,6 +677,7 @@ local function apply_rows(keys, argv, allowed)
         replies[#replies + 1] = ok and result or row_error(result)
         i = i + 1 + row[3](argv, i + 1)
     end
+    LEGACY = false
     return replies
 end
 
@@ -683,6 +706,7 @@ placed nowhere removes it.
 Reply: one status per row (see the header).
 --]]
 local function batch(keys, argv)
+    LEGACY = false
     local tombstone_ms = tonumber(argv[1])
     local replies = {}
     local i, k, n = 2, 1, 0

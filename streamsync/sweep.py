@@ -44,10 +44,11 @@ class Sweeper:
 
     def truncate(self, table: str, position: str) -> int:
         """TRUNCATE ``table`` at ``position``: remove what its rules placed before it, and
-        publish a truncate event to its stream rules. Returns the rows removed."""
+        publish a truncate event to its stream rules with a fixed key. Returns the rows removed."""
         removed = self.remove_older(table, position)
         for rule in self.planner.rules_by_table.get(table, ()):
-            if rule.type is TargetType.STREAM and rule.mode is Mode.WRITE_THROUGH:
+            # a stream per row group (a key over columns) has no one stream to tell
+            if rule.type is TargetType.STREAM and rule.template.is_static:
                 self._apply([self.planner.truncate_event(rule, table, position)])
         return removed
 

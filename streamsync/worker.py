@@ -607,8 +607,13 @@ class Worker:
             sweeper = Sweeper(self._client, self._planner, int(self._tombstone_ms))
             try:
                 removed = sweeper.truncate(control.event.table, control.position)
-            except redis.ResponseError as exc:
-                entry.error = f"truncate failed: {exc}"
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise
+            except Exception as exc:
+                # a refusal or a bug: retried on later deliveries, then dead-lettered; the loop
+                # goes on either way
+                log.exception("%s %s: truncate failed", entry.stream, entry.id.decode())
+                entry.error = f"truncate failed: {type(exc).__name__}: {exc}"
                 self._failed(entry)
                 continue
             log.info(
