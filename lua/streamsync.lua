@@ -602,14 +602,16 @@ end
 -- row kinds: the function applying one, its number of KEYS, and the number of ARGV items it
 -- spans (given the index of its first item after the kind)
 local ROWS = {
-    H = {single(hash_full), 2, function(argv, i) return 4 + 2 * tonumber(argv[i + 3]) end},
+    H = {single(hash_full), 2, function(argv, i) return 4 + 2 * tonumber(argv[i + 3]) end,
+        hash_full},
     h = {single(hash_partial), 2, function(argv, i)
         return 5 + 2 * tonumber(argv[i + 2]) + tonumber(argv[i + 3]) + tonumber(argv[i + 4])
-    end},
-    J = {single(json_full), 2, function() return 3 end},
-    j = {single(json_partial), 2, function(argv, i) return 3 + 3 * tonumber(argv[i + 2]) end},
-    D = {single(remove, true), 2, function() return 1 end},
-    I = {single(remove, true), 2, function() return 1 end},
+    end, hash_partial},
+    J = {single(json_full), 2, function() return 3 end, json_full},
+    j = {single(json_partial), 2, function(argv, i) return 3 + 3 * tonumber(argv[i + 2]) end,
+        json_partial},
+    D = {single(remove, true), 2, function() return 1 end, remove, true},
+    I = {single(remove, true), 2, function() return 1 end, remove, true},
     T = {member_row('T'), 2, function() return 3 end},
     Z = {member_row('Z'), 2, function() return 4 end},
     L = {list_row, 4, function() return 6 end},
@@ -699,7 +701,8 @@ end
 its rule's index (the set of what the rule placed, so TRUNCATE and resync find every key derived
 from a table without scanning the keyspace).
 KEYS: per row, its rule's index, then the kind's KEYS (see each kind above and streamsync_apply)
-ARGV: tombstone_ms, then per row: kind, index member ('' = the row is not indexed), items.
+ARGV: tombstone_ms, then per row: kind, index member ('' = the row is not indexed, '.' = its
+first key after the index: the target of a single-value row), items.
 An applied row that places a row not placed before adds the member to the index (a row already
 cached is known to be there, which spares the common update an SADD); one that leaves the row
 placed nowhere removes it.
@@ -718,7 +721,26 @@ local function batch(keys, argv)
             return redis.error_reply('row ' .. n .. ': unexpected row kind ' .. tostring(op))
         end
         local member = argv[i + 1]
-        local ok, status, placed = pcall(row[1], keys, k + 1, argv, i + 2, tombstone_ms)
+        local ok, status, placed
+        local direct = row[4]
+        if direct then
+            -- the common single-value rows, called without the wrapper (the hot path)
+            local was_cached
+            ok, status, was_cached = pcall(direct, keys[k + 1], keys[k + 2], argv, i + 2,
+                tombstone_ms)
+            if ok and status ~= STALE then
+                if status ~= APPLIED or row[5] then
+                    placed = false
+                elseif not was_cached then
+                    placed = true
+                end
+            end
+        else
+            ok, status, placed = pcall(row[1], keys, k + 1, argv, i + 2, tombstone_ms)
+        end
+        if member == '.' then
+            member = keys[k + 1]
+        end
         if not ok then
             replies[n] = row_error(status)
         else

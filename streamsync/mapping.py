@@ -45,6 +45,9 @@ CLUSTER_SLOTS = 16384
 #: Field-name sets remembered by a planner before it starts over.
 MAX_SHAPES = 4096
 
+#: The index member of a single-value row that stands for its target key (not sent twice).
+INDEX_TARGET = "."
+
 ArgV = list[str | bytes]
 
 
@@ -186,6 +189,7 @@ class Planner:
         self.position_prefix = position_prefix
         self.state_prefix = state_prefix
         self._shapes: dict[tuple[str, ...], str] = {}
+        self._plans_by_table: dict[str, list[tuple[Rule, str | None]]] = {}
         # per table: its primary-key columns, and whether every rule is keyed by them
         self._all_fixed_by_table: dict[str, tuple[set[str], bool]] = {}
 
@@ -231,8 +235,16 @@ class Planner:
             if not known[1]:
                 identity = row_identity(key, row)
         out = []
-        for rule in rules:
+        for rule, fast_index in self._rule_plans(event.table, rules):
             try:
+                if fast_index is not None and event.op != "d" and (key is None or identity is None):
+                    # the common case, kept lean: a hash keyed by primary key, no filter
+                    target = rule.template.render(row)
+                    args = self._hash_args(rule, event, row, position)
+                    args.insert(1, INDEX_TARGET)
+                    keys = [fast_index, target, position_key(self.position_prefix, target)]
+                    out.append(RowWrite(keys, args))
+                    continue
                 out.append(
                     self._plan_rule(
                         rule, event=event, row=row, position=position, key=key, identity=identity
@@ -241,6 +253,25 @@ class Planner:
             except (TemplateError, FilterError) as exc:
                 raise PoisonEntryError(f"rule {rule.state_name}: {exc}") from None
         return out
+
+    def _rule_plans(self, table: str, rules: tuple[Rule, ...]) -> list[tuple[Rule, str | None]]:
+        """The table's rules, each with its key index when it takes the lean path (a
+        write-through hash without filter: keyed by primary key whenever every rule is)."""
+        plans = self._plans_by_table.get(table)
+        if plans is None:
+            plans = [
+                (
+                    rule,
+                    self.key_index(rule)
+                    if rule.mode is Mode.WRITE_THROUGH
+                    and rule.type is TargetType.HASH
+                    and rule.filter is None
+                    else None,
+                )
+                for rule in rules
+            ]
+            self._plans_by_table[table] = plans
+        return plans
 
     def _plan_rule(
         self,
@@ -266,9 +297,10 @@ class Planner:
             target = rule.template.render(row)
             keys = [self.key_index(rule), target, position_key(self.position_prefix, target)]
             if not present:
-                return RowWrite(keys, [ROW_DELETE, target, position])
-            kind_and_items = self._single_args(rule, event, row, position)
-            return RowWrite(keys, [kind_and_items[0], target, *kind_and_items[1:]])
+                return RowWrite(keys, [ROW_DELETE, INDEX_TARGET, position])
+            args = self._single_args(rule, event, row, position)
+            args.insert(1, INDEX_TARGET)
+            return RowWrite(keys, args)
         if identity is None:
             raise PoisonEntryError(
                 f"rule {rule.state_name}: a {kind.value} rule needs the row's primary key, and"
