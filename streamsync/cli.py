@@ -63,8 +63,15 @@ def check_config(config_path: Path) -> None:
     click.echo(f"  streams: {streams} (group {source.group}, format {source.format.value})")
     for rule in settings.rules:
         detail = f"{rule.type.value} " if rule.type else ""
-        ttl = f", ttl {rule.ttl_s}s" if rule.ttl_s else ""
-        click.echo(f"  {rule.table} -> {rule.mode.value} {detail}{rule.key}{ttl}")
+        extras = [
+            f"{name} {value}"
+            for name in ("member", "score", "value", "max_len", "where")
+            if (value := getattr(rule, name)) is not None
+        ]
+        if rule.ttl_s:
+            extras.append(f"ttl {rule.ttl_s}s")
+        more = f" ({', '.join(extras)})" if extras else ""
+        click.echo(f"  {rule.table} -> {rule.mode.value} {detail}{rule.key}{more}")
 
 
 @cli.command()
