@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import hiredis
 import redis
@@ -64,6 +64,29 @@ TRANSIENT_ERRORS = (
 # Row statuses replied by the library (lua/streamsync.lua).
 APPLIED, STALE, SKIPPED, DROPPED = 1, 0, 2, 3
 _ROW_OUTCOMES = {APPLIED: "applied", STALE: "stale", SKIPPED: "skipped", DROPPED: "dropped"}
+
+
+class WorkerObserver(Protocol):
+    """What a worker reports as it goes (streamsync.metrics implements it)."""
+
+    def counted(self, stream: str, table: str, op: str, outcome: str, n: int) -> None:
+        """``n`` entries of ``stream`` reached ``outcome`` (applied, stale, dead_lettered...)."""
+
+    def applied_batch(self, entries: int, rows: int, seconds: float) -> None:
+        """A round trip applied ``entries`` entries (``rows`` rows) in ``seconds``."""
+
+    def sync_lag(self, seconds: float) -> None:
+        """An applied change's source commit (``source.ts_ms``) to applied in Redis."""
+
+    def reconnected(self) -> None:
+        """The worker lost its connection and reconnects."""
+
+
+def stats_key(state_prefix: str, group: str, stream: str) -> str:
+    """The hash where the workers of ``group`` count what they did with ``stream``'s entries
+    (read by ``streamsync status``). Fields: ``n:<table>:<op>:<outcome>`` counters, and
+    ``last_applied_ms``, ``last_source_ts_ms``, ``last_id`` of the newest applied change."""
+    return f"{state_prefix}stats:{group}:{stream}"
 
 
 @dataclass(slots=True)
@@ -116,8 +139,10 @@ class Worker:
         consumer: str | None = None,
         *,
         drain: bool = False,
+        observer: WorkerObserver | None = None,
     ) -> None:
         self.settings = settings
+        self.observer = observer
         self.consumer = consumer or default_consumer_name()
         self.drain = drain
         self.counts: Counter[tuple[str, str, str, str]] = Counter()
@@ -134,6 +159,10 @@ class Worker:
         self._epochs = Epochs()
         self._epochs_key = settings.worker.state_prefix + "epochs"
         self._controls: list[Control] = []
+        # counts and newest applied change per stream, flushed to the stats hashes with the
+        # next round trip
+        self._stats: dict[str, Counter[str]] = {}
+        self._last_applied: dict[str, tuple[int, int | None, bytes]] = {}
         self._tombstone_ms = str(settings.worker.tombstone_ttl_s * 1000)
         self._streams: list[str] = list(settings.source.streams or ())
         self._stop = threading.Event()
@@ -148,6 +177,7 @@ class Worker:
         self._dead: list[Entry] = []
         self._acks: dict[str, list[bytes]] = {}
         self._retry_attempt = 0
+        self._sent_at = 0.0
         self._unread: list[Entry] = []
         self._claim_cursor: dict[str, bytes] = {}
         self._next_claim = self._next_trim = self._next_discover = self._next_prune = 0.0
@@ -186,6 +216,8 @@ class Worker:
                     delay = _backoff(attempt)
                     attempt += 1
                     self.reconnects += 1
+                    if self.observer is not None:
+                        self.observer.reconnected()
                     log.warning("redis connection lost (%s); reconnecting in %.2fs", exc, delay)
                     if self._stop.wait(delay):
                         log.warning("stopping while disconnected: unsettled entries stay pending")
@@ -347,6 +379,8 @@ class Worker:
             or self._acks
             or self._backlog
             or self._controls
+            or self._stats
+            or self._last_applied
         )
 
     def _take_backlog(self) -> None:
@@ -380,6 +414,8 @@ class Worker:
         commands = [c for c, _ in calls]
         commands += [self._dlq_command(e) for e in dead]
         commands += [("XACK", s, self._group, *ids) for s, ids in acks.items()]
+        stats = self._stats_commands()
+        commands += stats
         if read:
             commands.append(self._read_command(block))
         # after the read: an entry it returns that belongs to a new resync epoch was added after
@@ -388,6 +424,7 @@ class Worker:
         self._conn.send_packed_command(
             [b"".join(hiredis.pack_command(c) for c in commands)], check_health=False
         )
+        self._sent_at = time.monotonic()
         # From here on, what the replies settle is gone from the lists; an entry lost with a
         # dropped connection is still pending in Redis and comes back to this consumer.
         self._batch, self._dead, self._acks = [], [], {}
@@ -398,6 +435,9 @@ class Worker:
         if not isinstance(epochs, redis.ResponseError):
             self._epochs.load(epochs)
         self._settle_dead(dead, replies[len(calls) : len(calls) + len(dead)])
+        if read:
+            # drop the stats replies, so the read's is last
+            del replies[len(replies) - 1 - len(stats) : len(replies) - 1]
         entries: list[Entry] = []
         if read:
             if isinstance(replies[-1], redis.ResponseError):
@@ -550,15 +590,22 @@ class Worker:
             return True
         self._retry_attempt = 0
         now_ms = time.time() * 1000
+        observer = self.observer
         for entry in batch:
             if entry.error is None:
                 self._count(entry, entry.outcome or "applied")
                 self._ack(entry)
                 if entry.ts_ms is not None:
                     self.commit_lag.add(now_ms - entry.ts_ms)
+                    if observer is not None:
+                        observer.sync_lag(max(0.0, now_ms - entry.ts_ms) / 1000)
                 self.stream_lag.add(now_ms - int(entry.id.partition(b"-")[0]))
+                self._last_applied[entry.stream] = (int(now_ms), entry.ts_ms, entry.id)
             else:
                 self._failed(entry)
+        if observer is not None and batch:
+            rows = sum(len(e.rows) for e in batch)
+            observer.applied_batch(len(batch), rows, time.monotonic() - self._sent_at)
         return False
 
     def _failed(self, entry: Entry) -> None:
@@ -586,8 +633,31 @@ class Worker:
     def _ack(self, entry: Entry) -> None:
         self._acks.setdefault(entry.stream, []).append(entry.id)
 
-    def _count(self, entry: Entry, outcome: str) -> None:
-        self.counts[(entry.stream, entry.table, entry.op, outcome)] += 1
+    def _count(self, entry: Entry, outcome: str, n: int = 1) -> None:
+        self.counts[(entry.stream, entry.table, entry.op, outcome)] += n
+        stats = self._stats.get(entry.stream)
+        if stats is None:
+            stats = self._stats[entry.stream] = Counter()
+        stats[f"n:{entry.table}:{entry.op}:{outcome}"] += n
+        if self.observer is not None:
+            self.observer.counted(entry.stream, entry.table, entry.op, outcome, n)
+
+    def _stats_commands(self) -> list[tuple[Any, ...]]:
+        """HINCRBY/HSET commands publishing what was counted since the last round trip."""
+        prefix = self.settings.worker.state_prefix
+        commands: list[tuple[Any, ...]] = []
+        for stream, counts in self._stats.items():
+            key = stats_key(prefix, self._group, stream)
+            commands += [("HINCRBY", key, field, n) for field, n in counts.items() if n]
+        for stream, (applied_ms, ts_ms, entry_id) in self._last_applied.items():
+            key = stats_key(prefix, self._group, stream)
+            fields: list[Any] = ["last_applied_ms", applied_ms, "last_id", entry_id]
+            if ts_ms is not None:
+                fields += ["last_source_ts_ms", ts_ms]
+            commands.append(("HSET", key, *fields))
+        self._stats.clear()
+        self._last_applied.clear()
+        return commands
 
     # -- controls ------------------------------------------------------------------------
 
@@ -766,7 +836,7 @@ class Worker:
             self._set_deliveries(stream, entries)
             log.info("%s: claimed %d idle entries", stream, len(entries))
             self._refresh_epochs()
-            self.counts[(stream, "", "", "claimed")] += len(entries)
+            self._count(Entry(stream, b"0-0", None), "claimed", len(entries))
             self._backlog.extend(entries)
         return bool(reply[0] != b"0-0")
 
