@@ -70,6 +70,15 @@ class ChangeEvent:
     key: dict[str, Any] | None
     #: Columns of ``after`` holding the unavailable-TOAST placeholder: unchanged, value not sent.
     unchanged: frozenset[str] = frozenset()
+    #: The record key's JSON, decoded into ``key`` only when asked (primary_key()).
+    raw_key: bytes | None = None
+
+    def primary_key(self) -> dict[str, Any] | None:
+        """The record key, decoded on first use (most changes never need it)."""
+        if self.key is None and self.raw_key is not None:
+            self.key = parse_key(self.raw_key)
+            self.raw_key = None
+        return self.key
 
     def row(self) -> dict[str, Any]:
         """The columns that identify the row for key templates.
@@ -168,8 +177,10 @@ class Decoder:
         if before is not None and type(before) is not dict:
             raise PoisonEntryError("'before' is not an object")
         # the row's identity; in a delete's before-image only these columns are sure to be real
-        key = self._key(raw_key)
+        key = None
+        lazy_key = None
         if op == "d":
+            key = self._key(raw_key)
             if before is None and key is None:
                 raise PoisonEntryError("delete carries neither 'before' nor a key")
             after = None
@@ -177,6 +188,8 @@ class Decoder:
             after = value.get("after")
             if type(after) is not dict:
                 raise PoisonEntryError(f"op {op!r} carries no 'after' row")
+            if raw_key != self.null_marker:
+                lazy_key = bytes(raw_key)
         if schema is not None:
             after, before = self._convert(schema, after, before)
         unchanged: frozenset[str] = frozenset()
@@ -199,16 +212,13 @@ class Decoder:
             before,
             key,
             unchanged,
+            lazy_key,
         )
 
     def _key(self, raw_key: bytes) -> dict[str, Any] | None:
         if raw_key == self.null_marker:
             return None
-        key = _load_object(raw_key, "key")
-        if "payload" in key and "schema" in key:
-            payload = key["payload"]
-            return payload if type(payload) is dict else None
-        return key
+        return parse_key(raw_key)
 
     def _convert(
         self, schema: Any, after: dict[str, Any] | None, before: dict[str, Any] | None
@@ -225,6 +235,15 @@ class Decoder:
             if convert is not None:
                 before = _guarded(convert, before)
         return after, before
+
+
+def parse_key(raw_key: bytes) -> dict[str, Any] | None:
+    """A record key's JSON (bare, or a schema/payload envelope) as a dict."""
+    key = _load_object(raw_key, "key")
+    if "payload" in key and "schema" in key:
+        payload = key["payload"]
+        return payload if type(payload) is dict else None
+    return key
 
 
 def _guarded(convert: Any, row: dict[str, Any]) -> dict[str, Any]:

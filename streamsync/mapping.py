@@ -225,15 +225,20 @@ class Planner:
             raise PoisonEntryError(f"no rule maps table {event.table!r}")
         position = epoch + event.position
         row = event.row()
-        key = event.key
         identity = None
-        if key is not None:
-            known = self._all_fixed_by_table.get(event.table)
-            if known is None or known[0] != key.keys():
-                known = (set(key), self._all_fixed(rules, key))
-                self._all_fixed_by_table[event.table] = known
-            if not known[1]:
-                identity = row_identity(key, row)
+        known = self._all_fixed_by_table.get(event.table)
+        if known is not None and known[1] and event.op != "d":
+            # every rule keyed by primary key (checked on this table's first change and on its
+            # deletes, which carry the key anyway): the key is not even decoded
+            key = event.key
+        else:
+            key = event.primary_key()
+            if key is not None:
+                if known is None or known[0] != key.keys():
+                    known = (set(key), self._all_fixed(rules, key))
+                    self._all_fixed_by_table[event.table] = known
+                if not known[1]:
+                    identity = row_identity(key, row)
         out = []
         for rule, fast_index in self._rule_plans(event.table, rules):
             try:
@@ -478,7 +483,7 @@ class Planner:
         target = rule.template.render(row)
         pairs: ArgV = ["op", event.op, "table", event.table, "position", position]
         if event.op == "d":
-            shaped = {rule.rename.get(c, c): v for c, v in (event.key or {}).items()}
+            shaped = {rule.rename.get(c, c): v for c, v in (event.primary_key() or {}).items()}
         elif present:
             self._check_available(rule, event)
             shaped = self._shaped(rule, row)
