@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import redis
 
-from streamsync import __version__
+from streamsync import __version__, connection
 from streamsync import resync as resync_mod
 from streamsync.capture import exit_now, run_capture
 from streamsync.config import Settings, load_settings, redact_url
@@ -171,7 +171,7 @@ def resync(
     if all_tables == bool(tables):
         raise click.UsageError("name tables with --table, or use --all")
     chosen = list(settings.rules_by_table) if all_tables else list(tables)
-    client = redis.Redis.from_url(settings.redis.url)
+    client = connection.client(settings.redis)
     try:
         if finish:
             for table in chosen:

@@ -25,6 +25,7 @@ import hiredis
 import redis
 from redis.connection import Connection
 
+from streamsync import connection
 from streamsync.config import DLQ_SUFFIX, Settings
 from streamsync.epochs import Epochs
 from streamsync.errors import ExitCode, LibraryIncompatibleError, PoisonEntryError
@@ -265,8 +266,8 @@ class Worker:
     def _connect(self) -> None:
         worker = self.settings.worker
         timeout = max(self.settings.redis.socket_timeout_s, worker.block_ms / 1000 + 5)
-        self._pool = redis.ConnectionPool.from_url(
-            self.settings.redis.url,
+        self._pool = connection.pool(
+            self.settings.redis,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             client_name=f"streamsync:{self.consumer}",
