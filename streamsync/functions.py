@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+from collections.abc import Callable
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -48,10 +51,17 @@ def library_version() -> Version:
     return int(match[1]), int(match[2]), int(match[3])
 
 
+Execute = Callable[..., Any]
+
+
 def loaded_version(client: redis.Redis) -> Version | None:
     """The version of the library loaded in Redis, or None when there is none."""
+    return _loaded(client.execute_command)
+
+
+def _loaded(execute: Execute) -> Version | None:
     try:
-        reply = client.fcall_ro(VERSION_FUNCTION, 0)
+        reply = execute("FCALL_RO", VERSION_FUNCTION, 0)
     except redis.ResponseError as exc:
         if "function not found" in str(exc).lower():
             return None
@@ -60,12 +70,24 @@ def loaded_version(client: redis.Redis) -> Version | None:
     return parse_version(text)
 
 
-def ensure_library(client: redis.Redis) -> Version:
+def ensure_library(client: redis.Redis | redis.RedisCluster) -> Version:
     """Load the shipped library unless Redis holds a newer compatible one; return the version
     in use. Raises LibraryIncompatibleError when Redis holds a newer major version: this worker
-    is too old for it and must not downgrade it under newer workers."""
+    is too old for it and must not downgrade it under newer workers. In a Redis Cluster, on
+    every primary (a replica gets it from its primary)."""
+    if isinstance(client, redis.RedisCluster):
+        cluster = client
+        versions = [
+            _ensure(functools.partial(cluster.execute_command, target_nodes=node))
+            for node in cluster.get_primaries()
+        ]
+        return min(versions)
+    return _ensure(client.execute_command)
+
+
+def _ensure(execute: Execute) -> Version:
     ours = library_version()
-    current = loaded_version(client)
+    current = _loaded(execute)
     if current is not None and current > ours:
         if current[0] != ours[0]:
             raise LibraryIncompatibleError(
@@ -74,7 +96,7 @@ def ensure_library(client: redis.Redis) -> Version:
             )
         log.info("keeping newer compatible library %s (ours is %s)", _fmt(current), _fmt(ours))
         return current
-    client.function_load(library_source(), replace=True)
+    execute("FUNCTION", "LOAD", "REPLACE", library_source())
     if current != ours:
         log.info(
             "loaded streamsync library %s (was %s)",

@@ -26,7 +26,7 @@ from streamsync.config import (
     Rule,
     TargetType,
 )
-from streamsync.errors import NullColumnError, PoisonEntryError, TemplateError
+from streamsync.errors import ConfigError, NullColumnError, PoisonEntryError, TemplateError
 from streamsync.events import ChangeEvent
 from streamsync.filters import FilterError
 from streamsync.templates import render_value
@@ -90,6 +90,26 @@ def _slot_tags() -> tuple[str, ...]:
 def glob_escape(text: str) -> str:
     """``text`` as a literal in a SCAN MATCH pattern."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def template_hash_tag(literals: tuple[str, ...], source: str) -> str | None:
+    """The hash tag every key rendered from a template carries, or None when the slot
+    depends on column values. A template naming no column is its own key."""
+    if len(literals) == 1:
+        key = literals[0]
+        start = key.find("{")
+        if start >= 0:
+            end = key.find("}", start + 1)
+            if end > start + 1:
+                return key[start + 1 : end]
+        return key
+    head = literals[0]
+    start = head.find("{")
+    if start >= 0:
+        end = head.find("}", start + 1)
+        if end > start + 1:
+            return head[start + 1 : end]
+    return None
 
 
 def position_key(prefix: str, target: str) -> str:
@@ -184,10 +204,20 @@ class Planner:
         rules_by_table: Mapping[str, tuple[Rule, ...]],
         position_prefix: str,
         state_prefix: str = "streamsync:",
+        *,
+        cluster: bool = False,
     ) -> None:
         self.rules_by_table = rules_by_table
         self.position_prefix = position_prefix
         self.state_prefix = state_prefix
+        #: In a Redis Cluster every function call must keep to one hash slot: indexes are kept
+        #: per slot, and a rule with placement records pins its keys to one slot.
+        self.cluster = cluster
+        self._pins: dict[str, str | None] = {}
+        if cluster:
+            for rules in rules_by_table.values():
+                for rule in rules:
+                    self._check_pinned(rule)
         self._shapes: dict[tuple[str, ...], str] = {}
         self._plans_by_table: dict[str, list[tuple[Rule, str | None]]] = {}
         # per table: its primary-key columns, and whether every rule is keyed by them
@@ -195,17 +225,55 @@ class Planner:
 
     # -- the keys of streamsync's own records --------------------------------------------
 
-    def key_index(self, rule: Rule) -> str:
-        """The set of keys a rule keyed by primary key has written (for TRUNCATE and resync)."""
+    def key_index(self, rule: Rule, target: str | None = None) -> str:
+        """The set of keys a rule keyed by primary key has written (for TRUNCATE and resync);
+        in a cluster, one set per hash slot: the one of ``target``'s slot."""
+        if self.cluster:
+            if target is None:
+                raise ValueError("a cluster's key index is per slot: name the target")
+            return self.key_index_shard(rule, key_slot(target.encode()))
         return f"{self.state_prefix}idx:{rule.state_name}:keys"
+
+    def key_index_shard(self, rule: Rule, slot: int) -> str:
+        """A cluster's key index for the keys of one hash slot."""
+        return f"{self.state_prefix}idx:{rule.state_name}:keys:{{{_slot_tags()[slot]}}}"
+
+    def index_keys(self, rule: Rule) -> list[str]:
+        """Every index key of ``rule`` (what a sweep walks)."""
+        if not self.cluster:
+            return [self.key_index(rule), self.row_index(rule)]
+        shards = [self.key_index_shard(rule, slot) for slot in range(CLUSTER_SLOTS)]
+        pin = self._pin(rule)
+        return shards + ([self.row_index(rule)] if pin is not None else [])
 
     def row_index(self, rule: Rule) -> str:
         """The set of rows a rule with placement records has placed."""
-        return f"{self.state_prefix}idx:{rule.state_name}:rows"
+        return f"{self.state_prefix}idx:{self._tag(rule)}{rule.state_name}:rows"
 
     def placement_key(self, rule: Rule, identity: str) -> str:
         """The record of where ``rule`` placed the source row ``identity``."""
-        return f"{self.state_prefix}pl:{rule.state_name}:{identity}"
+        return f"{self.state_prefix}pl:{self._tag(rule)}{rule.state_name}:{identity}"
+
+    def _tag(self, rule: Rule) -> str:
+        # in a cluster, the rule's records share the hash slot its keys are pinned to
+        if not self.cluster:
+            return ""
+        return f"{{{self._pin(rule)}}}:"
+
+    def _pin(self, rule: Rule) -> str | None:
+        """The hash tag every key of ``rule`` carries, if its template fixes one."""
+        if rule.state_name not in self._pins:
+            self._pins[rule.state_name] = template_hash_tag(rule.template.literals, rule.key)
+        return self._pins[rule.state_name]
+
+    def _check_pinned(self, rule: Rule) -> None:
+        collection = rule.mode is Mode.WRITE_THROUGH and rule.type not in SINGLE_VALUE_TYPES
+        if collection and self._pin(rule) is None:
+            raise ConfigError(
+                f"rule {rule.state_name} ({rule.key!r}): in a Redis Cluster a {rule.type} rule's"
+                " keys and its placement records must share one hash slot: give the key a"
+                " fixed hash tag, e.g. '{{plans}}:plan:{plan}:users', or a fixed name"
+            )
 
     def order_key(self, list_key: str) -> str:
         """The order record of a list rule's list (same hash slot as the list)."""
@@ -247,7 +315,8 @@ class Planner:
                     target = rule.template.render(row)
                     args = self._hash_args(rule, event, row, position)
                     args.insert(1, INDEX_TARGET)
-                    keys = [fast_index, target, position_key(self.position_prefix, target)]
+                    index = self.key_index(rule, target) if self.cluster else fast_index
+                    keys = [index, target, position_key(self.position_prefix, target)]
                     out.append(RowWrite(keys, args))
                     continue
                 out.append(
@@ -267,7 +336,7 @@ class Planner:
             plans = [
                 (
                     rule,
-                    self.key_index(rule)
+                    f"{self.state_prefix}idx:{rule.state_name}:keys"
                     if rule.mode is Mode.WRITE_THROUGH
                     and rule.type is TargetType.HASH
                     and rule.filter is None
@@ -300,7 +369,11 @@ class Planner:
         if kind in SINGLE_VALUE_TYPES and (key is None or self._fixed(rule, key)):
             # the key names the row for good: the target's own position record is the row's
             target = rule.template.render(row)
-            keys = [self.key_index(rule), target, position_key(self.position_prefix, target)]
+            keys = [
+                self.key_index(rule, target),
+                target,
+                position_key(self.position_prefix, target),
+            ]
             if not present:
                 return RowWrite(keys, [ROW_DELETE, INDEX_TARGET, position])
             args = self._single_args(rule, event, row, position)
@@ -511,7 +584,7 @@ class Planner:
     def removal(self, rule: Rule, index: str, member: str, position: str) -> RowWrite:
         """The row removing what an index member stands for, unless a change newer than
         ``position`` wrote it (TRUNCATE, resync)."""
-        if index == self.key_index(rule):
+        if ":keys" in index[len(self.state_prefix) :]:
             return RowWrite(
                 [index, member, position_key(self.position_prefix, member)],
                 [ROW_DELETE, member, position],

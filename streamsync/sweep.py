@@ -37,7 +37,9 @@ SWEEP_CHUNK = 500
 class Sweeper:
     """Removes what the rules of a table placed, up to a position."""
 
-    def __init__(self, client: redis.Redis, planner: Planner, tombstone_ms: int) -> None:
+    def __init__(
+        self, client: redis.Redis | redis.RedisCluster, planner: Planner, tombstone_ms: int
+    ) -> None:
         self.client = client
         self.planner = planner
         self.tombstone_ms = tombstone_ms
@@ -60,9 +62,18 @@ class Sweeper:
             if rule.mode is Mode.INVALIDATE:
                 removed += self._invalidate_all(rule, position)
             elif rule.type is not TargetType.STREAM:
-                for index in (self.planner.key_index(rule), self.planner.row_index(rule)):
+                for index in self._nonempty(self.planner.index_keys(rule)):
                     removed += self._sweep_index(rule, index, position)
         return removed
+
+    def _nonempty(self, keys: list[str]) -> list[str]:
+        # a cluster keeps a rule's key index per hash slot: probe them all, cheaply
+        if len(keys) <= 2:
+            return keys
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.exists(key)
+        return [k for k, n in zip(keys, pipe.execute(), strict=True) if n]
 
     def _sweep_index(self, rule: Rule, index: str, position: str) -> int:
         removed = 0

@@ -8,6 +8,7 @@ ack is never held behind an idle stream.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -21,9 +22,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Protocol
 
-import hiredis
 import redis
-from redis.connection import Connection
 
 from streamsync import connection
 from streamsync.config import DLQ_SUFFIX, Settings
@@ -31,6 +30,7 @@ from streamsync.epochs import Epochs
 from streamsync.errors import ExitCode, LibraryIncompatibleError, PoisonEntryError
 from streamsync.events import TRUNCATE, ChangeEvent, Decoder, Skip
 from streamsync.functions import ensure_library
+from streamsync.link import ClusterLink, SingleLink
 from streamsync.mapping import FN_BATCH, Planner, RowWrite, glob_escape
 from streamsync.stats import LatencySamples
 from streamsync.sweep import Sweeper
@@ -46,6 +46,9 @@ BACKOFF_CAP_S = 5.0
 FINISH_BUDGET_S = 2.0
 #: Most entries one claim pass takes over, in batch_size pages.
 MAX_CLAIM_PAGES = 10
+#: How long a worker on a Redis Cluster waits before reading idle streams again (its reads
+#: cannot block on several streams at once).
+CLUSTER_POLL_MS = 50
 #: Consumers idle this long with nothing pending are removed from the group.
 CONSUMER_PRUNE_IDLE_MS = 3_600_000
 
@@ -169,8 +172,8 @@ class Worker:
         self._stop = threading.Event()
         self._signals = 0
         self._pool: redis.ConnectionPool | None = None
-        self._client: redis.Redis | None = None
-        self._conn: Connection | None = None
+        self._client: redis.Redis | redis.RedisCluster | None = None
+        self._link: SingleLink | ClusterLink | None = None
         # Work in hand: entries to apply next, entries to re-read or reclaimed, settled entries
         # whose XADD (dead letters) or XACK is still to be sent.
         self._batch: list[Entry] = []
@@ -205,7 +208,7 @@ class Worker:
         try:
             while True:
                 try:
-                    if self._conn is None:
+                    if self._link is None:
                         self._connect()
                         attempt = 0
                     if self._stop.is_set():
@@ -266,15 +269,23 @@ class Worker:
     def _connect(self) -> None:
         worker = self.settings.worker
         timeout = max(self.settings.redis.socket_timeout_s, worker.block_ms / 1000 + 5)
-        self._pool = connection.pool(
-            self.settings.redis,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            client_name=f"streamsync:{self.consumer}",
-            protocol=2,
-        )
-        self._client = redis.Redis(connection_pool=self._pool)
-        self._conn = self._pool.get_connection()
+        options: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "client_name": f"streamsync:{self.consumer}",
+            "protocol": 2,
+        }
+        self._pool = connection.pool(self.settings.redis, **options)
+        plain = redis.Redis(connection_pool=self._pool)
+        if plain.info("cluster").get("cluster_enabled"):
+            cluster = connection.cluster(self.settings.redis, **options)
+            self._client = cluster
+            self._link = ClusterLink(cluster)
+            self._use_planner(cluster=True)
+        else:
+            self._client = plain
+            self._link = SingleLink(self._pool.get_connection())
+            self._use_planner(cluster=False)
         ensure_library(self._client)
         if self.settings.source.stream_prefix is not None:
             self._discover()
@@ -291,9 +302,21 @@ class Worker:
         log.info("connected to redis; %d stream(s)", len(self._streams))
 
     def _disconnect(self) -> None:
+        if self._link is not None:
+            with contextlib.suppress(Exception):
+                self._link.close()
         if self._pool is not None:
             self._pool.disconnect()
-        self._pool = self._client = self._conn = None
+        self._pool = self._client = self._link = None
+
+    def _use_planner(self, *, cluster: bool) -> None:
+        if self._planner.cluster != cluster:
+            self._planner = Planner(
+                self.settings.rules_by_table,
+                self.settings.worker.position_prefix,
+                self.settings.worker.state_prefix,
+                cluster=cluster,
+            )
 
     def _ensure_group(self, stream: str) -> None:
         assert self._client is not None
@@ -364,9 +387,13 @@ class Worker:
             self._take_backlog()
         read = not self._backlog and self._retry_attempt == 0 and bool(self._streams)
         idle = not (self._batch or self._unread or self._dead or self._acks)
-        entries = self._round_trip(read, None if not idle else self.settings.worker.block_ms)
+        block = None if not idle else self.settings.worker.block_ms
+        entries = self._round_trip(read, block)
         if entries:
             self._unread = entries
+        elif block is not None and self._link is not None and not self._link.multi_stream_reads:
+            # reads in a cluster do not block: poll, briefly
+            self._stop.wait(min(block, CLUSTER_POLL_MS) / 1000)
         elif read and self.drain and not self._in_hand():
             self._check_drained()
         if not self._streams:
@@ -409,7 +436,8 @@ class Worker:
         """One round trip: send the batch's function calls, the dead letters and acks due, and
         optionally a read; decode the entries read last time while Redis works; then settle
         what the replies say. Returns the entries read."""
-        assert self._conn is not None
+        link = self._link
+        assert link is not None
         batch, dead, acks = self._batch, self._dead, self._acks
         calls = list(self._calls(batch))
         commands = [c for c, _ in calls]
@@ -417,34 +445,29 @@ class Worker:
         commands += [("XACK", s, self._group, *ids) for s, ids in acks.items()]
         stats = self._stats_commands()
         commands += stats
-        if read:
-            commands.append(self._read_command(block))
+        reads = self._read_commands(block) if read else []
+        commands += reads
         # after the read: an entry it returns that belongs to a new resync epoch was added after
         # the epoch was marked, so this reply knows that epoch
         commands.append(("HGETALL", self._epochs_key))
-        self._conn.send_packed_command(
-            [b"".join(hiredis.pack_command(c) for c in commands)], check_health=False
-        )
+        link.send(commands)
         self._sent_at = time.monotonic()
         # From here on, what the replies settle is gone from the lists; an entry lost with a
         # dropped connection is still pending in Redis and comes back to this consumer.
         self._batch, self._dead, self._acks = [], [], {}
         unread, self._unread = self._unread, []
         planned = self._prepare(unread)
-        replies = [self._read_reply() for _ in commands]
+        replies = link.receive()
         epochs = replies.pop()
         if not isinstance(epochs, redis.ResponseError):
             self._epochs.load(epochs)
         self._settle_dead(dead, replies[len(calls) : len(calls) + len(dead)])
-        if read:
-            # drop the stats replies, so the read's is last
-            del replies[len(replies) - 1 - len(stats) : len(replies) - 1]
         entries: list[Entry] = []
-        if read:
-            if isinstance(replies[-1], redis.ResponseError):
-                self._on_read_error(replies[-1])
+        for reply in replies[len(replies) - len(reads) :] if reads else ():
+            if isinstance(reply, redis.ResponseError):
+                self._on_read_error(reply)
             else:
-                entries = _parse_read(replies[-1])
+                entries += _parse_read(reply)
         if self._settle_calls(batch, calls, replies[: len(calls)]):
             self._batch = batch + planned
         else:
@@ -454,18 +477,10 @@ class Worker:
     def _raw(self, *command: Any) -> Any:
         """One command on the loop's connection, its reply unparsed (field lists stay lists,
         so an entry keeps its exact fields, duplicates and order included)."""
-        assert self._conn is not None
-        self._conn.send_packed_command([hiredis.pack_command(command)], check_health=False)
-        return self._conn.read_response(disable_decoding=True)
+        assert self._link is not None
+        return self._link.call(*command)
 
-    def _read_reply(self) -> Any:
-        assert self._conn is not None
-        try:
-            return self._conn.read_response(disable_decoding=True)
-        except redis.ResponseError as exc:
-            return exc
-
-    def _read_command(self, block: int | None) -> tuple[Any, ...]:
+    def _read_commands(self, block: int | None) -> list[tuple[Any, ...]]:
         worker = self.settings.worker
         cmd: tuple[Any, ...] = (
             "XREADGROUP",
@@ -475,9 +490,13 @@ class Worker:
             "COUNT",
             worker.batch_size,
         )
+        assert self._link is not None
+        if not self._link.multi_stream_reads:
+            # a cluster keeps streams in different slots: one read each, none blocking
+            return [(*cmd, "STREAMS", s, ">") for s in self._streams]
         if block is not None:
             cmd += ("BLOCK", block)
-        return (*cmd, "STREAMS", *self._streams, *([">"] * len(self._streams)))
+        return [(*cmd, "STREAMS", *self._streams, *([">"] * len(self._streams)))]
 
     def _on_read_error(self, exc: redis.ResponseError) -> None:
         if "NOGROUP" in str(exc):
