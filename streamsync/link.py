@@ -90,7 +90,8 @@ class ClusterLink:
         conn = self._conns.get(node.name)
         if conn is None:
             pool = node.redis_connection.connection_pool
-            kwargs = {**pool.connection_kwargs, **self._kwargs}
+            # RESP2: raw replies keep stream entries as flat field lists
+            kwargs = {**pool.connection_kwargs, **self._kwargs, "protocol": 2}
             conn = self._conns[node.name] = pool.connection_class(**kwargs)
         return conn
 

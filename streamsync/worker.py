@@ -125,6 +125,11 @@ class Control:
     position: str
 
 
+def _transient(message: str) -> bool:
+    """True for an error reply meaning "not now" rather than "never"."""
+    return message.startswith(TRANSIENT_ERRORS) or "cluster is down" in message
+
+
 def _backoff(attempt: int) -> float:
     return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
 
@@ -583,7 +588,7 @@ class Worker:
                     assert self._client is not None
                     ensure_library(self._client)
                     retry = True
-                elif message.startswith(TRANSIENT_ERRORS):
+                elif _transient(message):
                     log.warning("redis refused a call (%s); retrying the batch", message)
                     retry = True
                 elif len(owners) > 1:
@@ -597,7 +602,14 @@ class Worker:
                 continue
             for entry, status in zip(owners, reply, strict=True):
                 if isinstance(status, bytes):
-                    entry.error = f"redis error: {status.decode(errors='replace')}"
+                    text = status.decode(errors="replace")
+                    if _transient(text):
+                        # Redis, not the row, is at fault (a cluster failing over, memory
+                        # full): retry the batch in hand, without spending deliveries
+                        log.warning("redis refused a row (%s); retrying the batch", text)
+                        retry = True
+                    else:
+                        entry.error = f"redis error: {text}"
                 else:
                     outcome = _ROW_OUTCOMES.get(status, "unknown")
                     if entry.outcome is None or outcome == "applied":

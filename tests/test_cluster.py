@@ -1,0 +1,296 @@
+"""The worker and the Functions library on a real 3-primary Redis Cluster started by the test:
+commands routed by slot, the library on every primary, keys all over the keyspace, and a
+primary restarted (and one losing its library) while workers run."""
+
+from __future__ import annotations
+
+import random
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from streamsync.config import load_settings, parse_settings
+from streamsync.errors import ConfigError
+from streamsync.mapping import Planner
+from streamsync.worker import Worker
+from tests.debezium import entry_fields, envelope, write_config
+from tests.servers import RedisServer, free_port, wait_until
+
+STREAM = "app.public.users"
+ROWS = 400
+PLANS = ("free", "pro", "team")
+
+RULES: list[dict[str, Any]] = [
+    {"table": "public.users", "key": "user:{id}", "type": "hash"},
+    {
+        "table": "public.users",
+        "key": "{{plans}}:plan:{plan}:users",
+        "type": "set",
+        "member": "{id}",
+    },
+    {
+        "table": "public.users",
+        "key": "balances",
+        "type": "zset",
+        "member": "user:{id}",
+        "score": "balance",
+        "where": "active = true",
+    },
+]
+
+
+def _bus_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            return False
+    return True
+
+
+def _cluster_port() -> int:
+    while True:
+        port = free_port()
+        if port + 10000 < 65536 and _bus_free(port):
+            return port
+
+
+class Cluster:
+    """Three primaries, no replicas, AOF on so a restarted primary keeps its data."""
+
+    def __init__(self, base: Path) -> None:
+        self.nodes = [
+            RedisServer(
+                base / f"n{i}",
+                port=_cluster_port(),
+                appendonly=True,
+                extra_args=[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                ],
+            )
+            for i in range(3)
+        ]
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.data_dir.mkdir(parents=True, exist_ok=True)
+            node.start()
+        addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        wait_until(self.ok, timeout=30, message="the cluster to be ok")
+
+    def ok(self) -> bool:
+        try:
+            return all(n.client().cluster("info")["cluster_state"] == "ok" for n in self.nodes)
+        except redis.RedisError:
+            return False
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def client(self) -> redis.RedisCluster:
+        return redis.RedisCluster(host="127.0.0.1", port=self.nodes[0].port)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path / "cluster")
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+class Source:
+    """Writes Debezium entries for a users table and remembers the newest row per id."""
+
+    def __init__(self, rc: redis.RedisCluster, seed: int) -> None:
+        self.rc = rc
+        self.rng = random.Random(seed)
+        self.lsn = 1_000
+        self.rows: dict[int, dict[str, Any] | None] = {}
+        self.entries: list[dict[str, str]] = []
+
+    def change(self, row_id: int) -> None:
+        self.lsn += 8
+        current = self.rows.get(row_id)
+        if current is not None and self.rng.random() < 0.15:
+            value = envelope("d", "public.users", self.lsn, before={"id": row_id})
+            self.rows[row_id] = None
+        else:
+            row = {
+                "id": row_id,
+                "name": f"user{row_id}-{self.lsn}",
+                "plan": self.rng.choice(PLANS),
+                "balance": f"{self.rng.randint(0, 9999)}.{self.rng.randint(0, 99):02d}",
+                "active": self.rng.random() < 0.7,
+            }
+            op = "c" if current is None else "u"
+            value = envelope(op, "public.users", self.lsn, after=row)
+            self.rows[row_id] = row
+        fields = entry_fields({"id": row_id}, value)
+        self.entries.append(fields)
+        self.rc.xadd(STREAM, fields)  # type: ignore[arg-type]
+
+    def run(self, n: int) -> None:
+        for _ in range(n):
+            self.change(self.rng.randrange(ROWS))
+
+    def replay(self, n: int) -> None:
+        for fields in self.rng.sample(self.entries, min(n, len(self.entries))):
+            self.rc.xadd(STREAM, fields)  # type: ignore[arg-type]
+
+
+def expected_state(rows: dict[int, dict[str, Any] | None]) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    plans: dict[str, set[str]] = {}
+    balances: dict[str, float] = {}
+    for row_id, row in rows.items():
+        if row is None:
+            continue
+        state[f"user:{row_id}"] = {
+            k: ("true" if v is True else "false" if v is False else str(v)) for k, v in row.items()
+        }
+        plans.setdefault(f"{{plans}}:plan:{row['plan']}:users", set()).add(str(row_id))
+        if row["active"]:
+            balances[f"user:{row_id}"] = float(row["balance"])
+    state.update(plans)
+    if balances:
+        state["balances"] = balances
+    return state
+
+
+def actual_state(rc: redis.RedisCluster) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for raw in rc.scan_iter(count=1000):
+        key = raw.decode()
+        if key.startswith("streamsync:") or key.startswith("app."):
+            continue
+        kind = rc.type(key).decode()
+        if kind == "hash":
+            state[key] = {k.decode(): v.decode() for k, v in rc.hgetall(key).items()}
+        elif kind == "set":
+            state[key] = {m.decode() for m in rc.smembers(key)}
+        elif kind == "zset":
+            state[key] = {m.decode(): s for m, s in rc.zrange(key, 0, -1, withscores=True)}
+        else:
+            state[key] = kind
+    return state
+
+
+def run_workers(cfg: Path, names: list[str]) -> list[Worker]:
+    workers = [Worker(load_settings(cfg, environ={}), consumer=n, drain=True) for n in names]
+    threads = [threading.Thread(target=w.run) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+        assert not t.is_alive(), "a worker did not drain in time"
+    return workers
+
+
+def drained(rc: redis.RedisCluster) -> bool:
+    """Every entry read by the group and acknowledged (trimming leaves XINFO's lag unknown)."""
+    groups = rc.xinfo_groups(STREAM)
+    last = rc.xinfo_stream(STREAM)["last-generated-id"]
+    return bool(groups) and groups[0]["pending"] == 0 and groups[0]["last-delivered-id"] == last
+
+
+def test_workload_across_slots_with_two_workers_replays_and_a_truncate(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    rc = cluster.client()
+    cfg = write_config(tmp_path / "c.yaml", cluster.url, streams=[STREAM], rules=RULES)
+    source = Source(rc, seed=7)
+    source.run(3000)
+    source.replay(800)  # Debezium re-sends a range: older positions, shuffled
+    workers = run_workers(cfg, ["w1", "w2"])
+    assert drained(rc)
+    expected = expected_state(source.rows)
+    assert actual_state(rc) == expected
+    slots = {rc.keyslot(k) for k in expected}
+    assert len({rc.nodes_manager.get_node_from_slot(s).name for s in slots}) == 3
+    assert not rc.exists(STREAM + ":dlq")
+    applied = [n for w in workers for (_, _, _, o), n in w.counts.items() if o == "applied"]
+    assert all(applied) and len(applied) >= 2  # both workers took a share
+    # every primary holds the library
+    for node in cluster.nodes:
+        assert node.client().fcall_ro("streamsync_version", 0) is not None
+    # a TRUNCATE empties every structure, on every node, and new rows come after it
+    source.lsn += 8
+    rc.xadd(STREAM, entry_fields(None, envelope("t", "public.users", source.lsn)))  # type: ignore[arg-type]
+    source.rows = {}
+    source.run(50)
+    run_workers(cfg, ["w1"])
+    assert actual_state(rc) == expected_state(source.rows)
+
+
+@pytest.mark.timeout(300)
+def test_a_primary_restarted_and_a_library_lost_mid_run(cluster: Cluster, tmp_path: Path) -> None:
+    rc = cluster.client()
+    cfg = write_config(
+        tmp_path / "c.yaml", cluster.url, streams=[STREAM], rules=RULES, batch_size=50
+    )
+    source = Source(rc, seed=11)
+    source.run(2000)
+    settings = load_settings(cfg, environ={})
+    workers = [Worker(settings, consumer=f"w{i}") for i in range(2)]
+    threads = [threading.Thread(target=w.run) for w in workers]
+    for t in threads:
+        t.start()
+    try:
+        victim = cluster.nodes[1]
+        wait_until(
+            lambda: any((g["entries-read"] or 0) > 300 for g in rc.xinfo_groups(STREAM)),
+            timeout=60,
+            message="the workers to be applying",
+        )
+        victim.kill()
+        victim.restart()
+        wait_until(cluster.ok, timeout=60, message="the cluster to recover")
+        source.run(500)
+        # a primary that lost the library (restarted without persistence): reloaded on demand
+        cluster.nodes[2].client().function_flush()
+        source.run(500)
+        wait_until(lambda: drained(rc), timeout=120, message="the workers to drain")
+    finally:
+        for w in workers:
+            w.request_stop()
+        for t in threads:
+            t.join(timeout=30)
+    assert actual_state(rc) == expected_state(source.rows)
+    assert not rc.exists(STREAM + ":dlq")
+    assert sum(w.reconnects for w in workers) >= 1
+
+
+def test_a_set_rule_must_pin_its_slot_in_a_cluster() -> None:
+    rule = RULES[1] | {"key": "plan:{plan}:users"}
+    settings = load_settings_from_rules([rule])
+    with pytest.raises(ConfigError, match="hash tag"):
+        Planner(settings.rules_by_table, "streamsync:pos:", cluster=True)
+
+
+def load_settings_from_rules(rules: list[dict[str, Any]]) -> Any:
+    return parse_settings({"source": {"streams": [STREAM]}, "rules": rules})
