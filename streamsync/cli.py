@@ -14,6 +14,7 @@ from streamsync import resync as resync_mod
 from streamsync.capture import exit_now, run_capture
 from streamsync.config import Settings, load_settings, redact_url
 from streamsync.demo import DemoOptions, run_demo
+from streamsync.dlq import dlq_group
 from streamsync.errors import ConfigError, ExitCode
 from streamsync.worker import run_worker
 
@@ -195,6 +196,9 @@ def resync(
         sys.exit(ExitCode.FAILURE)
     finally:
         client.close()
+
+
+cli.add_command(dlq_group)
 
 
 def main() -> None:
