@@ -49,6 +49,8 @@ MAX_CLAIM_PAGES = 10
 #: How long a worker on a Redis Cluster waits before reading idle streams again (its reads
 #: cannot block on several streams at once).
 CLUSTER_POLL_MS = 50
+#: Share of maxmemory above which the worker warns and trims at every cycle.
+MEMORY_PRESSURE = 0.9
 #: Consumers idle this long with nothing pending are removed from the group.
 CONSUMER_PRUNE_IDLE_MS = 3_600_000
 
@@ -190,6 +192,8 @@ class Worker:
         self._unread: list[Entry] = []
         self._claim_cursor: dict[str, bytes] = {}
         self._next_claim = self._next_trim = self._next_discover = self._next_prune = 0.0
+        self._next_memory_warning = 0.0
+        self._memory_pressed = False
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -821,6 +825,7 @@ class Worker:
         if worker.trim and now >= self._next_trim:
             self._trim()
             self._next_trim = now + worker.trim_interval_ms / 1000
+            self._check_memory(now)
         if now >= self._next_prune:
             self._prune_consumers()
             self._next_prune = now + CONSUMER_PRUNE_IDLE_MS / 1000 / 10
@@ -885,6 +890,29 @@ class Worker:
         counts = {eid: int(n) for eid, _, _, n in pending}
         for entry in entries:
             entry.deliveries = counts.get(entry.id, entry.deliveries)
+
+    def _check_memory(self, now: float) -> None:
+        """Backpressure: near ``maxmemory``, say so (at most once a minute) and trim at every
+        cycle until it eases. Unacknowledged entries are never deleted: a full Redis makes
+        writes fail with OOM, which the worker retries with backoff until memory frees."""
+        if not isinstance(self._client, redis.Redis):
+            return
+        memory = self._client.info("memory")
+        limit = int(memory.get("maxmemory") or 0)
+        used = int(memory.get("used_memory") or 0)
+        pressed = limit > 0 and used >= MEMORY_PRESSURE * limit
+        if pressed and now >= self._next_memory_warning:
+            log.warning(
+                "redis memory at %.0f%% of maxmemory (%d of %d bytes): trimming acknowledged"
+                " entries at every cycle; unacknowledged entries are kept",
+                100 * used / limit,
+                used,
+                limit,
+            )
+            self._next_memory_warning = now + 60
+        self._memory_pressed = pressed
+        if pressed:
+            self._next_trim = now
 
     def _trim(self) -> None:
         assert self._client is not None
