@@ -13,9 +13,18 @@ from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from streamsync.errors import ConfigError
@@ -24,6 +33,8 @@ from streamsync.templates import KeyTemplate
 
 #: Environment variable that overrides ``redis.url``, so credentials can stay out of the file.
 REDIS_URL_ENV = "STREAMSYNC_REDIS_URL"
+#: Environment variable holding the Redis password; wins over ``redis.password_file``.
+REDIS_PASSWORD_ENV = "STREAMSYNC_REDIS_PASSWORD"
 
 _TABLE_RE = re.compile(r"^[^.\s]+\.[^.\s]+$")
 
@@ -47,11 +58,91 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def split_url_password(url: str) -> tuple[str, str | None]:
+    """``url`` without its password, and the password (None when it holds none).
+
+    Both places redis-py reads a password from are looked at: the user info
+    (``redis://user:secret@host``, which wins, as in redis-py) and a ``password`` query
+    parameter (``unix:///run/redis.sock?password=secret``). A URL without a password comes back
+    unchanged.
+    """
+    parts = urlsplit(url)
+    password: str | None = None
+    netloc = parts.netloc
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        kept = [(k, v) for k, v in pairs if k != "password"]
+        if len(kept) != len(pairs):
+            given = [v for k, v in pairs if k == "password"]
+            password = given[0] or None
+            query = urlencode(kept)
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        if colon:
+            if secret:
+                password = unquote(secret)
+            netloc = f"{user}@{hostport}" if user else hostport
+    if netloc == parts.netloc and query == parts.query:
+        return url, None
+    rebuilt = f"{parts.scheme}://{netloc}{parts.path}"
+    if query:
+        rebuilt += "?" + query
+    if parts.fragment:
+        rebuilt += "#" + parts.fragment
+    return rebuilt, password
+
+
+def _url_username(url: str) -> str | None:
+    userinfo, at, _ = urlsplit(url).netloc.rpartition("@")
+    user = unquote(userinfo.partition(":")[0]) if at else ""
+    return user or None
+
+
+_TLS_FILES = ("tls_ca_file", "tls_cert_file", "tls_key_file")
+
+
 class RedisSettings(_Model):
-    """Where the cache (and the streams) live."""
+    """Where the cache (and the streams) live, and how to authenticate to it.
+
+    The password never sits in the configuration file: it comes from ``password_file``, from
+    the environment (``STREAMSYNC_REDIS_PASSWORD``), or from a URL given in the environment
+    (``STREAMSYNC_REDIS_URL``). ``load_settings`` resolves it into ``password``, a SecretStr, and
+    ``url`` never keeps it, so neither ``repr`` nor ``str`` of the settings can show it.
+    """
+
+    # inputs are never echoed in validation errors: a URL may carry a password
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     url: str = "redis://127.0.0.1:6379/0"
+    #: The ACL user (Redis 6+); a user named in ``url`` must be the same.
+    username: Annotated[str, Field(min_length=1)] | None = None
+    #: A file holding the password (its trailing newline is dropped); relative paths are
+    #: relative to the configuration file.
+    password_file: Path | None = None
+    #: The resolved password: set by ``load_settings``, not a key of the configuration file.
+    password: SecretStr | None = None
     socket_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    #: TLS (``rediss://`` only): the CA bundle verifying the server, and a client certificate
+    #: with its key for servers that require one (``tls-auth-clients``).
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: Verify the server's certificate and host name (turn off for tests only).
+    tls_verify: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_out_of_url(cls, data: Any) -> Any:
+        # a password in the URL moves to the SecretStr, so the URL can be shown and logged
+        if isinstance(data, dict) and isinstance(data.get("url"), str):
+            url, password = split_url_password(data["url"])
+            if password is not None:
+                if data.get("password") is not None:
+                    raise ValueError("a password is given both in 'url' and in 'password'")
+                data = {**data, "url": url, "password": password}
+        return data
 
     @field_validator("url")
     @classmethod
@@ -59,6 +150,32 @@ class RedisSettings(_Model):
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return url
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RedisSettings:
+        in_url = _url_username(self.url)
+        if self.username is not None and in_url is not None and in_url != self.username:
+            raise _field_error(self, "username", f"differs from the user {in_url!r} named in 'url'")
+        if not self.tls:
+            for name in (*_TLS_FILES, "tls_verify"):
+                if name in self.model_fields_set:
+                    raise _field_error(self, name, "needs a rediss:// url (TLS)")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            missing = "tls_key_file" if self.tls_key_file is None else "tls_cert_file"
+            raise _field_error(
+                self, missing, "is required with the other one (a client certificate and its key)"
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """Whether the connection uses TLS (a ``rediss://`` URL)."""
+        return self.url.startswith("rediss://")
+
+    @property
+    def effective_username(self) -> str | None:
+        """The ACL user the connection authenticates as (None: the default user)."""
+        return self.username or _url_username(self.url)
 
 
 class StreamFormat(StrEnum):
@@ -453,6 +570,8 @@ def load_settings(path: Path | str, environ: Mapping[str, str] | None = None) ->
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if isinstance(data, dict):
+        _refuse_inline_password(path, data)
     if isinstance(data, dict) and environ.get(REDIS_URL_ENV):
         redis_section = data.get("redis")
         redis_section = dict(redis_section) if isinstance(redis_section, dict) else {}
@@ -468,7 +587,66 @@ def load_settings(path: Path | str, environ: Mapping[str, str] | None = None) ->
             "offsets_file": base / capture.offsets_file,
         }
     )
-    return settings.model_copy(update={"capture": resolved})
+    redis_settings = _resolve_redis(settings.redis, path, environ)
+    return settings.model_copy(update={"capture": resolved, "redis": redis_settings})
+
+
+def _refuse_inline_password(path: Path, data: Mapping[str, Any]) -> None:
+    """A password written in the configuration file is an error, never used."""
+    section = data.get("redis")
+    if not isinstance(section, dict):
+        return
+    instead = (
+        f"put it in a file named by redis.password_file, or in the environment variable"
+        f" {REDIS_PASSWORD_ENV} (or the whole URL in {REDIS_URL_ENV})"
+    )
+    if "password" in section:
+        raise ConfigError(
+            f"{path}: redis.password: a password does not belong in the configuration file: "
+            + instead
+        )
+    url = section.get("url")
+    if isinstance(url, str) and split_url_password(url)[1] is not None:
+        raise ConfigError(
+            f"{path}: redis.url: holds a password in plain text; remove it from the URL and "
+            + instead
+        )
+
+
+def _resolve_redis(
+    settings: RedisSettings, path: Path, environ: Mapping[str, str]
+) -> RedisSettings:
+    """Paths relative to the configuration file, and the password from where it is kept:
+    STREAMSYNC_REDIS_PASSWORD, else a URL given in STREAMSYNC_REDIS_URL, else password_file."""
+    base = path.parent
+    update: dict[str, Any] = {}
+    for name in ("password_file", *_TLS_FILES):
+        value = getattr(settings, name)
+        if value is not None:
+            update[name] = base / value
+    from_env = environ.get(REDIS_PASSWORD_ENV)
+    if from_env:
+        update["password"] = SecretStr(from_env)
+    elif settings.password is None and settings.password_file is not None:
+        update["password"] = SecretStr(_read_password(path, update["password_file"]))
+    return settings.model_copy(update=update) if update else settings
+
+
+def _read_password(path: Path, password_file: Path) -> str:
+    try:
+        text = password_file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: redis.password_file: cannot read {password_file}: {exc.strerror}"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{path}: redis.password_file: {password_file} is not UTF-8 text"
+        ) from None
+    password = text.removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise ConfigError(f"{path}: redis.password_file: {password_file} is empty")
+    return password
 
 
 def redact_url(url: str) -> str:

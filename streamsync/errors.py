@@ -11,6 +11,8 @@ class ExitCode(enum.IntEnum):
     OK = 0
     #: An unexpected error: a bug or an environment failure worth a look.
     FAILURE = 1
+    #: `streamsync status` found something wrong (each problem is listed).
+    UNHEALTHY = 2
     #: The configuration file is missing, unreadable or invalid.
     CONFIG_INVALID = 3
     #: Redis holds a newer, incompatible streamsync Functions library: this worker is too old.
