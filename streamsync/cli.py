@@ -16,6 +16,7 @@ from streamsync.config import Settings, load_settings, redact_url
 from streamsync.demo import DemoOptions, run_demo
 from streamsync.dlq import dlq_group
 from streamsync.errors import ConfigError, ExitCode
+from streamsync.status import status_command
 from streamsync.worker import run_worker
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -199,6 +200,7 @@ def resync(
 
 
 cli.add_command(dlq_group)
+cli.add_command(status_command)
 
 
 def main() -> None:

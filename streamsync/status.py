@@ -1,0 +1,1049 @@
+"""``streamsync status``: what the streams, the consumer group and the workers are doing, and
+whether that is healthy.
+
+Three separate steps, so that each can be tested on its own:
+
+- ``collect(client, settings, now_ms)`` reads Redis into a ``StatusReport`` (a tree of frozen
+  dataclasses whose field names, units and nulls are the JSON document's, see docs/status.md);
+- ``problems(report, thresholds)`` turns a report into the list of what is wrong (empty: healthy),
+  without touching Redis;
+- ``render(...)`` / ``to_document(...)`` present it, as rich tables or as one JSON document.
+
+Durations are float seconds named ``*_s``; instants are integer Unix milliseconds named ``*_ms``.
+Ages are measured against Redis's clock (``TIME``), the clock that stamps stream entry ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+from rich.console import Console, Group, JustifyMethod, RenderableType
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from streamsync import connection
+from streamsync.config import DLQ_SUFFIX, Settings, load_settings, redact_url
+from streamsync.errors import ConfigError, ExitCode, PoisonEntryError
+from streamsync.events import ChangeEvent, Decoder
+from streamsync.functions import Version, library_version, loaded_version
+from streamsync.mapping import glob_escape
+from streamsync.worker import CONSUMER_PRUNE_IDLE_MS, stats_key
+
+#: Version of the JSON document's layout; bumped when a field changes meaning or goes away.
+SCHEMA_VERSION = 1
+#: A consumer idle this long is dead even with nothing pending (the workers prune it then).
+DEAD_IDLE_MS = CONSUMER_PRUNE_IDLE_MS
+#: Outcomes a worker counts, in the order they are shown (others found in the hash follow).
+OUTCOMES = (
+    "applied",
+    "stale",
+    "skipped",
+    "dropped",
+    "dead_lettered",
+    "failed",
+    "tombstone",
+    "heartbeat",
+    "claimed",
+    "vanished",
+)
+#: Debezium ops, in the order they are shown; ``none`` gathers the counts of entries carrying no
+#: op (tombstones, heartbeats, claims, vanished or undecodable entries).
+OPS = ("c", "u", "d", "r", "t", "none")
+NO_OP = "none"
+#: Memory policies that never evict a key.
+SAFE_POLICY = "noeviction"
+#: Options given to the connection: fail fast on an unreachable host.
+CONNECT_TIMEOUT_S = 5.0
+
+LAG_NULL_NOTE = (
+    "Redis cannot count the unread entries of this group (entries deleted inside the unread"
+    " range, or a group position set by id); 'unread' says whether any entry awaits a first read"
+)
+
+
+# -- the report ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OldestPending:
+    """The oldest entry delivered to a consumer and not acknowledged (XPENDING - + 1)."""
+
+    id: str
+    #: Now minus the entry id's milliseconds: how long ago the entry was added.
+    age_s: float
+    consumer: str
+    #: Since the entry was last delivered (XPENDING's idle time).
+    idle_s: float
+    deliveries: int
+    #: The owning consumer's own idle time (XINFO CONSUMERS); null if it is not listed.
+    consumer_idle_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerStatus:
+    """One consumer of the group on one stream (XINFO CONSUMERS)."""
+
+    name: str
+    pending: int
+    #: Since the consumer's last attempted read or claim.
+    idle_s: float
+    #: Since its last successful read or claim; Redis 7.2 and newer, else null.
+    inactive_s: float | None
+    #: Idle longer than claim_idle_ms while holding pending entries, or idle longer than an hour.
+    dead: bool
+    #: ``active`` (idle at most claim_idle_ms), ``idle`` (longer, nothing pending) or ``dead``.
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStatus:
+    """One source stream, its consumer group, its dead letters and the workers' counters."""
+
+    name: str
+    #: False when the key does not exist (length 0 then).
+    exists: bool
+    #: Why the stream could not be read (e.g. the key is not a stream); null when fine.
+    error: str | None
+    length: int
+    last_entry_id: str | None
+    last_entry_age_s: float | None
+    group_exists: bool
+    last_delivered_id: str | None
+    #: XINFO GROUPS ``entries-read``; null when Redis does not know it.
+    entries_read: int | None
+    #: XINFO GROUPS ``lag``: entries not yet delivered to the group; null when Redis cannot tell.
+    lag: int | None
+    #: Why ``lag`` is null; null otherwise.
+    lag_note: str | None
+    #: True when some entry was never delivered to the group.
+    unread: bool
+    oldest_unread_id: str | None
+    oldest_unread_age_s: float | None
+    #: Entries delivered and not acknowledged, group-wide.
+    pending: int
+    oldest_pending: OldestPending | None
+    consumers: tuple[ConsumerStatus, ...]
+    dlq_stream: str
+    dlq_length: int
+    #: ``{op: {outcome: n}}`` summed over tables, from the workers' stats hash.
+    counts: dict[str, dict[str, int]]
+    #: ``{outcome: n}`` summed over ops.
+    totals: dict[str, int]
+    #: When a worker last applied a change of this stream (the worker's clock).
+    last_applied_ms: int | None
+    last_applied_id: str | None
+    #: Commit time in the database of that change (``source.ts_ms``).
+    last_source_ts_ms: int | None
+    #: Now minus last_source_ts_ms: the end-to-end lag of the last applied change.
+    sync_lag_s: float | None
+    #: Now minus last_applied_ms.
+    since_last_applied_s: float | None
+    #: Now minus the commit time of the oldest change still pending or unread (its entry's age
+    #: when it carries no commit time); null when nothing waits.
+    waiting_lag_s: float | None
+
+    @property
+    def waiting(self) -> bool:
+        """Entries are pending or unread."""
+        return self.pending > 0 or self.unread
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryStatus:
+    """INFO memory."""
+
+    used_memory_bytes: int
+    #: 0 means no limit.
+    maxmemory_bytes: int
+    maxmemory_policy: str
+    #: used / max; null without a limit.
+    used_ratio: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyspaceStatus:
+    """INFO stats: lookups of existing and missing keys since the server started (or CONFIG
+    RESETSTAT), the workers' own lookups included."""
+
+    hits: int
+    misses: int
+    #: hits / (hits + misses); null before any lookup.
+    hit_rate: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class LibraryStatus:
+    """The streamsync Functions library loaded in Redis and the one this package ships."""
+
+    #: ``MAJOR.MINOR.PATCH``; null when no library is loaded.
+    loaded: str | None
+    shipped: str
+
+
+@dataclass(frozen=True, slots=True)
+class RedisStatus:
+    """Where the report comes from."""
+
+    #: redis.url without credentials.
+    url: str
+    #: null when INFO is not permitted.
+    version: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    """Everything ``streamsync status`` shows, read from Redis at ``generated_at_ms``."""
+
+    #: Redis's clock when the report was taken: the "now" of every age.
+    generated_at_ms: int
+    redis: RedisStatus
+    group: str
+    #: source.stream_prefix when the streams were discovered, else null.
+    stream_prefix: str | None
+    claim_idle_ms: int
+    streams: tuple[StreamStatus, ...]
+    #: null when INFO is not permitted (see notes).
+    memory: MemoryStatus | None
+    #: null when INFO is not permitted (see notes).
+    keyspace: KeyspaceStatus | None
+    library: LibraryStatus
+    #: What could not be read, and why.
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """The limits ``problems`` applies."""
+
+    max_lag_s: float = 60.0
+    #: None: twice claim_idle_ms.
+    max_pending_age_s: float | None = None
+
+    def pending_age_limit_s(self, report: StatusReport) -> float:
+        """max_pending_age_s, or its default from the report's claim_idle_ms."""
+        if self.max_pending_age_s is not None:
+            return self.max_pending_age_s
+        return 2 * report.claim_idle_ms / 1000
+
+
+# -- collecting ----------------------------------------------------------------------------
+
+
+def _str(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else _str(value)
+
+
+def _opt_int(value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(float(_str(value)))
+    except ValueError:
+        return None
+
+
+def id_ms(entry_id: str) -> int:
+    """The milliseconds part of a stream entry id."""
+    return int(entry_id.partition("-")[0])
+
+
+def _age_s(now_ms: int, then_ms: float | None) -> float | None:
+    if then_ms is None:
+        return None
+    return round(max(0.0, now_ms - then_ms) / 1000, 3)
+
+
+def _secs(ms: float) -> float:
+    return round(ms / 1000, 3)
+
+
+def fmt_version(version: Version | None) -> str | None:
+    """``(1, 2, 3)`` -> ``"1.2.3"``."""
+    return None if version is None else ".".join(map(str, version))
+
+
+def discover_streams(client: redis.Redis, settings: Settings) -> list[str]:
+    """The configured streams, or those ``source.stream_prefix`` finds (dead letters excluded),
+    sorted."""
+    if settings.source.streams is not None:
+        return list(settings.source.streams)
+    prefix = settings.source.stream_prefix or ""
+    found = {
+        _str(k)
+        for k in client.scan_iter(match=glob_escape(prefix) + "*", count=1000, _type="stream")
+    }
+    return sorted(s for s in found if not s.endswith(DLQ_SUFFIX))
+
+
+def _parse_counts(
+    stats: Mapping[bytes, bytes],
+) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    counts: dict[str, Counter[str]] = {}
+    totals: Counter[str] = Counter()
+    for raw_name, raw_value in stats.items():
+        name = _str(raw_name)
+        if not name.startswith("n:"):
+            continue
+        parts = name[2:].rsplit(":", 2)
+        n = _opt_int(raw_value)
+        if len(parts) != 3 or n is None:
+            continue
+        _, op, outcome = parts
+        counts.setdefault(op or NO_OP, Counter())[outcome] += n
+        totals[outcome] += n
+    return (
+        {op: dict(sorted(c.items())) for op, c in sorted(counts.items())},
+        dict(sorted(totals.items())),
+    )
+
+
+def _consumer_state(pending: int, idle_ms: int, claim_idle_ms: int) -> tuple[bool, str]:
+    dead = (idle_ms > claim_idle_ms and pending > 0) or idle_ms > DEAD_IDLE_MS
+    if dead:
+        return True, "dead"
+    return False, "active" if idle_ms <= claim_idle_ms else "idle"
+
+
+def _change_ts_ms(decoder: Decoder, fields: Mapping[bytes, bytes] | None) -> int | None:
+    """The commit time carried by an entry, or None (not a change, or not decodable)."""
+    if not fields:
+        return None
+    flat = [part for pair in fields.items() for part in pair]
+    try:
+        event = decoder.decode(flat)
+    except (PoisonEntryError, ValueError):
+        return None
+    return event.ts_ms if isinstance(event, ChangeEvent) else None
+
+
+def _first_entry(reply: Any) -> tuple[str, Mapping[bytes, bytes] | None] | None:
+    if not reply:
+        return None
+    entry_id, fields = reply[0]
+    return _str(entry_id), fields
+
+
+def collect_stream(
+    client: redis.Redis, settings: Settings, stream: str, now_ms: int, decoder: Decoder
+) -> StreamStatus:
+    """Read one stream's status. The reads of the stream, its group, its consumers and its
+    counters go in one round trip (a pipeline, not a MULTI: a monitoring user needs read
+    commands only)."""
+    group = settings.source.group
+    claim_idle_ms = settings.worker.claim_idle_ms
+    dlq = stream + DLQ_SUFFIX
+    pipe = client.pipeline(transaction=False)
+    pipe.type(stream)
+    pipe.xlen(stream)
+    pipe.xrevrange(stream, count=1)
+    pipe.xinfo_groups(stream)
+    pipe.xinfo_consumers(stream, group)
+    pipe.xpending(stream, group)
+    pipe.xpending_range(stream, group, "-", "+", 1)
+    pipe.xlen(dlq)
+    pipe.hgetall(stats_key(settings.worker.state_prefix, group, stream))
+    replies = pipe.execute(raise_on_error=False)
+    for reply in replies:
+        # a missing key or group reads as such; a refused command must not
+        if isinstance(reply, redis.exceptions.NoPermissionError):
+            raise reply
+    (kind, length, last, groups, consumers, summary, oldest, dlq_len, stats) = replies
+    kind = _str(kind)
+    stats = stats if isinstance(stats, dict) else {}
+    counts, totals = _parse_counts(stats)
+    if isinstance(dlq_len, Exception):
+        dlq_len = 0
+    error = None
+    if kind not in ("stream", "none"):
+        error = f"the key is a {kind}, not a stream"
+    elif isinstance(length, Exception):
+        error = f"cannot read the stream: {length}"
+    if error is not None or kind == "none":
+        length, last, groups = 0, [], []
+    last_entry = _first_entry(last)
+    last_id = last_entry[0] if last_entry else None
+    info = next(
+        (g for g in (groups if isinstance(groups, list) else []) if _str(g["name"]) == group),
+        None,
+    )
+
+    stats_last_applied = _opt_int(stats.get(b"last_applied_ms"))
+    stats_source = _opt_int(stats.get(b"last_source_ts_ms"))
+    stats_last_id = _opt_str(stats.get(b"last_id"))
+    common: dict[str, Any] = {
+        "name": stream,
+        "exists": kind != "none",
+        "error": error,
+        "length": int(length),
+        "last_entry_id": last_id,
+        "last_entry_age_s": _age_s(now_ms, id_ms(last_id)) if last_id else None,
+        "dlq_stream": dlq,
+        "dlq_length": int(dlq_len),
+        "counts": counts,
+        "totals": totals,
+        "last_applied_ms": stats_last_applied,
+        "last_applied_id": stats_last_id,
+        "last_source_ts_ms": stats_source,
+        "sync_lag_s": _age_s(now_ms, stats_source),
+        "since_last_applied_s": _age_s(now_ms, stats_last_applied),
+    }
+    if info is None:
+        return StreamStatus(
+            **common,
+            group_exists=False,
+            last_delivered_id=None,
+            entries_read=None,
+            lag=None,
+            lag_note=None,
+            unread=int(length) > 0,
+            oldest_unread_id=None,
+            oldest_unread_age_s=None,
+            pending=0,
+            oldest_pending=None,
+            consumers=(),
+            waiting_lag_s=None,
+        )
+
+    idle_by_name: dict[str, int] = {}
+    consumer_list: list[ConsumerStatus] = []
+    for c in consumers if isinstance(consumers, list) else []:
+        name = _str(c["name"])
+        pending_n, idle_ms = int(c["pending"]), int(c["idle"])
+        inactive = c.get("inactive")
+        dead, state = _consumer_state(pending_n, idle_ms, claim_idle_ms)
+        idle_by_name[name] = idle_ms
+        consumer_list.append(
+            ConsumerStatus(
+                name=name,
+                pending=pending_n,
+                idle_s=_secs(idle_ms),
+                inactive_s=None if inactive is None or int(inactive) < 0 else _secs(inactive),
+                dead=dead,
+                state=state,
+            )
+        )
+    consumer_list.sort(key=lambda c: c.name)
+
+    oldest_pending = None
+    if isinstance(oldest, list) and oldest:
+        o = oldest[0]
+        pid, owner = _str(o["message_id"]), _str(o["consumer"])
+        owner_idle = idle_by_name.get(owner)
+        oldest_pending = OldestPending(
+            id=pid,
+            age_s=_age_s(now_ms, id_ms(pid)) or 0.0,
+            consumer=owner,
+            idle_s=_secs(int(o["time_since_delivered"])),
+            deliveries=int(o["times_delivered"]),
+            consumer_idle_s=None if owner_idle is None else _secs(owner_idle),
+        )
+    pending = int(summary["pending"]) if isinstance(summary, dict) else 0
+
+    last_delivered = _str(info["last-delivered-id"])
+    lag = _opt_int(info.get("lag"))
+    # the first entry never delivered to the group: it tells whether anything is unread even
+    # when Redis cannot count it
+    first_unread = _first_entry(client.xrange(stream, min="(" + last_delivered, count=1))
+    unread = lag > 0 if lag is not None else first_unread is not None
+    if not unread:
+        first_unread = None
+
+    # how far behind the cache is: the commit time of the oldest change still waiting
+    waiting_lag_s = None
+    oldest_waiting: tuple[str, Mapping[bytes, bytes] | None] | None = None
+    if oldest_pending is not None:
+        oldest_waiting = _first_entry(
+            client.xrange(stream, min=oldest_pending.id, max=oldest_pending.id, count=1)
+        ) or (oldest_pending.id, None)
+    elif first_unread is not None:
+        oldest_waiting = first_unread
+    if oldest_waiting is not None:
+        ts_ms = _change_ts_ms(decoder, oldest_waiting[1])
+        waiting_lag_s = _age_s(now_ms, ts_ms if ts_ms is not None else id_ms(oldest_waiting[0]))
+
+    return StreamStatus(
+        **common,
+        group_exists=True,
+        last_delivered_id=last_delivered,
+        entries_read=_opt_int(info.get("entries-read")),
+        lag=lag,
+        lag_note=LAG_NULL_NOTE if lag is None else None,
+        unread=unread,
+        oldest_unread_id=first_unread[0] if first_unread else None,
+        oldest_unread_age_s=_age_s(now_ms, id_ms(first_unread[0])) if first_unread else None,
+        pending=pending,
+        oldest_pending=oldest_pending,
+        consumers=tuple(consumer_list),
+        waiting_lag_s=waiting_lag_s,
+    )
+
+
+def redis_now_ms(client: redis.Redis) -> int | None:
+    """Redis's clock (TIME) in milliseconds; None when this user may not run TIME."""
+    try:
+        seconds, micros = client.time()
+    except redis.exceptions.NoPermissionError:
+        return None
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def _info(client: redis.Redis) -> dict[str, Any] | None:
+    """INFO (server, memory, stats...); None when this user may not run it."""
+    try:
+        return dict(client.info())
+    except redis.exceptions.NoPermissionError:
+        return None
+
+
+def collect(client: redis.Redis, settings: Settings, now_ms: int | None = None) -> StatusReport:
+    """Read everything the status shows. ``now_ms`` is the instant ages are measured from
+    (default: Redis's clock, which stamps the entry ids). Raises redis.RedisError.
+
+    It runs read-only commands only; a monitoring user lacking TIME or INFO still gets a report
+    (this machine's clock; no memory and keyspace figures), with a note saying so."""
+    notes: list[str] = []
+    if now_ms is None:
+        now_ms = redis_now_ms(client)
+        if now_ms is None:
+            now_ms = int(time.time() * 1000)
+            notes.append("TIME not permitted for this user: ages use this machine's clock")
+    decoder = Decoder(settings.source.format, settings.source.null_marker)
+    streams = tuple(
+        collect_stream(client, settings, s, now_ms, decoder)
+        for s in discover_streams(client, settings)
+    )
+    info = _info(client)
+    memory = keyspace = None
+    if info is None:
+        notes.append(
+            "INFO not permitted for this user: memory, eviction policy and hit rate not checked"
+        )
+    else:
+        used, maxmemory = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+        hits, misses = int(info.get("keyspace_hits", 0)), int(info.get("keyspace_misses", 0))
+        memory = MemoryStatus(
+            used_memory_bytes=used,
+            maxmemory_bytes=maxmemory,
+            maxmemory_policy=str(info.get("maxmemory_policy", "?")),
+            used_ratio=round(used / maxmemory, 4) if maxmemory else None,
+        )
+        keyspace = KeyspaceStatus(
+            hits=hits,
+            misses=misses,
+            hit_rate=round(hits / (hits + misses), 4) if hits + misses else None,
+        )
+    return StatusReport(
+        generated_at_ms=now_ms,
+        redis=RedisStatus(
+            url=redact_url(settings.redis.url),
+            version=None if info is None else str(info.get("redis_version", "?")),
+        ),
+        group=settings.source.group,
+        stream_prefix=settings.source.stream_prefix,
+        claim_idle_ms=settings.worker.claim_idle_ms,
+        streams=streams,
+        memory=memory,
+        keyspace=keyspace,
+        library=LibraryStatus(
+            loaded=fmt_version(loaded_version(client)), shipped=fmt_version(library_version()) or ""
+        ),
+        notes=tuple(notes),
+    )
+
+
+# -- health --------------------------------------------------------------------------------
+
+
+def _n(count: int, word: str, plural: str | None = None) -> str:
+    return f"{count} {word if count == 1 else plural or word + 's'}"
+
+
+def _what_waits(s: StreamStatus) -> str:
+    """``3 entries pending and 5 unread``, ``1 entry pending``, ``entries unread``."""
+    parts = []
+    if s.pending:
+        parts.append(f"{_n(s.pending, 'entry', 'entries')} pending")
+    if s.unread:
+        parts.append(f"{s.lag} unread" if s.lag is not None else "entries unread")
+    if len(parts) == 2 and parts[1] == "entries unread":
+        parts[1] = "more unread"
+    return " and ".join(parts)
+
+
+def _policy_reason(policy: str, maxmemory: int) -> str:
+    if policy.startswith("allkeys-"):
+        why = (
+            "can evict any key: unread stream entries (lost changes), position records (a replay"
+            " then rolls rows back) and placement records (rows left behind in old keys)"
+        )
+    elif policy.startswith("volatile-"):
+        why = (
+            "can evict keys with a TTL: cached rows with ttl_s, and the position and placement"
+            " records of deleted rows (a late replay then brings a deleted row back)"
+        )
+    else:
+        why = "can evict keys streamsync relies on"
+    limit = " (no maxmemory set yet: it applies once one is)" if not maxmemory else ""
+    return f"maxmemory-policy {policy} {why}{limit}; use noeviction"
+
+
+def problems(report: StatusReport, thresholds: Thresholds) -> list[str]:
+    """What is wrong, one sentence each; empty when healthy."""
+    found: list[str] = []
+    max_pending_age = thresholds.pending_age_limit_s(report)
+    for s in report.streams:
+        if s.error is not None:
+            found.append(f"{s.name}: {s.error}")
+            continue
+        if not s.group_exists:
+            if s.length:
+                found.append(
+                    f"{s.name}: {_n(s.length, 'entry', 'entries')} but no consumer group"
+                    f" {report.group!r} (no worker ever started on this stream)"
+                )
+        elif s.waiting:
+            live = [c for c in s.consumers if c.state == "active"]
+            if not live:
+                others = "; ".join(
+                    f"{c.name}: {c.state}, idle {_fmt_s(c.idle_s)}, {c.pending} pending"
+                    for c in s.consumers
+                )
+                found.append(
+                    f"{s.name}: no live consumer while {_what_waits(s)}"
+                    f" ({others or 'the group has no consumers'})"
+                )
+            # behind for longer than the limit: both the last applied change and the oldest
+            # change still waiting were committed more than max_lag_s ago (so a system that was
+            # idle for an hour is not "behind" the instant a new entry arrives)
+            sync, wait = s.sync_lag_s, s.waiting_lag_s
+            lags = [x for x in (sync, wait) if x is not None]
+            if lags and min(lags) > thresholds.max_lag_s:
+                parts = ["nothing applied yet" if sync is None else f"sync lag {_fmt_s(sync)}"]
+                if wait is not None:
+                    parts.append(f"oldest waiting change committed {_fmt_s(wait)} ago")
+                found.append(
+                    f"{s.name}: behind: {', '.join(parts)} (over --max-lag-s"
+                    f" {thresholds.max_lag_s:g}), {_what_waits(s)}"
+                )
+        op = s.oldest_pending
+        if op is not None and op.age_s > max_pending_age:
+            found.append(
+                f"{s.name}: oldest pending entry {op.id} is {_fmt_s(op.age_s)} old (over"
+                f" {max_pending_age:g}s), held by {op.consumer}, delivered"
+                f" {_n(op.deliveries, 'time')}, idle {_fmt_s(op.idle_s)}"
+            )
+        if s.dlq_length:
+            found.append(
+                f"{s.name}: {_n(s.dlq_length, 'dead letter')} in {s.dlq_stream}"
+                f" (read them: XRANGE {s.dlq_stream} - +)"
+            )
+    lib = report.library
+    if lib.loaded is None:
+        found.append(
+            f"Functions library streamsync not loaded in Redis (a worker loads {lib.shipped}"
+            " when it starts)"
+        )
+    elif int(lib.loaded.split(".")[0]) < int(lib.shipped.split(".")[0]):
+        found.append(
+            f"Functions library {lib.loaded} loaded, an older major version than {lib.shipped}"
+            " (start a worker of this version to upgrade it)"
+        )
+    mem = report.memory
+    if mem is not None and mem.maxmemory_policy != SAFE_POLICY:
+        found.append(_policy_reason(mem.maxmemory_policy, mem.maxmemory_bytes))
+    return found
+
+
+# -- presenting ----------------------------------------------------------------------------
+
+
+def to_document(
+    report: StatusReport, thresholds: Thresholds, found: Sequence[str]
+) -> dict[str, Any]:
+    """The JSON document (docs/status.md describes it)."""
+    doc = asdict(report)
+    doc["schema_version"] = SCHEMA_VERSION
+    doc["thresholds"] = {
+        "max_lag_s": thresholds.max_lag_s,
+        "max_pending_age_s": thresholds.pending_age_limit_s(report),
+    }
+    doc["healthy"] = not found
+    doc["problems"] = list(found)
+    return doc
+
+
+def dumps(doc: Mapping[str, Any], indent: int | None = 2) -> str:
+    """Stable JSON text: keys sorted."""
+    return json.dumps(doc, sort_keys=True, indent=indent, ensure_ascii=False)
+
+
+def _fmt_s(seconds: float | None) -> str:
+    """``0.85`` -> ``850ms``, ``75`` -> ``1m15s``: a duration read at a glance."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    total = int(seconds)
+    if total < 3600:
+        return f"{total // 60}m{total % 60:02d}s"
+    if total < 86400:
+        return f"{total // 3600}h{total % 3600 // 60:02d}m"
+    return f"{total // 86400}d{total % 86400 // 3600:02d}h"
+
+
+def _fmt_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024:
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}TB"
+
+
+def _ordered(keys: Iterable[str], order: Sequence[str]) -> list[str]:
+    known = [k for k in order if k in keys]
+    return known + sorted(k for k in keys if k not in order)
+
+
+def _streams_table(report: StatusReport) -> Table:
+    table = Table(title=f"Streams (group {escape(report.group)})", title_justify="left")
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("stream", "left"),
+        ("entries", "right"),
+        ("last entry", "right"),
+        ("lag", "right"),
+        ("pending", "right"),
+        ("oldest pending", "left"),
+        ("dlq", "right"),
+        ("applied", "right"),
+        ("sync lag", "right"),
+        ("last applied", "right"),
+    )
+    for name, justify in columns:
+        table.add_column(name, justify=justify)
+    for s in report.streams:
+        if s.error is not None:
+            table.add_row(escape(s.name), Text(s.error, style="red"))
+            continue
+        if not s.group_exists:
+            lag: str | Text = Text("no group", style="yellow" if s.length else "dim")
+        elif s.lag is None:
+            lag = Text("unread?" if s.unread else "0?", style="yellow" if s.unread else "")
+        else:
+            lag = Text(str(s.lag), style="yellow" if s.lag else "")
+        op = s.oldest_pending
+        oldest = (
+            f"{_fmt_s(op.age_s)} old, {escape(op.consumer)} (idle {_fmt_s(op.idle_s)},"
+            f" x{op.deliveries})"
+            if op
+            else "-"
+        )
+        table.add_row(
+            escape(s.name) + ("" if s.exists else " [dim](missing)[/]"),
+            str(s.length),
+            _fmt_s(s.last_entry_age_s) + " ago" if s.last_entry_age_s is not None else "-",
+            lag,
+            Text(str(s.pending), style="yellow" if s.pending else ""),
+            oldest,
+            Text(str(s.dlq_length), style="bold red" if s.dlq_length else ""),
+            str(s.totals.get("applied", 0)),
+            _fmt_s(s.sync_lag_s),
+            _fmt_s(s.since_last_applied_s) + " ago" if s.since_last_applied_s is not None else "-",
+        )
+    return table
+
+
+def _counts_table(report: StatusReport) -> Table | None:
+    outcomes = _ordered({o for s in report.streams for o in s.totals}, OUTCOMES)
+    if not outcomes:
+        return None
+    table = Table(title="Changes by op (workers' counters)", title_justify="left")
+    table.add_column("stream")
+    table.add_column("op")
+    for outcome in outcomes:
+        table.add_column(outcome.replace("_", " "), justify="right")
+    for s in report.streams:
+        for op in _ordered(s.counts.keys(), OPS):
+            row = s.counts[op]
+            table.add_row(
+                escape(s.name), op, *(str(row[o]) if row.get(o) else "" for o in outcomes)
+            )
+        if len(s.counts) > 1:
+            table.add_row(
+                escape(s.name),
+                "[bold]all[/]",
+                *(f"[bold]{s.totals[o]}[/]" if s.totals.get(o) else "" for o in outcomes),
+            )
+    return table
+
+
+def _consumers_table(report: StatusReport) -> Table | None:
+    rows = [(s, c) for s in report.streams for c in s.consumers]
+    if not rows:
+        return None
+    table = Table(title="Consumers", title_justify="left")
+    table.add_column("stream")
+    table.add_column("consumer")
+    table.add_column("pending", justify="right")
+    table.add_column("idle", justify="right")
+    table.add_column("state")
+    styles = {"active": "green", "idle": "yellow", "dead": "bold red"}
+    for s, c in rows:
+        table.add_row(
+            escape(s.name),
+            escape(c.name),
+            str(c.pending),
+            _fmt_s(c.idle_s),
+            Text(c.state, style=styles.get(c.state, "")),
+        )
+    return table
+
+
+def _global_line(report: StatusReport) -> Text:
+    line = Text()
+    version = f" {report.redis.version}" if report.redis.version else ""
+    line.append(f"redis{version} at {report.redis.url}")
+    mem = report.memory
+    if mem is not None:
+        limit = _fmt_bytes(mem.maxmemory_bytes) if mem.maxmemory_bytes else "no limit"
+        ratio = f" ({mem.used_ratio:.0%})" if mem.used_ratio is not None else ""
+        line.append(f" · memory {_fmt_bytes(mem.used_memory_bytes)} of {limit}{ratio}, policy ")
+        line.append(
+            mem.maxmemory_policy, style="" if mem.maxmemory_policy == SAFE_POLICY else "red"
+        )
+    if report.keyspace is not None:
+        rate = report.keyspace.hit_rate
+        line.append(f" · keyspace hit rate {'-' if rate is None else format(rate, '.1%')}")
+    lib = report.library
+    line.append(" · library ")
+    line.append(lib.loaded or "not loaded", style="" if lib.loaded == lib.shipped else "yellow")
+    line.append(f" (shipped {lib.shipped})")
+    return line
+
+
+def render(report: StatusReport, found: Sequence[str]) -> RenderableType:
+    """The report as rich tables, a global line, and the problems (or "healthy")."""
+    parts: list[RenderableType] = [_streams_table(report)]
+    counts = _counts_table(report)
+    if counts is not None:
+        parts.append(counts)
+    consumers = _consumers_table(report)
+    if consumers is not None:
+        parts.append(consumers)
+    parts.append(_global_line(report))
+    notes = {s.lag_note for s in report.streams if s.lag_note and s.group_exists}
+    for note in sorted(notes):
+        parts.append(Text(f"lag ?: {note}", style="dim"))
+    parts.extend(Text(note, style="yellow") for note in report.notes)
+    if found:
+        parts.append(Text(f"{_n(len(found), 'problem')}:", style="bold red"))
+        parts.extend(Text(f"  - {p}", style="red") for p in found)
+    else:
+        parts.append(Text("healthy", style="bold green"))
+    return Group(*parts)
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def _scrub(text: str, settings: Settings) -> str:
+    """``text`` with the password masked, should an error message ever echo it (the URL never
+    holds it: RedisSettings moves it to ``password``)."""
+    password = settings.redis.password
+    if password is not None and password.get_secret_value():
+        text = text.replace(password.get_secret_value(), "***")
+    return text
+
+
+def run_once(
+    client: redis.Redis, settings: Settings, thresholds: Thresholds
+) -> tuple[StatusReport, list[str]]:
+    """Collect and judge one report."""
+    report = collect(client, settings)
+    return report, problems(report, thresholds)
+
+
+def _console() -> Console:
+    console = Console()
+    if not console.is_terminal:
+        # piped or captured: wide enough that the tables do not wrap every cell
+        console = Console(width=max(console.width, 160))
+    return console
+
+
+@click.command("status")
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The streamsync YAML configuration file.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (keys sorted).")
+@click.option("--watch", is_flag=True, help="Refresh in place every --interval-s until Ctrl-C.")
+@click.option(
+    "--interval-s",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(min=0.05),
+    help="With --watch: seconds between refreshes.",
+)
+@click.option(
+    "--max-lag-s",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Unhealthy when entries wait and the cache is behind by more than this many seconds.",
+)
+@click.option(
+    "--max-pending-age-s",
+    default=None,
+    type=click.FloatRange(min=0),
+    help="Unhealthy when the oldest pending entry is older (default: 2 x worker.claim_idle_ms).",
+)
+@click.option("--iterations", type=click.IntRange(min=1), hidden=True)
+def status_command(
+    *,
+    config_path: Path,
+    as_json: bool,
+    watch: bool,
+    interval_s: float,
+    max_lag_s: float,
+    max_pending_age_s: float | None,
+    iterations: int | None,
+) -> None:
+    """Show the streams, the consumer group, the workers' counters and the health.
+
+    Exit 0 when healthy, 2 when something is wrong (each problem listed), 1 when Redis cannot
+    be reached, 3 when the configuration is invalid.
+    """
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(ExitCode.CONFIG_INVALID)
+    thresholds = Thresholds(max_lag_s, max_pending_age_s)
+    client = connection.client(
+        settings.redis,
+        socket_connect_timeout=min(CONNECT_TIMEOUT_S, settings.redis.socket_timeout_s),
+    )
+    try:
+        if watch:
+            sys.exit(
+                _watch(
+                    client,
+                    settings,
+                    thresholds=thresholds,
+                    as_json=as_json,
+                    interval_s=interval_s,
+                    iterations=iterations,
+                )
+            )
+        sys.exit(_once(client, settings, thresholds, as_json))
+    finally:
+        client.close()
+
+
+def _unreachable(settings: Settings, exc: redis.RedisError) -> str:
+    where = connection.describe(settings.redis)
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    return _scrub(f"status: cannot read redis at {where}: {message}", settings)
+
+
+def _once(client: redis.Redis, settings: Settings, thresholds: Thresholds, as_json: bool) -> int:
+    try:
+        report, found = run_once(client, settings, thresholds)
+    except redis.RedisError as exc:
+        click.echo(_unreachable(settings, exc), err=True)
+        return ExitCode.FAILURE
+    if as_json:
+        click.echo(dumps(to_document(report, thresholds, found)))
+    else:
+        _console().print(render(report, found))
+    return ExitCode.UNHEALTHY if found else ExitCode.OK
+
+
+def _watch(
+    client: redis.Redis,
+    settings: Settings,
+    *,
+    thresholds: Thresholds,
+    as_json: bool,
+    interval_s: float,
+    iterations: int | None,
+) -> int:
+    """Refresh every interval until Ctrl-C (exit 0) or ``iterations`` (the last run's code)."""
+    code: int = ExitCode.OK
+    done = 0
+    console = _console()
+    live = None if as_json else Live(console=console, auto_refresh=False, transient=False)
+    try:
+        with contextlib.ExitStack() as stack:
+            if live is not None:
+                stack.enter_context(live)
+            while True:
+                try:
+                    report, found = run_once(client, settings, thresholds)
+                except redis.RedisError as exc:
+                    # keep watching through a Redis restart
+                    code = ExitCode.FAILURE
+                    message = _unreachable(settings, exc)
+                    view: RenderableType = Text(message, style="bold red")
+                    doc: Mapping[str, Any] = {"error": message}
+                else:
+                    code = ExitCode.UNHEALTHY if found else ExitCode.OK
+                    if live is None:
+                        doc = to_document(report, thresholds, found)
+                    else:
+                        view = render(report, found)
+                if live is None:
+                    click.echo(dumps(doc, indent=None))
+                else:
+                    stamp = time.strftime("%H:%M:%S")
+                    live.update(
+                        Group(Text(f"{stamp}, every {interval_s:g}s, Ctrl-C to stop"), view),
+                        refresh=True,
+                    )
+                done += 1
+                if iterations is not None and done >= iterations:
+                    return code
+                time.sleep(interval_s)
+    except KeyboardInterrupt:
+        return ExitCode.OK
+
+
+__all__ = [
+    "ConsumerStatus",
+    "KeyspaceStatus",
+    "LibraryStatus",
+    "MemoryStatus",
+    "OldestPending",
+    "RedisStatus",
+    "StatusReport",
+    "StreamStatus",
+    "Thresholds",
+    "collect",
+    "problems",
+    "render",
+    "status_command",
+    "to_document",
+]
