@@ -8,35 +8,23 @@ from pathlib import Path
 
 import click
 import redis
+from prometheus_client import CollectorRegistry
 
 from streamsync import __version__, connection
 from streamsync import resync as resync_mod
 from streamsync.capture import exit_now, run_capture
-from streamsync.config import Settings, load_settings, redact_url
+from streamsync.config import redact_url
 from streamsync.demo import DemoOptions, run_demo
 from streamsync.dlq import dlq_group
 from streamsync.errors import ConfigError, ExitCode
+from streamsync.metrics import DEFAULT_HOST, WorkerMetrics, serve
+from streamsync.options import config_option, load_or_exit
 from streamsync.status import status_command
 from streamsync.worker import run_worker
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-config_option = click.option(
-    "-c",
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The streamsync YAML configuration file.",
-)
-
-
-def _load(config_path: Path) -> Settings:
-    try:
-        return load_settings(config_path)
-    except ConfigError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(ExitCode.CONFIG_INVALID)
+_load = load_or_exit
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -84,10 +72,44 @@ def check_config(config_path: Path) -> None:
     is_flag=True,
     help="Exit once every entry is read and acknowledged (catch-up jobs, tests).",
 )
-def run(config_path: Path, consumer: str | None, drain: bool) -> None:
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    envvar="STREAMSYNC_METRICS_PORT",
+    show_envvar=True,
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (default: not served).",
+)
+@click.option(
+    "--metrics-host",
+    default=DEFAULT_HOST,
+    show_default=True,
+    envvar="STREAMSYNC_METRICS_HOST",
+    show_envvar=True,
+    help="Address the metrics endpoint binds; 0.0.0.0 serves every interface (containers).",
+)
+def run(
+    config_path: Path,
+    consumer: str | None,
+    drain: bool,
+    metrics_port: int | None,
+    metrics_host: str,
+) -> None:
     """Consume the configured streams and apply every change to Redis."""
     settings = _load(config_path)
-    sys.exit(run_worker(settings, consumer, drain=drain))
+    if metrics_port is None:
+        sys.exit(run_worker(settings, consumer, drain=drain))
+    registry = CollectorRegistry()
+    observer = WorkerMetrics(registry)
+    try:
+        server = serve(settings, registry, host=metrics_host, port=metrics_port)
+    except OSError as exc:
+        click.echo(f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc}", err=True)
+        sys.exit(ExitCode.FAILURE)
+    try:
+        code = run_worker(settings, consumer, drain=drain, observer=observer)
+    finally:
+        server.close()
+    sys.exit(code)
 
 
 @cli.command()

@@ -39,12 +39,13 @@ import click
 import redis
 
 from streamsync import connection
-from streamsync.config import DLQ_SUFFIX, Settings, load_settings
+from streamsync.config import DLQ_SUFFIX, Settings
 from streamsync.epochs import Epochs
-from streamsync.errors import ConfigError, ExitCode, LibraryIncompatibleError, PoisonEntryError
+from streamsync.errors import ExitCode, LibraryIncompatibleError, PoisonEntryError
 from streamsync.events import TRUNCATE, Decoder, Skip
 from streamsync.functions import ensure_library
 from streamsync.mapping import FN_BATCH, Planner, RowWrite, glob_escape
+from streamsync.options import config_option, load_or_exit
 
 #: Exit code when a replay left dead letters in place (``ExitCode.UNHEALTHY`` once it exists).
 UNHEALTHY = int(getattr(ExitCode, "UNHEALTHY", 2))
@@ -474,33 +475,17 @@ def _tally(items: Iterable[str]) -> list[tuple[str, int]]:
 
 # -- the commands --------------------------------------------------------------------------
 
-config_option = click.option(
-    "-c",
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The streamsync YAML configuration file.",
-)
-
 
 def _fail(message: str, code: int = ExitCode.FAILURE) -> NoReturn:
     click.echo(message, err=True)
     sys.exit(code)
 
 
-def _load(config_path: Path) -> Settings:
-    try:
-        return load_settings(config_path)
-    except ConfigError as exc:
-        _fail(str(exc), ExitCode.CONFIG_INVALID)
-
-
 @contextlib.contextmanager
 def _session(config_path: Path, command: str) -> Iterator[DeadLetters]:
     """The dead letters of the configuration's Redis; Redis errors end the command with one
     line and exit code 1."""
-    settings = _load(config_path)
+    settings = load_or_exit(config_path)
     client = connection.client(settings.redis, decode_responses=False, protocol=2)
     try:
         yield DeadLetters(client, settings)

@@ -34,11 +34,12 @@ from rich.table import Table
 from rich.text import Text
 
 from streamsync import connection
-from streamsync.config import DLQ_SUFFIX, Settings, load_settings, redact_url
-from streamsync.errors import ConfigError, ExitCode, PoisonEntryError
+from streamsync.config import DLQ_SUFFIX, Settings, redact_url
+from streamsync.errors import ExitCode, PoisonEntryError
 from streamsync.events import ChangeEvent, Decoder
 from streamsync.functions import Version, library_version, loaded_version
 from streamsync.mapping import glob_escape
+from streamsync.options import config_option, load_or_exit
 from streamsync.worker import CONSUMER_PRUNE_IDLE_MS, stats_key
 
 #: Version of the JSON document's layout; bumped when a field changes meaning or goes away.
@@ -890,14 +891,7 @@ def _console() -> Console:
 
 
 @click.command("status")
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The streamsync YAML configuration file.",
-)
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (keys sorted).")
 @click.option("--watch", is_flag=True, help="Refresh in place every --interval-s until Ctrl-C.")
 @click.option(
@@ -936,11 +930,7 @@ def status_command(
     Exit 0 when healthy, 2 when something is wrong (each problem listed), 1 when Redis cannot
     be reached, 3 when the configuration is invalid.
     """
-    try:
-        settings = load_settings(config_path)
-    except ConfigError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(ExitCode.CONFIG_INVALID)
+    settings = load_or_exit(config_path)
     thresholds = Thresholds(max_lag_s, max_pending_age_s)
     client = connection.client(
         settings.redis,

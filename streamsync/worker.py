@@ -977,6 +977,7 @@ def run_worker(
     settings: Settings,
     consumer: str | None = None,
     drain: bool = False,
+    observer: WorkerObserver | None = None,
 ) -> ExitCode:
     """Build a worker and run it until stopped; the CLI's entry point."""
-    return Worker(settings, consumer, drain=drain).run()
+    return Worker(settings, consumer, drain=drain, observer=observer).run()

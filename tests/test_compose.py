@@ -35,14 +35,14 @@ CONFIG_FILE = ROOT / "streamsync.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
-SERVICES = {"postgres", "redis", "debezium", "worker"}
+SERVICES = {"postgres", "redis", "debezium", "worker", "prometheus", "grafana"}
 DEBEZIUM_CONFIG = "/debezium/config/application.properties"
 DEBEZIUM_DATA = "/debezium/data"
 WORKER_CONFIG = "/etc/streamsync/streamsync.yaml"
 INITDB_DIR = "/docker-entrypoint-initdb.d/"
 REDIS_OFFSET_STORE = "io.debezium.storage.redis.offset.RedisOffsetBackingStore"
 #: Variables docker-compose.yml interpolates (host ports), left to their defaults by the tests.
-COMPOSE_VARIABLES = {"POSTGRES_PORT", "REDIS_PORT"}
+COMPOSE_VARIABLES = {"POSTGRES_PORT", "REDIS_PORT", "PROMETHEUS_PORT", "GRAFANA_PORT"}
 
 #: Debezium settings the worker depends on, with the value it needs.
 REQUIRED_PROPERTIES = {
