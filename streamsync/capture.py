@@ -43,6 +43,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from streamsync import connection
 from streamsync.config import CaptureSettings, Settings
 from streamsync.errors import ConfigError, ExitCode, StreamsyncError
 
@@ -795,9 +796,8 @@ class CaptureRunner:
         self.plan = plan
         self._stop = threading.Event()
         self._signals = 0
-        self._client = redis.Redis.from_url(
-            settings.redis.url,
-            socket_timeout=settings.redis.socket_timeout_s,
+        self._client = connection.client(
+            settings.redis,
             socket_connect_timeout=min(5.0, settings.redis.socket_timeout_s),
             # No client-side retries: StreamWriter retries, and watches for a stop meanwhile.
             retry=Retry(NoBackoff(), 0),

@@ -221,6 +221,26 @@ def resync(
         client.close()
 
 
+@cli.command()
+@config_option
+@click.option("--user", default=None, help="The ACL user name (default: streamsync).")
+@click.option(
+    "--read-only",
+    is_flag=True,
+    help="The monitoring user `streamsync status` needs instead of the worker's.",
+)
+def acl(config_path: Path, user: str | None, read_only: bool) -> None:
+    """Print the least-privilege Redis ACL for this configuration (ACL SETUSER ...).
+
+    The worker's user may read and write only the configured streams, their dead letters,
+    streamsync's own records and the rules' keys, with only the commands the worker and its
+    Functions library send. Replace <password> before running it in redis-cli.
+    """
+    settings = _load(config_path)
+    default = "streamsync-status" if read_only else "streamsync"
+    click.echo(connection.acl_setuser(settings, user or default, read_only=read_only))
+
+
 cli.add_command(dlq_group)
 cli.add_command(status_command)
 

@@ -135,13 +135,14 @@ class RedisSettings(_Model):
     @model_validator(mode="before")
     @classmethod
     def _password_out_of_url(cls, data: Any) -> Any:
-        # a password in the URL moves to the SecretStr, so the URL can be shown and logged
+        # a password in the URL moves to the SecretStr, so the URL can be shown and logged; an
+        # explicit password wins (no error here: it would echo the input, password included)
         if isinstance(data, dict) and isinstance(data.get("url"), str):
             url, password = split_url_password(data["url"])
             if password is not None:
-                if data.get("password") is not None:
-                    raise ValueError("a password is given both in 'url' and in 'password'")
-                data = {**data, "url": url, "password": password}
+                data = {**data, "url": url}
+                if data.get("password") is None:
+                    data["password"] = password
         return data
 
     @field_validator("url")

@@ -96,6 +96,10 @@ def _ensure(execute: Execute) -> Version:
             )
         log.info("keeping newer compatible library %s (ours is %s)", _fmt(current), _fmt(ours))
         return current
+    if current == ours:
+        # already there (loaded by another worker, or by an operator, so that the workers'
+        # ACL can go without FUNCTION LOAD)
+        return ours
     execute("FUNCTION", "LOAD", "REPLACE", library_source())
     if current != ours:
         log.info(

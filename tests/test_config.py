@@ -229,8 +229,15 @@ def test_check_config_command(tmp_path: Path) -> None:
 def test_check_config_never_prints_the_password(tmp_path: Path) -> None:
     text = EXAMPLE.replace("redis://127.0.0.1", "redis://user:hunter2@127.0.0.1")
     result = CliRunner().invoke(cli, ["check-config", "-c", str(write(tmp_path, text))])
-    assert result.exit_code == 0
+    # a password in the file is refused, and the refusal does not repeat it
+    assert result.exit_code == ExitCode.CONFIG_INVALID and "holds a password" in result.output
     assert "hunter2" not in result.output
+    ok = CliRunner().invoke(
+        cli,
+        ["check-config", "-c", str(write(tmp_path, EXAMPLE))],
+        env={REDIS_URL_ENV: "redis://user:hunter2@127.0.0.1:6379/0"},
+    )
+    assert ok.exit_code == 0 and "hunter2" not in ok.output
 
 
 def test_key_templates() -> None:
