@@ -631,11 +631,14 @@ class Worker:
             if entry.error is None:
                 self._count(entry, entry.outcome or "applied")
                 self._ack(entry)
+                self.stream_lag.add(now_ms - int(entry.id.partition(b"-")[0]))
+                if entry.outcome not in (None, "applied"):
+                    # a replay found stale says nothing of how far behind the cache is
+                    continue
                 if entry.ts_ms is not None:
                     self.commit_lag.add(now_ms - entry.ts_ms)
                     if observer is not None:
                         observer.sync_lag(max(0.0, now_ms - entry.ts_ms) / 1000)
-                self.stream_lag.add(now_ms - int(entry.id.partition(b"-")[0]))
                 self._last_applied[entry.stream] = (int(now_ms), entry.ts_ms, entry.id)
             else:
                 self._failed(entry)

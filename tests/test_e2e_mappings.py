@@ -206,11 +206,12 @@ def assert_cache_matches_database(p: Pipeline, when: str) -> None:
 
 
 def dump(r: redis.Redis) -> dict[str, Any]:
-    """Every key but the streams (the cache and streamsync's records), with its content."""
+    """Every key but the streams and the workers' counters (the cache and streamsync's
+    records), with its content."""
     out: dict[str, Any] = {}
     for raw in r.scan_iter(count=1000):
         kind = cast(bytes, r.type(raw))
-        if kind == b"stream":
+        if kind == b"stream" or raw.startswith(b"streamsync:stats:"):
             continue
         if kind == b"string":
             content: Any = r.get(raw)
