@@ -154,7 +154,7 @@ class Decoder:
                 raise PoisonEntryError("value has no 'op': not a Debezium change event")
             name = _OP_NAMES.get(op) if type(op) is str else None
             if name:
-                raise PoisonEntryError(f"op {op!r} ({name}) is not supported yet")
+                raise PoisonEntryError(f"op {op!r} ({name}) is not a row change: nothing to apply")
             raise PoisonEntryError(f"unknown op {op!r}")
         source = value.get("source")
         if type(source) is not dict:
