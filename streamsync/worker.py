@@ -400,11 +400,12 @@ class Worker:
         entries = self._round_trip(read, block)
         if entries:
             self._unread = entries
-        elif block is not None and self._link is not None and not self._link.multi_stream_reads:
-            # reads in a cluster do not block: poll, briefly
-            self._stop.wait(min(block, CLUSTER_POLL_MS) / 1000)
-        elif read and self.drain and not self._in_hand():
-            self._check_drained()
+        else:
+            if read and self.drain and not self._in_hand():
+                self._check_drained()
+            if block is not None and self._link is not None and not self._link.multi_stream_reads:
+                # reads in a cluster do not block: poll, briefly
+                self._stop.wait(min(block, CLUSTER_POLL_MS) / 1000)
         if not self._streams:
             self._stop.wait(self.settings.worker.block_ms / 1000)
 
@@ -447,7 +448,8 @@ class Worker:
         what the replies say. Returns the entries read."""
         link = self._link
         assert link is not None
-        batch, dead, acks = self._batch, self._dead, self._acks
+        batch, acks = self._batch, self._acks
+        dead = [e for e in self._dead if e.deliveries <= 1 or self._still_ours(e)]
         calls = list(self._calls(batch))
         commands = [c for c, _ in calls]
         commands += [self._dlq_command(e) for e in dead]
@@ -775,6 +777,23 @@ class Worker:
             len(fields) // 2,
             *fields,
         )
+
+    def _still_ours(self, entry: Entry) -> bool:
+        """Whether a redelivered entry is still pending to this consumer. Another worker may
+        have claimed it again, or settled it, while it waited here: then its dead letter is
+        that worker's to write (or already written), not a second one."""
+        pending = self._raw(
+            "XPENDING", entry.stream, self._group, entry.id, entry.id, 1, self.consumer
+        )
+        if pending:
+            return True
+        log.info(
+            "%s %s: no longer pending to %s, not dead-lettered again",
+            entry.stream,
+            entry.id.decode(),
+            self.consumer,
+        )
+        return False
 
     def _settle_dead(self, dead: list[Entry], replies: list[Any]) -> None:
         for entry, reply in zip(dead, replies, strict=True):
