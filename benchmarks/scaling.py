@@ -30,7 +30,6 @@ import gc
 import json
 import os
 import platform
-import random
 import re
 import signal
 import statistics
@@ -52,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # the benchmarks directory is not a package: throughput.py is imported from the path above
 from throughput import (
+    KEY_PREFIX,
     PRELOAD_CHUNK,
     STREAM,
     Workload,
@@ -59,15 +59,14 @@ from throughput import (
     generate,
     preload,
     redis_server,
+    verify_rows,
 )
 
 from streamsync import __version__ as streamsync_version
-from streamsync.mapping import hash_value, position_key
 from streamsync.sandbox import RedisServer, die_with_parent_hook
 
 GROUP = "bench"
 POSITION_PREFIX = "streamsync:pos:"
-KEY_PREFIX = "user:"
 #: How long the workers may take to start and reach the pause.
 START_TIMEOUT_S = 60.0
 #: The pause is lifted explicitly; this only bounds it if the benchmark dies.
@@ -306,33 +305,9 @@ def check(
     unexpected = {k: v for k, v in outcomes.items() if k not in ("applied", "stale") and v}
     if unexpected:
         problems.append(f"unexpected outcomes {unexpected}")
-    state = workload.final_state(n)
-    ids = sorted(state)
-    if 0 < sample < len(ids):
-        ids = random.Random(seed).sample(ids, sample)
-    pipe = client.pipeline(transaction=False)
-    for row_id in ids:
-        pipe.hgetall(f"{KEY_PREFIX}{row_id}")
-        pipe.get(position_key(POSITION_PREFIX, f"{KEY_PREFIX}{row_id}"))
-    replies = iter(pipe.execute())
-    wrong = []
-    for row_id in ids:
-        change = state[row_id]
-        got = {k.decode(): v.decode() for k, v in next(replies).items()}
-        want = (
-            {}
-            if change.after is None
-            else {k: str(hash_value(v)) for k, v in change.after.items() if v is not None}
-        )
-        position = next(replies)
-        want_position = f"{change.lsn:020d}{0 if change.after is None else 1}".encode()
-        if got != want:
-            wrong.append(f"{KEY_PREFIX}{row_id}: got {got or 'absent'}, want {want or 'absent'}")
-        elif position is None or position.split(b"|")[0] != want_position:
-            wrong.append(f"{KEY_PREFIX}{row_id}: position {position!r}, want {change.lsn}")
-    if wrong:
-        problems.append(f"{len(wrong)} of {len(ids)} sampled rows wrong, e.g. {wrong[0]}")
-    return problems
+    return problems + verify_rows(
+        client, workload, n, sample=sample, seed=seed, position_prefix=POSITION_PREFIX
+    )
 
 
 def measure(

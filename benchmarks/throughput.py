@@ -496,6 +496,23 @@ def verify(
     pending = client.xpending(STREAM, group)["pending"]
     if pending:
         problems.append(f"{pending} entries still pending in group {group}")
+    return problems + verify_rows(
+        client, workload, n, sample=sample, seed=seed, position_prefix=position_prefix
+    )
+
+
+def verify_rows(
+    client: redis.Redis,
+    workload: Workload,
+    n: int,
+    *,
+    sample: int,
+    seed: int,
+    position_prefix: str | None = None,
+) -> list[str]:
+    """Sampled rows that differ from their newest generated state after the first ``n``
+    entries, and position records that do not hold the row's newest LSN."""
+    problems: list[str] = []
     state = workload.final_state(n)
     ids = sorted(state)
     if 0 < sample < len(ids):

@@ -40,11 +40,12 @@ import redis
 
 from streamsync import connection
 from streamsync.config import DLQ_SUFFIX, Settings
-from streamsync.epochs import Epochs
+from streamsync.discovery import find_streams
+from streamsync.epochs import Epochs, epochs_key
 from streamsync.errors import ExitCode, LibraryIncompatibleError, PoisonEntryError
 from streamsync.events import TRUNCATE, Decoder, Skip
 from streamsync.functions import ensure_library
-from streamsync.mapping import FN_BATCH, Planner, RowWrite, glob_escape
+from streamsync.mapping import FN_BATCH, Planner, RowWrite
 from streamsync.options import config_option, load_or_exit
 
 #: Exit code when a replay left dead letters in place (``ExitCode.UNHEALTHY`` once it exists).
@@ -220,14 +221,10 @@ class DeadLetters:
             return list(source.streams)
         prefix = source.stream_prefix or ""
         found: set[str] = set()
-        for key in self.client.scan_iter(
-            match=glob_escape(prefix) + "*", count=1000, _type="stream"
-        ):
-            name = key.decode() if isinstance(key, bytes) else str(key)
-            if name.endswith(DLQ_SUFFIX):
-                name = name[: -len(DLQ_SUFFIX)]
-            if name.startswith(prefix) and not name.endswith(DLQ_SUFFIX):
-                found.add(name)
+        for name in find_streams(self.client, prefix, dead_letters=True):
+            stream = name.removesuffix(DLQ_SUFFIX)
+            if stream.startswith(prefix) and not stream.endswith(DLQ_SUFFIX):
+                found.add(stream)
         return sorted(found)
 
     def check_stream(self, stream: str) -> str:
@@ -295,10 +292,7 @@ class DeadLetters:
 
     def epochs(self) -> Epochs:
         epochs = Epochs()
-        marks: dict[bytes, bytes] = self.client.hgetall(  # type: ignore[assignment]
-            self.settings.worker.state_prefix + "epochs"
-        )
-        epochs.load(marks)
+        epochs.load(self.client.hgetall(epochs_key(self.settings.worker.state_prefix)))
         return epochs
 
 

@@ -19,6 +19,11 @@ import orjson
 EPOCH_WIDTH = 6
 
 
+def epochs_key(state_prefix: str) -> str:
+    """The hash holding every stream's epoch marks (see ``streamsync_mark_epoch``)."""
+    return state_prefix + "epochs"
+
+
 def epoch_prefix(epoch: int) -> str:
     """The text a position of ``epoch`` starts with: none for epoch 0, ``e000001`` for 1.
 
@@ -46,7 +51,7 @@ class Epochs:
     def __init__(self) -> None:
         self._marks: dict[str, list[tuple[tuple[int, int], str]]] = {}
 
-    def load(self, hash_fields: Mapping[bytes, bytes] | list[Any] | None) -> None:
+    def load(self, hash_fields: Mapping[Any, Any] | list[Any] | None) -> None:
         """Replace the marks with an HGETALL reply (a flat list or a mapping)."""
         marks: dict[str, list[tuple[tuple[int, int], str]]] = {}
         pairs: Iterable[tuple[Any, Any]]

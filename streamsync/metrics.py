@@ -35,8 +35,8 @@ from redis.retry import Retry
 
 from streamsync import __version__, connection
 from streamsync.config import DLQ_SUFFIX, Settings
+from streamsync.discovery import find_streams
 from streamsync.functions import library_version, loaded_version
-from streamsync.mapping import glob_escape
 
 log = logging.getLogger(__name__)
 
@@ -326,14 +326,7 @@ class RedisCollector(Collector):
         with self._lock:
             now = time.monotonic()
             if now >= self._next_discover:
-                prefix = source.stream_prefix or ""
-                self._discovered = sorted(
-                    key.decode()
-                    for key in self.client.scan_iter(
-                        match=glob_escape(prefix) + "*", count=1000, _type="stream"
-                    )
-                    if not key.endswith(DLQ_SUFFIX.encode())
-                )
+                self._discovered = find_streams(self.client, source.stream_prefix or "")
                 self._next_discover = now + source.discover_interval_s
             return list(self._discovered)
 

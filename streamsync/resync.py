@@ -15,13 +15,13 @@ import logging
 import time
 from dataclasses import dataclass
 
-import orjson
 import redis
 
-from streamsync.config import DLQ_SUFFIX, Settings
-from streamsync.epochs import epoch_floor, parse_id
+from streamsync.config import Settings
+from streamsync.discovery import find_streams
+from streamsync.epochs import Epochs, epoch_floor, epochs_key, parse_id
 from streamsync.functions import ensure_library
-from streamsync.mapping import Planner, glob_escape
+from streamsync.mapping import Planner
 from streamsync.sweep import Sweeper
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,6 @@ class ResyncError(Exception):
     """A resync cannot proceed (unknown table, workers not caught up in time)."""
 
 
-def epochs_key(settings: Settings) -> str:
-    """The hash holding every stream's epoch marks."""
-    return settings.worker.state_prefix + "epochs"
-
-
 def streams_for_table(client: redis.Redis, settings: Settings, table: str) -> list[str]:
     """The streams carrying ``table``'s changes (Debezium: ``<prefix>.<schema>.<table>``)."""
     if table not in settings.rules_by_table:
@@ -59,11 +54,7 @@ def streams_for_table(client: redis.Redis, settings: Settings, table: str) -> li
         found = [s for s in source.streams if s.endswith(suffix) or s == table]
     else:
         prefix = source.stream_prefix or ""
-        found = sorted(
-            k.decode()
-            for k in client.scan_iter(match=glob_escape(prefix) + "*", _type="stream")
-            if k.decode().endswith(suffix) and not k.endswith(DLQ_SUFFIX.encode())
-        )
+        found = [s for s in find_streams(client, prefix) if s.endswith(suffix)]
         if not found:
             # not created yet (capture has not started): Debezium will name it this way
             found = [prefix.rstrip(".") + suffix if prefix else table]
@@ -78,7 +69,9 @@ def start(client: redis.Redis, settings: Settings, tables: list[str]) -> list[Ma
     marks = []
     for table in tables:
         for stream in streams_for_table(client, settings, table):
-            epoch, after = client.fcall("streamsync_mark_epoch", 2, epochs_key(settings), stream)
+            epoch, after = client.fcall(
+                "streamsync_mark_epoch", 2, epochs_key(settings.worker.state_prefix), stream
+            )
             mark = Mark(table, stream, int(epoch), after.decode())
             log.info("%s: epoch %d starts after entry %s of %s", table, epoch, after, stream)
             marks.append(mark)
@@ -113,13 +106,13 @@ def finish(client: redis.Redis, settings: Settings, table: str, timeout_s: float
     """Once the workers applied everything captured so far, remove the table's rows that the
     current epoch did not rewrite. Returns the number of rows removed."""
     ensure_library(client)
-    epochs = client.hgetall(epochs_key(settings))
+    epochs = Epochs()
+    epochs.load(client.hgetall(epochs_key(settings.worker.state_prefix)))
     epoch = 0
     for stream in streams_for_table(client, settings, table):
-        marks = epochs.get(stream.encode())
-        if marks is None:
+        if not epochs.latest(stream):
             raise ResyncError(f"{table}: no resync was started on {stream}")
-        epoch = max(epoch, int(orjson.loads(marks)[-1][0]))
+        epoch = max(epoch, epochs.latest(stream))
         wait_caught_up(client, settings, stream, timeout_s)
     planner = Planner(
         settings.rules_by_table, settings.worker.position_prefix, settings.worker.state_prefix

@@ -35,10 +35,10 @@ from rich.text import Text
 
 from streamsync import connection
 from streamsync.config import DLQ_SUFFIX, Settings, redact_url
+from streamsync.discovery import source_streams
 from streamsync.errors import ExitCode, PoisonEntryError
 from streamsync.events import ChangeEvent, Decoder
 from streamsync.functions import Version, library_version, loaded_version
-from streamsync.mapping import glob_escape
 from streamsync.options import config_option, load_or_exit
 from streamsync.worker import CONSUMER_PRUNE_IDLE_MS, stats_key
 
@@ -282,14 +282,7 @@ def fmt_version(version: Version | None) -> str | None:
 def discover_streams(client: redis.Redis, settings: Settings) -> list[str]:
     """The configured streams, or those ``source.stream_prefix`` finds (dead letters excluded),
     sorted."""
-    if settings.source.streams is not None:
-        return list(settings.source.streams)
-    prefix = settings.source.stream_prefix or ""
-    found = {
-        _str(k)
-        for k in client.scan_iter(match=glob_escape(prefix) + "*", count=1000, _type="stream")
-    }
-    return sorted(s for s in found if not s.endswith(DLQ_SUFFIX))
+    return source_streams(client, settings.source)
 
 
 def _parse_counts(

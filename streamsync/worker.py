@@ -26,12 +26,13 @@ import redis
 
 from streamsync import connection
 from streamsync.config import DLQ_SUFFIX, Settings
-from streamsync.epochs import Epochs
+from streamsync.discovery import find_streams
+from streamsync.epochs import Epochs, epochs_key
 from streamsync.errors import ExitCode, LibraryIncompatibleError, PoisonEntryError
 from streamsync.events import TRUNCATE, ChangeEvent, Decoder, Skip
 from streamsync.functions import ensure_library
 from streamsync.link import ClusterLink, SingleLink
-from streamsync.mapping import FN_BATCH, Planner, RowWrite, glob_escape
+from streamsync.mapping import FN_BATCH, Planner, RowWrite
 from streamsync.stats import LatencySamples
 from streamsync.sweep import Sweeper
 
@@ -168,11 +169,12 @@ class Worker:
             settings.rules_by_table, settings.worker.position_prefix, settings.worker.state_prefix
         )
         self._epochs = Epochs()
-        self._epochs_key = settings.worker.state_prefix + "epochs"
+        self._epochs_key = epochs_key(settings.worker.state_prefix)
         self._controls: list[Control] = []
-        # counts and newest applied change per stream, flushed to the stats hashes with the
-        # next round trip
-        self._stats: dict[str, Counter[str]] = {}
+        # counts as last published to the stats hashes (and the observer), and the newest
+        # applied change per stream, published with the next round trip
+        self._counted = False
+        self._published: Counter[tuple[str, str, str, str]] = Counter()
         self._last_applied: dict[str, tuple[int, int | None, bytes]] = {}
         self._tombstone_ms = str(settings.worker.tombstone_ttl_s * 1000)
         self._streams: list[str] = list(settings.source.streams or ())
@@ -342,14 +344,7 @@ class Worker:
 
     def _discover(self) -> None:
         assert self._client is not None
-        prefix = self.settings.source.stream_prefix or ""
-        found = sorted(
-            k.decode()
-            for k in self._client.scan_iter(
-                match=glob_escape(prefix) + "*", count=1000, _type="stream"
-            )
-            if not k.endswith(DLQ_SUFFIX.encode())
-        )
+        found = find_streams(self._client, self.settings.source.stream_prefix or "")
         new = [s for s in found if s not in self._streams]
         for stream in new:
             self._ensure_group(stream)
@@ -417,7 +412,7 @@ class Worker:
             or self._acks
             or self._backlog
             or self._controls
-            or self._stats
+            or self._counted
             or self._last_applied
         )
 
@@ -676,27 +671,30 @@ class Worker:
 
     def _count(self, entry: Entry, outcome: str, n: int = 1) -> None:
         self.counts[(entry.stream, entry.table, entry.op, outcome)] += n
-        stats = self._stats.get(entry.stream)
-        if stats is None:
-            stats = self._stats[entry.stream] = Counter()
-        stats[f"n:{entry.table}:{entry.op}:{outcome}"] += n
-        if self.observer is not None:
-            self.observer.counted(entry.stream, entry.table, entry.op, outcome, n)
+        self._counted = True
 
     def _stats_commands(self) -> list[tuple[Any, ...]]:
-        """HINCRBY/HSET commands publishing what was counted since the last round trip."""
+        """HINCRBY/HSET commands publishing what was counted since the last round trip (the
+        growth of ``counts`` since then), which the observer hears of too."""
         prefix = self.settings.worker.state_prefix
         commands: list[tuple[Any, ...]] = []
-        for stream, counts in self._stats.items():
-            key = stats_key(prefix, self._group, stream)
-            commands += [("HINCRBY", key, field, n) for field, n in counts.items() if n]
+        if self._counted:
+            for (stream, table, op, outcome), total in self.counts.items():
+                n = total - self._published[(stream, table, op, outcome)]
+                if not n:
+                    continue
+                key = stats_key(prefix, self._group, stream)
+                commands.append(("HINCRBY", key, f"n:{table}:{op}:{outcome}", n))
+                if self.observer is not None:
+                    self.observer.counted(stream, table, op, outcome, n)
+            self._published = self.counts.copy()
+            self._counted = False
         for stream, (applied_ms, ts_ms, entry_id) in self._last_applied.items():
             key = stats_key(prefix, self._group, stream)
             fields: list[Any] = ["last_applied_ms", applied_ms, "last_id", entry_id]
             if ts_ms is not None:
                 fields += ["last_source_ts_ms", ts_ms]
             commands.append(("HSET", key, *fields))
-        self._stats.clear()
         self._last_applied.clear()
         return commands
 

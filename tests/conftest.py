@@ -7,10 +7,12 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
+from tests.e2e import MakePipeline, Pipeline
 from tests.servers import PostgresServer, PostgresServerError, RedisServer, kill_all, postgres_dir
 
 
@@ -107,3 +109,24 @@ def pg_db(postgres_server: PostgresServer) -> Iterator[str]:
     postgres_server.create_database(name)
     yield name
     postgres_server.drop_database(name)
+
+
+@pytest.fixture
+def pipelines(
+    tmp_path: Path, postgres_server: PostgresServer, pg_db: str, r: redis.Redis, redis_url: str
+) -> Iterator[MakePipeline]:
+    """Makes this test's end-to-end pipelines (``Pipeline.create`` arguments after the
+    fixtures); kills their processes at teardown, before ``pg_db`` drops the database and its
+    slots."""
+    made: list[Pipeline] = []
+
+    def make(**kwargs: Any) -> Pipeline:
+        pipeline = Pipeline.create(
+            tmp_path / f"p{len(made)}", postgres_server, pg_db, r, redis_url, **kwargs
+        )
+        made.append(pipeline)
+        return pipeline
+
+    yield make
+    for pipeline in made:
+        pipeline.close()

@@ -39,6 +39,10 @@ from streamsync.sandbox import die_with_parent_hook
 from tests.servers import PostgresServer, wait_until
 from tests.workers import WorkerProcess
 
+#: Makes a test's pipelines: ``Pipeline.create`` arguments after the fixtures (conftest's
+#: ``pipelines`` fixture).
+MakePipeline = Callable[..., "Pipeline"]
+
 __all__ = [
     "ENTRIES_TIMEOUT_S",
     "FAIL_FAST_TIMEOUT_S",

@@ -16,9 +16,9 @@ from streamsync import resync
 from streamsync.config import load_settings
 from streamsync.dlq import UNHEALTHY, dlq_group
 from streamsync.errors import ExitCode
-from streamsync.worker import Worker
 from tests.debezium import add_change, entry_fields, envelope, write_config
 from tests.servers import free_port
+from tests.workers import drain, outcomes
 
 USERS = "app.public.users"
 ORDERS = "app.public.orders"
@@ -38,19 +38,6 @@ def invoke(*args: str, stdin: str | None = None) -> Result:
     """Run ``streamsync dlq ARGS`` in-process (no STREAMSYNC_REDIS_URL from the environment)."""
     runner = CliRunner(env={"STREAMSYNC_REDIS_URL": None})
     return runner.invoke(dlq_group, list(args), input=stdin, catch_exceptions=False)
-
-
-def drain(cfg: Path, consumer: str = "w1") -> Worker:
-    worker = Worker(load_settings(cfg, environ={}), consumer=consumer, drain=True)
-    assert worker.run() == ExitCode.OK
-    return worker
-
-
-def outcomes(worker: Worker) -> dict[str, int]:
-    totals: dict[str, int] = {}
-    for (_, _, _, outcome), n in worker.counts.items():
-        totals[outcome] = totals.get(outcome, 0) + n
-    return totals
 
 
 def raw_range(r: redis.Redis, key: str) -> list[tuple[bytes, list[bytes]]]:

@@ -13,18 +13,17 @@ every entry and holds none pending.
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
-import redis
 
 from tests.e2e import (
     GROUP,
     PLACEHOLDER,
     Kind,
     KnownBugError,
+    MakePipeline,
     Pipeline,
     assert_no_placeholder,
     entries,
@@ -35,13 +34,12 @@ from tests.e2e import (
     values,
     wait_for_event,
 )
-from tests.servers import PostgresServer, wait_until
+from tests.servers import wait_until
 from tests.workers import WorkerProcess
 
 pytestmark = [needs_engine, pytest.mark.slow]
 
 #: The ``pipelines`` fixture: ``Pipeline.create``'s keyword arguments -> a pipeline.
-MakePipeline = Callable[..., Pipeline]
 
 # -- the items table, cached twice: a hash and a JSON document per row ---------------------------
 
@@ -76,26 +74,6 @@ def assert_items(p: Pipeline) -> None:
     """The items table equals both of its caches."""
     p.assert_table("item:*", "hash", ITEMS_HASH)
     p.assert_table("itemdoc:*", "json", ITEMS_JSON)
-
-
-@pytest.fixture
-def pipelines(
-    tmp_path: Path, postgres_server: PostgresServer, pg_db: str, r: redis.Redis, redis_url: str
-) -> Iterator[MakePipeline]:
-    """Makes this test's pipelines (``Pipeline.create`` arguments after the fixtures); kills
-    their processes at teardown, before ``pg_db`` drops the database and its slots."""
-    made: list[Pipeline] = []
-
-    def make(**kwargs: Any) -> Pipeline:
-        pipeline = Pipeline.create(
-            tmp_path / f"p{len(made)}", postgres_server, pg_db, r, redis_url, **kwargs
-        )
-        made.append(pipeline)
-        return pipeline
-
-    yield make
-    for pipeline in made:
-        pipeline.close()
 
 
 def items_pipeline(

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import pytest
@@ -30,6 +28,7 @@ import redis
 from tests.e2e import (
     GROUP,
     CaptureProcess,
+    MakePipeline,
     Pipeline,
     entries,
     needs_engine,
@@ -37,7 +36,7 @@ from tests.e2e import (
     wait_for_event,
     xrange,
 )
-from tests.servers import PostgresServer, wait_until
+from tests.servers import wait_until
 from tests.workers import WorkerProcess
 
 if TYPE_CHECKING:
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
 pytestmark = [needs_engine, pytest.mark.slow]
 
 #: The ``pipelines`` fixture: ``Pipeline.create``'s keyword arguments -> a pipeline.
-MakePipeline = Callable[..., Pipeline]
 
 TABLES = ["users", "user_roles", "products", "activity"]
 DDL = """
@@ -230,26 +228,6 @@ def dump(r: redis.Redis) -> dict[str, Any]:
 
 
 # -- the pipeline ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def pipelines(
-    tmp_path: Path, postgres_server: PostgresServer, pg_db: str, r: redis.Redis, redis_url: str
-) -> Iterator[MakePipeline]:
-    """Makes this test's pipelines (``Pipeline.create`` arguments after the fixtures); kills
-    their processes at teardown, before ``pg_db`` drops the database and its slots."""
-    made: list[Pipeline] = []
-
-    def make(**kwargs: Any) -> Pipeline:
-        pipeline = Pipeline.create(
-            tmp_path / f"p{len(made)}", postgres_server, pg_db, r, redis_url, **kwargs
-        )
-        made.append(pipeline)
-        return pipeline
-
-    yield make
-    for pipeline in made:
-        pipeline.close()
 
 
 def run(conn: psycopg.Connection[Any], *statements: str) -> list[tuple[Any, ...]]:

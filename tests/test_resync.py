@@ -15,6 +15,7 @@ from streamsync.config import load_settings
 from streamsync.errors import ExitCode
 from streamsync.worker import Worker
 from tests.debezium import add_change, entry_fields, envelope, write_config
+from tests.workers import drain
 
 STREAM = "app.public.users"
 
@@ -22,12 +23,6 @@ STREAM = "app.public.users"
 def add_truncate(r: redis.Redis, lsn: int, table: str = "public.users") -> bytes:
     entry_id: bytes = r.xadd(STREAM, entry_fields(None, envelope("t", table, lsn)))  # type: ignore[assignment]
     return entry_id
-
-
-def drain(cfg: Path, consumer: str = "w1") -> Worker:
-    worker = Worker(load_settings(cfg, environ={}), consumer=consumer, drain=True)
-    assert worker.run() == ExitCode.OK
-    return worker
 
 
 def test_truncate_waits_for_older_entries_held_by_another_consumer(

@@ -32,9 +32,9 @@ from streamsync.status import (
     problems,
     status_command,
 )
-from streamsync.worker import Worker
 from tests.debezium import add_change, write_config
 from tests.servers import free_port, wait_until
+from tests.workers import drain
 
 STREAM = "app.public.users"
 GROUP = "streamsync"
@@ -57,12 +57,6 @@ def status_json(
 ) -> tuple[int, dict[str, Any]]:
     result = invoke(cfg, "--json", *args, env=env)
     return result.exit_code, json.loads(result.stdout)
-
-
-def drain(cfg: Path, consumer: str = "w1") -> Worker:
-    worker = Worker(load_settings(cfg, environ={}), consumer=consumer, drain=True)
-    assert worker.run() == ExitCode.OK
-    return worker
 
 
 def add_users(r: redis.Redis, n: int, lsn0: int = 100, op: str = "c") -> list[bytes]:

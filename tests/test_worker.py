@@ -30,21 +30,9 @@ from tests.debezium import (
     write_config,
 )
 from tests.servers import wait_until
+from tests.workers import drain, outcomes
 
 STREAM = "spike.public.users"
-
-
-def run_drain(cfg: Path, consumer: str = "w1") -> Worker:
-    worker = Worker(load_settings(cfg, environ={}), consumer=consumer, drain=True)
-    assert worker.run() == ExitCode.OK
-    return worker
-
-
-def outcomes(worker: Worker) -> dict[str, int]:
-    totals: dict[str, int] = {}
-    for (_, _, _, outcome), n in worker.counts.items():
-        totals[outcome] = totals.get(outcome, 0) + n
-    return totals
 
 
 def expected_rows(fixture: str) -> dict[int, dict[str, Any] | None]:
@@ -81,7 +69,7 @@ def test_fixture_stream_lands_as_hashes(
 ) -> None:
     add_fixture(r, fixture, truncate=False)
     cfg = write_config(tmp_path / "c.yaml", redis_url, streams=[STREAM])
-    worker = run_drain(cfg)
+    worker = drain(cfg)
     expected = expected_rows(fixture)
     assert expected.keys() == {1, 2, 3, 4, 5, 100}
     for row_id, row in expected.items():
@@ -95,7 +83,7 @@ def test_fixture_stream_lands_as_hashes(
     assert pending(r) == 0 and not r.exists(STREAM + ":dlq")
     # the fixture's TRUNCATE, then a replay of the whole fixture: nothing comes back
     add_fixture(r, fixture)
-    worker = run_drain(cfg)
+    worker = drain(cfg)
     assert not r.keys("user:*")
     assert outcomes(worker)["applied"] == 1  # the truncate; every replayed change is stale
     assert pending(r) == 0 and not r.exists(STREAM + ":dlq")
@@ -111,7 +99,7 @@ def test_fixture_stream_lands_as_json(r: redis.Redis, redis_url: str, tmp_path: 
             "fields": ["id", "name", "balance"],
         }
     ]
-    run_drain(write_config(tmp_path / "c.yaml", redis_url, streams=[STREAM], rules=rules))
+    drain(write_config(tmp_path / "c.yaml", redis_url, streams=[STREAM], rules=rules))
     for row_id, row in expected_rows("decimal-string.jsonl").items():
         if row is None:
             assert not r.exists(f"doc:{row_id}")
@@ -125,12 +113,12 @@ def test_replaying_every_entry_changes_nothing(
 ) -> None:
     add_fixture(r, "decimal-string.jsonl", truncate=False)
     cfg = write_config(tmp_path / "c.yaml", redis_url, streams=[STREAM])
-    run_drain(cfg)
+    drain(cfg)
     before = {k: r.hgetall(k) for k in r.scan_iter("user:*")}
     positions = {k: r.get(k) for k in r.scan_iter("streamsync:pos:*")}
     # Debezium re-sends everything after a crash
     add_fixture(r, "decimal-string.jsonl", truncate=False)
-    worker = run_drain(cfg, consumer="w2")
+    worker = drain(cfg, consumer="w2")
     assert {k: r.hgetall(k) for k in r.scan_iter("user:*")} == before
     assert {k: r.get(k) for k in r.scan_iter("streamsync:pos:*")} == positions
     counts = outcomes(worker)
@@ -146,7 +134,7 @@ def test_older_change_after_newer_does_not_roll_back(
     add_change(r, stream, "u", {"id": 1, "name": "v2"}, lsn=200)
     add_change(r, stream, "d", {"id": 2}, lsn=500)
     add_change(r, stream, "c", {"id": 2, "name": "zombie"}, lsn=400)
-    worker = run_drain(write_config(tmp_path / "c.yaml", redis_url))
+    worker = drain(write_config(tmp_path / "c.yaml", redis_url))
     assert r.hgetall("user:1") == {b"id": b"1", b"name": b"v3"}
     assert not r.exists("user:2")
     assert outcomes(worker) == {"applied": 2, "stale": 3}
@@ -171,7 +159,7 @@ def test_malformed_and_unmapped_entries_are_dead_lettered_at_once(
             stream, entry_fields({"id": 5}, envelope("x", "public.users", 13, after={"id": 5}))
         ): "unknown op",
     }
-    worker = run_drain(write_config(tmp_path / "c.yaml", redis_url))
+    worker = drain(write_config(tmp_path / "c.yaml", redis_url))
     assert r.hgetall("user:1") == {b"id": b"1", b"name": b"a"}
     dead = r.xrange(stream + ":dlq")
     assert len(dead) == len(bad)
@@ -209,7 +197,7 @@ def test_several_rules_per_table_and_invalidation(
     add_change(r, stream, "c", {"id": 1, "name": "a", "email": "a@x"}, lsn=10)
     add_change(r, stream, "c", {"id": 2, "name": "b", "email": "b@x"}, lsn=11)
     add_change(r, stream, "d", {"id": 2}, lsn=12)
-    run_drain(write_config(tmp_path / "c.yaml", redis_url, rules=rules))
+    drain(write_config(tmp_path / "c.yaml", redis_url, rules=rules))
     assert r.hgetall("user:1") == {b"id": b"1", b"name": b"a"}
     assert orjson.loads(r.get("user-doc:1") or b"") == {"id": 1, "name": "a", "email": "a@x"}
     assert not r.exists("page:user:1")
@@ -232,7 +220,7 @@ def test_extended_format_and_composite_keys(r: redis.Redis, redis_url: str, tmp_
         key_columns=("order_id", "line_no"),
         extended=True,
     )
-    run_drain(
+    drain(
         write_config(
             tmp_path / "c.yaml",
             redis_url,
@@ -262,7 +250,7 @@ def test_stream_prefix_discovers_streams_but_not_dead_letters(
     )
     text = cfg.read_text().replace("  streams:\n  - app.public.users\n", "  stream_prefix: app.\n")
     cfg.write_text(text)
-    run_drain(cfg)
+    drain(cfg)
     assert r.hgetall("user:1") == {b"id": b"1", b"name": b"a"}
     assert orjson.loads(r.get("order:9") or b"") == {"id": 9, "total": "5.00"}
     groups = r.xinfo_groups("app.public.users:dlq")
@@ -277,7 +265,7 @@ def test_start_dollar_skips_existing_entries(
     cfg.write_text(
         cfg.read_text().replace("  group: streamsync\n", "  group: streamsync\n  start: $\n")
     )
-    run_drain(cfg)
+    drain(cfg)
     assert not r.exists("user:1")
 
 
@@ -286,7 +274,7 @@ def test_library_is_reloaded_when_redis_loses_it(
     r: redis.Redis, redis_url: str, tmp_path: Path, trim: bool
 ) -> None:
     cfg = write_config(tmp_path / "c.yaml", redis_url, trim=trim)
-    run_drain(cfg)
+    drain(cfg)
     r.function_flush()
     add_change(r, "app.public.users", "c", {"id": 1, "name": "a"}, lsn=1)
     worker = Worker(load_settings(cfg, environ={}), consumer="w", drain=True)
@@ -352,7 +340,7 @@ def test_unchanged_toast_column_keeps_its_cached_value(
     add_change(r, stream, "u", {"id": 1, "name": "b", "bio": PLACEHOLDER}, lsn=20)
     add_change(r, stream, "u", {"id": 2, "name": "never cached", "bio": PLACEHOLDER}, lsn=30)
     rules = [{"table": "public.users", "key": "user:{id}", "type": target_type}]
-    worker = run_drain(write_config(tmp_path / "c.yaml", redis_url, rules=rules))
+    worker = drain(write_config(tmp_path / "c.yaml", redis_url, rules=rules))
     if target_type == "hash":
         assert r.hgetall("user:1") == {b"id": b"1", b"name": b"b", b"bio": bio.encode()}
     else:

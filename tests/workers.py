@@ -17,7 +17,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from streamsync.config import load_settings
+from streamsync.errors import ExitCode
 from streamsync.sandbox import die_with_parent_hook
+from streamsync.worker import Worker
 
 __all__ = ["WorkerProcess"]
 
@@ -167,3 +170,18 @@ class WorkerProcess:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def drain(cfg: Path, consumer: str = "w1") -> Worker:
+    """Run an in-process worker on config file ``cfg`` until the group is drained."""
+    worker = Worker(load_settings(cfg, environ={}), consumer=consumer, drain=True)
+    assert worker.run() == ExitCode.OK
+    return worker
+
+
+def outcomes(worker: Worker) -> dict[str, int]:
+    """A worker's counts per outcome, over every stream, table and op."""
+    totals: dict[str, int] = {}
+    for (_, _, _, outcome), n in worker.counts.items():
+        totals[outcome] = totals.get(outcome, 0) + n
+    return totals
