@@ -61,8 +61,8 @@ import yaml
 
 from streamsync import __version__ as streamsync_version
 from streamsync.config import Settings, parse_settings
+from streamsync.latency import LatencySamples
 from streamsync.sandbox import PostgresServer, RedisServer
-from streamsync.stats import LatencySamples
 from streamsync.worker import Worker
 
 REPO = Path(__file__).resolve().parent.parent

@@ -23,8 +23,9 @@ import redis
 
 from streamsync.config import Rule
 from streamsync.events import ChangeEvent
-from streamsync.functions import ensure_library
-from streamsync.mapping import FN_BATCH, Planner
+from streamsync.functions import FN_BATCH, ensure_library
+from streamsync.keys import StateKeys
+from streamsync.mapping import Planner
 from streamsync.sandbox import RedisServer
 
 TABLE = "public.users"
@@ -60,7 +61,7 @@ def measure(
 ) -> dict[str, float]:
     client.flushall()
     ensure_library(client)
-    planner = Planner({TABLE: (rule,)}, "streamsync:pos:")
+    planner = Planner({TABLE: (rule,)}, StateKeys("streamsync:pos:"))
     before = int(client.info("memory")["used_memory"])
     pipe = client.pipeline(transaction=False)
     for i in range(1, rows + 1):

@@ -50,7 +50,8 @@ import redis
 
 from streamsync import __version__ as streamsync_version
 from streamsync.config import Settings, parse_settings
-from streamsync.mapping import hash_value, position_key
+from streamsync.keys import guarded_key
+from streamsync.mapping import hash_value
 from streamsync.sandbox import RedisServer
 from streamsync.worker import Worker
 
@@ -521,7 +522,7 @@ def verify_rows(
     for row_id in ids:
         pipe.hgetall(f"{KEY_PREFIX}{row_id}")
         if position_prefix is not None:
-            pipe.get(position_key(position_prefix, f"{KEY_PREFIX}{row_id}"))
+            pipe.get(guarded_key(position_prefix, f"{KEY_PREFIX}{row_id}"))
     replies = iter(pipe.execute())
     wrong = []
     for row_id in ids:

@@ -26,7 +26,6 @@ import contextlib
 import importlib
 import logging
 import os
-import random
 import re
 import signal
 import sys
@@ -46,6 +45,7 @@ from redis.retry import Retry
 from streamsync import connection
 from streamsync.config import CaptureSettings, Settings
 from streamsync.errors import ConfigError, ExitCode, StreamsyncError
+from streamsync.retry import backoff, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,6 @@ MESSAGE_FORMATS = ("compact", "extended")
 
 #: How long the preflight may take to reach PostgreSQL, all attempts included.
 PREFLIGHT_TIMEOUT_S = 5.0
-#: Redis retry backoff: full jitter between 0 and min(cap, base * 2**attempt) seconds.
-BACKOFF_BASE_S = 0.1
-BACKOFF_CAP_S = 5.0
-#: Error replies after which an XADD is retried unchanged: Redis is busy or full.
-TRANSIENT_ERRORS = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
 #: How long a stop may take before the process gives up on the engine.
 STOP_TIMEOUT_S = 60.0
 #: An engine whose task has not started after this long gets a warning (not a failure: creating
@@ -541,14 +536,6 @@ def entry_fields(record: Record, sink: SinkFormat) -> list[str] | None:
     return [item for pair in fields.items() for item in pair]
 
 
-def _backoff(attempt: int) -> float:
-    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
-
-
-def _transient(error: redis.ResponseError) -> bool:
-    return str(error).split(" ", 1)[0] in TRANSIENT_ERRORS
-
-
 @dataclass
 class StreamWriter:
     """Writes batches of records into Redis Streams, pipelined, retrying until they landed.
@@ -595,7 +582,7 @@ class StreamWriter:
             refusal: redis.ResponseError | None = None
             for (stream, fields), reply in zip(pending, replies, strict=True):
                 if isinstance(reply, redis.ResponseError):
-                    if not _transient(reply):
+                    if not is_transient(str(reply)):
                         raise CaptureError(f"XADD to {stream} failed: {reply}")
                     failed.append((stream, fields))
                     refusal = refusal or reply
@@ -618,7 +605,7 @@ class StreamWriter:
 
     def _wait(self, attempt: int, why: str, count: int) -> None:
         self.retries += 1
-        delay = _backoff(attempt)
+        delay = backoff(attempt)
         if attempt == 0 or attempt % 10 == 0:
             log.warning("%s; retrying %d entries in %.2fs", why, count, delay)
         if self.stop.wait(delay):

@@ -12,11 +12,12 @@ from prometheus_client import CollectorRegistry
 
 from streamsync import __version__, connection
 from streamsync import resync as resync_mod
+from streamsync.acl import acl_setuser
 from streamsync.capture import exit_now, run_capture
 from streamsync.config import redact_url
 from streamsync.demo import DemoOptions, run_demo
 from streamsync.dlq import dlq_group
-from streamsync.errors import ConfigError, ExitCode
+from streamsync.errors import ConfigError, ExitCode, ResyncError
 from streamsync.metrics import DEFAULT_HOST, WorkerMetrics, serve
 from streamsync.options import config_option, load_or_exit
 from streamsync.status import status_command
@@ -211,7 +212,7 @@ def resync(
                 "now start capture over (new slot, or the restored database): its snapshot"
                 " overwrites the cache; then run this again with --finish"
             )
-    except resync_mod.ResyncError as exc:
+    except ResyncError as exc:
         click.echo(f"resync: {exc}", err=True)
         sys.exit(ExitCode.FAILURE)
     except redis.RedisError as exc:
@@ -238,7 +239,7 @@ def acl(config_path: Path, user: str | None, read_only: bool) -> None:
     """
     settings = _load(config_path)
     default = "streamsync-status" if read_only else "streamsync"
-    click.echo(connection.acl_setuser(settings, user or default, read_only=read_only))
+    click.echo(acl_setuser(settings, user or default, read_only=read_only))
 
 
 cli.add_command(dlq_group)

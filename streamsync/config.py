@@ -29,6 +29,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from streamsync.errors import ConfigError
 from streamsync.filters import RowFilter
+from streamsync.keys import dead_letter_stream, is_dead_letter_stream
 from streamsync.templates import KeyTemplate
 
 #: Environment variable that overrides ``redis.url``, so credentials can stay out of the file.
@@ -207,13 +208,11 @@ class SourceSettings(_Model):
                 raise ValueError("'streams' must name at least one stream")
             if len(set(self.streams)) != len(self.streams):
                 raise ValueError("'streams' lists a stream twice")
-            if any(s.endswith(DLQ_SUFFIX) for s in self.streams):
-                raise ValueError(f"'streams' must not name a dead-letter stream (*{DLQ_SUFFIX})")
+            if any(is_dead_letter_stream(s) for s in self.streams):
+                raise ValueError(
+                    f"'streams' must not name a dead-letter stream ({dead_letter_stream('*')})"
+                )
         return self
-
-
-#: Suffix of a stream's dead-letter stream: ``<stream>:dlq``.
-DLQ_SUFFIX = ":dlq"
 
 
 class WorkerSettings(_Model):

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from streamsync.config import redact_url
 from streamsync.errors import ExitCode, StreamsyncError
-from streamsync.mapping import glob_escape
+from streamsync.keys import glob_escape
 from streamsync.sandbox import (
     PostgresServer,
     RedisServer,

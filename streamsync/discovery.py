@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamsync.config import DLQ_SUFFIX, SourceSettings
-from streamsync.mapping import glob_escape
+from streamsync.config import SourceSettings
+from streamsync.keys import glob_escape, is_dead_letter_stream
 
 
 def find_streams(client: Any, prefix: str, *, dead_letters: bool = False) -> list[str]:
@@ -15,7 +15,7 @@ def find_streams(client: Any, prefix: str, *, dead_letters: bool = False) -> lis
         key.decode() if isinstance(key, bytes) else str(key)
         for key in client.scan_iter(match=glob_escape(prefix) + "*", count=1000, _type="stream")
     }
-    return sorted(n for n in names if dead_letters or not n.endswith(DLQ_SUFFIX))
+    return sorted(n for n in names if dead_letters or not is_dead_letter_stream(n))
 
 
 def source_streams(client: Any, source: SourceSettings) -> list[str]:

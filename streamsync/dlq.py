@@ -1,9 +1,7 @@
 """``streamsync dlq``: inspect, replay and purge the dead-letter streams.
 
-A worker writes an entry it cannot apply to ``<stream>:dlq`` (see ``Worker._dlq_command``), with
-its fields in a fixed order: ``reason``, ``stream``, ``id`` (the original entry id),
-``deliveries``, ``consumer``, ``failed_at_ms``, ``fields`` (N), then the original entry's N
-field/value pairs verbatim. These commands read that layout back.
+A worker writes an entry it cannot apply to ``<stream>:dlq`` in the layout
+``streamsync.deadletter`` owns; these commands read it back.
 
 ``replay`` puts dead letters back to work, oldest first, in one of two ways:
 
@@ -26,33 +24,35 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 import redis
 
-from streamsync import connection
-from streamsync.config import DLQ_SUFFIX, Settings
+from streamsync import connection, deadletter
+from streamsync.config import Settings
+from streamsync.deadletter import ID_RE, DeadLetter, as_text, as_utf8, iso_utc
 from streamsync.discovery import find_streams
-from streamsync.epochs import Epochs, epochs_key
-from streamsync.errors import ExitCode, LibraryIncompatibleError, PoisonEntryError
-from streamsync.events import TRUNCATE, Decoder, Skip
-from streamsync.functions import ensure_library
-from streamsync.mapping import FN_BATCH, Planner, RowWrite
+from streamsync.epochs import Epochs
+from streamsync.errors import DlqError, ExitCode, LibraryIncompatibleError, PoisonEntryError
+from streamsync.events import Decoder, Skip
+from streamsync.functions import Library, RowStatus, RowWrite
+from streamsync.keys import (
+    StateKeys,
+    dead_letter_stream,
+    is_dead_letter_stream,
+    source_of_dead_letters,
+)
+from streamsync.mapping import Planner
 from streamsync.options import config_option, load_or_exit
+from streamsync.worker.core import BatchCore
 
-#: Exit code when a replay left dead letters in place (``ExitCode.UNHEALTHY`` once it exists).
-UNHEALTHY = int(getattr(ExitCode, "UNHEALTHY", 2))
-
-#: The metadata fields of a dead letter, in the order the worker writes them.
-META_FIELDS = ("reason", "stream", "id", "deliveries", "consumer", "failed_at_ms", "fields")
 #: Dead letters shown per stream by ``dlq list`` unless ``--count`` says otherwise.
 DEFAULT_COUNT = 10
 #: Width of the reason column of ``dlq list``.
@@ -62,121 +62,13 @@ PAGE_SIZE = 500
 #: WATCH conflicts (the dead-letter stream written meanwhile) retried per replayed entry.
 MAX_WATCH_RETRIES = 20
 
-# Row statuses replied by the library (lua/streamsync.lua), as in streamsync.worker.
-_ROW_OUTCOMES = {1: "applied", 0: "stale", 2: "skipped", 3: "dropped"}
-
-_ID_RE = re.compile(r"^\d+-\d+$")
 #: A stream id above every real one: its epoch prefix is the stream's current epoch.
 _NEWEST_ID = b"18446744073709551615-18446744073709551615"
 
 
-class DlqError(Exception):
-    """A dead-letter command cannot proceed (unknown stream, unknown id); printed as is."""
-
-
-# -- dead letters --------------------------------------------------------------------------
-
-
-def _text(value: bytes) -> str:
-    return value.decode("utf-8", "backslashreplace")
-
-
-def _utf8(value: bytes) -> str | None:
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def iso_utc(ms: int) -> str:
-    """Milliseconds since the epoch as ISO-8601 UTC, e.g. ``2024-05-01T12:00:00.123Z``."""
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
-
-
-@dataclass(slots=True)
-class DeadLetter:
-    """One entry of a dead-letter stream, parsed from its raw field/value list."""
-
-    dlq_id: bytes
-    #: Every field/value pair, as stored.
-    raw: list[bytes]
-    #: The metadata fields found (all of META_FIELDS for a well-formed dead letter).
-    meta: dict[str, bytes] = field(default_factory=dict)
-    #: The original entry's flat field/value list; None when the layout is not streamsync's.
-    fields: list[bytes] | None = None
-    #: Why the layout is not streamsync's, if it is not.
-    problem: str | None = None
-
-    @classmethod
-    def parse(cls, dlq_id: bytes, raw: list[bytes]) -> DeadLetter:
-        """Read the worker's layout; a dead letter not in it keeps ``problem`` set."""
-        letter = cls(dlq_id, raw)
-        for i, name in enumerate(META_FIELDS):
-            if 2 * i + 1 >= len(raw) or raw[2 * i] != name.encode():
-                letter.problem = f"not a streamsync dead letter (no {name!r} field in place)"
-                break
-            letter.meta[name] = raw[2 * i + 1]
-        if letter.problem is None:
-            rest = raw[2 * len(META_FIELDS) :]
-            count = letter.meta["fields"]
-            if not count.isdigit() or int(count) * 2 != len(rest):
-                letter.problem = (
-                    f"not a streamsync dead letter ('fields' says {_text(count)},"
-                    f" {len(rest) // 2} pair(s) follow)"
-                )
-            else:
-                letter.fields = rest
-        if letter.problem is not None:
-            # best effort for display: the pairs as they come
-            letter.meta = {}
-            for i in range(0, len(raw) - 1, 2):
-                letter.meta.setdefault(_text(raw[i]), raw[i + 1])
-        return letter
-
-    @property
-    def reason(self) -> str:
-        return _text(self.meta.get("reason", b"?"))
-
-    @property
-    def original_id(self) -> bytes | None:
-        value = self.meta.get("id")
-        return value if value is not None and _ID_RE.match(_text(value)) else None
-
-    @property
-    def deliveries(self) -> int | None:
-        value = self.meta.get("deliveries", b"")
-        return int(value) if value.isdigit() else None
-
-    @property
-    def consumer(self) -> str:
-        return _text(self.meta.get("consumer", b"?"))
-
-    @property
-    def failed_at_ms(self) -> int | None:
-        value = self.meta.get("failed_at_ms", b"")
-        return int(value) if value.isdigit() else None
-
-    def summary(self) -> dict[str, Any]:
-        """The metadata as JSON-ready values."""
-        failed = self.failed_at_ms
-        original = self.meta.get("id")
-        return {
-            "dlq_id": _text(self.dlq_id),
-            "reason": self.reason,
-            "stream": _text(self.meta["stream"]) if "stream" in self.meta else None,
-            "id": _text(original) if original is not None else None,
-            "deliveries": self.deliveries,
-            "consumer": self.consumer,
-            "failed_at_ms": failed,
-            "failed_at": iso_utc(failed) if failed is not None else None,
-            "fields": len(self.fields) // 2 if self.fields is not None else None,
-            "problem": self.problem,
-        }
-
-
 def _pretty_json(value: bytes) -> str | None:
     """``value`` indented when it is a JSON object or array; None otherwise."""
-    text = _utf8(value)
+    text = as_utf8(value)
     if text is None or not text.lstrip().startswith(("{", "[")):
         return None
     try:
@@ -187,11 +79,11 @@ def _pretty_json(value: bytes) -> str | None:
 
 
 def _field_json(name: bytes, value: bytes) -> dict[str, Any]:
-    item: dict[str, Any] = {"field": _text(name), "value": _text(value)}
+    item: dict[str, Any] = {"field": as_text(name), "value": as_text(value)}
     for key, raw in (("field", name), ("value", value)):
-        if _utf8(raw) is None:
+        if as_utf8(raw) is None:
             item[key + "_base64"] = base64.b64encode(raw).decode()
-    text = _utf8(value)
+    text = as_utf8(value)
     if text is not None:
         with contextlib.suppress(ValueError):
             item["value_json"] = json.loads(text)
@@ -222,17 +114,17 @@ class DeadLetters:
         prefix = source.stream_prefix or ""
         found: set[str] = set()
         for name in find_streams(self.client, prefix, dead_letters=True):
-            stream = name.removesuffix(DLQ_SUFFIX)
-            if stream.startswith(prefix) and not stream.endswith(DLQ_SUFFIX):
+            stream = source_of_dead_letters(name)
+            if stream.startswith(prefix) and not is_dead_letter_stream(stream):
                 found.add(stream)
         return sorted(found)
 
     def check_stream(self, stream: str) -> str:
         """``stream``'s dead-letter stream; DlqError unless it is a source stream."""
-        if stream.endswith(DLQ_SUFFIX):
+        if is_dead_letter_stream(stream):
             raise DlqError(
                 f"{stream!r} is a dead-letter stream: name its source stream,"
-                f" {stream[: -len(DLQ_SUFFIX)]!r}"
+                f" {source_of_dead_letters(stream)!r}"
             )
         source = self.settings.source
         if source.streams is not None:
@@ -245,10 +137,10 @@ class DeadLetters:
             prefix = source.stream_prefix or ""
             if not stream.startswith(prefix):
                 raise DlqError(f"{stream!r} does not start with source.stream_prefix {prefix!r}")
-            types = {self._type(stream), self._type(stream + DLQ_SUFFIX)}
+            types = {self._type(stream), self._type(dead_letter_stream(stream))}
             if "stream" not in types:
                 raise DlqError(f"{stream!r}: no such stream in Redis (nor dead letters of it)")
-        return stream + DLQ_SUFFIX
+        return dead_letter_stream(stream)
 
     def _type(self, key: str) -> str:
         kind = self.client.type(key)
@@ -292,7 +184,7 @@ class DeadLetters:
 
     def epochs(self) -> Epochs:
         epochs = Epochs()
-        epochs.load(self.client.hgetall(epochs_key(self.settings.worker.state_prefix)))
+        epochs.load(self.client.hgetall(StateKeys.from_settings(self.settings.worker).epochs))
         return epochs
 
 
@@ -334,14 +226,18 @@ class Replayer:
         self.store = store
         self.client = store.client
         self.stream = stream
-        self.dlq = stream + DLQ_SUFFIX
+        self.dlq = dead_letter_stream(stream)
         self.force = force
-        self.decoder = Decoder(settings.source.format, settings.source.null_marker)
-        self.planner = Planner(
-            settings.rules_by_table, settings.worker.position_prefix, settings.worker.state_prefix
-        )
-        self.tombstone_ms = str(settings.worker.tombstone_ttl_s * 1000)
         self.epochs = store.epochs()
+        # the worker's own decoding and planning, so a replay sees the entry as a worker would
+        self.core = BatchCore(
+            Decoder(settings.source.format, settings.source.null_marker),
+            Planner.from_settings(settings),
+            self.epochs,
+            tombstone_ms=settings.worker.tombstone_ttl_s * 1000,
+            max_deliveries=settings.worker.max_deliveries,
+        )
+        self.library = Library(self.client)
 
     def plan(self, letter: DeadLetter) -> Planned:
         """Decode and plan ``letter`` as the worker would, under its original id's epoch."""
@@ -349,18 +245,16 @@ class Replayer:
         if letter.fields is None or original is None:
             return Planned(error=letter.problem or "the dead letter has no valid original 'id'")
         try:
-            event = self.decoder.decode(letter.fields)
-            if isinstance(event, Skip):
-                return Planned(skip=event)
-            if event.op == TRUNCATE:
-                if event.table not in self.planner.rules_by_table:
-                    raise PoisonEntryError(f"no rule maps table {event.table!r}")
-                return Planned(truncate=True)
-            return Planned(rows=self.planner.plan(event, self.epochs.prefix(self.stream, original)))
+            plan = self.core.plan(self.stream, original, letter.fields)
         except PoisonEntryError as exc:
             return Planned(error=str(exc))
         except Exception as exc:  # a bug, as the worker reports it
             return Planned(error=f"internal error: {type(exc).__name__}: {exc}")
+        if isinstance(plan.event, Skip):
+            return Planned(skip=plan.event)
+        if plan.truncate_at is not None:
+            return Planned(truncate=True)
+        return Planned(rows=plan.rows)
 
     # -- through the stream
 
@@ -438,33 +332,20 @@ class Replayer:
         elif dry_run:
             return Outcome(letter, "applied", f"would apply {len(planned.rows)} row(s)")
         else:
-            keys: list[str] = []
-            args: list[Any] = []
-            for row in planned.rows:
-                keys += row.keys
-                args += row.args
             try:
-                reply = self.client.fcall(FN_BATCH, len(keys), *keys, self.tombstone_ms, *args)
+                replies = self.library.batch(planned.rows, self.core.tombstone_ms)
             except redis.ResponseError as exc:
                 return Outcome(letter, "left", f"redis error: {exc}")
-            errors = [s for s in reply if isinstance(s, bytes | str)]
+            errors = [s for s in replies if isinstance(s, str)]
             if errors:
-                first = errors[0].decode() if isinstance(errors[0], bytes) else errors[0]
-                return Outcome(letter, "left", f"redis error: {first}")
-            outcomes = [_ROW_OUTCOMES.get(s, "unknown") for s in reply]
-            action = "applied" if "applied" in outcomes else outcomes[0]
-            detail = "rows: " + ", ".join(f"{n} {o}" for o, n in _tally(outcomes))
+                return Outcome(letter, "left", f"redis error: {errors[0]}")
+            statuses = Counter(s.outcome for s in replies if isinstance(s, RowStatus))
+            action = "applied" if "applied" in statuses else next(iter(statuses))
+            detail = "rows: " + ", ".join(f"{n} {o}" for o, n in statuses.items())
         if dry_run:
             return Outcome(letter, action, "would remove: " + detail)
         self.client.xdel(self.dlq, letter.dlq_id)
         return Outcome(letter, action, detail)
-
-
-def _tally(items: Iterable[str]) -> list[tuple[str, int]]:
-    counts: dict[str, int] = {}
-    for item in items:
-        counts[item] = counts.get(item, 0) + 1
-    return list(counts.items())
 
 
 # -- the commands --------------------------------------------------------------------------
@@ -500,7 +381,7 @@ def _check_ids(
 
 
 def _check_one(dlq_id: str) -> str:
-    if not _ID_RE.match(dlq_id):
+    if not ID_RE.match(dlq_id):
         raise click.BadParameter(f"{dlq_id!r} is not a stream id (<ms>-<seq>)")
     return dlq_id
 
@@ -576,8 +457,8 @@ def list_command(config_path: Path, stream: str | None, count: int, as_json: boo
             original = letter.meta.get("id")
             rows.append(
                 (
-                    _text(letter.dlq_id),
-                    _text(original) if original is not None else "?",
+                    as_text(letter.dlq_id),
+                    as_text(original) if original is not None else "?",
                     iso_utc(failed) if failed is not None else "?",
                     str(letter.deliveries) if letter.deliveries is not None else "?",
                     letter.consumer,
@@ -615,24 +496,24 @@ def show_command(config_path: Path, stream: str, dlq_id: str, as_json: bool, raw
             data["raw"] = [_field_json(n, v) for n, v in raw_pairs]
         _echo_json(data)
         return
-    click.echo(f"dead letter {_text(letter.dlq_id)} in {dlq}")
+    click.echo(f"dead letter {as_text(letter.dlq_id)} in {dlq}")
     if letter.problem is not None:
         click.echo(f"  ({letter.problem}; its fields as stored:)")
         for raw_name, raw_value in zip(letter.raw[0::2], letter.raw[1::2], strict=False):
-            click.echo(f"  {_text(raw_name)}: {_text(raw_value)}")
+            click.echo(f"  {as_text(raw_name)}: {as_text(raw_value)}")
         return
-    width = max(len(meta) for meta in META_FIELDS) + 1
-    for meta in META_FIELDS:
-        text = _text(letter.meta[meta])
+    width = max(len(meta) for meta in deadletter.META_FIELDS) + 1
+    for meta in deadletter.META_FIELDS:
+        text = as_text(letter.meta[meta])
         if meta == "failed_at_ms" and letter.failed_at_ms is not None:
             text += f" ({iso_utc(letter.failed_at_ms)})"
         click.echo(f"  {(meta + ':').ljust(width)} {text}")
     click.echo(f"original entry, {len(pairs_list)} field/value pair(s):")
     for name, value in pairs_list:
-        click.echo(f"  field: {_text(name)}")
+        click.echo(f"  field: {as_text(name)}")
         pretty = None if raw else _pretty_json(value)
         if pretty is None:
-            click.echo(f"  value: {_text(value)}")
+            click.echo(f"  value: {as_text(value)}")
         else:
             click.echo("  value (JSON, indented):")
             for line in pretty.splitlines():
@@ -695,15 +576,15 @@ def replay_command(  # noqa: PLR0917 (click passes every option)
         dlq = store.check_stream(stream)
         replayer = Replayer(store, stream, force=force)
         if direct and not dry_run:
-            ensure_library(store.client)
+            replayer.library.ensure()
         step: Callable[[DeadLetter, bool], Outcome] = replayer.apply if direct else replayer.requeue
         for letter in _selected(store, dlq, ids, all_entries):
             if isinstance(letter, str):
                 click.echo(f"{letter}: not in {dlq} (already replayed or purged?)")
                 continue
             outcome = step(letter, dry_run)
-            original = _text(letter.meta.get("id", b"?"))
-            prefix = f"{_text(letter.dlq_id)} (entry {original})"
+            original = as_text(letter.meta.get("id", b"?"))
+            prefix = f"{as_text(letter.dlq_id)} (entry {original})"
             if outcome.left:
                 left += 1
                 click.echo(f"{prefix}: left: {outcome.detail}")
@@ -714,7 +595,7 @@ def replay_command(  # noqa: PLR0917 (click passes every option)
     verb = "would replay" if dry_run else "replayed"
     click.echo(f"{stream}: {verb} {done}, left {left} in {dlq}" + (" (dry run)" if dry_run else ""))
     if left:
-        sys.exit(UNHEALTHY)
+        sys.exit(ExitCode.UNHEALTHY)
 
 
 @dlq_group.command("purge")

@@ -19,11 +19,6 @@ import orjson
 EPOCH_WIDTH = 6
 
 
-def epochs_key(state_prefix: str) -> str:
-    """The hash holding every stream's epoch marks (see ``streamsync_mark_epoch``)."""
-    return state_prefix + "epochs"
-
-
 def epoch_prefix(epoch: int) -> str:
     """The text a position of ``epoch`` starts with: none for epoch 0, ``e000001`` for 1.
 

@@ -11,12 +11,15 @@ class ExitCode(enum.IntEnum):
     OK = 0
     #: An unexpected error: a bug or an environment failure worth a look.
     FAILURE = 1
-    #: `streamsync status` found something wrong (each problem is listed).
+    #: `streamsync status` found something wrong (each problem is listed); `dlq replay` left
+    #: dead letters in place.
     UNHEALTHY = 2
     #: The configuration file is missing, unreadable or invalid.
     CONFIG_INVALID = 3
     #: Redis holds a newer, incompatible streamsync Functions library: this worker is too old.
     LIBRARY_INCOMPATIBLE = 4
+    #: The command line is wrong (an unknown option, a missing argument): sysexits' EX_USAGE.
+    USAGE = 64
     #: A second SIGTERM/SIGINT arrived before the graceful stop finished.
     INTERRUPTED = 130
 
@@ -44,3 +47,17 @@ class TemplateError(PoisonEntryError):
 class NullColumnError(TemplateError):
     """Raised when a column a template names is null in the row: the row has no key or member
     under that rule, as a SQL query grouping by the column would leave it out."""
+
+
+class FilterError(PoisonEntryError):
+    """Raised when a row cannot be evaluated by a rule's filter: a named column is absent, or a
+    value has a type that cannot be compared with the literal."""
+
+
+class ResyncError(StreamsyncError):
+    """Raised when a resync cannot proceed (unknown table, workers not caught up in time, a
+    finish with nothing re-snapshotted)."""
+
+
+class DlqError(StreamsyncError):
+    """Raised when a dead-letter command cannot proceed (unknown stream, unknown id)."""

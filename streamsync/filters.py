@@ -63,6 +63,8 @@ from dataclasses import dataclass, field
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, InvalidOperation
 from typing import Any, Final
 
+from streamsync.errors import FilterError
+
 __all__ = [
     "And",
     "Comparison",
@@ -118,11 +120,6 @@ _EXACT: Final = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN, traps=[Inva
 
 #: Integral number literals up to this many digits are compared as ints (faster with int values).
 _INT_DIGITS: Final = 30
-
-
-class FilterError(Exception):
-    """Raised when a row cannot be evaluated: a named column is absent, or a value has a type
-    that cannot be compared with the literal (the message names the filter and the column)."""
 
 
 # ---------------------------------------------------------------------------------------------

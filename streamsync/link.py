@@ -17,7 +17,7 @@ import hiredis
 import redis
 from redis.connection import Connection
 
-from streamsync.mapping import key_slot
+from streamsync.keys import key_slot
 
 Command = tuple[Any, ...]
 

@@ -7,12 +7,8 @@ its position record and the row's ARGV segment (layouts in lua/streamsync.lua).
 from __future__ import annotations
 
 import binascii
-import functools
-import itertools
 import math
-import string
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -24,15 +20,20 @@ from streamsync.config import (
     ListUpdate,
     Mode,
     Rule,
+    Settings,
     TargetType,
 )
-from streamsync.errors import ConfigError, NullColumnError, PoisonEntryError, TemplateError
+from streamsync.errors import (
+    ConfigError,
+    FilterError,
+    NullColumnError,
+    PoisonEntryError,
+    TemplateError,
+)
 from streamsync.events import ChangeEvent
-from streamsync.filters import FilterError
+from streamsync.functions import ArgV, RowWrite
+from streamsync.keys import StateKeys, rule_pin
 from streamsync.templates import render_value
-
-#: The library's batch entry point (library 1.1): rows of every kind, each with its rule's index.
-FN_BATCH = "streamsync_batch"
 
 # Row kinds (lua/streamsync.lua): full and partial hash and JSON writes (J also writes a string
 # rule's value), delete, invalidate, set and sorted-set members, list entries, stream events,
@@ -41,91 +42,11 @@ ROW_HASH, ROW_HASH_PARTIAL, ROW_JSON, ROW_JSON_PARTIAL = "H", "h", "J", "j"
 ROW_DELETE, ROW_INVALIDATE = "D", "I"
 ROW_SET, ROW_ZSET, ROW_LIST, ROW_STREAM, ROW_REMOVE, ROW_MOVING = "T", "Z", "L", "X", "R", "M"
 
-CLUSTER_SLOTS = 16384
 #: Field-name sets remembered by a planner before it starts over.
 MAX_SHAPES = 4096
 
 #: The index member of a single-value row that stands for its target key (not sent twice).
 INDEX_TARGET = "."
-
-ArgV = list[str | bytes]
-
-
-@dataclass(slots=True)
-class RowWrite:
-    """One row of a batch call: its KEYS (its rule's index first, then the kind's keys) and its
-    ARGV items (kind, index member, then the kind's items)."""
-
-    keys: list[str]
-    args: ArgV
-
-
-def key_slot(key: bytes) -> int:
-    """The Redis Cluster hash slot of ``key`` (honouring ``{hash tags}``)."""
-    start = key.find(b"{")
-    if start >= 0:
-        end = key.find(b"}", start + 1)
-        if end > start + 1:
-            key = key[start + 1 : end]
-    return binascii.crc_hqx(key, 0) % CLUSTER_SLOTS
-
-
-@functools.cache
-def _slot_tags() -> tuple[str, ...]:
-    tags: list[str | None] = [None] * CLUSTER_SLOTS
-    missing = CLUSTER_SLOTS
-    alphabet = string.ascii_letters + string.digits
-    for length in itertools.count(1):
-        for chars in itertools.product(alphabet, repeat=length):
-            tag = "".join(chars)
-            slot = binascii.crc_hqx(tag.encode(), 0) % CLUSTER_SLOTS
-            if tags[slot] is None:
-                tags[slot] = tag
-                missing -= 1
-                if not missing:
-                    return tuple(t for t in tags if t is not None)
-    raise AssertionError("unreachable")
-
-
-def glob_escape(text: str) -> str:
-    """``text`` as a literal in a SCAN MATCH pattern."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-def template_hash_tag(literals: tuple[str, ...], source: str) -> str | None:
-    """The hash tag every key rendered from a template carries, or None when the slot
-    depends on column values. A template naming no column is its own key."""
-    if len(literals) == 1:
-        key = literals[0]
-        start = key.find("{")
-        if start >= 0:
-            end = key.find("}", start + 1)
-            if end > start + 1:
-                return key[start + 1 : end]
-        return key
-    head = literals[0]
-    start = head.find("{")
-    if start >= 0:
-        end = head.find("}", start + 1)
-        if end > start + 1:
-            return head[start + 1 : end]
-    return None
-
-
-def position_key(prefix: str, target: str) -> str:
-    """The key of ``target``'s position record: always in the same hash slot as ``target``.
-
-    ``user:42`` -> ``<prefix>{user:42}``; a target with its own hash tag keeps it
-    (``<prefix>{t1}:user:42``); a target whose braces would confuse the tag rules gets a short
-    tag chosen to hash to the same slot.
-    """
-    start = target.find("{")
-    if start >= 0 and target.find("}", start + 1) > start + 1:
-        return prefix + target
-    if start < 0 and "}" not in target:
-        return f"{prefix}{{{target}}}"
-    slot = key_slot(target.encode())
-    return f"{prefix}{{{_slot_tags()[slot]}}}:{target}"
 
 
 def hash_value(value: Any) -> str | bytes:
@@ -192,96 +113,51 @@ def _excerpt(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _check_pinned(rule: Rule) -> None:
+    collection = rule.mode is Mode.WRITE_THROUGH and rule.type not in SINGLE_VALUE_TYPES
+    if collection and rule_pin(rule) is None:
+        raise ConfigError(
+            f"rule {rule.state_name} ({rule.key!r}): in a Redis Cluster a {rule.type} rule's"
+            " keys and its placement records must share one hash slot: give the key a"
+            " fixed hash tag, e.g. '{{plans}}:plan:{plan}:users', or a fixed name"
+        )
+
+
 def _ttl_ms(rule: Rule) -> str:
     return str(rule.ttl_s * 1000) if rule.ttl_s else "0"
+
+
+#: A rule, whether it takes the lean path, and its key index when that is the same for every key.
+_RulePlan = tuple[Rule, bool, str | None]
 
 
 class Planner:
     """Turns a change event into the rows to apply, following the rules for its table."""
 
-    def __init__(
-        self,
-        rules_by_table: Mapping[str, tuple[Rule, ...]],
-        position_prefix: str,
-        state_prefix: str = "streamsync:",
-        *,
-        cluster: bool = False,
-    ) -> None:
+    def __init__(self, rules_by_table: Mapping[str, tuple[Rule, ...]], keys: StateKeys) -> None:
         self.rules_by_table = rules_by_table
-        self.position_prefix = position_prefix
-        self.state_prefix = state_prefix
-        #: In a Redis Cluster every function call must keep to one hash slot: indexes are kept
-        #: per slot, and a rule with placement records pins its keys to one slot.
-        self.cluster = cluster
-        self._pins: dict[str, str | None] = {}
-        if cluster:
+        self.keys = keys
+        if keys.cluster:
             for rules in rules_by_table.values():
                 for rule in rules:
-                    self._check_pinned(rule)
+                    _check_pinned(rule)
         self._shapes: dict[tuple[str, ...], str] = {}
-        self._plans_by_table: dict[str, list[tuple[Rule, str | None]]] = {}
+        self._plans_by_table: dict[str, list[_RulePlan]] = {}
         # per table: its primary-key columns, and whether every rule is keyed by them
         self._all_fixed_by_table: dict[str, tuple[set[str], bool]] = {}
 
-    # -- the keys of streamsync's own records --------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: Settings, *, cluster: bool = False) -> Planner:
+        """A planner for the rules of ``settings``, its records under the configured prefixes;
+        ``cluster``: for a Redis Cluster (one hash slot per function call)."""
+        return cls(
+            settings.rules_by_table, StateKeys.from_settings(settings.worker, cluster=cluster)
+        )
 
-    def key_index(self, rule: Rule, target: str | None = None) -> str:
-        """The set of keys a rule keyed by primary key has written (for TRUNCATE and resync);
-        in a cluster, one set per hash slot: the one of ``target``'s slot."""
-        if self.cluster:
-            if target is None:
-                raise ValueError("a cluster's key index is per slot: name the target")
-            return self.key_index_shard(rule, key_slot(target.encode()))
-        return f"{self.state_prefix}idx:{rule.state_name}:keys"
-
-    def key_index_shard(self, rule: Rule, slot: int) -> str:
-        """A cluster's key index for the keys of one hash slot."""
-        return f"{self.state_prefix}idx:{rule.state_name}:keys:{{{_slot_tags()[slot]}}}"
-
-    def index_keys(self, rule: Rule) -> list[str]:
-        """Every index key of ``rule`` (what a sweep walks)."""
-        if not self.cluster:
-            return [self.key_index(rule), self.row_index(rule)]
-        shards = [self.key_index_shard(rule, slot) for slot in range(CLUSTER_SLOTS)]
-        pin = self._pin(rule)
-        return shards + ([self.row_index(rule)] if pin is not None else [])
-
-    def row_index(self, rule: Rule) -> str:
-        """The set of rows a rule with placement records has placed."""
-        return f"{self.state_prefix}idx:{self._tag(rule)}{rule.state_name}:rows"
-
-    def placement_key(self, rule: Rule, identity: str) -> str:
-        """The record of where ``rule`` placed the source row ``identity``."""
-        return f"{self.state_prefix}pl:{self._tag(rule)}{rule.state_name}:{identity}"
-
-    def _tag(self, rule: Rule) -> str:
-        # in a cluster, the rule's records share the hash slot its keys are pinned to
-        if not self.cluster:
-            return ""
-        return f"{{{self._pin(rule)}}}:"
-
-    def _pin(self, rule: Rule) -> str | None:
-        """The hash tag every key of ``rule`` carries, if its template fixes one."""
-        if rule.state_name not in self._pins:
-            self._pins[rule.state_name] = template_hash_tag(rule.template.literals, rule.key)
-        return self._pins[rule.state_name]
-
-    def _check_pinned(self, rule: Rule) -> None:
-        collection = rule.mode is Mode.WRITE_THROUGH and rule.type not in SINGLE_VALUE_TYPES
-        if collection and self._pin(rule) is None:
-            raise ConfigError(
-                f"rule {rule.state_name} ({rule.key!r}): in a Redis Cluster a {rule.type} rule's"
-                " keys and its placement records must share one hash slot: give the key a"
-                " fixed hash tag, e.g. '{{plans}}:plan:{plan}:users', or a fixed name"
-            )
-
-    def order_key(self, list_key: str) -> str:
-        """The order record of a list rule's list (same hash slot as the list)."""
-        return position_key(f"{self.state_prefix}ord:", list_key)
-
-    def reserve_key(self, list_key: str) -> str:
-        """The entries a capped list trimmed, kept to refill it (same hash slot as the list)."""
-        return position_key(f"{self.state_prefix}rsv:", list_key)
+    @property
+    def cluster(self) -> bool:
+        """Whether the rows are planned for a Redis Cluster."""
+        return self.keys.cluster
 
     # -- planning ------------------------------------------------------------------------
 
@@ -308,15 +184,15 @@ class Planner:
                 if not known[1]:
                     identity = row_identity(key, row)
         out = []
-        for rule, fast_index in self._rule_plans(event.table, rules):
+        for rule, lean, lean_index in self._rule_plans(event.table, rules):
             try:
-                if fast_index is not None and event.op != "d" and (key is None or identity is None):
+                if lean and event.op != "d" and (key is None or identity is None):
                     # the common case, kept lean: a hash keyed by primary key, no filter
                     target = rule.template.render(row)
                     args = self._hash_args(rule, event, row, position)
                     args.insert(1, INDEX_TARGET)
-                    index = self.key_index(rule, target) if self.cluster else fast_index
-                    keys = [index, target, position_key(self.position_prefix, target)]
+                    index = lean_index or self.keys.key_index(rule, target)
+                    keys = [index, target, self.keys.position(target)]
                     out.append(RowWrite(keys, args))
                     continue
                 out.append(
@@ -328,22 +204,21 @@ class Planner:
                 raise PoisonEntryError(f"rule {rule.state_name}: {exc}") from None
         return out
 
-    def _rule_plans(self, table: str, rules: tuple[Rule, ...]) -> list[tuple[Rule, str | None]]:
-        """The table's rules, each with its key index when it takes the lean path (a
-        write-through hash without filter: keyed by primary key whenever every rule is)."""
+    def _rule_plans(self, table: str, rules: tuple[Rule, ...]) -> list[_RulePlan]:
+        """The table's rules, each with whether it takes the lean path (a write-through hash
+        without filter: keyed by primary key whenever every rule is) and, off a cluster, its
+        key index."""
         plans = self._plans_by_table.get(table)
         if plans is None:
-            plans = [
-                (
-                    rule,
-                    f"{self.state_prefix}idx:{rule.state_name}:keys"
-                    if rule.mode is Mode.WRITE_THROUGH
+            plans = []
+            for rule in rules:
+                lean = (
+                    rule.mode is Mode.WRITE_THROUGH
                     and rule.type is TargetType.HASH
                     and rule.filter is None
-                    else None,
                 )
-                for rule in rules
-            ]
+                index = self.keys.key_index(rule) if lean and not self.cluster else None
+                plans.append((rule, lean, index))
             self._plans_by_table[table] = plans
         return plans
 
@@ -359,20 +234,16 @@ class Planner:
     ) -> RowWrite:
         kind = rule.type
         if rule.mode is Mode.INVALIDATE:
-            target = rule.template.render(row)
-            return RowWrite(
-                [target, target, position_key(self.position_prefix, target)],
-                [ROW_INVALIDATE, "", position],
-            )
+            return self.invalidation(rule.template.render(row), position)
         assert kind is not None
         present = event.op != "d" and self._matches(rule, event, row)
         if kind in SINGLE_VALUE_TYPES and (key is None or self._fixed(rule, key)):
             # the key names the row for good: the target's own position record is the row's
             target = rule.template.render(row)
             keys = [
-                self.key_index(rule, target),
+                self.keys.key_index(rule, target),
                 target,
-                position_key(self.position_prefix, target),
+                self.keys.position(target),
             ]
             if not present:
                 return RowWrite(keys, [ROW_DELETE, INDEX_TARGET, position])
@@ -385,12 +256,12 @@ class Planner:
                 f" {event.table} has none (set REPLICA IDENTITY and Debezium's"
                 " message.key.columns)"
             )
-        p_key = self.placement_key(rule, identity)
+        p_key = self.keys.placement(rule, identity)
         if kind is TargetType.STREAM:
             return self._stream_row(
                 rule, event=event, row=row, position=position, p_key=p_key, present=present
             )
-        index = self.row_index(rule)
+        index = self.keys.row_index(rule)
         if not present:
             keep = rule.on_delete is ListDelete.IGNORE
             return RowWrite([index, p_key], [ROW_REMOVE, identity, position, "0" if keep else "1"])
@@ -431,7 +302,7 @@ class Planner:
             if inner[0] == ROW_DELETE:
                 return RowWrite([index, p_key], [ROW_REMOVE, identity, position, "1"])
             return RowWrite(
-                [index, p_key, target, position_key(self.position_prefix, target)],
+                [index, p_key, target, self.keys.position(target)],
                 [ROW_MOVING, identity, position, *inner],
             )
         if kind is TargetType.SET:
@@ -452,7 +323,7 @@ class Planner:
         mode = "r" if rule.on_update is ListUpdate.REPLACE else "p"
         entry = f"{position}|{_sort_token(key, row, identity)}"
         return RowWrite(
-            [index, p_key, target, self.order_key(target), self.reserve_key(target)],
+            [index, p_key, target, self.keys.order(target), self.keys.reserve(target)],
             [
                 ROW_LIST,
                 identity,
@@ -573,7 +444,7 @@ class Planner:
 
     def truncate_event(self, rule: Rule, table: str, position: str) -> RowWrite:
         """The event a stream rule publishes for a TRUNCATE of its table."""
-        p_key = self.placement_key(rule, "#truncate")
+        p_key = self.keys.placement(rule, "#truncate")
         target = rule.template.render({})
         pairs: ArgV = ["op", "t", "table", table, "position", position]
         return RowWrite(
@@ -584,13 +455,19 @@ class Planner:
     def removal(self, rule: Rule, index: str, member: str, position: str) -> RowWrite:
         """The row removing what an index member stands for, unless a change newer than
         ``position`` wrote it (TRUNCATE, resync)."""
-        if ":keys" in index[len(self.state_prefix) :]:
+        if self.keys.is_key_index(index):
             return RowWrite(
-                [index, member, position_key(self.position_prefix, member)],
-                [ROW_DELETE, member, position],
+                [index, member, self.keys.position(member)], [ROW_DELETE, member, position]
             )
         return RowWrite(
-            [index, self.placement_key(rule, member)], [ROW_REMOVE, member, position, "1"]
+            [index, self.keys.placement(rule, member)], [ROW_REMOVE, member, position, "1"]
+        )
+
+    def invalidation(self, target: str, position: str) -> RowWrite:
+        """The row deleting ``target``, a key an invalidate rule names, unless a change newer
+        than ``position`` was applied to it (TRUNCATE of an invalidate rule's table)."""
+        return RowWrite(
+            [target, target, self.keys.position(target)], [ROW_INVALIDATE, "", position]
         )
 
     def _shape(self, names: tuple[str, ...]) -> str:

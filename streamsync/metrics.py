@@ -34,9 +34,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from streamsync import __version__, connection
-from streamsync.config import DLQ_SUFFIX, Settings
+from streamsync.config import Settings
 from streamsync.discovery import find_streams
 from streamsync.functions import library_version, loaded_version
+from streamsync.keys import dead_letter_stream
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,7 @@ class RedisCollector(Collector):
             pipe.xlen(stream)
             pipe.xinfo_groups(stream)
             pipe.xpending(stream, group)
-            pipe.xlen(stream + DLQ_SUFFIX)
+            pipe.xlen(dead_letter_stream(stream))
         # a refused command (ACL, a key of the wrong type, no group yet) leaves its metric out;
         # a connection error or timeout raises and fails the whole scrape
         replies: list[Any] = pipe.execute(raise_on_error=False)

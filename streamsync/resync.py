@@ -19,8 +19,10 @@ import redis
 
 from streamsync.config import Settings
 from streamsync.discovery import find_streams
-from streamsync.epochs import Epochs, epoch_floor, epochs_key, parse_id
-from streamsync.functions import ensure_library
+from streamsync.epochs import Epochs, epoch_floor, parse_id
+from streamsync.errors import ResyncError
+from streamsync.functions import Library
+from streamsync.keys import StateKeys
 from streamsync.mapping import Planner
 from streamsync.sweep import Sweeper
 
@@ -38,10 +40,6 @@ class Mark:
     stream: str
     epoch: int
     after_id: str
-
-
-class ResyncError(Exception):
-    """A resync cannot proceed (unknown table, workers not caught up in time)."""
 
 
 def streams_for_table(client: redis.Redis, settings: Settings, table: str) -> list[str]:
@@ -65,14 +63,14 @@ def streams_for_table(client: redis.Redis, settings: Settings, table: str) -> li
 
 def start(client: redis.Redis, settings: Settings, tables: list[str]) -> list[Mark]:
     """Start a new epoch for each table's streams; returns the marks set."""
-    ensure_library(client)
+    library = Library(client)
+    library.ensure()
+    epochs_key = StateKeys.from_settings(settings.worker).epochs
     marks = []
     for table in tables:
         for stream in streams_for_table(client, settings, table):
-            epoch, after = client.fcall(
-                "streamsync_mark_epoch", 2, epochs_key(settings.worker.state_prefix), stream
-            )
-            mark = Mark(table, stream, int(epoch), after.decode())
+            epoch, after = library.mark_epoch(epochs_key, stream)
+            mark = Mark(table, stream, epoch, after)
             log.info("%s: epoch %d starts after entry %s of %s", table, epoch, after, stream)
             marks.append(mark)
     return marks
@@ -105,19 +103,18 @@ def wait_caught_up(client: redis.Redis, settings: Settings, stream: str, timeout
 def finish(client: redis.Redis, settings: Settings, table: str, timeout_s: float) -> int:
     """Once the workers applied everything captured so far, remove the table's rows that the
     current epoch did not rewrite. Returns the number of rows removed."""
-    ensure_library(client)
+    Library(client).ensure()
     epochs = Epochs()
-    epochs.load(client.hgetall(epochs_key(settings.worker.state_prefix)))
+    epochs.load(client.hgetall(StateKeys.from_settings(settings.worker).epochs))
     epoch = 0
     for stream in streams_for_table(client, settings, table):
         if not epochs.latest(stream):
             raise ResyncError(f"{table}: no resync was started on {stream}")
         epoch = max(epoch, epochs.latest(stream))
         wait_caught_up(client, settings, stream, timeout_s)
-    planner = Planner(
-        settings.rules_by_table, settings.worker.position_prefix, settings.worker.state_prefix
+    sweeper = Sweeper(
+        client, Planner.from_settings(settings), settings.worker.tombstone_ttl_s * 1000
     )
-    sweeper = Sweeper(client, planner, settings.worker.tombstone_ttl_s * 1000)
     removed = sweeper.remove_older(table, epoch_floor(epoch))
     log.info("%s: resync epoch %d finished, %d stale row(s) removed", table, epoch, removed)
     return removed

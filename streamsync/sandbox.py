@@ -35,6 +35,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from streamsync.errors import StreamsyncError
+
 if TYPE_CHECKING:
     import psycopg
 
@@ -79,7 +81,7 @@ _live_lock = threading.Lock()
 _atexit_registered = False
 
 
-class SandboxError(RuntimeError):
+class SandboxError(StreamsyncError):
     """Raised when a sandbox server cannot be found, started or stopped."""
 
 

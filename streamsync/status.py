@@ -34,13 +34,14 @@ from rich.table import Table
 from rich.text import Text
 
 from streamsync import connection
-from streamsync.config import DLQ_SUFFIX, Settings, redact_url
+from streamsync.config import Settings, redact_url
 from streamsync.discovery import source_streams
 from streamsync.errors import ExitCode, PoisonEntryError
 from streamsync.events import ChangeEvent, Decoder
 from streamsync.functions import Version, library_version, loaded_version
+from streamsync.keys import StateKeys, dead_letter_stream
 from streamsync.options import config_option, load_or_exit
-from streamsync.worker import CONSUMER_PRUNE_IDLE_MS, stats_key
+from streamsync.worker import CONSUMER_PRUNE_IDLE_MS
 
 #: Version of the JSON document's layout; bumped when a field changes meaning or goes away.
 SCHEMA_VERSION = 1
@@ -341,7 +342,7 @@ def collect_stream(
     commands only)."""
     group = settings.source.group
     claim_idle_ms = settings.worker.claim_idle_ms
-    dlq = stream + DLQ_SUFFIX
+    dlq = dead_letter_stream(stream)
     pipe = client.pipeline(transaction=False)
     pipe.type(stream)
     pipe.xlen(stream)
@@ -351,7 +352,7 @@ def collect_stream(
     pipe.xpending(stream, group)
     pipe.xpending_range(stream, group, "-", "+", 1)
     pipe.xlen(dlq)
-    pipe.hgetall(stats_key(settings.worker.state_prefix, group, stream))
+    pipe.hgetall(StateKeys.from_settings(settings.worker).stats(group, stream))
     replies = pipe.execute(raise_on_error=False)
     for reply in replies:
         # a missing key or group reads as such; a refused command must not

@@ -19,14 +19,9 @@ from collections.abc import Iterable, Iterator
 import redis
 
 from streamsync.config import Mode, Rule, TargetType
-from streamsync.mapping import (
-    FN_BATCH,
-    ROW_INVALIDATE,
-    Planner,
-    RowWrite,
-    glob_escape,
-    position_key,
-)
+from streamsync.functions import Library, RowStatus, RowWrite
+from streamsync.keys import glob_escape
+from streamsync.mapping import Planner
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +36,7 @@ class Sweeper:
         self, client: redis.Redis | redis.RedisCluster, planner: Planner, tombstone_ms: int
     ) -> None:
         self.client = client
+        self.library = Library(client)
         self.planner = planner
         self.tombstone_ms = tombstone_ms
 
@@ -62,7 +58,7 @@ class Sweeper:
             if rule.mode is Mode.INVALIDATE:
                 removed += self._invalidate_all(rule, position)
             elif rule.type is not TargetType.STREAM:
-                for index in self._nonempty(self.planner.index_keys(rule)):
+                for index in self._nonempty(self.planner.keys.index_keys(rule)):
                     removed += self._sweep_index(rule, index, position)
         return removed
 
@@ -90,27 +86,15 @@ class Sweeper:
         removed = 0
         keys = (k.decode() for k in self.client.scan_iter(match=pattern, count=1000))
         for chunk in _chunks((k for k in keys if matcher.fullmatch(k)), SWEEP_CHUNK):
-            rows = [
-                RowWrite(
-                    [k, k, position_key(self.planner.position_prefix, k)],
-                    [ROW_INVALIDATE, "", position],
-                )
-                for k in chunk
-            ]
-            removed += self._apply(rows)
+            removed += self._apply([self.planner.invalidation(k, position) for k in chunk])
         return removed
 
     def _apply(self, rows: list[RowWrite]) -> int:
-        keys: list[str] = []
-        args: list[str | bytes] = []
-        for row in rows:
-            keys += row.keys
-            args += row.args
-        reply = self.client.fcall(FN_BATCH, len(keys), *keys, self.tombstone_ms, *args)
-        errors = [r for r in reply if isinstance(r, bytes)]
+        replies = self.library.batch(rows, self.tombstone_ms)
+        errors = [r for r in replies if isinstance(r, str)]
         if errors:
-            raise redis.ResponseError(f"sweep failed for {len(errors)} row(s): {errors[0]!r}")
-        return sum(1 for r in reply if r == 1)
+            raise redis.ResponseError(f"sweep failed for {len(errors)} row(s): {errors[0]}")
+        return sum(1 for r in replies if r is RowStatus.APPLIED)
 
 
 def _template_pattern(rule: Rule) -> tuple[str, re.Pattern[str]]:

@@ -289,7 +289,7 @@ def test_a_set_rule_must_pin_its_slot_in_a_cluster() -> None:
     rule = RULES[1] | {"key": "plan:{plan}:users"}
     settings = load_settings_from_rules([rule])
     with pytest.raises(ConfigError, match="hash tag"):
-        Planner(settings.rules_by_table, "streamsync:pos:", cluster=True)
+        Planner.from_settings(settings, cluster=True)
 
 
 def load_settings_from_rules(rules: list[dict[str, Any]]) -> Any:

@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 
 from streamsync import resync
 from streamsync.config import load_settings
-from streamsync.dlq import UNHEALTHY, dlq_group
+from streamsync.dlq import dlq_group
 from streamsync.errors import ExitCode
 from tests.debezium import add_change, entry_fields, envelope, write_config
 from tests.servers import free_port
@@ -279,7 +279,7 @@ def test_replay_leaves_what_the_config_still_cannot_apply(r: redis.Redis, dead: 
     stream_before = raw_range(r, USERS)
     dlq_before = raw_range(r, USERS_DLQ)
     result = invoke("replay", "-c", fixed, "--stream", USERS, "--all")
-    assert result.exit_code == UNHEALTHY == 2, result.output
+    assert result.exit_code == ExitCode.UNHEALTHY == 2, result.output
     assert "left: value is not valid JSON" in result.stdout
     assert "left: extended entry lacks its 'key' or 'value' field" in result.stdout
     assert f"{USERS}: replayed 0, left 2 in {USERS_DLQ}" in result.stdout
@@ -314,13 +314,13 @@ def test_replay_direct_leaves_failing_entries_with_exit_2(r: redis.Redis, dead: 
     fixed = str(dead.fixed())
     dlq_before = raw_range(r, USERS_DLQ)
     result = invoke("replay", "-c", fixed, "--stream", USERS, "--all", "--direct")
-    assert result.exit_code == UNHEALTHY, result.output
+    assert result.exit_code == ExitCode.UNHEALTHY, result.output
     assert result.stdout.count(": left: ") == 2
     assert raw_range(r, USERS_DLQ) == dlq_before
     # a Redis refusal at apply time: the position record is of the wrong type
     r.sadd("streamsync:pos:{order:9}", "not a position")
     result = invoke("replay", "-c", fixed, "--stream", ORDERS, "--all", "--direct")
-    assert result.exit_code == UNHEALTHY, result.output
+    assert result.exit_code == ExitCode.UNHEALTHY, result.output
     assert "left: redis error: " in result.stdout and "WRONGTYPE" in result.stdout
     assert r.xlen(ORDERS_DLQ) == 1
     r.delete("streamsync:pos:{order:9}")
@@ -364,7 +364,7 @@ def test_replay_dry_run_changes_nothing(r: redis.Redis, dead: Setup, direct: boo
     mode = ["--direct"] if direct else []
     for stream in (USERS, ORDERS):
         result = invoke("replay", "-c", fixed, "--stream", stream, "--all", "--dry-run", *mode)
-        assert result.exit_code == (UNHEALTHY if stream == USERS else 0), result.output
+        assert result.exit_code == (ExitCode.UNHEALTHY if stream == USERS else 0), result.output
         assert "(dry run)" in result.stdout
     assert ("would apply 1 row(s)" if direct else "would re-add to") in result.stdout
     assert f"{ORDERS}: would replay 1, left 0" in result.stdout
@@ -378,7 +378,7 @@ def test_replay_through_the_stream_refuses_entries_older_than_a_resync_epoch(
     fixed = dead.fixed()
     resync.start(r, load_settings(fixed, environ={}), ["public.orders"])
     result = invoke("replay", "-c", str(fixed), "--stream", ORDERS, "--all")
-    assert result.exit_code == UNHEALTHY, result.output
+    assert result.exit_code == ExitCode.UNHEALTHY, result.output
     assert "predates the stream's latest resync epoch" in result.stdout
     assert r.xlen(ORDERS_DLQ) == 1
     # --direct applies it under its own (older) epoch
@@ -400,7 +400,7 @@ def test_a_dead_lettered_truncate_is_replayed_through_the_stream(
     (dlq_id,) = dlq_ids(r, ORDERS_DLQ)
     # applied here it could overtake older entries of the stream: only the workers order it
     result = invoke("replay", "-c", fixed, "--stream", ORDERS, dlq_id, "--direct")
-    assert result.exit_code == UNHEALTHY, result.output
+    assert result.exit_code == ExitCode.UNHEALTHY, result.output
     assert "left: a TRUNCATE must wait for the older entries of its stream" in result.stdout
     assert r.exists("order:9") and r.xlen(ORDERS_DLQ) == 1
     result = invoke("replay", "-c", fixed, "--stream", ORDERS, dlq_id)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 
+from streamsync.keys import StateKeys
 from tests.debezium import add_change, entry_fields, envelope, write_config
 from tests.servers import RedisServer, wait_until
 from tests.workers import WorkerProcess
@@ -61,7 +62,7 @@ def user_key(i: int) -> str:
 
 
 def position_key(key: str) -> str:
-    return f"{POSITION_PREFIX}{{{key}}}"
+    return StateKeys(POSITION_PREFIX).position(key)
 
 
 def user(i: int, version: int) -> dict[str, Any]:

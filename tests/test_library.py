@@ -15,8 +15,15 @@ from redis.crc import key_slot as redis_py_key_slot
 from streamsync.config import Rule
 from streamsync.errors import LibraryIncompatibleError
 from streamsync.events import ChangeEvent
-from streamsync.functions import ensure_library, library_source, library_version, loaded_version
-from streamsync.mapping import FN_BATCH, Planner, key_slot, position_key
+from streamsync.functions import (
+    FN_BATCH,
+    ensure_library,
+    library_source,
+    library_version,
+    loaded_version,
+)
+from streamsync.keys import StateKeys, guarded_key, key_slot
+from streamsync.mapping import Planner
 from tests.debezium import PLACEHOLDER
 
 TOMBSTONE_MS = 60_000
@@ -48,7 +55,7 @@ def change(op: str, lsn: int, row: dict[str, Any]) -> ChangeEvent:
 
 def apply(r: redis.Redis, rule: Rule, *events: ChangeEvent) -> list[Any]:
     """Apply events the way the worker does: one batch call per function, rows in order."""
-    planner = Planner({"public.users": (rule,)}, "streamsync:pos:")
+    planner = Planner({"public.users": (rule,)}, StateKeys("streamsync:pos:"))
     statuses: list[Any] = []
     for event in events:
         for row in planner.plan(event):
@@ -206,7 +213,7 @@ def test_one_call_applies_many_rows_independently(lib: redis.Redis) -> None:
 
 @given(st.text(min_size=1, max_size=30))
 def test_position_key_shares_the_target_slot(target: str) -> None:
-    key = position_key("streamsync:pos:", target)
+    key = guarded_key("streamsync:pos:", target)
     assert key != target
     assert key_slot(key.encode()) == key_slot(target.encode())
     assert redis_py_key_slot(key.encode()) == redis_py_key_slot(target.encode())
@@ -214,7 +221,7 @@ def test_position_key_shares_the_target_slot(target: str) -> None:
 
 @pytest.mark.parametrize("target", ["user:1", "{t1}:user:1", "a}b", "{}x", "x{y", "}{a}"])
 def test_position_key_examples(target: str) -> None:
-    key = position_key("p:", target)
+    key = guarded_key("p:", target)
     assert redis_py_key_slot(key.encode()) == redis_py_key_slot(target.encode())
 
 

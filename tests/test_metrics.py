@@ -31,9 +31,10 @@ from prometheus_client.core import Metric
 
 from streamsync import __version__
 from streamsync.cli import run as run_cli
-from streamsync.config import DLQ_SUFFIX, Settings, load_settings, parse_settings
+from streamsync.config import Settings, load_settings, parse_settings
 from streamsync.errors import ExitCode
 from streamsync.functions import ensure_library, library_version
+from streamsync.keys import DLQ_SUFFIX
 from streamsync.metrics import (
     DEFAULT_HOST,
     DEFAULT_PORT,

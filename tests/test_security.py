@@ -1,6 +1,6 @@
 """Credentials, TLS and least privilege: the password stays out of the file, the logs and the
 settings' repr; ``rediss://`` works against a real TLS redis-server; a worker runs end to end as
-the ACL user ``connection.acl_rules`` describes, and that user can do nothing else."""
+the ACL user ``acl.acl_rules`` describes, and that user can do nothing else."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import redis
 import yaml
 from click.testing import CliRunner
 
-from streamsync import connection
+from streamsync import acl, connection
 from streamsync.cli import cli
 from streamsync.config import (
     REDIS_PASSWORD_ENV,
@@ -291,7 +291,7 @@ def test_acl_patterns_follow_the_configuration(tmp_path: Path) -> None:
         ],
     }
     settings = load_settings(write(tmp_path, data), environ={})
-    assert connection.acl_key_patterns(settings) == [
+    assert acl.acl_key_patterns(settings) == [
         "app.*",
         "ss:*",
         "pos:*",
@@ -301,15 +301,15 @@ def test_acl_patterns_follow_the_configuration(tmp_path: Path) -> None:
         "pair:*",
         "top\\[1\\]",
     ]
-    rules = connection.acl_rules(settings)
+    rules = acl.acl_rules(settings)
     assert rules[:2] == ["resetkeys", "~app.*"]
     assert "-@all" in rules and "+select" not in rules
     assert rules.index("-@all") < rules.index("+xreadgroup")
     assert len(rules) == len(set(rules))
-    read_only = connection.acl_rules(settings, read_only=True)
+    read_only = acl.acl_rules(settings, read_only=True)
     assert [r for r in read_only if "~" in r] == ["%R~app.*", "%R~ss:*", "%R~pos:*"]
     assert "+xadd" not in read_only and "+fcall" not in read_only
-    line = connection.acl_setuser(settings, password="pw")
+    line = acl.acl_setuser(settings, password="pw")
     assert line.startswith("ACL SETUSER streamsync reset on >pw resetkeys ~app.* ")
     assert "~top\\[1\\]" in line.split()
 
@@ -328,8 +328,8 @@ def test_the_documented_acl_lines_are_the_derived_ones(tmp_path: Path) -> None:
     path.write_text(config)
     settings = load_settings(path, environ={})
     assert lines == [
-        connection.acl_setuser(settings, "streamsync"),
-        connection.acl_setuser(settings, "streamsync-status", read_only=True),
+        acl.acl_setuser(settings, "streamsync"),
+        acl.acl_setuser(settings, "streamsync-status", read_only=True),
     ]
 
 
@@ -347,7 +347,7 @@ class AclServer:
     def create_user(self, settings: Settings, user: str, password: str, **kw: Any) -> None:
         self.admin.execute_command(
             "ACL", "SETUSER", user, "reset", "on", ">" + password,
-            *connection.acl_rules(settings, **kw),
+            *acl.acl_rules(settings, **kw),
         )  # fmt: skip
 
     def as_user(self, user: str, password: str, db: int = 0) -> redis.Redis:

@@ -13,7 +13,7 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 
-from streamsync import connection
+from streamsync import acl
 from streamsync.config import REDIS_PASSWORD_ENV, REDIS_URL_ENV, load_settings
 from streamsync.errors import ExitCode
 from streamsync.functions import ensure_library
@@ -453,13 +453,13 @@ def test_password_is_never_printed(
 def test_a_read_only_monitoring_user_gets_a_report(
     r: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
-    """The least-privilege status user (connection.acl_rules(read_only=True)) can run it."""
+    """The least-privilege status user (acl.acl_rules(read_only=True)) can run it."""
     add_users(r, 2)
     drain(write_config(tmp_path / "worker.yaml", redis_url))
     user, password = "status-ro", "R3adOnlyPa55"
     cfg = write_config(tmp_path / "c.yaml", f"redis://{user}@127.0.0.1:{port_of(redis_url)}/0")
     settings = load_settings(cfg, environ={})
-    rules = connection.acl_rules(settings, read_only=True)
+    rules = acl.acl_rules(settings, read_only=True)
     env = {REDIS_PASSWORD_ENV: password}
     try:
         r.execute_command("ACL", "SETUSER", user, "reset", "on", ">" + password, *rules)

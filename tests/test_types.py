@@ -19,8 +19,9 @@ from streamsync.config import Rule
 from streamsync.epochs import epoch_floor, epoch_prefix
 from streamsync.errors import PoisonEntryError
 from streamsync.events import ChangeEvent
-from streamsync.functions import ensure_library
-from streamsync.mapping import FN_BATCH, Planner
+from streamsync.functions import FN_BATCH, ensure_library
+from streamsync.keys import StateKeys
+from streamsync.mapping import Planner
 from streamsync.sweep import Sweeper
 
 TABLE = "public.users"
@@ -88,7 +89,7 @@ class Cache:
     def __init__(self, r: redis.Redis, *kinds: str, rules: Sequence[Rule] = ()) -> None:
         self.r = r
         self.rules = tuple(rules) or tuple(RULES[k] for k in kinds)
-        self.planner = Planner({TABLE: self.rules}, "streamsync:pos:")
+        self.planner = Planner({TABLE: self.rules}, StateKeys("streamsync:pos:"))
 
     def apply(self, *events: ChangeEvent, epoch: str = "") -> list[Any]:
         statuses: list[Any] = []
@@ -111,10 +112,10 @@ class Cache:
         return Sweeper(self.r, self.planner, TOMBSTONE_MS)
 
     def key_index(self, kind: str) -> set[str]:
-        return {m.decode() for m in self.r.smembers(self.planner.key_index(RULES[kind]))}
+        return {m.decode() for m in self.r.smembers(self.planner.keys.key_index(RULES[kind]))}
 
     def row_index(self, kind: str) -> set[str]:
-        return {m.decode() for m in self.r.smembers(self.planner.row_index(RULES[kind]))}
+        return {m.decode() for m in self.r.smembers(self.planner.keys.row_index(RULES[kind]))}
 
 
 @pytest.fixture
@@ -696,7 +697,7 @@ def test_list_on_delete(lib: redis.Redis, on_delete: str) -> None:
         assert visible(lib) == {"feed": ["1:annie", "2:bob", "1:ann"]}
     # kept entries stay indexed, so a TRUNCATE or a resync still finds them
     expected = {b"2"} if on_delete == "remove" else {b"1", b"2"}
-    assert lib.smembers(cache.planner.row_index(rule)) == expected
+    assert lib.smembers(cache.planner.keys.row_index(rule)) == expected
     cache.apply(change("c", 40, {**V1, "name": "new"}))
     assert visible(lib)["feed"][0] == "1:new"
 
@@ -999,21 +1000,21 @@ def test_epoch_floor_orders_between_epochs() -> None:
 
 
 def test_non_numeric_zset_score_is_poison() -> None:
-    planner = Planner({TABLE: (RULES["zset"],)}, "streamsync:pos:")
+    planner = Planner({TABLE: (RULES["zset"],)}, StateKeys("streamsync:pos:"))
     with pytest.raises(PoisonEntryError, match="not numeric"):
         planner.plan(change("c", 10, {**V1, "price": "abc"}))
 
 
 def test_where_naming_an_absent_column_is_poison() -> None:
     rule = _rule(key="s", type="set", member="{id}", where="missing = 1")
-    planner = Planner({TABLE: (rule,)}, "streamsync:pos:")
+    planner = Planner({TABLE: (rule,)}, StateKeys("streamsync:pos:"))
     with pytest.raises(PoisonEntryError, match="missing"):
         planner.plan(change("c", 10, V1))
 
 
 @pytest.mark.parametrize("kind", ["set", "zset", "list", "list_replace", "stream"])
 def test_rule_needing_a_primary_key_refuses_a_table_without_one(kind: str) -> None:
-    planner = Planner({TABLE: (RULES[kind],)}, "streamsync:pos:")
+    planner = Planner({TABLE: (RULES[kind],)}, StateKeys("streamsync:pos:"))
     event = change("c", 10, V1)
     event.key = None
     with pytest.raises(PoisonEntryError, match="primary key"):

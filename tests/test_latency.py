@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streamsync.stats import LatencySamples
+from streamsync.latency import LatencySamples
 
 
 def test_quantiles_are_nearest_rank() -> None:

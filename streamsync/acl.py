@@ -1,0 +1,193 @@
+"""The least-privilege Redis ACL a configuration needs (``streamsync acl``): the key patterns
+of its streams, streamsync's records and the rules' keys, and the reviewed command sets the
+worker, its Functions library and ``streamsync status`` send."""
+
+from __future__ import annotations
+
+from redis.connection import parse_url
+
+from streamsync.config import Settings
+from streamsync.keys import dead_letter_stream, glob_escape
+from streamsync.templates import KeyTemplate
+
+#: Commands the worker (and ``streamsync resync``) sends itself.
+WORKER_COMMANDS: tuple[str, ...] = (
+    "client|setname",  # the connection's name, streamsync:<consumer>
+    "ping",
+    "info",  # at connect: a Redis Cluster or not (INFO cluster); metrics: INFO memory, stats
+    "time",  # metrics
+    "xlen",  # metrics
+    "xreadgroup",
+    "xack",
+    "xadd",  # dead letters (<stream>:dlq)
+    "xautoclaim",
+    "xclaim",
+    "xpending",
+    "xgroup|create",
+    "xinfo|stream",
+    "xinfo|groups",
+    "xinfo|consumers",
+    "exists",
+    "scan",  # stream_prefix discovery; TRUNCATE of invalidate rules (keys the app writes)
+    "sscan",  # TRUNCATE and resync walk the rules' indexes
+    "hgetall",  # resync epochs
+    "hincrby",  # status counters
+    "hset",
+    "fcall",
+    "fcall_ro",
+    "function|load",  # the worker loads (and upgrades) its library at start
+)
+
+#: Commands the Functions library (lua/streamsync.lua) runs on the worker's behalf: Redis checks
+#: them, with their keys, against the caller's ACL as if the caller sent them.
+LIBRARY_COMMANDS: tuple[str, ...] = (
+    "get",
+    "set",
+    "del",
+    "exists",
+    "type",
+    "pexpire",
+    "hget",
+    "hset",
+    "hdel",
+    "hexists",
+    "sadd",
+    "srem",
+    "zadd",
+    "zrem",
+    "zscore",
+    "zcount",
+    "zrange",
+    "zrevrank",
+    "llen",
+    "lpush",
+    "rpush",
+    "lpop",
+    "rpop",
+    "lset",
+    "lrem",
+    "xadd",
+    "xtrim",
+    "xpending",
+    "xinfo|stream",
+    "xinfo|groups",
+    "xinfo|consumers",
+    "xgroup|delconsumer",
+)
+
+#: Commands of a read-only monitoring user (``streamsync status``), on read-only keys.
+STATUS_COMMANDS: tuple[str, ...] = (
+    "ping",
+    "scan",  # stream_prefix discovery
+    "type",
+    "xlen",
+    "xrange",
+    "xrevrange",
+    "xpending",
+    "xinfo|stream",
+    "xinfo|groups",
+    "xinfo|consumers",
+    "hgetall",  # status counters
+    "fcall_ro",  # streamsync_version, a no-writes function
+    "time",  # ages on Redis's clock
+    "info",  # memory, eviction policy, hit rate
+)
+
+
+def template_glob(template: KeyTemplate) -> str:
+    """A key template as a glob matching every key it renders: ``plan:{plan}:users`` ->
+    ``plan:*:users``, ``{{t:{tenant}}}:user:{id}`` -> ``{t:*}:user:*``."""
+    glob = glob_escape(template.literals[0])
+    for literal in template.literals[1:]:
+        if not glob.endswith("*"):
+            glob += "*"
+        glob += glob_escape(literal)
+    return glob
+
+
+def _add(patterns: list[str], pattern: str) -> None:
+    if pattern not in patterns:
+        patterns.append(pattern)
+
+
+def acl_stream_patterns(settings: Settings) -> list[str]:
+    """Glob patterns of the source streams and their dead-letter streams."""
+    source = settings.source
+    if source.stream_prefix is not None:
+        # the dead-letter streams <stream>:dlq share the prefix
+        return [glob_escape(source.stream_prefix) + "*"]
+    return [glob_escape(name) for s in source.streams or () for name in (s, dead_letter_stream(s))]
+
+
+def acl_state_patterns(settings: Settings) -> list[str]:
+    """Glob patterns of streamsync's own records: positions, placements, indexes, list order
+    and reserve records, resync epochs, status counters."""
+    worker = settings.worker
+    patterns = [glob_escape(worker.state_prefix) + "*"]
+    if not worker.position_prefix.startswith(worker.state_prefix):
+        patterns.append(glob_escape(worker.position_prefix) + "*")
+    return patterns
+
+
+def acl_cache_patterns(settings: Settings) -> list[str]:
+    """Glob patterns of the keys the rules write (or, for invalidate rules, delete)."""
+    patterns: list[str] = []
+    for rule in settings.rules:
+        _add(patterns, template_glob(rule.template))
+    return patterns
+
+
+def acl_key_patterns(settings: Settings) -> list[str]:
+    """Every key pattern the worker needs, derived from the configuration."""
+    patterns: list[str] = []
+    for pattern in (
+        *acl_stream_patterns(settings),
+        *acl_state_patterns(settings),
+        *acl_cache_patterns(settings),
+    ):
+        _add(patterns, pattern)
+    return patterns
+
+
+def acl_rules(settings: Settings, *, read_only: bool = False) -> list[str]:
+    """The ``ACL SETUSER`` rules of the least-privileged user for ``settings``: the worker's
+    (read and write on the streams, streamsync's records and the rules' keys; the commands the
+    worker and its Functions library send), or with ``read_only`` a monitoring user's
+    (``streamsync status``: read-only keys, read-only commands, no cache keys).
+
+    They reset the user's keys, channels and commands first, so applying them to an existing
+    user replaces its permissions (its passwords and on/off state are left alone).
+    """
+    if read_only:
+        keys = ["%R~" + p for p in (*acl_stream_patterns(settings), *acl_state_patterns(settings))]
+        wanted: tuple[str, ...] = STATUS_COMMANDS
+    else:
+        keys = ["~" + p for p in acl_key_patterns(settings)]
+        wanted = WORKER_COMMANDS + LIBRARY_COMMANDS
+    commands: list[str] = []
+    for command in wanted:
+        _add(commands, "+" + command)
+    if parse_url(settings.redis.url).get("db", 0) not in (0, "0"):
+        commands.append("+select")  # redis-py selects the URL's database on connect
+    return ["resetkeys", *keys, "resetchannels", "-@all", *commands]
+
+
+def acl_setuser(
+    settings: Settings,
+    user: str = "streamsync",
+    *,
+    password: str = "<password>",
+    read_only: bool = False,
+) -> str:
+    """The whole ``ACL SETUSER`` command line for ``user`` (``reset`` first: it replaces
+    whatever the user had), as typed in ``redis-cli``."""
+    words = ["ACL", "SETUSER", user, "reset", "on", ">" + password]
+    words += acl_rules(settings, read_only=read_only)
+    return " ".join(_cli_quote(w) for w in words)
+
+
+def _cli_quote(word: str) -> str:
+    """``word`` as one redis-cli argument."""
+    if word and not any(c.isspace() or c in "\"'" for c in word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'

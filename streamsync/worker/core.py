@@ -1,0 +1,270 @@
+"""The pure batch core: entries in, decisions out. No I/O, no clock, no sleeps.
+
+A batch goes through three steps, each a method here:
+
+1. ``prepare``: decode and plan each entry (``streamsync.events``, ``streamsync.mapping``) into
+   the rows to apply, or settle it at once (nothing to apply, a TRUNCATE for the barrier, a
+   malformed or unmappable entry for the dead letters);
+2. ``calls``: pack the rows into ``streamsync_batch`` calls (bounded in size, one hash slot
+   each on a Redis Cluster, one row each for an entry whose batch call failed as a whole);
+3. ``settle``: read the calls' replies into acknowledgements, retries, dead letters and
+   library reloads.
+
+The loop (``streamsync.worker.loop``) sends what this decides and reads what Redis replies.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from streamsync.epochs import Epochs
+from streamsync.errors import PoisonEntryError
+from streamsync.events import TRUNCATE, ChangeEvent, Decoder, Skip
+from streamsync.functions import (
+    Command,
+    RowStatus,
+    RowWrite,
+    batch_command,
+    batch_replies,
+    is_missing_library,
+)
+from streamsync.keys import key_slot
+from streamsync.mapping import Planner
+from streamsync.retry import is_transient
+from streamsync.worker.entry import Entry
+
+log = logging.getLogger(__name__)
+
+#: Most rows packed into one function call; bounds the Lua stack and one call's run time.
+MAX_ROWS_PER_CALL = 1000
+
+#: The outcome counted for an entry deleted from its stream while it was pending.
+VANISHED = "vanished"
+
+
+@dataclass(slots=True)
+class Plan:
+    """What one entry is to become."""
+
+    event: ChangeEvent | Skip
+    #: The rows to apply (a row change).
+    rows: list[RowWrite] = field(default_factory=list)
+    #: The position a TRUNCATE removes older rows at (epoch prefix included).
+    truncate_at: str | None = None
+
+
+@dataclass(slots=True)
+class Truncate:
+    """A TRUNCATE, applied on its own once every older entry of its stream is settled: run
+    before a change it follows, it would let that change bring a row back."""
+
+    entry: Entry
+    table: str
+    position: str
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A batch of entries sorted by what happens to them next."""
+
+    #: Entries with rows to apply.
+    apply: list[Entry] = field(default_factory=list)
+    #: Entries with nothing to apply (tombstones, heartbeats, vanished): acknowledged, counted
+    #: under their ``outcome``.
+    settled: list[Entry] = field(default_factory=list)
+    #: Entries that can never be applied (``error`` says why): dead-lettered at once.
+    dead: list[Entry] = field(default_factory=list)
+    #: TRUNCATEs, for the barrier.
+    truncates: list[Truncate] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Call:
+    """One batch call and the entry each of its rows belongs to."""
+
+    command: Command
+    owners: list[Entry]
+
+
+@dataclass(slots=True)
+class Settlement:
+    """What the replies of a batch's calls say to do."""
+
+    #: Applied (``outcome`` says how): to acknowledge.
+    done: list[Entry] = field(default_factory=list)
+    #: Failed this delivery (``error`` says why), with deliveries left: left pending, retried
+    #: after a claim.
+    failed: list[Entry] = field(default_factory=list)
+    #: Failed on their last allowed delivery: to dead-letter.
+    dead: list[Entry] = field(default_factory=list)
+    #: Send the whole batch again (Redis refused for now, or calls were split).
+    retry: bool = False
+    #: The library is missing: load it before the retry.
+    reload_library: bool = False
+    #: Why the batch is sent again, for the log.
+    reason: str = ""
+
+
+class BatchCore:
+    """Decodes, plans, packs and settles batches of entries."""
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        planner: Planner,
+        epochs: Epochs,
+        *,
+        tombstone_ms: int,
+        max_deliveries: int,
+        max_rows_per_call: int = MAX_ROWS_PER_CALL,
+    ) -> None:
+        self.decoder = decoder
+        self.planner = planner
+        self.epochs = epochs
+        self.tombstone_ms = tombstone_ms
+        self.max_deliveries = max_deliveries
+        self.max_rows_per_call = max_rows_per_call
+
+    # -- 1. decode and plan ----------------------------------------------------------------
+
+    def plan(self, stream: str, entry_id: bytes, fields: Sequence[bytes]) -> Plan:
+        """Decode and plan one entry of ``stream``; PoisonEntryError says why it can never be
+        applied."""
+        event = self.decoder.decode(fields)
+        if isinstance(event, Skip):
+            return Plan(event)
+        epoch = self.epochs.prefix(stream, entry_id)
+        if event.op == TRUNCATE:
+            if event.table not in self.planner.rules_by_table:
+                raise PoisonEntryError(f"no rule maps table {event.table!r}")
+            return Plan(event, truncate_at=epoch + event.position)
+        return Plan(event, rows=self.planner.plan(event, epoch))
+
+    def prepare(self, entries: Sequence[Entry]) -> Prepared:
+        """Sort ``entries`` into what to apply, acknowledge, dead-letter or hold for a barrier."""
+        prepared = Prepared()
+        for entry in entries:
+            if entry.fields is None:
+                # deleted from the stream while pending: nothing left to apply
+                entry.outcome = VANISHED
+                prepared.settled.append(entry)
+                continue
+            try:
+                plan = self.plan(entry.stream, entry.id, entry.fields)
+            except PoisonEntryError as exc:
+                entry.error = str(exc)
+                prepared.dead.append(entry)
+                continue
+            except Exception as exc:
+                # a bug, not the entry's fault; still never crash the loop nor lose the entry
+                log.exception("%s: cannot decode or map", entry.label)
+                entry.error = f"internal error: {type(exc).__name__}: {exc}"
+                prepared.dead.append(entry)
+                continue
+            event = plan.event
+            if isinstance(event, Skip):
+                entry.outcome = event.value
+                prepared.settled.append(entry)
+                continue
+            entry.table, entry.op, entry.ts_ms = event.table, event.op, event.ts_ms
+            if plan.truncate_at is not None:
+                prepared.truncates.append(Truncate(entry, event.table, plan.truncate_at))
+                continue
+            entry.rows = plan.rows
+            prepared.apply.append(entry)
+        return prepared
+
+    # -- 2. pack into calls ------------------------------------------------------------------
+
+    def calls(self, batch: Sequence[Entry]) -> list[Call]:
+        """The batch calls applying ``batch``, rows in entry order: at most
+        ``max_rows_per_call`` rows each, one hash slot each on a cluster, one row each for an
+        entry marked ``solo``."""
+        return list(self._calls(batch))
+
+    def _calls(self, batch: Sequence[Entry]) -> Iterator[Call]:
+        cluster = self.planner.cluster
+        groups: dict[int, tuple[list[RowWrite], list[Entry]]] = {}
+        for entry in batch:
+            for row in entry.rows:
+                if entry.solo:
+                    yield self._call([row], [entry])
+                    continue
+                slot = key_slot(row.keys[0]) if cluster else 0
+                rows, owners = groups.setdefault(slot, ([], []))
+                rows.append(row)
+                owners.append(entry)
+                if len(rows) >= self.max_rows_per_call:
+                    yield self._call(rows, owners)
+                    del groups[slot]
+        for rows, owners in groups.values():
+            yield self._call(rows, owners)
+
+    def _call(self, rows: list[RowWrite], owners: list[Entry]) -> Call:
+        return Call(batch_command(rows, self.tombstone_ms), owners)
+
+    # -- 3. settle ---------------------------------------------------------------------------
+
+    def settle(
+        self, batch: Sequence[Entry], calls: Sequence[Call], replies: Sequence[Any]
+    ) -> Settlement:
+        """Read the replies of ``calls`` (one each, error replies as ResponseError values)."""
+        settlement = Settlement()
+        for call, reply in zip(calls, replies, strict=True):
+            if isinstance(reply, redis.ResponseError):
+                self._call_failed(call, str(reply), settlement)
+            else:
+                self._rows_replied(call, batch_replies(reply), settlement)
+        if settlement.retry:
+            for entry in batch:
+                entry.outcome = entry.error = None
+            return settlement
+        for entry in batch:
+            if entry.error is None:
+                entry.outcome = entry.outcome or RowStatus.APPLIED.outcome
+                settlement.done.append(entry)
+            elif self.exhausted(entry):
+                settlement.dead.append(entry)
+            else:
+                settlement.failed.append(entry)
+        return settlement
+
+    def exhausted(self, entry: Entry) -> bool:
+        """Whether a failed ``entry`` had its last allowed delivery (it is dead-lettered)."""
+        return entry.deliveries >= self.max_deliveries
+
+    def _call_failed(self, call: Call, message: str, settlement: Settlement) -> None:
+        if is_missing_library(message):
+            settlement.reload_library = settlement.retry = True
+            settlement.reason = "the library is missing"
+        elif is_transient(message):
+            settlement.retry = True
+            settlement.reason = f"redis refused a call ({message})"
+        elif len(call.owners) > 1:
+            # one bad row fails its whole call: retry its rows one call each, so only the bad
+            # entry fails
+            for entry in call.owners:
+                entry.solo = True
+            settlement.retry = True
+            settlement.reason = f"a call failed as a whole ({message}); its rows go one by one"
+        else:
+            call.owners[0].error = f"redis error: {message}"
+
+    @staticmethod
+    def _rows_replied(call: Call, replies: list[Any], settlement: Settlement) -> None:
+        for entry, status in zip(call.owners, replies, strict=True):
+            if isinstance(status, RowStatus):
+                if entry.outcome is None or status is RowStatus.APPLIED:
+                    entry.outcome = status.outcome
+            elif is_transient(status):
+                # Redis, not the row, is at fault (a cluster failing over, memory full): retry
+                # the batch in hand, without spending deliveries
+                settlement.retry = True
+                settlement.reason = f"redis refused a row ({status})"
+            else:
+                entry.error = f"redis error: {status}"
