@@ -11,9 +11,12 @@ as stale. So duplicates, replays and out-of-order delivery never roll a key back
 
 Positions compare as fixed-width digit strings: LSNs are 64-bit and Lua numbers are doubles.
 
-All row functions take KEYS in pairs (target key, its position record), one pair per row, and
+The worker calls streamsync_batch: per row, its rule's index key followed by the row kind's own
+keys (target key, position record, placement record...: see each kind below), and
 ARGV[1] = tombstone TTL in milliseconds followed by one segment per row, in KEYS order, each
-starting with the row's kind. They reply with an array holding one status per row:
+starting with the row's kind and index member. (streamsync_apply and the per-operation functions
+of library 1.0 take KEYS in pairs, target key and position record, and no index member.) Row
+functions reply with an array holding one status per row:
   1 applied, 0 stale (position not newer), 2 skipped (an update with unchanged TOAST columns for a
   row that is not cached: the key stays absent so no partial row is cached), 3 dropped (the cached
   row could not be completed, so it was deleted: the next full change or read fills it again), or

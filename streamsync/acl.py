@@ -33,6 +33,8 @@ WORKER_COMMANDS: tuple[str, ...] = (
     "hgetall",  # resync epochs
     "hincrby",  # status counters
     "hset",
+    "set",  # the worker's liveness mark (with a TTL)
+    "del",  # the liveness mark, when the worker stops
     "fcall",
     "fcall_ro",
     "function|load",  # the worker loads (and upgrades) its library at start

@@ -13,8 +13,10 @@ from click.testing import CliRunner
 from streamsync.cli import cli
 from streamsync.config import load_settings
 from streamsync.errors import ExitCode
+from streamsync.keys import StateKeys
 from streamsync.worker import Worker
 from tests.debezium import add_change, entry_fields, envelope, write_config
+from tests.servers import wait_until
 from tests.workers import drain
 
 STREAM = "app.public.users"
@@ -50,6 +52,46 @@ def test_truncate_waits_for_older_entries_held_by_another_consumer(
     assert not r.exists(STREAM + ":dlq")
     counts = {o: n for (_, _, op, o), n in worker.counts.items() if op == "t"}
     assert counts == {"applied": 1}
+
+
+def test_truncate_waits_for_a_failed_entry_beyond_the_first_hundred_pending(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """One batch of 150 changes and a TRUNCATE; row 120's write fails once (its position record
+    is not a string). The TRUNCATE must wait until row 120 is retried and applied, however far
+    down the pending list it sits: run before, the retry would bring the row back."""
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        redis_url,
+        streams=[STREAM],
+        batch_size=500,
+        claim_idle_ms=300,
+        claim_interval_ms=100,
+        max_deliveries=100,
+    )
+    r.xgroup_create(STREAM, "streamsync", id="0", mkstream=True)
+    settings = load_settings(cfg, environ={})
+    bad = StateKeys.from_settings(settings.worker).position("user:120")
+    r.hset(bad, "not", "a position")
+    for i in range(1, 151):
+        add_change(r, STREAM, "c", {"id": i, "name": f"row {i}"}, 100 + i)
+    add_truncate(r, 1000)
+    worker = Worker(settings, consumer="w1", drain=True)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        # dict(): one atomic copy of the counts the worker thread updates
+        wait_until(lambda: any(k[3] == "failed" for k in dict(worker.counts)), timeout=30)
+        r.delete(bad)
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    finally:
+        worker.request_stop()
+        thread.join()
+    assert not r.exists("user:120")
+    assert r.keys("user:*") == []
+    assert r.xpending(STREAM, "streamsync")["pending"] == 0
+    assert not r.exists(STREAM + ":dlq")
 
 
 def test_truncate_keeps_rows_written_after_it_and_refuses_older_replays(

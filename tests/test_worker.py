@@ -19,7 +19,8 @@ from streamsync.config import load_settings
 from streamsync.errors import ExitCode
 from streamsync.events import ChangeEvent, Decoder
 from streamsync.functions import library_source, library_version
-from streamsync.worker import Worker
+from streamsync.keys import StateKeys
+from streamsync.worker import Worker, heartbeat_ttl_ms
 from tests.debezium import (
     PLACEHOLDER,
     add_change,
@@ -375,3 +376,57 @@ def test_a_refused_command_is_retried_not_fatal(
         thread.join(timeout=30)
     assert result == [ExitCode.OK]
     assert r.hgetall("user:1") == {b"id": b"1", b"name": b"a"}
+
+
+def test_a_running_worker_keeps_a_liveness_mark_and_leaves_cleanly(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """A quiet worker blocked on an idle stream keeps its liveness mark fresh (Redis 7.0 does
+    not reset a blocked consumer's idle time); stopped cleanly with nothing pending, it drops
+    the mark and leaves the group. One holding entries stays listed."""
+    cfg = write_config(tmp_path / "c.yaml", redis_url, block_ms=200)
+    settings = load_settings(cfg, environ={})
+    mark = StateKeys.from_settings(settings.worker).alive("streamsync", "quiet")
+    worker = Worker(settings, consumer="quiet")
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        wait_until(lambda: r.exists(mark) == 1, timeout=10)
+        full = heartbeat_ttl_ms(200)
+        assert 0 < r.pttl(mark) <= full
+        # refreshed while idle: its TTL runs down, then goes back up
+        wait_until(lambda: r.pttl(mark) < full - 1000, timeout=10)
+        low = r.pttl(mark)
+        wait_until(lambda: r.pttl(mark) > low + 500, timeout=10, message="mark refreshed")
+        assert [c["name"] for c in r.xinfo_consumers("app.public.users", "streamsync")] == [
+            b"quiet"
+        ]
+    finally:
+        worker.request_stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert not r.exists(mark)
+    assert r.xinfo_consumers("app.public.users", "streamsync") == []
+
+
+def test_a_worker_stopping_with_entries_pending_to_it_stays_in_the_group(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "c.yaml", redis_url, block_ms=100, max_deliveries=10)
+    settings = load_settings(cfg, environ={})
+    # the row's position record is not a string: its write fails, and stays pending for a retry
+    r.hset(StateKeys.from_settings(settings.worker).position("user:1"), "not", "a position")
+    add_change(r, "app.public.users", "c", {"id": 1, "name": "a"}, lsn=1)
+    worker = Worker(settings, consumer="holder", drain=True)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        wait_until(lambda: any(k[3] == "failed" for k in dict(worker.counts)), timeout=10)
+    finally:
+        worker.request_stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    (holder,) = r.xinfo_consumers("app.public.users", "streamsync")
+    assert holder["name"] == b"holder" and holder["pending"] == 1
+    mark = StateKeys.from_settings(settings.worker).alive("streamsync", "holder")
+    assert not r.exists(mark)
