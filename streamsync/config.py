@@ -260,8 +260,6 @@ class TargetType(StrEnum):
 
 #: Types holding one row per key: the key identifies the row.
 SINGLE_VALUE_TYPES = frozenset({TargetType.HASH, TargetType.JSON, TargetType.STRING})
-#: Types whose key gathers many rows: each row is a member, an entry or an event in it.
-COLLECTION_TYPES = frozenset({TargetType.ZSET, TargetType.SET, TargetType.LIST, TargetType.STREAM})
 
 
 class ListDelete(StrEnum):

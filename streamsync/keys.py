@@ -207,11 +207,9 @@ class StateKeys:
         return f"{self.state_prefix}alive:{group}:{consumer}"
 
 
-@functools.cache
-def _pin(key: str, literals: tuple[str, ...]) -> str | None:
-    return template_hash_tag(literals)
+_cached_hash_tag = functools.cache(template_hash_tag)
 
 
 def rule_pin(rule: Rule) -> str | None:
     """The hash tag every key of ``rule`` carries, if its key template fixes one."""
-    return _pin(rule.key, rule.template.literals)
+    return _cached_hash_tag(rule.template.literals)
