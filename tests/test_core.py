@@ -1,0 +1,206 @@
+"""The worker's pure batch core and round trips, without Redis: how entries are sorted, packed
+into calls and settled from replies."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from streamsync.config import parse_settings
+from streamsync.epochs import Epochs
+from streamsync.events import Decoder
+from streamsync.functions import FN_BATCH, Command, RowStatus
+from streamsync.keys import key_slot
+from streamsync.mapping import Planner
+from streamsync.worker.core import BatchCore
+from streamsync.worker.entry import Entry
+from streamsync.worker.roundtrip import RoundTrip
+from tests.debezium import entry_fields, envelope
+
+STREAM = "app.public.users"
+
+
+def core(*, cluster: bool = False, max_rows: int = 1000, max_deliveries: int = 3) -> BatchCore:
+    settings = parse_settings(
+        {
+            "source": {"streams": [STREAM]},
+            "rules": [{"table": "public.users", "key": "user:{id}", "type": "hash"}],
+        }
+    )
+    return BatchCore(
+        Decoder(),
+        Planner.from_settings(settings, cluster=cluster),
+        Epochs(),
+        tombstone_ms=1000,
+        max_deliveries=max_deliveries,
+        max_rows_per_call=max_rows,
+    )
+
+
+def entry(n: int, op: str = "c", deliveries: int = 1) -> Entry:
+    row = {"id": n, "name": f"row {n}"}
+    value = envelope(op, "public.users", 100 + n, after=row)
+    fields = [p.encode() for kv in entry_fields({"id": n}, value).items() for p in kv]
+    return Entry(STREAM, f"{n}-0".encode(), fields, deliveries=deliveries)
+
+
+def planned(batch_core: BatchCore, entries: Sequence[Entry]) -> list[Entry]:
+    prepared = batch_core.prepare(entries)
+    assert not prepared.dead and not prepared.settled
+    return prepared.apply
+
+
+def test_prepare_sorts_entries_by_what_becomes_of_them() -> None:
+    c = core()
+    tombstone = Entry(STREAM, b"1-0", [b'{"id":1}', b"default"])
+    vanished = Entry(STREAM, b"2-0", None)
+    malformed = Entry(STREAM, b"3-0", [b"k", b"not json"])
+    unmapped = entry(4)
+    assert unmapped.fields is not None
+    unmapped.fields[1] = unmapped.fields[1].replace(b'"users"', b'"orders"')
+    truncate = Entry(
+        STREAM,
+        b"5-0",
+        [b"default", orjson.dumps(envelope("t", "public.users", 500))],
+    )
+    change = entry(6)
+    prepared = c.prepare([tombstone, vanished, malformed, unmapped, truncate, change])
+    assert [(e.id, e.outcome) for e in prepared.settled] == [
+        (b"1-0", "tombstone"),
+        (b"2-0", "vanished"),
+    ]
+    assert [e.id for e in prepared.dead] == [b"3-0", b"4-0"]
+    assert prepared.dead[0].error is not None and "not valid JSON" in prepared.dead[0].error
+    assert prepared.dead[1].error == "no rule maps table 'public.orders'"
+    assert [(t.entry.id, t.table) for t in prepared.truncates] == [(b"5-0", "public.users")]
+    assert prepared.truncates[0].position.startswith("0" * 17 + "500")
+    assert [e.id for e in prepared.apply] == [b"6-0"] and len(change.rows) == 1
+
+
+def _rows_in(command: Command) -> int:
+    assert command[:2] == ("FCALL", FN_BATCH)
+    return sum(1 for item in command if item == "H")
+
+
+def test_calls_are_bounded_and_solo_entries_go_one_row_each() -> None:
+    c = core(max_rows=4)
+    batch = planned(c, [entry(n) for n in range(1, 11)])
+    batch[2].solo = True
+    calls = c.calls(batch)
+    assert [len(call.owners) for call in calls] == [1, 4, 4, 1]
+    assert calls[0].owners == [batch[2]]
+    assert [_rows_in(call.command) for call in calls] == [1, 4, 4, 1]
+    # every entry's rows, each in exactly one call, in entry order within a call
+    owners = [e.id for call in calls for e in call.owners]
+    assert sorted(owners) == sorted(e.id for e in batch)
+
+
+def test_calls_on_a_cluster_keep_to_one_hash_slot_each() -> None:
+    c = core(cluster=True)
+    batch = planned(c, [entry(n) for n in range(1, 51)])
+    calls = c.calls(batch)
+    for call in calls:
+        numkeys = call.command[2]
+        keys = call.command[3 : 3 + numkeys]
+        assert len({key_slot(k) for k in keys}) == 1, keys
+    assert sum(len(call.owners) for call in calls) == 50
+
+
+def settle(c: BatchCore, batch: list[Entry], replies: list[Any]) -> Any:
+    calls = c.calls(batch)
+    assert len(calls) == len(replies)
+    return c.settle(batch, calls, replies)
+
+
+def test_settle_acknowledges_applied_and_stale_rows() -> None:
+    c = core()
+    batch = planned(c, [entry(1), entry(2)])
+    s = settle(c, batch, [[RowStatus.APPLIED, RowStatus.STALE]])
+    assert not s.retry and [e.outcome for e in s.done] == ["applied", "stale"]
+
+
+def test_a_row_error_fails_only_its_entry_and_dead_letters_on_the_last_delivery() -> None:
+    c = core(max_deliveries=3)
+    batch = planned(c, [entry(1), entry(2, deliveries=2), entry(3, deliveries=3)])
+    wrong = b"WRONGTYPE Operation against a key holding the wrong kind of value"
+    s = settle(c, batch, [[RowStatus.APPLIED, wrong, wrong]])
+    assert not s.retry
+    assert [e.id for e in s.done] == [b"1-0"]
+    assert [e.id for e in s.failed] == [b"2-0"]
+    assert [e.id for e in s.dead] == [b"3-0"]
+    assert s.dead[0].error == f"redis error: {wrong.decode()}"
+
+
+@pytest.mark.parametrize(
+    ("reply", "reload"),
+    [
+        (redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'."), False),
+        (redis.ResponseError("ERR Function not found"), True),
+        ([RowStatus.APPLIED, b"BUSY Redis is busy running a script"], False),
+    ],
+)
+def test_transient_refusals_retry_the_batch_without_spending_deliveries(
+    reply: Any, reload: bool
+) -> None:
+    c = core(max_deliveries=1)
+    batch = planned(c, [entry(1), entry(2)])
+    s = settle(c, batch, [reply])
+    assert s.retry and s.reload_library == reload
+    assert not (s.done or s.failed or s.dead)
+    assert all(e.outcome is None and e.error is None for e in batch)
+
+
+def test_a_call_failing_as_a_whole_is_split_into_one_call_per_row() -> None:
+    c = core()
+    batch = planned(c, [entry(1), entry(2)])
+    s = settle(c, batch, [redis.ResponseError("ERR something about the whole call")])
+    assert s.retry and all(e.solo for e in batch)
+    calls = c.calls(batch)
+    assert [call.owners for call in calls] == [[batch[0]], [batch[1]]]
+    s = settle(c, batch, [redis.ResponseError("ERR still"), [RowStatus.APPLIED]])
+    assert [e.id for e in s.done] == [b"2-0"] and [e.id for e in s.failed] == [b"1-0"]
+
+
+class FakeLink:
+    """A link that replies what it is told (the round trip's grouping is the subject)."""
+
+    def __init__(self, replies: list[Any]) -> None:
+        self.sent: list[Command] = []
+        self.replies = replies
+
+    def send(self, commands: Sequence[Command]) -> None:
+        self.sent = list(commands)
+
+    def receive(self) -> list[Any]:
+        return self.replies
+
+
+def test_round_trip_replies_come_back_by_group_name() -> None:
+    trip = RoundTrip()
+    trip.add("apply", [("FCALL", "a"), ("FCALL", "b")])
+    trip.add("dead", [])
+    trip.add("ack", [("XACK", "s", "g", b"1-0")])
+    trip.add("epochs", [("HGETALL", "e")])
+    link = FakeLink(["A", "B", 1, {}])
+    trip.send(link)
+    assert [c[0] for c in link.sent] == ["FCALL", "FCALL", "XACK", "HGETALL"]
+    replies = trip.receive(link)
+    assert replies["apply"] == ["A", "B"]
+    assert replies["dead"] == []
+    assert replies["ack"] == [1]
+    assert replies.one("epochs") == {}
+    with pytest.raises(ValueError, match="twice"):
+        trip.add("ack", [])
+
+
+def test_round_trip_refuses_a_reply_count_that_does_not_match() -> None:
+    trip = RoundTrip()
+    trip.add("apply", [("FCALL", "a")])
+    link = FakeLink([])
+    trip.send(link)
+    with pytest.raises(RuntimeError, match="0 replies to 1 commands"):
+        trip.receive(link)
