@@ -25,6 +25,7 @@ from streamsync.functions import (
 from streamsync.keys import StateKeys, guarded_key, key_slot
 from streamsync.mapping import Planner
 from tests.debezium import PLACEHOLDER
+from tests.replies import as_int, xadd, xrange
 
 TOMBSTONE_MS = 60_000
 APPLIED, STALE, SKIPPED, DROPPED = 1, 0, 2, 3
@@ -276,6 +277,50 @@ def test_trim_removes_only_entries_every_group_acked(lib: redis.Redis) -> None:
     lib.fcall("streamsync_trim", 1, "s")
     # g2 last read ids[5]; ids[6:] were never delivered to it
     assert [i for i, _ in lib.xrange("s")] == ids[5:]
+
+
+#: Entry ids whose order differs from their order as strings: in the sequence part (1-9 < 1-12),
+#: and in the milliseconds part (9-0 < 10-0).
+SEQ_IDS = [f"1-{n}" for n in range(1, 16)]
+MS_IDS = [f"{n}-0" for n in range(1, 16)]
+
+
+def _hold(r: redis.Redis, group: str, ids: list[str], bound: str, how: str) -> None:
+    """Make ``bound`` the trim bound of ``group``: its oldest pending entry (``pending``), or
+    the last entry it read, every read entry acknowledged (``last-delivered``)."""
+    r.xgroup_create("s", group, id="0")
+    upto = ids.index(bound)
+    if how == "pending":
+        r.xreadgroup(group, "c", {"s": ">"}, count=len(ids))
+        if upto:
+            r.xack("s", group, *ids[:upto])
+    else:
+        r.xreadgroup(group, "c", {"s": ">"}, count=upto + 1)
+        r.xack("s", group, *ids[: upto + 1])
+
+
+#: (ids, low, high): ``high`` is the newer id, but sorts before ``low`` as a string.
+ID_ORDER_CASES = [(SEQ_IDS, "1-9", "1-12"), (MS_IDS, "9-0", "10-0")]
+
+
+@pytest.mark.parametrize("case", ID_ORDER_CASES, ids=["seq", "ms"])
+@pytest.mark.parametrize("lagging", ["a", "b"])
+@pytest.mark.parametrize("how", ["pending", "last-delivered"])
+def test_trim_compares_entry_ids_as_numbers_not_strings(
+    lib: redis.Redis, case: tuple[list[str], str, str], lagging: str, how: str
+) -> None:
+    """Group ``lagging`` (first or second in XINFO GROUPS) holds the lower bound ``low``; the
+    other group is ahead, at ``high``, which sorts before ``low`` as a string."""
+    ids, low, high = case
+    for entry_id in ids:
+        xadd(lib, "s", {"n": entry_id}, entry_id=entry_id)
+    for group in ("a", "b"):
+        _hold(lib, group, ids, low if group == lagging else high, how)
+    removed = as_int(lib.fcall("streamsync_trim", 1, "s"))
+    remaining = [entry_id.decode() for entry_id, _ in xrange(lib, "s")]
+    # nothing from the lagging group's bound on is removed; everything before it is
+    assert remaining == ids[ids.index(low) :]
+    assert removed == ids.index(low)
 
 
 def test_prune_consumer_keeps_one_with_pending_entries(lib: redis.Redis) -> None:
