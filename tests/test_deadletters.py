@@ -27,7 +27,7 @@ from streamsync.worker.session import Session, open_session
 from tests.debezium import add_change, write_config
 from tests.replies import pending_entries, raw_range, xadd
 from tests.servers import wait_until
-from tests.workers import drain, outcomes
+from tests.workers import WorkerThread, drain, outcomes
 
 STREAM = "app.public.users"
 DLQ = dead_letter_stream(STREAM)
@@ -52,34 +52,6 @@ def deliveries(r: redis.Redis, entry_id: bytes) -> int:
         if pending.id == entry_id:
             return pending.deliveries
     return 0
-
-
-class WorkerThread:
-    """An in-process worker running in a thread of its own, stopped and joined at exit."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.result: list[ExitCode] = []
-        self._thread = threading.Thread(target=lambda: self.result.append(worker.run()))
-
-    def __enter__(self) -> WorkerThread:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def join(self, timeout: float) -> ExitCode:
-        """Wait for a draining worker to return; its exit code."""
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), f"worker {self.worker.consumer} still running"
-        (code,) = self.result
-        return code
-
-    def stop(self) -> None:
-        self.worker.request_stop()
-        self._thread.join(timeout=30)
-        assert not self._thread.is_alive(), f"worker {self.worker.consumer} did not stop"
 
 
 # -- max_deliveries ----------------------------------------------------------------------------
