@@ -19,6 +19,7 @@ __all__ = [
     "as_int",
     "entry_fields_dict",
     "pending_entries",
+    "raw",
     "raw_range",
     "xadd",
     "xrange",
@@ -69,14 +70,20 @@ def xrange(
     return entries
 
 
-def raw_range(r: redis.Redis, key: str) -> list[tuple[bytes, list[bytes]]]:
-    """XRANGE with each entry's fields as the flat list Redis holds (order, duplicates)."""
+def raw(r: redis.Redis, *command: EncodableT) -> object:
+    """The reply of ``command`` as Redis sent it, without redis-py's parsing (an error reply is
+    raised)."""
     conn = r.connection_pool.get_connection()
     try:
-        conn.send_command("XRANGE", key, "-", "+")
-        reply = conn.read_response()
+        conn.send_command(*command)
+        return conn.read_response()
     finally:
         r.connection_pool.release(conn)
+
+
+def raw_range(r: redis.Redis, key: str) -> list[tuple[bytes, list[bytes]]]:
+    """XRANGE with each entry's fields as the flat list Redis holds (order, duplicates)."""
+    reply = raw(r, "XRANGE", key, "-", "+")
     assert isinstance(reply, list), reply
     return [(as_bytes(eid), [as_bytes(f) for f in fields]) for eid, fields in reply]
 

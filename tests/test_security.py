@@ -31,9 +31,10 @@ from streamsync.config import (
     load_settings,
 )
 from streamsync.errors import ConfigError, ExitCode
-from streamsync.functions import ensure_library
+from streamsync.functions import ensure_library, library_source
 from streamsync.worker import Worker
 from tests.debezium import add_change, entry_fields, envelope
+from tests.replies import as_bytes, as_int, raw
 from tests.servers import RedisServer, RedisServerError, free_port, wait_until
 
 SECRET = "hunter2-Secret"
@@ -314,6 +315,153 @@ def test_acl_patterns_follow_the_configuration(tmp_path: Path) -> None:
     assert "~top\\[1\\]" in line.split()
 
 
+# The reviewed command sets, pinned: granting the worker, its library or the status user one more
+# command (``+xdel``, ``+config``...) must be a deliberate change to this test too, after a review
+# of what it lets a leaked password do.
+REVIEWED_WORKER_COMMANDS = frozenset(
+    {
+        "client|setname",
+        "ping",
+        "info",
+        "time",
+        "xlen",
+        "xreadgroup",
+        "xack",
+        "xadd",
+        "xautoclaim",
+        "xclaim",
+        "xpending",
+        "xgroup|create",
+        "xinfo|stream",
+        "xinfo|groups",
+        "xinfo|consumers",
+        "exists",
+        "scan",
+        "sscan",
+        "hgetall",
+        "hincrby",
+        "hset",
+        "fcall",
+        "fcall_ro",
+        "function|load",
+    }
+)
+REVIEWED_LIBRARY_COMMANDS = frozenset(
+    {
+        "get",
+        "set",
+        "del",
+        "exists",
+        "type",
+        "pexpire",
+        "hget",
+        "hset",
+        "hdel",
+        "hexists",
+        "sadd",
+        "srem",
+        "zadd",
+        "zrem",
+        "zscore",
+        "zcount",
+        "zrange",
+        "zrevrank",
+        "llen",
+        "lpush",
+        "rpush",
+        "lpop",
+        "rpop",
+        "lset",
+        "lrem",
+        "xadd",
+        "xtrim",
+        "xpending",
+        "xinfo|stream",
+        "xinfo|groups",
+        "xinfo|consumers",
+        "xgroup|delconsumer",
+    }
+)
+REVIEWED_STATUS_COMMANDS = frozenset(
+    {
+        "ping",
+        "scan",
+        "type",
+        "xlen",
+        "xrange",
+        "xrevrange",
+        "xpending",
+        "xinfo|stream",
+        "xinfo|groups",
+        "xinfo|consumers",
+        "hgetall",
+        "fcall_ro",
+        "time",
+        "info",
+    }
+)
+#: What Redis lets every connection run, whatever its ACL: logging in, and leaving.
+ALWAYS_RUNNABLE = frozenset({"auth", "hello", "quit", "reset"})
+#: Commands whose first argument is a subcommand, granted as ``command|subcommand``.
+CONTAINER_COMMANDS = frozenset({"xinfo", "xgroup", "client", "config", "function", "object"})
+#: A call in the Lua library: ``redis.call('CMD', 'SUB'...``, ``pcall(redis.call, 'CMD'...``.
+LUA_CALL_RE = re.compile(
+    r"(?:redis\.p?call\(|pcall\(\s*redis\.call\s*,)\s*'(?P<command>\w+)'(?:\s*,\s*'(?P<sub>\w+)')?"
+)
+
+
+@pytest.mark.parametrize(
+    ("commands", "reviewed"),
+    [
+        (acl.WORKER_COMMANDS, REVIEWED_WORKER_COMMANDS),
+        (acl.LIBRARY_COMMANDS, REVIEWED_LIBRARY_COMMANDS),
+        (acl.STATUS_COMMANDS, REVIEWED_STATUS_COMMANDS),
+    ],
+    ids=["worker", "library", "status"],
+)
+def test_the_command_sets_are_the_reviewed_ones(
+    commands: tuple[str, ...], reviewed: frozenset[str]
+) -> None:
+    assert len(commands) == len(set(commands)), "a command is listed twice"
+    assert set(commands) - reviewed == set(), "granted but never reviewed"
+    assert reviewed - set(commands) == set(), "reviewed but no longer granted: update this test"
+
+
+def test_the_library_commands_are_those_the_lua_library_calls() -> None:
+    called: set[str] = set()
+    for match in LUA_CALL_RE.finditer(library_source()):
+        command, sub = match["command"].lower(), match["sub"]
+        if command in CONTAINER_COMMANDS:
+            assert sub, f"{command} called without a literal subcommand"
+            command += "|" + sub.lower()
+        called.add(command)
+    assert called == REVIEWED_LIBRARY_COMMANDS
+
+
+def _split_rules(rules: list[str]) -> tuple[list[str], list[str]]:
+    """The key patterns and the granted commands of ``rules``, after checking that they are
+    all there is: keys and channels reset, every command denied, then these granted."""
+    keys = [rule for rule in rules if "~" in rule]
+    granted = [rule.removeprefix("+") for rule in rules if rule.startswith("+")]
+    assert rules == ["resetkeys", *keys, "resetchannels", "-@all", *[f"+{c}" for c in granted]]
+    assert len(granted) == len(set(granted)), granted
+    return keys, granted
+
+
+@pytest.mark.parametrize("db", [0, 3])
+def test_the_acl_rules_grant_exactly_the_reviewed_commands(tmp_path: Path, db: int) -> None:
+    data = {**BASE, "redis": {"url": f"redis://127.0.0.1:6379/{db}"}}
+    settings = load_settings(write(tmp_path, data), environ={})
+    # redis-py selects the URL's database when it connects
+    select = {"select"} if db else set()
+    keys, granted = _split_rules(acl.acl_rules(settings))
+    assert keys == ["~" + p for p in acl.acl_key_patterns(settings)]
+    assert set(granted) == REVIEWED_WORKER_COMMANDS | REVIEWED_LIBRARY_COMMANDS | select
+    keys, granted = _split_rules(acl.acl_rules(settings, read_only=True))
+    assert keys and all(k.startswith("%R~") for k in keys)
+    assert set(granted) == REVIEWED_STATUS_COMMANDS | select
+
+
 def _docs_blocks() -> tuple[str, list[str]]:
     text = DOCS.read_text()
     config = re.search(r"<!-- acl-example-config -->\s*```yaml\n(.*?)```", text, re.S)
@@ -541,6 +689,48 @@ def test_resync_runs_as_the_worker_user(acl_server: AclServer, tmp_path: Path) -
     assert admin.hgetall("order:7") == {b"id": b"7", b"total": b"7.00"}
     assert not admin.exists("order:3")
     assert admin.acl_log() == []
+
+
+def runnable_commands(admin: redis.Redis, user: str) -> set[str]:
+    """Every command and subcommand (``xinfo|stream``) ``user`` may run, as Redis itself decides
+    (``ACL DRYRUN`` of each command the server has, with as many arguments as it needs)."""
+    table = raw(admin, "COMMAND")
+    assert isinstance(table, list)
+    candidates: list[tuple[str, int]] = []
+    for info in table:
+        name, arity, subcommands = info[0], info[1], info[9]
+        for entry in subcommands or [info]:
+            candidates.append((as_bytes(entry[0]).decode(), as_int(entry[1])))
+        assert subcommands or as_bytes(name).decode() == candidates[-1][0]
+    assert len(candidates) > 200, "COMMAND lists too few commands to prove anything"
+    pipe = admin.pipeline(transaction=False)
+    for name, arity in candidates:
+        words = name.split("|")
+        padding = [USERS] * max(abs(arity) - len(words), 0)
+        pipe.execute_command("ACL", "DRYRUN", user, *words, *padding)
+    runnable: set[str] = set()
+    for (name, _), reply in zip(candidates, pipe.execute(raise_on_error=False), strict=True):
+        assert not isinstance(reply, Exception), (name, reply)
+        text = reply.decode() if isinstance(reply, bytes) else str(reply)
+        # allowed, though maybe not on this key: "... no permissions to access the 'k' key"
+        if f"no permissions to run the '{name}' command" not in text:
+            runnable.add(name)
+    return runnable
+
+
+def test_redis_lets_the_users_run_exactly_the_reviewed_commands(
+    acl_server: AclServer, tmp_path: Path
+) -> None:
+    settings = load_settings(worker_config(tmp_path, acl_server.url()), environ={})
+    acl_server.create_user(settings, "streamsync", WORKER_PASSWORD)
+    acl_server.create_user(settings, "streamsync-status", STATUS_PASSWORD, read_only=True)
+    worker = runnable_commands(acl_server.admin, "streamsync") - ALWAYS_RUNNABLE
+    assert worker == REVIEWED_WORKER_COMMANDS | REVIEWED_LIBRARY_COMMANDS
+    status = runnable_commands(acl_server.admin, "streamsync-status") - ALWAYS_RUNNABLE
+    assert status == REVIEWED_STATUS_COMMANDS
+    # and no channel: -@all denies PUBLISH, resetchannels any pattern
+    user = acl_server.admin.acl_getuser("streamsync")
+    assert user is not None and user["channels"] == []
 
 
 def test_the_worker_user_can_touch_nothing_else(acl_server: AclServer, tmp_path: Path) -> None:
