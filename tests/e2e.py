@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import importlib.util
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -98,19 +96,9 @@ PLACEHOLDER = "__debezium_unavailable_value"
 _PLACEHOLDER_FORMS = (PLACEHOLDER.encode(), base64.b64encode(PLACEHOLDER.encode()))
 
 
-def _engine_missing() -> str | None:
-    if importlib.util.find_spec("pydbzengine") is None:
-        return "pydbzengine is not installed (pip install -e '.[embedded]')"
-    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
-        return "Java is not installed (the embedded engine needs Java 17+)"
-    return None
-
-
-#: Skips a test that needs the real engine where it is missing; in CI (CI=true) such a test fails
-#: instead: an install step must not go missing.
-needs_engine = pytest.mark.skipif(
-    _engine_missing() is not None and not os.environ.get("CI"), reason=_engine_missing() or ""
-)
+#: Marks a test that needs the real engine: skipped where it is missing, failed in CI (CI=true):
+#: an install step must not go missing.
+needs_engine = pytest.mark.usefixtures("embedded_engine")
 
 
 class KnownBugError(AssertionError):

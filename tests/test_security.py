@@ -21,7 +21,7 @@ import redis
 import yaml
 from click.testing import CliRunner
 
-from streamsync import acl, connection
+from streamsync import acl, connection, status
 from streamsync.cli import cli
 from streamsync.config import (
     REDIS_PASSWORD_ENV,
@@ -34,6 +34,7 @@ from streamsync.errors import ConfigError, ExitCode
 from streamsync.functions import ensure_library, library_source
 from streamsync.worker import Worker
 from tests.debezium import add_change, entry_fields, envelope
+from tests.prerequisites import module_missing, require, skip_unless_ci
 from tests.replies import as_bytes, as_int, raw
 from tests.servers import RedisServer, RedisServerError, free_port, wait_until
 
@@ -804,7 +805,6 @@ def test_the_status_user_reads_and_cannot_write(acl_server: AclServer, tmp_path:
             (USERS + ":dlq").encode(),
         ]
         assert admin.acl_log() == []
-        status = pytest.importorskip("streamsync.status")
         report = status.collect(s, settings)
         assert [st.name for st in report.streams] == [USERS, ORDERS]
         assert report.notes == ()  # nothing was refused: TIME and INFO included
@@ -886,7 +886,8 @@ class Pki:
 
 
 def _make_pki(directory: Path) -> Pki:
-    pytest.importorskip("cryptography", reason="generating test certificates needs it")
+    # pip install -e '.[test]' brings it; the TLS tests need it for their certificates
+    require(module_missing("cryptography", "pip install -e '.[test]'"))
     from cryptography import x509  # noqa: PLC0415
     from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
     from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
@@ -1018,7 +1019,7 @@ def tls_server(tmp_path: Path) -> Iterator[TlsServer]:
         server.start()
     except RedisServerError as exc:
         if re.search(r"(?i)tls|bad directive|unrecognized", str(exc)):
-            pytest.skip(f"this redis-server has no TLS support: {str(exc).splitlines()[0]}")
+            skip_unless_ci(f"this redis-server has no TLS support: {str(exc).splitlines()[0]}")
         raise
     try:
         yield TlsServer(server, tls_port, pki)
