@@ -24,18 +24,30 @@ AUDIT = "audit"
 N_ENTRIES = 300
 #: Far longer than the test: any trim after the worker's first one is memory pressure's doing.
 TRIM_INTERVAL_MS = 3_600_000
-BALLAST_BYTES = 30_000_000
+BALLAST_BYTES = 50_000_000
 #: maxmemory over what Redis uses with the ballast: the worker's writes fit, yet usage stays
 #: above the pressure threshold (90% of maxmemory).
 HEADROOM_BYTES = 3_000_000
 
 
+def used_memory(r: redis.Redis) -> int:
+    return int(r.info("memory")["used_memory"])
+
+
 @pytest.fixture
 def near_maxmemory(r: redis.Redis) -> Iterator[None]:
     """The session server with its memory nearly full, restored afterwards."""
+    before = used_memory(r)
     r.set("ballast", b"x" * BALLAST_BYTES)
-    used = int(r.info("memory")["used_memory"])
+    # right after the SET, Redis briefly holds the value twice (the request's copy): measured
+    # then, maxmemory would leave half of it free once that copy goes
+    wait_until(
+        lambda: used_memory(r) < before + 1.5 * BALLAST_BYTES,
+        message="the ballast's request buffer released",
+    )
+    used = used_memory(r)
     r.config_set("maxmemory", used + HEADROOM_BYTES)
+    assert used >= 0.9 * (used + HEADROOM_BYTES), "not near maxmemory: no pressure to test"
     try:
         yield
     finally:
