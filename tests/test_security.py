@@ -20,6 +20,7 @@ import pytest
 import redis
 import yaml
 from click.testing import CliRunner
+from pydantic import SecretStr
 
 from streamsync import acl, connection, status
 from streamsync.cli import cli
@@ -35,7 +36,7 @@ from streamsync.functions import ensure_library, library_source
 from streamsync.worker import Worker
 from tests.debezium import add_change, entry_fields, envelope
 from tests.prerequisites import module_missing, require, skip_unless_ci
-from tests.replies import as_bytes, as_int, raw
+from tests.replies import as_bytes, as_int, raw, xadd, xrange
 from tests.servers import RedisServer, RedisServerError, free_port, wait_until
 
 SECRET = "hunter2-Secret"
@@ -193,7 +194,7 @@ def test_errors_about_a_url_never_show_its_password(tmp_path: Path) -> None:
         RedisSettings(url=f"http://user:{SECRET}@host/0")
     assert SECRET not in str(direct.value)
     # built in code: the URL's password moves out of it, an explicit one wins
-    built = RedisSettings(url=f"redis://user:{SECRET}@host/0", password="explicit")
+    built = RedisSettings(url=f"redis://user:{SECRET}@host/0", password=SecretStr("explicit"))
     assert built.url == "redis://user@host/0" and built.password is not None
     assert built.password.get_secret_value() == "explicit"
     with pytest.raises(ValueError) as other:
@@ -585,7 +586,7 @@ def user(id_: int, name: str, plan: str, score: Any, email: str) -> dict[str, An
 
 
 def add_truncate(r: redis.Redis, stream: str, table: str, lsn: int) -> None:
-    r.xadd(stream, entry_fields(None, envelope("t", table, lsn)))  # type: ignore[arg-type]
+    xadd(r, stream, entry_fields(None, envelope("t", table, lsn)))
 
 
 def seed(r: redis.Redis) -> None:
@@ -627,14 +628,14 @@ def check_results(r: redis.Redis) -> None:
     assert r.get("email:c@x.io") == b"3"
     assert not any(r.exists(f"email:{c}@x.io") for c in "abde")
     assert not r.exists("page:user:1") and not r.exists("page:user:3")
-    events = [fields for _, fields in r.xrange("changes:users")]
+    events = [fields for _, fields in xrange(r, "changes:users")]
     assert Counter(f[b"op"] for f in events) == {b"c": 4, b"u": 1, b"d": 1, b"t": 1}
     assert {b"op": b"u", b"table": b"public.users", b"id": b"3", b"plan": b"free"}.items() <= (
         next(f for f in events if f[b"op"] == b"u").items()
     )
     assert r.hgetall("order:3") == {b"id": b"3", b"total": b"1.50"}
     assert not r.exists("order:1") and not r.exists("order:2")
-    reasons = [f[b"reason"].decode() for _, f in r.xrange(USERS + ":dlq")]
+    reasons = [f[b"reason"].decode() for _, f in xrange(r, USERS + ":dlq")]
     assert len(reasons) == 2, reasons
     assert "not valid JSON" in reasons[0] and "is not numeric" in reasons[1], reasons
     for stream in (USERS, ORDERS):
@@ -791,10 +792,10 @@ def test_the_status_user_reads_and_cannot_write(acl_server: AclServer, tmp_path:
         assert s.xlen(USERS) >= 0 and s.xlen(USERS + ":dlq") == 2
         assert s.xinfo_stream(USERS)["length"] >= 0
         assert [g["name"] for g in s.xinfo_groups(USERS)] == [b"streamsync"]
-        # the worker drained and left the group: no consumer, but the read is allowed
+        # the drained worker stopped cleanly with nothing pending: it left the group
         assert s.xinfo_consumers(USERS, "streamsync") == []
         assert s.xpending(USERS, "streamsync")["pending"] == 0
-        assert len(s.xrevrange(USERS + ":dlq", count=10)) == 2
+        assert len(s.xrevrange(USERS + ":dlq", count=10) or []) == 2
         assert s.hgetall(f"streamsync:stats:streamsync:{USERS}")
         assert s.hgetall("streamsync:epochs") == {}
         assert s.fcall_ro("streamsync_version", 0)
