@@ -34,6 +34,7 @@ import redis
 import yaml
 
 from streamsync.sandbox import die_with_parent_hook
+from tests.replies import xrange
 from tests.servers import PostgresServer, wait_until
 from tests.workers import WorkerProcess
 
@@ -373,11 +374,6 @@ def run_to_exit(setup: CaptureSetup, env: Mapping[str, str] | None = None) -> tu
 
 #: Stream entries as a bytes client returns them: (id, field/value map).
 StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
-
-
-def xrange(r: redis.Redis, stream: str, start: bytes | str = "-") -> StreamEntries:
-    """XRANGE ``stream`` from ``start`` to the end (``r`` must return bytes)."""
-    return cast(StreamEntries, r.xrange(stream, min=start))
 
 
 def entries(r: redis.Redis, stream: str) -> list[dict[bytes, bytes]]:

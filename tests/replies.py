@@ -2,7 +2,7 @@
 
 redis-py types most replies as ``bytes | str`` (or wider): whether a client decodes is chosen at
 run time (``decode_responses``). The tests' clients return bytes. These helpers check that at run
-time and hand the test precise types, so tests need neither casts nor ``type: ignore``.
+time and hand the test precise types, so tests need neither unchecked casts nor ``type: ignore``.
 """
 
 from __future__ import annotations
@@ -13,16 +13,24 @@ from dataclasses import dataclass
 import redis
 from redis.typing import EncodableT, FieldT
 
+#: A client of a server or of a cluster, returning bytes.
+Client = redis.Redis | redis.RedisCluster
+
 __all__ = [
+    "Client",
     "Pending",
     "as_bytes",
     "as_int",
+    "as_str",
     "entry_fields_dict",
+    "newest_id",
     "pending_entries",
     "raw",
     "raw_range",
     "xadd",
     "xrange",
+    "xreadgroup",
+    "zscores",
 ]
 
 
@@ -30,6 +38,11 @@ def as_bytes(value: object) -> bytes:
     """``value``, which a bytes-returning client replied, as bytes."""
     assert isinstance(value, bytes), f"expected bytes from redis, got {value!r}"
     return value
+
+
+def as_str(value: object) -> str:
+    """``value``, which a bytes-returning client replied, as text (UTF-8)."""
+    return as_bytes(value).decode()
 
 
 def as_int(value: object) -> int:
@@ -48,7 +61,7 @@ def entry_fields_dict(
 
 
 def xadd(
-    r: redis.Redis,
+    r: Client,
     stream: str,
     fields: Mapping[str, str] | Mapping[bytes, bytes],
     *,
@@ -59,7 +72,7 @@ def xadd(
 
 
 def xrange(
-    r: redis.Redis, stream: str, start: str = "-", end: str = "+"
+    r: redis.Redis, stream: str, start: bytes | str = "-", end: bytes | str = "+"
 ) -> list[tuple[bytes, dict[bytes, bytes]]]:
     """XRANGE as (id, fields) pairs; fields as a dict (a repeated field keeps its last value:
     use ``raw_range`` for the exact list)."""
@@ -68,6 +81,33 @@ def xrange(
         assert fields is not None, f"entry {entry_id!r} of {stream} has no fields"
         entries.append((as_bytes(entry_id), {as_bytes(k): as_bytes(v) for k, v in fields.items()}))
     return entries
+
+
+def xreadgroup(
+    r: redis.Redis, group: str, consumer: str, stream: str, *, count: int, entry_id: str = ">"
+) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """XREADGROUP of one stream as (id, fields) pairs (``entry_id`` ``>``: new entries; ``0``:
+    this consumer's pending ones)."""
+    reply = r.xreadgroup(group, consumer, {stream: entry_id}, count=count)
+    if not reply:
+        return []
+    assert isinstance(reply, list), reply
+    ((_, items),) = reply
+    return [
+        (as_bytes(eid), {as_bytes(k): as_bytes(v) for k, v in fields.items()})
+        for eid, fields in items
+    ]
+
+
+def zscores(r: Client, key: str | bytes) -> dict[bytes, float]:
+    """Every member of sorted set ``key`` with its score, lowest first."""
+    scored: dict[bytes, float] = {}
+    for item in r.zrange(key, 0, -1, withscores=True):
+        assert isinstance(item, tuple | list) and len(item) == 2, item
+        member, score = item
+        assert isinstance(score, float), item
+        scored[as_bytes(member)] = score
+    return scored
 
 
 def raw(r: redis.Redis, *command: EncodableT) -> object:
@@ -79,6 +119,13 @@ def raw(r: redis.Redis, *command: EncodableT) -> object:
         return conn.read_response()
     finally:
         r.connection_pool.release(conn)
+
+
+def newest_id(r: redis.Redis, stream: str) -> bytes:
+    """The id of the newest entry of ``stream`` (which must hold one)."""
+    newest = r.xrevrange(stream, count=1)
+    assert newest, f"{stream} has no entry"
+    return as_bytes(newest[0][0])
 
 
 def raw_range(r: redis.Redis, key: str) -> list[tuple[bytes, list[bytes]]]:

@@ -53,6 +53,7 @@ from tests.e2e import (
     wait_for_entries,
 )
 from tests.prerequisites import postgres_missing, require
+from tests.replies import xrange
 from tests.servers import PostgresServer, RedisServer, free_port, postgres_dir, wait_until
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -273,17 +274,17 @@ def test_writer_pipelines_a_batch_and_counts(r: redis.Redis) -> None:
     assert writer.written == {"a.public.x": 300, "a.public.y": 1}
     assert writer.heartbeats_skipped == 1
     assert writer.first_write_at is not None
-    xs = r.xrange("a.public.x")
+    xs = xrange(r, "a.public.x")
     assert [fields for _, fields in xs[:2]] == [
         {b'{"id":0}': b'{"n":0}'},
         {b'{"id":1}': b'{"n":1}'},
     ]
-    assert r.xrange("a.public.y")[0][1] == {b'{"id":1}': b"default"}
+    assert xrange(r, "a.public.y")[0][1] == {b'{"id":1}': b"default"}
     assert not r.exists("__debezium-heartbeat.a")
 
     extended = StreamWriter(r, SinkFormat(message_format="extended"))
     extended.write([Record("a.public.z", '{"id":1}', "{}", (("__debezium.newkey", "{}"),))])
-    [(_, fields)] = r.xrange("a.public.z")
+    [(_, fields)] = xrange(r, "a.public.z")
     assert list(fields) == [b"key", b"value", b"__DEBEZIUM.NEWKEY"]
 
 
