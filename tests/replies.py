@@ -2,7 +2,7 @@
 
 redis-py types most replies as ``bytes | str`` (or wider): whether a client decodes is chosen at
 run time (``decode_responses``). The tests' clients return bytes. These helpers check that at run
-time and hand the test precise types, so tests need neither unchecked casts nor ``type: ignore``.
+time and hand the test precise types, so tests need no ``type: ignore``.
 """
 
 from __future__ import annotations
