@@ -309,8 +309,9 @@ class WorkerThread:
         self.worker = Worker(settings, consumer=CONSUMER, drain=False)
         self.commit_lag = LatencySamples(samples_size)
         self.stream_lag = LatencySamples(samples_size)
-        self.worker.commit_lag = self.commit_lag
-        self.worker.stream_lag = self.stream_lag
+        # the worker's counters keep the samples: bounded to the benchmark's sample size
+        self.worker.counters.commit_lag = self.commit_lag
+        self.worker.counters.stream_lag = self.stream_lag
         # an Event, not Thread.is_alive: on Python < 3.13 a join() interrupted by Ctrl-C can
         # leave is_alive() False while the thread still runs
         self.done = threading.Event()

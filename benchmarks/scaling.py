@@ -43,7 +43,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hiredis
 import redis
 import yaml
 
@@ -55,6 +54,7 @@ from throughput import (
     PRELOAD_CHUNK,
     STREAM,
     Workload,
+    _pack_command,
     _raise_exit,
     generate,
     preload,
@@ -120,7 +120,7 @@ def preload_split(client: redis.Redis, streams: Sequence[str], parts: Sequence[A
             for start in range(0, len(entries), PRELOAD_CHUNK):
                 chunk = entries[start : start + PRELOAD_CHUNK]
                 conn.send_packed_command(
-                    [b"".join(hiredis.pack_command((b"XADD", name, b"*", k, v)) for k, v in chunk)]
+                    [b"".join(_pack_command((b"XADD", name, b"*", k, v)) for k, v in chunk)]
                 )
                 for _ in chunk:
                     conn.read_response()

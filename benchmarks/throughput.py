@@ -539,8 +539,8 @@ def verify_rows(
             position = next(replies)
             # the record holds the position, then "|" and the shape of the hash's field set
             rank = 0 if change.after is None else 1
-            want = f"{change.lsn:020d}{rank}".encode()
-            if position is None or position.split(b"|")[0] != want:
+            want_position = f"{change.lsn:020d}{rank}".encode()
+            if position is None or position.split(b"|")[0] != want_position:
                 wrong.append(f"{KEY_PREFIX}{row_id}: position {position!r}, want {change.lsn}")
     if wrong:
         problems.append(f"{len(wrong)} of {len(ids)} sampled rows wrong, e.g. {wrong[0]}")

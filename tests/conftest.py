@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +11,7 @@ import pytest
 import redis
 
 from tests.e2e import MakePipeline, Pipeline
+from tests.prerequisites import engine_missing, module_missing, require, skip_unless_ci
 from tests.servers import PostgresServer, PostgresServerError, RedisServer, kill_all, postgres_dir
 
 
@@ -66,12 +65,10 @@ def fresh_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-def skip_unless_ci(reason: str) -> None:
-    """Skip a test whose infrastructure is missing here; in CI (CI=true), fail it instead, so
-    a missing install step cannot pass as a green run."""
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must provide this: {reason}")
-    pytest.skip(reason)
+@pytest.fixture(scope="session")
+def embedded_engine() -> None:
+    """The embedded Debezium engine can run here (tests needing it skip, or fail under CI)."""
+    require(engine_missing())
 
 
 @pytest.fixture(scope="session")
@@ -81,8 +78,7 @@ def postgres_server() -> Iterator[PostgresServer]:
     Skips the test if psycopg or the PostgreSQL server binaries are missing. Tests get a
     database of their own from ``pg_db``.
     """
-    if importlib.util.find_spec("psycopg") is None:
-        skip_unless_ci("psycopg is not installed (pip install -e '.[test]')")
+    require(module_missing("psycopg", "pip install -e '.[test]'"))
     with postgres_dir() as data_dir:
         server = PostgresServer(data_dir / "session", fsync=False)
         try:

@@ -11,6 +11,8 @@ from typing import Any
 import redis
 import yaml
 
+from tests.replies import xadd
+
 FIXTURES = Path(__file__).parent / "fixtures" / "debezium-3.6.3-postgres"
 PLACEHOLDER = "__debezium_unavailable_value"
 
@@ -73,6 +75,25 @@ def entry_fields(
     return {k: v}
 
 
+def change_fields(
+    op: str,
+    row: Mapping[str, Any],
+    lsn: int | None,
+    *,
+    table: str = "public.users",
+    key_columns: tuple[str, ...] = ("id",),
+    extended: bool = False,
+) -> dict[str, str]:
+    """The entry fields of one change of ``row``: c/u/r carry it as ``after``; d carries it as
+    ``before``."""
+    key = {c: row[c] for c in key_columns}
+    if op == "d":
+        value = envelope(op, table, lsn, before=row)
+    else:
+        value = envelope(op, table, lsn, after=row)
+    return entry_fields(key, value, extended=extended)
+
+
 def add_change(
     r: redis.Redis,
     stream: str,
@@ -84,14 +105,9 @@ def add_change(
     key_columns: tuple[str, ...] = ("id",),
     extended: bool = False,
 ) -> bytes:
-    """XADD one change of ``row``: c/u/r carry it as ``after``; d carries it as ``before``."""
-    key = {c: row[c] for c in key_columns}
-    if op == "d":
-        value = envelope(op, table, lsn, before=row)
-    else:
-        value = envelope(op, table, lsn, after=row)
-    entry_id: bytes = r.xadd(stream, entry_fields(key, value, extended=extended))  # type: ignore[assignment]
-    return entry_id
+    """XADD one change of ``row`` (see ``change_fields``); its entry id."""
+    fields = change_fields(op, row, lsn, table=table, key_columns=key_columns, extended=extended)
+    return xadd(r, stream, fields)
 
 
 def write_config(
@@ -130,11 +146,11 @@ def add_fixture(
 ) -> list[bytes]:
     """XADD every record of a fixture file as Debezium Server's compact format would (without
     its final TRUNCATE unless ``truncate``)."""
-    ids = []
+    ids: list[bytes] = []
     for rec in fixture_records(name):
         if not truncate and rec["key"] is None and '"op":"t"' in (rec["value"] or ""):
             continue
         key = rec["key"] if rec["key"] is not None else "default"
         value = rec["value"] if rec["value"] is not None else "default"
-        ids.append(r.xadd(stream or rec["destination"], {key: value}))
-    return ids  # type: ignore[return-value]
+        ids.append(xadd(r, stream or rec["destination"], {key: value}))
+    return ids

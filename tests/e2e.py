@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import importlib.util
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +34,7 @@ import redis
 import yaml
 
 from streamsync.sandbox import die_with_parent_hook
+from tests.replies import xrange
 from tests.servers import PostgresServer, wait_until
 from tests.workers import WorkerProcess
 
@@ -98,19 +97,9 @@ PLACEHOLDER = "__debezium_unavailable_value"
 _PLACEHOLDER_FORMS = (PLACEHOLDER.encode(), base64.b64encode(PLACEHOLDER.encode()))
 
 
-def _engine_missing() -> str | None:
-    if importlib.util.find_spec("pydbzengine") is None:
-        return "pydbzengine is not installed (pip install -e '.[embedded]')"
-    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
-        return "Java is not installed (the embedded engine needs Java 17+)"
-    return None
-
-
-#: Skips a test that needs the real engine where it is missing; in CI (CI=true) such a test fails
-#: instead: an install step must not go missing.
-needs_engine = pytest.mark.skipif(
-    _engine_missing() is not None and not os.environ.get("CI"), reason=_engine_missing() or ""
-)
+#: Marks a test that needs the real engine: skipped where it is missing, failed in CI (CI=true):
+#: an install step must not go missing.
+needs_engine = pytest.mark.usefixtures("embedded_engine")
 
 
 class KnownBugError(AssertionError):
@@ -385,11 +374,6 @@ def run_to_exit(setup: CaptureSetup, env: Mapping[str, str] | None = None) -> tu
 
 #: Stream entries as a bytes client returns them: (id, field/value map).
 StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
-
-
-def xrange(r: redis.Redis, stream: str, start: bytes | str = "-") -> StreamEntries:
-    """XRANGE ``stream`` from ``start`` to the end (``r`` must return bytes)."""
-    return cast(StreamEntries, r.xrange(stream, min=start))
 
 
 def entries(r: redis.Redis, stream: str) -> list[dict[bytes, bytes]]:

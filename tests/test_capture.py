@@ -7,7 +7,6 @@ JVM per process, and signals are test inputs).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import threading
@@ -53,6 +52,8 @@ from tests.e2e import (
     values,
     wait_for_entries,
 )
+from tests.prerequisites import postgres_missing, require
+from tests.replies import xrange
 from tests.servers import PostgresServer, RedisServer, free_port, postgres_dir, wait_until
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -227,9 +228,6 @@ def test_build_plan_rejects_what_capture_cannot_do(
         build_plan(_plan_props(**change), CaptureSettings(offsets_file=tmp_path / "o.dat"))
 
 
-@pytest.mark.skipif(
-    not SHIPPED_PROPERTIES.exists(), reason="debezium/application.properties absent"
-)
 def test_the_shipped_debezium_server_properties_are_usable(tmp_path: Path) -> None:
     props = parse_properties(SHIPPED_PROPERTIES.read_text())
     plan = build_plan(props, CaptureSettings(offsets_file=tmp_path / "o.dat"))
@@ -276,17 +274,17 @@ def test_writer_pipelines_a_batch_and_counts(r: redis.Redis) -> None:
     assert writer.written == {"a.public.x": 300, "a.public.y": 1}
     assert writer.heartbeats_skipped == 1
     assert writer.first_write_at is not None
-    xs = r.xrange("a.public.x")
+    xs = xrange(r, "a.public.x")
     assert [fields for _, fields in xs[:2]] == [
         {b'{"id":0}': b'{"n":0}'},
         {b'{"id":1}': b'{"n":1}'},
     ]
-    assert r.xrange("a.public.y")[0][1] == {b'{"id":1}': b"default"}
+    assert xrange(r, "a.public.y")[0][1] == {b'{"id":1}': b"default"}
     assert not r.exists("__debezium-heartbeat.a")
 
     extended = StreamWriter(r, SinkFormat(message_format="extended"))
     extended.write([Record("a.public.z", '{"id":1}', "{}", (("__debezium.newkey", "{}"),))])
-    [(_, fields)] = r.xrange("a.public.z")
+    [(_, fields)] = xrange(r, "a.public.z")
     assert list(fields) == [b"key", b"value", b"__DEBEZIUM.NEWKEY"]
 
 
@@ -360,8 +358,7 @@ def test_capture_exits_at_once_when_postgres_is_unreachable(
 
 
 def test_capture_refuses_wal_level_replica(tmp_path: Path, redis_url: str) -> None:
-    if importlib.util.find_spec("psycopg") is None:
-        pytest.skip("psycopg is not installed")
+    require(postgres_missing())
     with (
         postgres_dir() as data_dir,
         PostgresServer(data_dir, wal_level="replica", fsync=False) as pg,

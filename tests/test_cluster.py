@@ -20,6 +20,7 @@ from streamsync.errors import ConfigError
 from streamsync.mapping import Planner
 from streamsync.worker import Worker
 from tests.debezium import entry_fields, envelope, write_config
+from tests.replies import as_str, xadd, zscores
 from tests.servers import RedisServer, free_port, wait_until
 
 STREAM = "app.public.users"
@@ -152,7 +153,7 @@ class Source:
             self.rows[row_id] = row
         fields = entry_fields({"id": row_id}, value)
         self.entries.append(fields)
-        self.rc.xadd(STREAM, fields)  # type: ignore[arg-type]
+        xadd(self.rc, STREAM, fields)
 
     def run(self, n: int) -> None:
         for _ in range(n):
@@ -160,7 +161,7 @@ class Source:
 
     def replay(self, n: int) -> None:
         for fields in self.rng.sample(self.entries, min(n, len(self.entries))):
-            self.rc.xadd(STREAM, fields)  # type: ignore[arg-type]
+            xadd(self.rc, STREAM, fields)
 
 
 def expected_state(rows: dict[int, dict[str, Any] | None]) -> dict[str, Any]:
@@ -185,16 +186,16 @@ def expected_state(rows: dict[int, dict[str, Any] | None]) -> dict[str, Any]:
 def actual_state(rc: redis.RedisCluster) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for raw in rc.scan_iter(count=1000):
-        key = raw.decode()
+        key = as_str(raw)
         if key.startswith("streamsync:") or key.startswith("app."):
             continue
-        kind = rc.type(key).decode()
+        kind = as_str(rc.type(key))
         if kind == "hash":
-            state[key] = {k.decode(): v.decode() for k, v in rc.hgetall(key).items()}
+            state[key] = {as_str(k): as_str(v) for k, v in rc.hgetall(key).items()}
         elif kind == "set":
-            state[key] = {m.decode() for m in rc.smembers(key)}
+            state[key] = {as_str(m) for m in rc.smembers(key)}
         elif kind == "zset":
-            state[key] = {m.decode(): s for m, s in rc.zrange(key, 0, -1, withscores=True)}
+            state[key] = {m.decode(): s for m, s in zscores(rc, key).items()}
         else:
             state[key] = kind
     return state
@@ -240,7 +241,7 @@ def test_workload_across_slots_with_two_workers_replays_and_a_truncate(
         assert node.client().fcall_ro("streamsync_version", 0) is not None
     # a TRUNCATE empties every structure, on every node, and new rows come after it
     source.lsn += 8
-    rc.xadd(STREAM, entry_fields(None, envelope("t", "public.users", source.lsn)))  # type: ignore[arg-type]
+    xadd(rc, STREAM, entry_fields(None, envelope("t", "public.users", source.lsn)))
     source.rows = {}
     source.run(50)
     run_workers(cfg, ["w1"])

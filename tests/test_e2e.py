@@ -34,6 +34,7 @@ from tests.e2e import (
     values,
     wait_for_event,
 )
+from tests.replies import xadd
 from tests.servers import wait_until
 from tests.workers import WorkerProcess
 
@@ -603,7 +604,7 @@ def test_a_capture_replaying_changes_rolls_nothing_back(
             # the first capture may have confirmed everything before it stopped: then replay its
             # entries the way Debezium Server's sink re-sends a batch after a crash
             for fields in entries(p.r, p.setup.stream)[: len(events_before)]:
-                p.r.xadd(p.setup.stream, cast(Any, fields))
+                xadd(p.r, p.setup.stream, fields)
             replayed = events_before
             p.settle(worker)
             assert_items(p)

@@ -36,6 +36,7 @@ from tests.e2e import (
     wait_for_event,
     xrange,
 )
+from tests.replies import xadd
 from tests.servers import wait_until
 from tests.workers import WorkerProcess
 
@@ -405,7 +406,7 @@ def replay_sample(p: Pipeline, rng: random.Random) -> tuple[int, int]:
                 truncates += is_truncate
     rng.shuffle(picked)
     for stream, fields in picked:
-        p.r.xadd(stream, cast(Any, fields))
+        xadd(p.r, stream, fields)
     return len(picked), truncates
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import pytest
 
@@ -68,13 +70,15 @@ def test_fixture_positions_and_rows() -> None:
     # all snapshot reads share the snapshot's LSN; streamed changes come later
     assert snapshot[0].position == snapshot[1].position
     assert all(e.position > snapshot[0].position for e in events[2:])
-    assert snapshot[0].after == {
+    first = snapshot[0].after
+    assert first is not None
+    assert first == {
         "id": 1,
         "name": "alice",
         "email": "alice@example.com",
         "plan": "free",
         "balance": "10.50",
-        "updated_at": snapshot[0].after["updated_at"],  # type: ignore[index]
+        "updated_at": first["updated_at"],
     }
     # a primary-key change: delete of the old key and create of the new one share one LSN
     pk_delete, pk_create = events[4], events[5]
@@ -103,12 +107,10 @@ def test_schemas_off_leaves_base64_decimals_as_sent() -> None:
     assert first.after["balance"] == "BBo="
 
 
-def fields_of(value: object, key: object = None, extended: bool = False) -> list[bytes]:
-    flat = entry_fields(
-        key if key is not None else {"id": 1},  # type: ignore[arg-type]
-        value,
-        extended=extended,
-    )  # type: ignore[arg-type]
+def fields_of(
+    value: Mapping[str, Any], key: Mapping[str, Any] | None = None, extended: bool = False
+) -> list[bytes]:
+    flat = entry_fields(key if key is not None else {"id": 1}, value, extended=extended)
     return [x.encode() for pair in flat.items() for x in pair]
 
 
@@ -175,9 +177,11 @@ def test_malformed_entries_say_why(fields: list[bytes], reason: str) -> None:
         (lambda v: v["source"].pop("table"), "lacks 'schema' or 'table'"),
     ],
 )
-def test_unappliable_events_say_why(mutate: object, reason: str) -> None:
+def test_unappliable_events_say_why(
+    mutate: Callable[[dict[str, Any]], object], reason: str
+) -> None:
     value = envelope("u", "public.users", 42, after={"id": 1})
-    mutate(value)  # type: ignore[operator]
+    mutate(value)
     with pytest.raises(PoisonEntryError, match=reason):
         Decoder().decode(fields_of(value))
 

@@ -20,7 +20,15 @@ import pytest
 import redis
 
 from streamsync.keys import StateKeys
-from tests.debezium import add_change, entry_fields, envelope, write_config
+from tests.debezium import change_fields, entry_fields, envelope, write_config
+from tests.replies import (
+    as_bytes,
+    entry_fields_dict,
+    pending_entries,
+    xadd,
+    xrange,
+    xreadgroup,
+)
 from tests.servers import RedisServer, wait_until
 from tests.workers import WorkerProcess
 
@@ -110,8 +118,8 @@ class Feed:
             chunk = specs[start : start + XADD_CHUNK]
             pipe = self.r.pipeline(transaction=False)
             for op, row, lsn in chunk:
-                add_change(pipe, STREAM, op, row, lsn)
-            ids = pipe.execute()
+                pipe.xadd(STREAM, entry_fields_dict(change_fields(op, row, lsn)))
+            ids = [as_bytes(eid) for eid in pipe.execute()]
             added += [
                 Change(eid, op, row, lsn) for eid, (op, row, lsn) in zip(ids, chunk, strict=True)
             ]
@@ -219,7 +227,7 @@ def settled(r: redis.Redis) -> bool:
     except (AssertionError, redis.ResponseError):
         return False
     last = r.xinfo_stream(STREAM)["last-generated-id"]
-    return info["pending"] == 0 and info["last-delivered-id"] == last
+    return bool(info["pending"] == 0 and info["last-delivered-id"] == last)
 
 
 def assert_settled(r: redis.Redis) -> None:
@@ -361,7 +369,7 @@ def test_sigterm_acks_the_batch_in_hand_and_leaves_nothing_half_applied(
     # nothing pending to it: the stopped worker left the group
     assert b"stopping" not in consumer_names(r), "the stopped worker left entries pending"
     upto = last_delivered(r)
-    pending = {sid(p["message_id"]) for p in r.xpending_range(STREAM, GROUP, "-", "+", 10_000)}
+    pending = {sid(p.id) for p in pending_entries(r, STREAM, GROUP)}
     acked = [c for c in feed.changes if sid(c.entry_id) <= upto and sid(c.entry_id) not in pending]
     assert 0 < len(acked) < len(feed.changes), "not stopped mid-run"
     # every acknowledged change is visible, and nothing beyond them
@@ -418,7 +426,7 @@ def test_worker_reconnects_after_redis_restarts_under_it(
 
 
 def _stream_ids(r: redis.Redis) -> set[bytes]:
-    return {eid for eid, _ in r.xrange(STREAM)}
+    return {eid for eid, _ in xrange(r, STREAM)}
 
 
 def test_trim_never_removes_an_entry_another_group_has_not_acknowledged(
@@ -433,8 +441,8 @@ def test_trim_never_removes_an_entry_another_group_has_not_acknowledged(
 
     # a second group reads the first 1000 entries and acks only some of them
     r.xgroup_create(STREAM, "audit", id="0")
-    read = r.xreadgroup("audit", "auditor", {STREAM: ">"}, count=1_000)
-    assert [eid for eid, _ in read[0][1]] == ids[:1_000]
+    read = xreadgroup(r, "audit", "auditor", STREAM, count=1_000)
+    assert [eid for eid, _ in read] == ids[:1_000]
     r.xack(STREAM, "audit", *ids[:300], *ids[500:600])
 
     worker = workers(config, "trimmer")
@@ -453,8 +461,8 @@ def test_trim_never_removes_an_entry_another_group_has_not_acknowledged(
 
     # more changes while the worker runs; audit reads 200 of them and acks none
     more = feed.add([("u", user(i, v)) for v in range(30, 35) for i in range(n_rows)])
-    read = r.xreadgroup("audit", "auditor", {STREAM: ">"}, count=200)
-    assert [eid for eid, _ in read[0][1]] == ids[1_000:1_200]
+    read = xreadgroup(r, "audit", "auditor", STREAM, count=200)
+    assert [eid for eid, _ in read] == ids[1_000:1_200]
     wait_until(lambda: settled(r), timeout=30, message="the worker applied the new changes")
     wait_until(lambda: r.xlen(STREAM) <= 2_500, timeout=10, message="trimmed up to audit's")
     unacked_by_audit = set(ids[1_000:]) | {c.entry_id for c in more}
@@ -473,7 +481,7 @@ def test_trim_never_removes_an_entry_another_group_has_not_acknowledged(
 def _dlq_entries(r: redis.Redis) -> dict[bytes, dict[str, Any]]:
     """Dead letters by original entry id: the fixed fields, then the original pairs."""
     out: dict[bytes, dict[str, Any]] = {}
-    for _, flat in r.xrange(DLQ):
+    for _, flat in xrange(r, DLQ):
         items = list(flat.items())
         head = dict(items[:7])
         letter: dict[str, Any] = {k.decode(): v for k, v in head.items()}
@@ -492,7 +500,7 @@ def test_poison_entries_in_a_large_batch_are_dead_lettered_and_the_rest_applies(
     poison: dict[bytes, tuple[str, list[tuple[bytes, bytes]]]] = {}
 
     def add_poison(fields: Mapping[str, str], reason: str) -> None:
-        eid = r.xadd(STREAM, dict(fields))
+        eid = xadd(r, STREAM, fields)
         poison[eid] = (reason, [(k.encode(), v.encode()) for k, v in fields.items()])
 
     feed.add(good[:700])

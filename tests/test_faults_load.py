@@ -25,7 +25,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from streamsync.config import Rule
 from streamsync.functions import loaded_version
 from streamsync.mapping import hash_value
 from tests.debezium import entry_fields, envelope, write_config
+from tests.replies import as_bytes, entry_fields_dict, xrange, zscores
 from tests.servers import RedisServer, wait_until
 from tests.test_faults import (
     DLQ,
@@ -80,6 +81,10 @@ SETTLE_TIMEOUT_S = 40.0
 
 
 # -- the producer and its record ------------------------------------------------------------
+
+
+#: An entry to send: fields, op, row id, row (None for a delete or a poison entry), lsn, replay.
+Outgoing = tuple[Mapping[str, str], str, int, Mapping[str, Any] | None, int, bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +199,7 @@ class Producer:
         else:
             op, row = "d", None
         if row is None:
+            assert current is not None
             del self.table[row_id]
             # REPLICA IDENTITY DEFAULT: a delete's "before" holds only the key
             before = {c: (row_id if c == "id" else None) for c in current}
@@ -205,7 +211,7 @@ class Producer:
 
     # -- sending
 
-    def _send(self, items: list[tuple[dict[str, str], str, int, Any, int, bool]]) -> None:
+    def _send(self, items: Sequence[Outgoing]) -> None:
         """XADD ``items`` (fields, op, row id, row, lsn, replay) with ids of ours, re-sending
         after a fault until every one has landed; record them."""
         ids = [self._next_id() for _ in items]
@@ -214,7 +220,7 @@ class Producer:
             try:
                 pipe = self.r.pipeline(transaction=False)
                 for eid, (fields, *_) in zip(ids, items, strict=True):
-                    pipe.xadd(STREAM, dict(fields), id=eid)
+                    pipe.xadd(STREAM, entry_fields_dict(fields), id=eid)
                 replies = pipe.execute(raise_on_error=False)
                 failed = [
                     reply
@@ -522,7 +528,7 @@ def compare(r: redis.Redis, sent: list[Sent], report: Report) -> None:
             wrong.append(f"set {key!r}: extra {sorted(extra)[:5]}, missing {sorted(missing)[:5]}")
 
     # the sorted set: members and scores
-    have_zset = dict(r.zrange(ZSET_KEY, 0, -1, withscores=True))
+    have_zset = zscores(r, ZSET_KEY)
     for member in set(have_zset) - set(want_zset):
         stale += 1
         wrong.append(f"stale zset member {member!r} (score {have_zset[member]})")
@@ -647,7 +653,7 @@ def test_workers_killed_9_again_and_again_under_load_lose_nothing(
         assert held_kills >= kills // 2, "most kills found the victim between batches"
         # every worker's counts, the killed ones' included (flushed with each round trip)
         stats = r.hgetall(f"streamsync:stats:{GROUP}:{STREAM}")
-        claimed = sum(int(v) for k, v in stats.items() if k.endswith(b":claimed"))
+        claimed = sum(int(v) for k, v in stats.items() if as_bytes(k).endswith(b":claimed"))
         assert claimed >= held_total, (claimed, held_total, stats)
         assert totals.get("failed", 0) == 0, totals
     finally:
@@ -860,7 +866,7 @@ def test_poison_in_the_middle_of_large_batches_under_load_dead_letters_exactly_i
         wait_settled(r, producer, workers)
         totals = workers.stop()
         letters_written = r.xlen(DLQ)
-        per_poison = Counter(fields[b"id"] for _, fields in r.xrange(DLQ))
+        per_poison = Counter(fields[b"id"] for _, fields in xrange(r, DLQ))
         report = Report(
             f"poison in a 2000-entry batch, claim_idle_ms {claim_idle_ms}",
             len(poison),

@@ -25,12 +25,13 @@ from streamsync.functions import (
 from streamsync.keys import StateKeys, guarded_key, key_slot
 from streamsync.mapping import Planner
 from tests.debezium import PLACEHOLDER
+from tests.replies import as_bytes, as_int, as_str, xadd, xrange
 
 TOMBSTONE_MS = 60_000
 APPLIED, STALE, SKIPPED, DROPPED = 1, 0, 2, 3
 
-HASH_RULE = Rule(table="public.users", key="user:{id}", type="hash")  # type: ignore[arg-type]
-JSON_RULE = Rule(table="public.users", key="user:{id}", type="json")  # type: ignore[arg-type]
+HASH_RULE = Rule.model_validate({"table": "public.users", "key": "user:{id}", "type": "hash"})
+JSON_RULE = Rule.model_validate({"table": "public.users", "key": "user:{id}", "type": "json"})
 
 
 @pytest.fixture
@@ -65,7 +66,7 @@ def apply(r: redis.Redis, rule: Rule, *events: ChangeEvent) -> list[Any]:
 
 
 def hash_of(r: redis.Redis, key: str) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in r.hgetall(key).items()}
+    return {as_str(k): as_str(v) for k, v in r.hgetall(key).items()}
 
 
 def test_hash_write_applies_only_newer_positions(lib: redis.Redis) -> None:
@@ -78,7 +79,7 @@ def test_hash_write_applies_only_newer_positions(lib: redis.Redis) -> None:
     assert apply(lib, HASH_RULE, change("u", 150, {"id": 1, "name": "old"})) == [STALE]
     assert hash_of(lib, "user:1") == {"id": "1", "name": "b"}  # null column: no field
     # the position, then the shape of the field set written
-    assert lib.get("streamsync:pos:{user:1}").split(b"|")[0] == f"{200:020d}".encode()
+    assert as_bytes(lib.get("streamsync:pos:{user:1}")).split(b"|")[0] == f"{200:020d}".encode()
     assert lib.pttl("streamsync:pos:{user:1}") == -1  # a live row's position never expires
 
 
@@ -125,7 +126,7 @@ def test_hash_toast_placeholder_keeps_the_cached_field(lib: redis.Redis) -> None
     )
     assert status == [APPLIED]
     assert hash_of(lib, "user:1") == {"id": "1", "bio": "long text", "name": "b"}
-    assert PLACEHOLDER.encode() not in b"".join(lib.hvals("user:1"))
+    assert PLACEHOLDER.encode() not in b"".join(map(as_bytes, lib.hvals("user:1")))
 
 
 def test_hash_toast_update_of_an_uncached_row_caches_nothing(lib: redis.Redis) -> None:
@@ -172,18 +173,22 @@ def test_json_toast_update_of_a_document_lacking_the_column_drops_it(lib: redis.
 
 
 def test_ttl_safety_net(lib: redis.Redis) -> None:
-    rule = Rule(table="public.users", key="user:{id}", type="hash", ttl_s=100)  # type: ignore[arg-type]
+    rule = Rule.model_validate(
+        {"table": "public.users", "key": "user:{id}", "type": "hash", "ttl_s": 100}
+    )
     apply(lib, rule, change("c", 1, {"id": 1, "name": "a"}))
     assert 99_000 < lib.pttl("user:1") <= 100_000
     # the position outlives the key by the tombstone window
     assert lib.pttl("streamsync:pos:{user:1}") > 100_000 + TOMBSTONE_MS - 1_000
-    json_rule = Rule(table="public.users", key="doc:{id}", type="json", ttl_s=50)  # type: ignore[arg-type]
+    json_rule = Rule.model_validate(
+        {"table": "public.users", "key": "doc:{id}", "type": "json", "ttl_s": 50}
+    )
     apply(lib, json_rule, change("c", 1, {"id": 1}))
     assert 49_000 < lib.pttl("doc:1") <= 50_000
 
 
 def test_invalidate_deletes_and_remembers(lib: redis.Redis) -> None:
-    rule = Rule(table="public.users", key="user:{id}", mode="invalidate")  # type: ignore[arg-type]
+    rule = Rule.model_validate({"table": "public.users", "key": "user:{id}", "mode": "invalidate"})
     lib.set("user:1", "cached by the application")
     assert apply(lib, rule, change("u", 5, {"id": 1})) == [APPLIED]
     assert not lib.exists("user:1")
@@ -269,13 +274,57 @@ def test_trim_removes_only_entries_every_group_acked(lib: redis.Redis) -> None:
     lib.xreadgroup("g2", "c", {"s": ">"}, count=6)
     lib.xack("s", "g2", *ids[:3], ids[4])  # ids[3] and ids[5] pending in g2
     lib.fcall("streamsync_trim", 1, "s")
-    remaining = [i for i, _ in lib.xrange("s")]
+    remaining = [i for i, _ in xrange(lib, "s")]
     assert remaining[0] == ids[3]
     assert remaining == ids[3:]
     lib.xack("s", "g2", ids[3], ids[5])
     lib.fcall("streamsync_trim", 1, "s")
     # g2 last read ids[5]; ids[6:] were never delivered to it
-    assert [i for i, _ in lib.xrange("s")] == ids[5:]
+    assert [i for i, _ in xrange(lib, "s")] == ids[5:]
+
+
+#: Entry ids whose order differs from their order as strings: in the sequence part (1-9 < 1-12),
+#: and in the milliseconds part (9-0 < 10-0).
+SEQ_IDS = [f"1-{n}" for n in range(1, 16)]
+MS_IDS = [f"{n}-0" for n in range(1, 16)]
+
+
+def _hold(r: redis.Redis, group: str, ids: list[str], bound: str, how: str) -> None:
+    """Make ``bound`` the trim bound of ``group``: its oldest pending entry (``pending``), or
+    the last entry it read, every read entry acknowledged (``last-delivered``)."""
+    r.xgroup_create("s", group, id="0")
+    upto = ids.index(bound)
+    if how == "pending":
+        r.xreadgroup(group, "c", {"s": ">"}, count=len(ids))
+        if upto:
+            r.xack("s", group, *ids[:upto])
+    else:
+        r.xreadgroup(group, "c", {"s": ">"}, count=upto + 1)
+        r.xack("s", group, *ids[: upto + 1])
+
+
+#: (ids, low, high): ``high`` is the newer id, but sorts before ``low`` as a string.
+ID_ORDER_CASES = [(SEQ_IDS, "1-9", "1-12"), (MS_IDS, "9-0", "10-0")]
+
+
+@pytest.mark.parametrize("case", ID_ORDER_CASES, ids=["seq", "ms"])
+@pytest.mark.parametrize("lagging", ["a", "b"])
+@pytest.mark.parametrize("how", ["pending", "last-delivered"])
+def test_trim_compares_entry_ids_as_numbers_not_strings(
+    lib: redis.Redis, case: tuple[list[str], str, str], lagging: str, how: str
+) -> None:
+    """Group ``lagging`` (first or second in XINFO GROUPS) holds the lower bound ``low``; the
+    other group is ahead, at ``high``, which sorts before ``low`` as a string."""
+    ids, low, high = case
+    for entry_id in ids:
+        xadd(lib, "s", {"n": entry_id}, entry_id=entry_id)
+    for group in ("a", "b"):
+        _hold(lib, group, ids, low if group == lagging else high, how)
+    removed = as_int(lib.fcall("streamsync_trim", 1, "s"))
+    remaining = [entry_id.decode() for entry_id, _ in xrange(lib, "s")]
+    # nothing from the lagging group's bound on is removed; everything before it is
+    assert remaining == ids[ids.index(low) :]
+    assert removed == ids.index(low)
 
 
 def test_prune_consumer_keeps_one_with_pending_entries(lib: redis.Redis) -> None:

@@ -22,10 +22,8 @@ from streamsync.logical import (
     row_converter,
 )
 
-FIXTURE_DIRS = [
-    Path(__file__).parent / "fixtures" / "debezium-3.6.3-postgres",
-    Path("/work/shared/fixtures/debezium-3.6.3-postgres"),
-]
+#: Captured Debezium output, part of the repository (a missing file is a failure, not a skip).
+FIXTURES = Path(__file__).parent / "fixtures" / "debezium-3.6.3-postgres"
 UNAVAILABLE_B64 = base64.b64encode(UNAVAILABLE.encode()).decode()
 DATETIME_MIN_US = -62_135_596_800_000_000  # 0001-01-01T00:00:00
 DATETIME_MAX_US = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999
@@ -65,12 +63,8 @@ def convert_one(schema: dict[str, Any], value: Any) -> Any:
 
 
 def fixture_events(name: str) -> list[dict[str, Any] | None]:
-    for directory in FIXTURE_DIRS:
-        path = directory / name
-        if path.exists():
-            records = [json.loads(line) for line in path.read_text().splitlines() if line]
-            return [None if r["value"] is None else json.loads(r["value"]) for r in records]
-    pytest.skip(f"fixture {name} not found in {FIXTURE_DIRS}")
+    records = [json.loads(line) for line in (FIXTURES / name).read_text().splitlines() if line]
+    return [None if r["value"] is None else json.loads(r["value"]) for r in records]
 
 
 # --- is_unavailable ---------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
 from streamsync import __version__
-from streamsync.cli import run as run_cli
 from streamsync.config import Settings, load_settings, parse_settings
 from streamsync.errors import ExitCode
 from streamsync.functions import ensure_library, library_version
@@ -45,8 +44,8 @@ from streamsync.metrics import (
 )
 from streamsync.sandbox import die_with_parent_hook
 from streamsync.worker import Worker
-from tests.conftest import skip_unless_ci
 from tests.debezium import add_change, write_config
+from tests.prerequisites import binary_missing, require
 from tests.servers import free_port, wait_until
 
 ROOT = Path(__file__).parent.parent
@@ -133,9 +132,8 @@ def defined_families() -> list[Metric]:
 
 def tool(name: str) -> str:
     """The path of a binary of Debian's prometheus package; skip (fail under CI) without it."""
+    require(binary_missing(name, INSTALL_HINT))
     path = shutil.which(name)
-    if path is None:
-        skip_unless_ci(f"{name} is not installed ({INSTALL_HINT})")
     assert path is not None
     return path
 
@@ -853,10 +851,6 @@ def _mounts(service: dict[str, Any]) -> dict[str, Path]:
     return found
 
 
-@pytest.mark.skipif(
-    "prometheus" not in _compose_services(),
-    reason="docker-compose.yml has no monitoring profile yet (docs/metrics.md: the compose edit)",
-)
 def test_compose_monitoring_profile_uses_these_files() -> None:
     services = _compose_services()
     worker = services["worker"]
@@ -893,20 +887,13 @@ def test_promtool_accepts_the_prometheus_config() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# `streamsync run --metrics-port` (cli.py's options; skipped until cli.py has them)
-
-
-needs_cli_metrics = pytest.mark.skipif(
-    not any(p.name == "metrics_port" for p in run_cli.params),
-    reason="streamsync run has no --metrics-port yet (docs/metrics.md: the cli.py edit)",
-)
+# `streamsync run --metrics-port`
 
 
 def run_command(cfg: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "streamsync", "run", "-c", str(cfg), "--consumer", "w1", *args]
 
 
-@needs_cli_metrics
 def test_run_serves_metrics_on_the_port_the_environment_names(
     r: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
@@ -952,7 +939,6 @@ def test_run_serves_metrics_on_the_port_the_environment_names(
         fetch(url, timeout=2)
 
 
-@needs_cli_metrics
 def test_run_metrics_options(r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "c.yaml", redis_url)
     add_change(r, STREAM, "c", {"id": 1, "name": "x"}, lsn=1)

@@ -16,6 +16,7 @@ from streamsync.errors import ExitCode
 from streamsync.keys import StateKeys
 from streamsync.worker import Worker
 from tests.debezium import add_change, entry_fields, envelope, write_config
+from tests.replies import xadd
 from tests.servers import wait_until
 from tests.workers import drain
 
@@ -23,8 +24,7 @@ STREAM = "app.public.users"
 
 
 def add_truncate(r: redis.Redis, lsn: int, table: str = "public.users") -> bytes:
-    entry_id: bytes = r.xadd(STREAM, entry_fields(None, envelope("t", table, lsn)))  # type: ignore[assignment]
-    return entry_id
+    return xadd(r, STREAM, entry_fields(None, envelope("t", table, lsn)))
 
 
 def test_truncate_waits_for_older_entries_held_by_another_consumer(

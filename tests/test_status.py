@@ -33,6 +33,7 @@ from streamsync.status import (
     status_command,
 )
 from tests.debezium import add_change, write_config
+from tests.replies import as_str, newest_id, pending_entries
 from tests.servers import free_port, wait_until
 from tests.workers import drain
 
@@ -71,8 +72,9 @@ def consumer_idle_ms(r: redis.Redis, stream: str, name: str) -> int | None:
 
 
 def stream_doc(doc: dict[str, Any], name: str = STREAM) -> dict[str, Any]:
-    (found,) = [s for s in doc["streams"] if s["name"] == name]
-    return found
+    found: list[dict[str, Any]] = [s for s in doc["streams"] if s["name"] == name]
+    (stream,) = found
+    return stream
 
 
 # -- end to end on a real redis-server ---------------------------------------------------------
@@ -101,7 +103,7 @@ def test_drained_stream_is_healthy_with_counts_and_lag(
     stats = r.hgetall(f"streamsync:stats:{GROUP}:{STREAM}")
     assert s["last_applied_ms"] == int(stats[b"last_applied_ms"])
     assert s["last_source_ts_ms"] == int(stats[b"last_source_ts_ms"])
-    assert s["last_applied_id"] == stats[b"last_id"].decode()
+    assert s["last_applied_id"] == as_str(stats[b"last_id"])
     assert s["sync_lag_s"] is not None and 0 <= s["sync_lag_s"] < 60
     assert s["since_last_applied_s"] is not None and 0 <= s["since_last_applied_s"] < 60
     assert [c["name"] for c in s["consumers"]] == ["w1"]
@@ -152,16 +154,14 @@ def test_consumer_that_stopped_with_pending_entries_is_dead(
     assert w1["dead"] is False and w1["pending"] == 0
     # the numbers are Redis's own
     summary = r.xpending(STREAM, GROUP)
-    (oldest,) = r.xpending_range(STREAM, GROUP, "-", "+", 1)
+    (oldest,) = pending_entries(r, STREAM, GROUP, count=1)
     assert s["pending"] == summary["pending"] == 2
-    assert s["oldest_pending"]["id"] == oldest["message_id"].decode()
+    assert s["oldest_pending"]["id"] == oldest.id.decode()
     assert s["oldest_pending"]["consumer"] == "crashed"
-    assert s["oldest_pending"]["deliveries"] == oldest["times_delivered"] == 1
+    assert s["oldest_pending"]["deliveries"] == oldest.deliveries == 1
     assert s["oldest_pending"]["idle_s"] > 0.25
     assert s["lag"] == r.xinfo_groups(STREAM)[0]["lag"] == 1
-    assert (
-        s["unread"] is True and s["oldest_unread_id"] == r.xrevrange(STREAM, count=1)[0][0].decode()
-    )
+    assert s["unread"] is True and s["oldest_unread_id"] == newest_id(r, STREAM).decode()
     assert any(
         p.startswith(f"{STREAM}: no live consumer while 2 entries pending and 1 unread")
         and "crashed: dead" in p
@@ -236,15 +236,14 @@ def test_discovered_streams_match_what_redis_says(
         )
     )
     settings = load_settings(cfg, environ={})
-    now_ms = id_ms(r.xrevrange(STREAM, count=1)[0][0].decode()) + 5_000
+    now_ms = id_ms(newest_id(r, STREAM).decode()) + 5_000
     report = collect(r, settings, now_ms=now_ms)
     assert report.stream_prefix == "app."
     assert [s.name for s in report.streams] == [orders, STREAM]
     for s in report.streams:
-        groups = {g["name"].decode(): g for g in r.xinfo_groups(s.name)}
-        (last_id, _), *_ = r.xrevrange(s.name, count=1)
+        groups = {as_str(g["name"]): g for g in r.xinfo_groups(s.name)}
         assert s.length == r.xlen(s.name)
-        assert s.last_entry_id == last_id.decode()
+        assert s.last_entry_id == newest_id(r, s.name).decode()
         assert s.pending == r.xpending(s.name, GROUP)["pending"]
         assert s.lag == groups[GROUP]["lag"]
         assert s.entries_read == groups[GROUP]["entries-read"]
@@ -307,6 +306,7 @@ def test_missing_library_and_evicting_policy_are_problems(
 ) -> None:
     cfg = write_config(tmp_path / "c.yaml", redis_url)
     previous = r.config_get("maxmemory-policy")["maxmemory-policy"]
+    assert previous is not None
     r.config_set("maxmemory-policy", "allkeys-lru")
     try:
         code, doc = status_json(cfg)

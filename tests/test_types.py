@@ -23,6 +23,7 @@ from streamsync.functions import FN_BATCH, ensure_library
 from streamsync.keys import StateKeys
 from streamsync.mapping import Planner
 from streamsync.sweep import Sweeper
+from tests.replies import as_bytes, as_str, xrange, zscores
 
 TABLE = "public.users"
 TOMBSTONE_MS = 60_000
@@ -112,10 +113,10 @@ class Cache:
         return Sweeper(self.r, self.planner, TOMBSTONE_MS)
 
     def key_index(self, kind: str) -> set[str]:
-        return {m.decode() for m in self.r.smembers(self.planner.keys.key_index(RULES[kind]))}
+        return {as_str(m) for m in self.r.smembers(self.planner.keys.key_index(RULES[kind]))}
 
     def row_index(self, kind: str) -> set[str]:
-        return {m.decode() for m in self.r.smembers(self.planner.keys.row_index(RULES[kind]))}
+        return {as_str(m) for m in self.r.smembers(self.planner.keys.row_index(RULES[kind]))}
 
 
 @pytest.fixture
@@ -131,23 +132,23 @@ def visible(r: redis.Redis) -> dict[str, Any]:
     """Every user-visible key (not streamsync's own records) with its decoded contents."""
     out: dict[str, Any] = {}
     for raw in r.keys("*"):
-        key = raw.decode()
+        key = as_str(raw)
         if key.startswith("streamsync:"):
             continue
-        kind = r.type(raw).decode()
+        kind = as_str(r.type(raw))
         if kind == "string":
-            out[key] = r.get(raw).decode()  # type: ignore[union-attr]
+            out[key] = as_str(r.get(raw))
         elif kind == "hash":
-            out[key] = {f.decode(): v.decode() for f, v in r.hgetall(raw).items()}
+            out[key] = {as_str(f): as_str(v) for f, v in r.hgetall(raw).items()}
         elif kind == "set":
-            out[key] = {m.decode() for m in r.smembers(raw)}
+            out[key] = {as_str(m) for m in r.smembers(raw)}
         elif kind == "zset":
-            out[key] = {m.decode(): s for m, s in r.zrange(raw, 0, -1, withscores=True)}
+            out[key] = {m.decode(): s for m, s in zscores(r, raw).items()}
         elif kind == "list":
-            out[key] = [v.decode() for v in r.lrange(raw, 0, -1)]
+            out[key] = [as_str(v) for v in r.lrange(raw, 0, -1)]
         elif kind == "stream":
             out[key] = [
-                {f.decode(): v.decode() for f, v in fields.items()} for _, fields in r.xrange(raw)
+                {f.decode(): v.decode() for f, v in fields.items()} for _, fields in xrange(r, key)
             ]
         else:
             raise AssertionError(f"unexpected type {kind} of {key}")
@@ -182,15 +183,13 @@ def placements(r: redis.Redis) -> dict[str, tuple[str, str | None, Any]]:
     """Every placement record: name -> (position, kind or None for a tombstone, data)."""
     out: dict[str, tuple[str, str | None, Any]] = {}
     for raw in r.scan_iter(match="streamsync:pl:*"):
-        value = r.get(raw)
-        assert value is not None
-        position, _, rest = value.partition(b"|")
+        position, _, rest = as_bytes(r.get(raw)).partition(b"|")
         if not rest:
-            out[raw.decode()] = (position.decode(), None, None)
+            out[as_str(raw)] = (position.decode(), None, None)
         else:
             data, end = _unpack(rest, 1)
             assert end == len(rest)
-            out[raw.decode()] = (position.decode(), rest[:1].decode(), data)
+            out[as_str(raw)] = (position.decode(), rest[:1].decode(), data)
     return out
 
 
@@ -212,7 +211,7 @@ def dangling_placements(r: redis.Redis) -> list[str]:
         elif kind == "L":
             # {list, order key, ..., [entries]}: the entries are order members; the order
             # members scored 0 are the list's (a capped list keeps trimmed ones apart)
-            order = {m.decode() for m in r.zrange(data[1], 0, -1)}
+            order = {as_str(m) for m in r.zrange(data[1], 0, -1)}
             if not set(data[-1]) <= order or r.llen(data[0]) != listed(r, data[0]):
                 problems.append(f"{name}: list entries {data}")
     return problems
@@ -596,7 +595,7 @@ def test_primary_key_change_keeps_a_shared_string_key(lib: redis.Redis, order: s
     cache.apply(change("c", 5, old), *pair)
     assert visible(lib) == {"email:shared@x.io": "100"}
     assert cache.row_index("string_by_email") == {"100"}
-    record = lib.get("streamsync:pos:{email:shared@x.io}") or b""
+    record = as_bytes(lib.get("streamsync:pos:{email:shared@x.io}"))
     assert record.split(b"|")[0] == pos(50, "c").encode()
 
 

@@ -30,6 +30,7 @@ from tests.debezium import (
     fixture_records,
     write_config,
 )
+from tests.replies import raw_range, xadd, xrange
 from tests.servers import wait_until
 from tests.workers import drain, outcomes
 
@@ -147,22 +148,27 @@ def test_malformed_and_unmapped_entries_are_dead_lettered_at_once(
     stream = "app.public.users"
     good = add_change(r, stream, "c", {"id": 1, "name": "a"}, lsn=10)
     bad = {
-        r.xadd(stream, {'{"id":2}': "this is not json"}): "not valid JSON",
-        r.xadd(stream, {"a": "1", "b": "2"}): "lacks its 'key' or 'value'",
-        r.xadd(
-            stream, entry_fields({"id": 3}, envelope("c", "public.other", 11, after={"id": 3}))
+        xadd(r, stream, {'{"id":2}': "this is not json"}): "not valid JSON",
+        xadd(r, stream, {"a": "1", "b": "2"}): "lacks its 'key' or 'value'",
+        xadd(
+            r,
+            stream,
+            entry_fields({"id": 3}, envelope("c", "public.other", 11, after={"id": 3})),
         ): "no rule maps",
-        r.xadd(
+        xadd(
+            r,
             stream,
             entry_fields({"id": 4}, envelope("c", "public.users", 12, after={"name": "no id"})),
         ): "names column 'id', absent",
-        r.xadd(
-            stream, entry_fields({"id": 5}, envelope("x", "public.users", 13, after={"id": 5}))
+        xadd(
+            r,
+            stream,
+            entry_fields({"id": 5}, envelope("x", "public.users", 13, after={"id": 5})),
         ): "unknown op",
     }
     worker = drain(write_config(tmp_path / "c.yaml", redis_url))
     assert r.hgetall("user:1") == {b"id": b"1", b"name": b"a"}
-    dead = r.xrange(stream + ":dlq")
+    dead = xrange(r, stream + ":dlq")
     assert len(dead) == len(bad)
     by_id = {}
     for _, fields in dead:
@@ -172,12 +178,7 @@ def test_malformed_and_unmapped_entries_are_dead_lettered_at_once(
         assert reason in fields[b"reason"].decode(), fields
         assert fields[b"stream"] == stream.encode() and fields[b"deliveries"] == b"1"
     # the original entry is kept verbatim after the metadata
-    conn = r.connection_pool.get_connection()
-    try:
-        conn.send_command("XRANGE", stream + ":dlq", "-", "+", "COUNT", 1)
-        raw = conn.read_response()[0][1]
-    finally:
-        r.connection_pool.release(conn)
+    _, raw = raw_range(r, stream + ":dlq")[0]
     n = int(raw[raw.index(b"fields") + 1])
     assert raw[-2 * n :] == [b'{"id":2}', b"this is not json"]
     assert outcomes(worker)["dead_lettered"] == len(bad)
@@ -188,7 +189,7 @@ def test_malformed_and_unmapped_entries_are_dead_lettered_at_once(
 def test_several_rules_per_table_and_invalidation(
     r: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
-    rules = [
+    rules: list[dict[str, Any]] = [
         {"table": "public.users", "key": "user:{id}", "type": "hash", "fields": ["id", "name"]},
         {"table": "public.users", "key": "user-doc:{id}", "type": "json"},
         {"table": "public.users", "key": "page:user:{id}", "mode": "invalidate"},

@@ -1,9 +1,11 @@
-"""``streamsync run`` worker subprocesses for tests: started, signalled, killed, their logs read.
+"""Workers for tests: ``streamsync run`` subprocesses (started, signalled, killed, their logs read),
+and in-process workers (drained, or run in a thread).
 
 A worker runs as ``python -m streamsync run`` in a child process of the test session, so that
 SIGTERM, SIGINT and SIGKILL are real test inputs. Its log goes to a file the test owns (never to a
 pipe nobody drains, which would block a chatty worker), and the summary line it logs on exit is
-parsed into counts.
+parsed into counts. An in-process worker is for tests that read its counts or hand it an
+observer; signals and crashes need a subprocess.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -22,7 +25,7 @@ from streamsync.errors import ExitCode
 from streamsync.sandbox import die_with_parent_hook
 from streamsync.worker import Worker
 
-__all__ = ["WorkerProcess"]
+__all__ = ["WorkerProcess", "WorkerThread", "drain", "outcomes"]
 
 DEFAULT_EXIT_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 40
@@ -170,6 +173,35 @@ class WorkerProcess:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class WorkerThread:
+    """An in-process worker running in a thread of its own, stopped and joined at exit."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.result: list[ExitCode] = []
+        self._thread = threading.Thread(target=lambda: self.result.append(worker.run()))
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def join(self, timeout: float) -> ExitCode:
+        """Wait for a draining worker to return; its exit code."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"worker {self.worker.consumer} still running"
+        (code,) = self.result
+        return code
+
+    def stop(self) -> None:
+        """Ask the worker to finish the batch in hand and return; wait until it has."""
+        self.worker.request_stop()
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive(), f"worker {self.worker.consumer} did not stop"
 
 
 def drain(cfg: Path, consumer: str = "w1") -> Worker:
