@@ -19,7 +19,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from streamsync.capture import (
+from streamsync.config import CaptureSettings, StreamFormat
+from streamsync.embedded.capture import (
     DEFAULT_HEARTBEAT_PREFIX,
     FILE_OFFSET_STORE,
     FILE_SCHEMA_HISTORY,
@@ -35,7 +36,6 @@ from streamsync.capture import (
     preflight,
     resolve_properties,
 )
-from streamsync.config import CaptureSettings, StreamFormat
 from streamsync.errors import ConfigError
 from streamsync.events import ChangeEvent, Decoder
 from tests.debezium import fixture_records
@@ -337,7 +337,7 @@ def test_writer_fails_on_a_permanent_error(r: redis.Redis) -> None:
 
 
 def test_preflight_names_an_unreachable_server() -> None:
-    from streamsync.capture import Database  # noqa: PLC0415
+    from streamsync.embedded.capture import Database  # noqa: PLC0415
 
     port = free_port()
     start = time.monotonic()

@@ -30,8 +30,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
 from streamsync import __version__
-from streamsync.cli import run as run_cli
 from streamsync.config import Settings, load_settings, parse_settings
+from streamsync.embedded.sandbox import die_with_parent_hook
 from streamsync.errors import ExitCode
 from streamsync.functions import ensure_library, library_version
 from streamsync.keys import DLQ_SUFFIX
@@ -43,7 +43,6 @@ from streamsync.metrics import (
     WorkerMetrics,
     serve,
 )
-from streamsync.sandbox import die_with_parent_hook
 from streamsync.worker import Worker
 from tests.conftest import skip_unless_ci
 from tests.debezium import add_change, write_config
@@ -893,20 +892,13 @@ def test_promtool_accepts_the_prometheus_config() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# `streamsync run --metrics-port` (cli.py's options; skipped until cli.py has them)
-
-
-needs_cli_metrics = pytest.mark.skipif(
-    not any(p.name == "metrics_port" for p in run_cli.params),
-    reason="streamsync run has no --metrics-port yet (docs/metrics.md: the cli.py edit)",
-)
+# `streamsync run --metrics-port`
 
 
 def run_command(cfg: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "streamsync", "run", "-c", str(cfg), "--consumer", "w1", *args]
 
 
-@needs_cli_metrics
 def test_run_serves_metrics_on_the_port_the_environment_names(
     r: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
@@ -952,7 +944,6 @@ def test_run_serves_metrics_on_the_port_the_environment_names(
         fetch(url, timeout=2)
 
 
-@needs_cli_metrics
 def test_run_metrics_options(r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "c.yaml", redis_url)
     add_change(r, STREAM, "c", {"id": 1, "name": "x"}, lsn=1)

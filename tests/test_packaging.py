@@ -1,4 +1,5 @@
-"""The wheel ships the Functions library, the type marker and the console script."""
+"""The wheel ships the Functions library, the type marker, the capture engine's logging
+configuration and the console script."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def test_wheel_ships_the_library(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         assert "streamsync/py.typed" in names
+        assert "streamsync/embedded/log4j2-capture.properties" in names
+        assert "streamsync/cli/__init__.py" in names
         shipped = z.read("streamsync/lua/streamsync.lua")
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         assert b"streamsync = streamsync.cli:main" in z.read(entry_points)

@@ -1,4 +1,4 @@
-"""The ``streamsync`` command line: parse, call, print."""
+"""The ``streamsync`` group and its commands: parse, call, print."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from prometheus_client import CollectorRegistry
 from streamsync import __version__, connection
 from streamsync import resync as resync_mod
 from streamsync.acl import acl_setuser
-from streamsync.capture import exit_now, run_capture
 from streamsync.config import redact_url
-from streamsync.demo import DemoOptions, run_demo
 from streamsync.dlq import dlq_group
+from streamsync.embedded.capture import exit_now, run_capture
+from streamsync.embedded.demo import DemoOptions, run_demo
 from streamsync.errors import ConfigError, ExitCode, ResyncError
 from streamsync.metrics import DEFAULT_HOST, WorkerMetrics, serve
 from streamsync.options import config_option, load_or_exit
