@@ -13,8 +13,8 @@ import redis
 from click.testing import CliRunner, Result
 
 from streamsync import resync
+from streamsync.cli.dlq import dlq_group
 from streamsync.config import load_settings
-from streamsync.dlq import dlq_group
 from streamsync.errors import ExitCode
 from tests.debezium import add_change, entry_fields, envelope, write_config
 from tests.servers import free_port

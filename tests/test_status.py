@@ -14,6 +14,7 @@ import redis
 from click.testing import CliRunner, Result
 
 from streamsync import acl
+from streamsync.cli.status import status_command
 from streamsync.config import REDIS_PASSWORD_ENV, REDIS_URL_ENV, load_settings
 from streamsync.errors import ExitCode
 from streamsync.functions import ensure_library
@@ -30,7 +31,6 @@ from streamsync.status import (
     collect,
     id_ms,
     problems,
-    status_command,
 )
 from tests.debezium import add_change, write_config
 from tests.servers import free_port, wait_until
