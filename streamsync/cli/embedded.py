@@ -8,9 +8,18 @@ from pathlib import Path
 import click
 
 from streamsync.cli.options import config_option, load_or_exit
-from streamsync.embedded.capture import exit_now, run_capture
+from streamsync.embedded.capture import CaptureError, exit_now, import_embedded, run_capture
 from streamsync.embedded.demo import DemoOptions, run_demo
 from streamsync.errors import ConfigError, ExitCode
+
+
+def _require_embedded(command: str) -> None:
+    """Exit 1 with what to install when the embedded extra is missing: before anything starts."""
+    try:
+        import_embedded(command)
+    except CaptureError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(ExitCode.FAILURE)
 
 
 @click.command("capture")
@@ -22,6 +31,7 @@ def capture_command(config_path: Path) -> None:
     as Debezium Server's Redis sink does, into redis.url, until SIGTERM / Ctrl-C. Needs the
     embedded extra (pip install 'streamsync[embedded]') and Java 17 or newer.
     """
+    _require_embedded("capture")
     settings = load_or_exit(config_path)
     try:
         code = run_capture(settings)
@@ -56,5 +66,6 @@ def demo_command(
     each row next to its Redis key. Ctrl-C stops and removes everything it started. Needs the
     embedded extra and Java 17 or newer.
     """
+    _require_embedded("demo")
     options = DemoOptions(postgres_url, redis_url, pace_s, once, keep)
     sys.exit(run_demo(options))
