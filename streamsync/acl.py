@@ -23,6 +23,7 @@ WORKER_COMMANDS: tuple[str, ...] = (
     "xautoclaim",
     "xclaim",
     "xpending",
+    "xrange",  # resync --finish: dead letters of the new epoch
     "xgroup|create",
     "xinfo|stream",
     "xinfo|groups",

@@ -29,31 +29,45 @@ from streamsync.errors import ExitCode, ResyncError
     help="Once workers applied the re-snapshot: remove the rows it did not rewrite.",
 )
 @click.option(
+    "--force",
+    is_flag=True,
+    help="With --finish: finish even when the new epoch rewrote nothing (removes every row).",
+)
+@click.option(
     "--wait-s",
     default=600.0,
     show_default=True,
     type=float,
     help="With --finish: how long to wait for the workers to catch up.",
 )
-def resync_command(
-    config_path: Path, tables: tuple[str, ...], all_tables: bool, finish: bool, wait_s: float
+def resync_command(  # noqa: PLR0917 (click passes every option)
+    config_path: Path,
+    tables: tuple[str, ...],
+    all_tables: bool,
+    finish: bool,
+    force: bool,
+    wait_s: float,
 ) -> None:
     """Let a re-snapshot overwrite cached rows (after a database restore or a new slot).
 
     Step 1, before capture starts over: `streamsync resync --table public.users` starts a new
     epoch: every change captured from now on overwrites what is cached, whatever its position.
     Step 2, once the workers applied the re-snapshot: `streamsync resync --table public.users
-    --finish` removes the cached rows the re-snapshot did not rewrite.
+    --finish` removes the cached rows the re-snapshot did not rewrite. It refuses while no
+    entry was captured since step 1, or when entries captured since are dead letters (their
+    rows would be removed): --force finishes anyway.
     """
     settings = load_or_exit(config_path)
     if all_tables == bool(tables):
         raise click.UsageError("name tables with --table, or use --all")
+    if force and not finish:
+        raise click.UsageError("--force applies to --finish")
     chosen = list(settings.rules_by_table) if all_tables else list(tables)
     client = connection.client(settings.redis)
     try:
         if finish:
             for table in chosen:
-                removed = resync.finish(client, settings, table, wait_s)
+                removed = resync.finish(client, settings, table, wait_s, force=force)
                 click.echo(f"{table}: finished, {removed} row(s) not in the re-snapshot removed")
         else:
             for mark in resync.start(client, settings, chosen):
