@@ -89,6 +89,7 @@ STATUS_COMMANDS: tuple[str, ...] = (
     "xinfo|groups",
     "xinfo|consumers",
     "hgetall",  # status counters
+    "exists",  # the workers' liveness marks
     "fcall_ro",  # streamsync_version, a no-writes function
     "time",  # ages on Redis's clock
     "info",  # memory, eviction policy, hit rate

@@ -95,9 +95,14 @@ class ConsumerStatus:
     idle_s: float
     #: Since its last successful read or claim; Redis 7.2 and newer, else null.
     inactive_s: float | None
-    #: Idle longer than claim_idle_ms while holding pending entries, or idle longer than an hour.
+    #: Its worker's liveness mark is present: the worker runs (it refreshes the mark every few
+    #: seconds and deletes it when it stops), however long it has been idle.
+    alive: bool
+    #: Without a liveness mark: idle longer than claim_idle_ms while holding pending entries, or
+    #: idle longer than an hour.
     dead: bool
-    #: ``active`` (idle at most claim_idle_ms), ``idle`` (longer, nothing pending) or ``dead``.
+    #: ``active`` (alive, or idle at most claim_idle_ms), ``idle`` (no mark, idle longer, nothing
+    #: pending) or ``dead``.
     state: str
 
 
@@ -300,7 +305,13 @@ def _parse_counts(
     )
 
 
-def _consumer_state(pending: int, idle_ms: int, claim_idle_ms: int) -> tuple[bool, str]:
+def _consumer_state(
+    pending: int, idle_ms: int, claim_idle_ms: int, alive: bool
+) -> tuple[bool, str]:
+    # a worker blocked on an idle stream looks idle to Redis 7.0 (a blocked XREADGROUP does not
+    # reset the consumer's idle time): its liveness mark is the proof it runs
+    if alive:
+        return False, "active"
     dead = (idle_ms > claim_idle_ms and pending > 0) or idle_ms > DEAD_IDLE_MS
     if dead:
         return True, "dead"
@@ -324,6 +335,20 @@ def _first_entry(reply: Any) -> tuple[str, Mapping[bytes, bytes] | None] | None:
         return None
     entry_id, fields = reply[0]
     return _str(entry_id), fields
+
+
+def _liveness_marks(
+    client: redis.Redis, settings: Settings, consumers: Sequence[str]
+) -> dict[str, bool]:
+    """Which of the group's ``consumers`` have a liveness mark (one round trip)."""
+    if not consumers:
+        return {}
+    keys = StateKeys.from_settings(settings.worker)
+    group = settings.source.group
+    pipe = client.pipeline(transaction=False)
+    for name in consumers:
+        pipe.exists(keys.alive(group, name))
+    return {name: bool(n) for name, n in zip(consumers, pipe.execute(), strict=True)}
 
 
 def collect_stream(
@@ -409,11 +434,13 @@ def collect_stream(
 
     idle_by_name: dict[str, int] = {}
     consumer_list: list[ConsumerStatus] = []
-    for c in consumers if isinstance(consumers, list) else []:
+    listed = consumers if isinstance(consumers, list) else []
+    marks = _liveness_marks(client, settings, [_str(c["name"]) for c in listed])
+    for c in listed:
         name = _str(c["name"])
         pending_n, idle_ms = int(c["pending"]), int(c["idle"])
         inactive = c.get("inactive")
-        dead, state = _consumer_state(pending_n, idle_ms, claim_idle_ms)
+        dead, state = _consumer_state(pending_n, idle_ms, claim_idle_ms, marks[name])
         idle_by_name[name] = idle_ms
         consumer_list.append(
             ConsumerStatus(
@@ -421,6 +448,7 @@ def collect_stream(
                 pending=pending_n,
                 idle_s=_secs(idle_ms),
                 inactive_s=None if inactive is None or int(inactive) < 0 else _secs(inactive),
+                alive=marks[name],
                 dead=dead,
                 state=state,
             )
@@ -799,6 +827,7 @@ def _consumers_table(report: StatusReport) -> Table | None:
     table.add_column("consumer")
     table.add_column("pending", justify="right")
     table.add_column("idle", justify="right")
+    table.add_column("alive")
     table.add_column("state")
     styles = {"active": "green", "idle": "yellow", "dead": "bold red"}
     for s, c in rows:
@@ -807,6 +836,7 @@ def _consumers_table(report: StatusReport) -> Table | None:
             escape(c.name),
             str(c.pending),
             _fmt_s(c.idle_s),
+            "yes" if c.alive else "-",
             Text(c.state, style=styles.get(c.state, "")),
         )
     return table
