@@ -526,25 +526,104 @@ class Settings(_Model):
         return {table: tuple(rules) for table, rules in grouped.items()}
 
 
+_IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 def _format_location(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif not _IDENTIFIER_RE.match(part):
+            # a mapping's key such as a Java property name: dots would read as nesting
+            out += f"[{part!r}]"
         else:
-            out += f".{part}" if out else str(part)
+            out += f".{part}" if out else part
     return out or "(top level)"
 
 
+#: What a pydantic type error expected, in words.
+_EXPECTED = {
+    "list_type": "a list, e.g. [a, b]",
+    "tuple_type": "a list, e.g. [a, b]",
+    "set_type": "a list, e.g. [a, b]",
+    "dict_type": "a mapping (key: value)",
+    "model_type": "a mapping (key: value)",
+    "model_attributes_type": "a mapping (key: value)",
+    "int_type": "a whole number",
+    "int_parsing": "a whole number",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "text",
+    "path_type": "a file path",
+}
+#: Bounds, in words: pydantic's context key and the phrase before its value.
+_BOUNDS = {
+    "greater_than_equal": ("ge", "must be at least"),
+    "greater_than": ("gt", "must be greater than"),
+    "less_than_equal": ("le", "must be at most"),
+    "less_than": ("lt", "must be less than"),
+}
+#: Longest text of a value repeated in a message.
+_ECHO_MAX = 40
+
+
+def _describe(value: Any, *, echo: bool = True) -> str:
+    """What a YAML value is, in words: ``text 'abc'``, ``the number 3``, ``a list``. With
+    ``echo`` false, a text's content is left out."""
+    if value is None:
+        return "empty"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, str):
+        if not echo:
+            return "text"
+        shown = value if len(value) <= _ECHO_MAX else value[: _ECHO_MAX - 3] + "..."
+        return f"text {shown!r}"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
+def _sentence(err: Any, *, echo: bool) -> str:
+    """One pydantic error as a sentence about the field."""
+    kind, ctx = err["type"], err.get("ctx") or {}
+    got = _describe(err.get("input"), echo=echo)
+    if kind == "extra_forbidden":
+        return "unknown field (not part of the configuration format)"
+    if kind == "missing":
+        return "is required"
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}, got {got}"
+    if kind in ("literal_error", "enum"):
+        return f"must be {ctx.get('expected', 'one of the documented values')} (got {got})"
+    if kind in _BOUNDS:
+        key, words = _BOUNDS[kind]
+        return f"{words} {ctx.get(key)}"
+    if kind == "string_too_short":
+        length = ctx.get("min_length", 1)
+        return "must not be empty" if length == 1 else f"must be at least {length} characters"
+    if kind == "too_short":
+        return f"must have at least {ctx.get('min_length')} item(s)"
+    return str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
 def format_validation_error(path: Path | str, exc: ValidationError) -> str:
-    """One line per problem, each naming the file and the field."""
-    lines = [f"{path}: invalid configuration ({exc.error_count()} problem(s))"]
+    """One line per problem, each naming the file and the field, in plain sentences."""
+    count = exc.error_count()
+    lines = [f"{path}: invalid configuration ({count} problem{'' if count == 1 else 's'})"]
     for err in exc.errors(include_url=False):
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field (not part of the configuration format)"
-        lines.append(f"  {path}: {_format_location(loc)}: {msg}")
+        # the redis section's values may hold credentials: never repeated
+        echo = not (loc and loc[0] == "redis")
+        lines.append(f"  {path}: {_format_location(loc)}: {_sentence(err, echo=echo)}")
     return "\n".join(lines)
 
 

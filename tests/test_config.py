@@ -91,14 +91,19 @@ def test_environment_overrides_the_redis_url(tmp_path: Path) -> None:
     ("old", "new", "field", "message"),
     [
         ("  batch_size: 500", "  batch_sise: 500", "worker.batch_sise", "unknown field"),
-        ("  batch_size: 500", "  batch_size: many", "worker.batch_size", "integer"),
+        (
+            "  batch_size: 500",
+            "  batch_size: many",
+            "worker.batch_size",
+            "expected a whole number, got text 'many'",
+        ),
         ('    key: "user:{id}"', '    key: "user"', "rules[0].key", "names no column"),
         ('    key: "user:{id}"', '    key: "user:{id!r}"', "rules[0].key", "only name a column"),
         ('    key: "user:{id}"', '    key: "user:{}"', "rules[0].key", "names no column"),
         ("    type: hash\n", "", "rules[0].type", "is required"),
         ("    type: hash", "    type: bag", "rules[0].type", "'hash', 'json'"),
         ("  - table: public.users", "  - table: users", "rules[0].table", "schema.table"),
-        ('    key: "order:{id}"\n', "", "rules[1].key", "Field required"),
+        ('    key: "order:{id}"\n', "", "rules[1].key", "is required"),
         (
             "    fields: [id, name, email, plan]",
             "    fields: [name]",
@@ -132,13 +137,13 @@ def test_environment_overrides_the_redis_url(tmp_path: Path) -> None:
             "source",
             "exactly one of 'streams'",
         ),
-        ('  start: "0"', '  start: "5"', "source.start", "'0' or '$'"),
+        ('  start: "0"', '  start: "5"', "source.start", "must be '0' or '$' (got text '5')"),
         ("  url: redis://127.0.0.1:6379/0", "  url: http://x", "redis.url", "redis://"),
-        ("  max_deliveries: 5", "  max_deliveries: 0", "worker.max_deliveries", "greater"),
+        ("  max_deliveries: 5", "  max_deliveries: 0", "worker.max_deliveries", "at least 1"),
         ('    member: "{id}"\n', "", "rules[2].member", "is required for type set"),
         ("    score: price\n", "", "rules[3].score", "is required for type zset"),
         ("    value: json\n", "", "rules[4].value", "is required for type list"),
-        ("    max_len: 100", "    max_len: 0", "rules[4].max_len", "greater than or equal"),
+        ("    max_len: 100", "    max_len: 0", "rules[4].max_len", "must be at least 1"),
         ("    max_len: 100", "    on_delete: forget", "rules[4].on_delete", "'remove' or"),
         (
             "    ttl_s: 86400\n  - table: public.orders",
@@ -247,3 +252,73 @@ def test_key_templates() -> None:
     tagged = KeyTemplate.parse("{{tenant:{tenant}}}:user:{id}")
     assert tagged.render({"tenant": "acme", "id": "u1"}) == "{tenant:acme}:user:u1"
     assert KeyTemplate.parse("flag:{on}").render({"on": True}) == "flag:true"
+
+
+def problems_of(tmp_path: Path, text: str) -> list[str]:
+    """The lines of the ConfigError loading ``text`` raises."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text), environ={})
+    return str(info.value).splitlines()
+
+
+def test_one_problem_and_two_problems_are_counted_in_words(tmp_path: Path) -> None:
+    path = tmp_path / "streamsync.yaml"
+    one = problems_of(tmp_path, EXAMPLE.replace("  batch_size: 500", "  batch_size: 0"))
+    assert one[0] == f"{path}: invalid configuration (1 problem)"
+    two = EXAMPLE.replace("  batch_size: 500", "  batch_size: 0").replace(
+        "  block_ms: 1000", "  block_ms: 0"
+    )
+    assert problems_of(tmp_path, two)[0] == f"{path}: invalid configuration (2 problems)"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "line"),
+    [
+        (
+            "  streams: [app.public.users, app.public.orders, app.public.products,"
+            " app.public.activity]",
+            "  streams: app.public.users",
+            "source.streams: expected a list, e.g. [a, b], got text 'app.public.users'",
+        ),
+        (
+            "    fields: [id, name, email, plan]",
+            "    fields: id",
+            "rules[0].fields: expected a list, e.g. [a, b], got text 'id'",
+        ),
+        (
+            "    rename: {email: mail}",
+            "    rename: [email, mail]",
+            "rules[0].rename: expected a mapping (key: value), got a list",
+        ),
+        (
+            "worker:\n  batch_size: 500",
+            "worker: 500\nworkers:\n  batch_size: 500",
+            "worker: expected a mapping (key: value), got the number 500",
+        ),
+        ("  block_ms: 1000", "  block_ms: 1.5", "worker.block_ms: expected a whole number"),
+        ("  block_ms: 1000", "  block_ms: 0", "worker.block_ms: must be at least 1"),
+        ("  block_ms: 1000", "  block_ms: 90000", "worker.block_ms: must be at most 60000"),
+        ("  group: streamsync", '  group: ""', "source.group: must not be empty"),
+        ("  group: streamsync", "  group: [a]", "source.group: expected text, got a list"),
+        (
+            "  format: auto",
+            "  format: json",
+            "source.format: must be 'compact', 'extended' or 'auto' (got text 'json')",
+        ),
+        ("  format: auto", "  format:", "source.format: must be 'compact', 'extended' or 'auto'"),
+        ("  max_deliveries: 5", "  trim: maybe", "worker.trim: expected true or false"),
+        (
+            "  url: redis://127.0.0.1:6379/0",
+            "  url: redis://127.0.0.1:6379/0\n  socket_timeout_s: s3cret",
+            "redis.socket_timeout_s: expected a number, got text",
+        ),
+    ],
+)
+def test_validation_errors_read_as_sentences(tmp_path: Path, old: str, new: str, line: str) -> None:
+    assert old in EXAMPLE
+    lines = problems_of(tmp_path, EXAMPLE.replace(old, new))
+    path = tmp_path / "streamsync.yaml"
+    assert any(item.startswith(f"  {path}: {line}") for item in lines[1:]), lines
+    text = "\n".join(lines)
+    assert "Input should" not in text and "valid tuple" not in text, text
+    assert "s3cret" not in text  # the redis section's values are never echoed
