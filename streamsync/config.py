@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -479,6 +480,17 @@ class Rule(_Model):
         return self.table.split(".", 1)[0]
 
 
+def _property_value(value: Any) -> Any:
+    """A YAML scalar as the text of a Java property: booleans lowercase, numbers as written."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"is {_describe(value)}: a property value is text, a number or true/false")
+
+
 class CaptureSettings(_Model):
     """The embedded Debezium engine of ``streamsync capture`` and ``streamsync demo``."""
 
@@ -487,8 +499,11 @@ class CaptureSettings(_Model):
     properties: Path = Path("debezium/application.properties")
     #: Where the embedded engine keeps its source offsets (FileOffsetBackingStore).
     offsets_file: Path = Path(".streamsync/offsets.dat")
-    #: Properties applied over the file (e.g. a database host that differs outside containers).
-    overrides: dict[str, str] = Field(default_factory=dict)
+    #: Properties applied over the file (e.g. a database host that differs outside containers);
+    #: numbers and booleans become the text Java reads (``5433``, ``true``).
+    overrides: dict[str, Annotated[str, BeforeValidator(_property_value)]] = Field(
+        default_factory=dict
+    )
     #: Options for the JVM that runs the engine.
     jvm_options: tuple[str, ...] = ("-Xmx384m",)
 

@@ -322,3 +322,38 @@ def test_validation_errors_read_as_sentences(tmp_path: Path, old: str, new: str,
     text = "\n".join(lines)
     assert "Input should" not in text and "valid tuple" not in text, text
     assert "s3cret" not in text  # the redis section's values are never echoed
+
+
+CAPTURE = """\
+capture:
+  overrides:
+    debezium.source.database.hostname: 127.0.0.1
+    debezium.source.database.port: 5433
+    debezium.source.snapshot.fetch.size: 10240.5
+    debezium.source.tombstones.on.delete: false
+    debezium.source.include.schema.changes: True
+"""
+
+
+def test_capture_overrides_take_scalars_as_java_properties(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, EXAMPLE + CAPTURE), environ={})
+    assert settings.capture.overrides == {
+        "debezium.source.database.hostname": "127.0.0.1",
+        "debezium.source.database.port": "5433",
+        "debezium.source.snapshot.fetch.size": "10240.5",
+        "debezium.source.tombstones.on.delete": "false",
+        "debezium.source.include.schema.changes": "true",
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"), [("[a, b]", "a list"), ("{a: b}", "a mapping"), ("", "empty")]
+)
+def test_capture_overrides_refuse_lists_and_mappings(tmp_path: Path, value: str, kind: str) -> None:
+    text = EXAMPLE + f"capture:\n  overrides:\n    debezium.source.table.include.list: {value}\n"
+    lines = problems_of(tmp_path, text)
+    assert lines[1] == (
+        f"  {tmp_path / 'streamsync.yaml'}:"
+        " capture.overrides['debezium.source.table.include.list']: is"
+        f" {kind}: a property value is text, a number or true/false"
+    ), lines
