@@ -642,6 +642,22 @@ def format_validation_error(path: Path | str, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _at(path: Path | str, mark: Any) -> str:
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+
+
+def format_yaml_error(path: Path | str, exc: yaml.YAMLError) -> str:
+    """A YAML syntax error as ``file:line:column: ...`` lines, each naming the file."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return f"{path}: not valid YAML: {' '.join(str(exc).split())}"
+    lines = [f"{_at(path, exc.problem_mark)}: not valid YAML: {exc.problem or 'syntax error'}"]
+    if exc.context and exc.context_mark is not None:
+        lines.append(f"{_at(path, exc.context_mark)}: {exc.context} that started here")
+    if exc.note:
+        lines.append(f"{path}: {exc.note}")
+    return "\n".join(lines)
+
+
 def parse_settings(data: Any, path: Path | str = "<config>") -> Settings:
     """Validate already-parsed configuration data; ConfigError names ``path`` and the fields."""
     if not isinstance(data, dict):
@@ -663,7 +679,7 @@ def load_settings(path: Path | str, environ: Mapping[str, str] | None = None) ->
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(format_yaml_error(path, exc)) from None
     if isinstance(data, dict):
         _refuse_inline_password(path, data)
     if isinstance(data, dict) and environ.get(REDIS_URL_ENV):

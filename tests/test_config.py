@@ -324,6 +324,18 @@ def test_validation_errors_read_as_sentences(tmp_path: Path, old: str, new: str,
     assert "s3cret" not in text  # the redis section's values are never echoed
 
 
+def test_yaml_syntax_errors_name_the_file_on_every_line(tmp_path: Path) -> None:
+    path = tmp_path / "streamsync.yaml"
+    lines = problems_of(tmp_path, "source:\n  streams: [a, b\nrules: []\n")
+    assert lines[0].startswith(f"{path}:3:6: not valid YAML: ")
+    assert all(line.startswith(f"{path}:") for line in lines), lines
+    assert any(line.startswith(f"{path}:2:12: ") for line in lines), lines  # where it started
+    bad_indent = "source:\n  streams: [a]\n group: g\nrules: []\n"
+    lines = problems_of(tmp_path, bad_indent)
+    assert all(line.startswith(f"{path}:") for line in lines), lines
+    assert lines[0].startswith(f"{path}:3:2: not valid YAML: "), lines
+
+
 CAPTURE = """\
 capture:
   overrides:
