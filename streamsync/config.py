@@ -160,9 +160,23 @@ class RedisSettings(_Model):
         if self.username is not None and in_url is not None and in_url != self.username:
             raise _field_error(self, "username", f"differs from the user {in_url!r} named in 'url'")
         if not self.tls:
-            for name in (*_TLS_FILES, "tls_verify"):
-                if name in self.model_fields_set:
-                    raise _field_error(self, name, "needs a rediss:// url (TLS)")
+            # without TLS these would be silently ignored; tls_verify: true is the default anyway
+            scheme = self.url.partition("://")[0]
+            for name in _TLS_FILES:
+                if getattr(self, name) is not None:
+                    raise _field_error(
+                        self,
+                        name,
+                        f"is for TLS, but a {scheme}:// url uses no TLS: use a rediss:// url,"
+                        " or remove it",
+                    )
+            if not self.tls_verify:
+                raise _field_error(
+                    self,
+                    "tls_verify",
+                    f"false turns off TLS certificate checks, but a {scheme}:// url uses no TLS:"
+                    " use a rediss:// url, or remove it",
+                )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             missing = "tls_key_file" if self.tls_key_file is None else "tls_cert_file"
             raise _field_error(

@@ -336,6 +336,38 @@ def test_yaml_syntax_errors_name_the_file_on_every_line(tmp_path: Path) -> None:
     assert lines[0].startswith(f"{path}:3:2: not valid YAML: "), lines
 
 
+TLS_DEFAULT = "  url: redis://127.0.0.1:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("url", "extra", "error"),
+    [
+        ("redis://127.0.0.1:6379/0", "tls_verify: true", None),
+        ("unix:///run/redis.sock", "tls_verify: true", None),
+        ("rediss://127.0.0.1:6379/0", "tls_verify: false", None),
+        (
+            "redis://127.0.0.1:6379/0",
+            "tls_verify: false",
+            "redis.tls_verify: false turns off TLS certificate checks, but a redis:// url uses no"
+            " TLS: use a rediss:// url, or remove it",
+        ),
+        (
+            "redis://127.0.0.1:6379/0",
+            "tls_ca_file: ca.pem",
+            "redis.tls_ca_file: is for TLS, but a redis:// url uses no TLS: use a rediss:// url,"
+            " or remove it",
+        ),
+    ],
+)
+def test_tls_settings_without_tls(tmp_path: Path, url: str, extra: str, error: str | None) -> None:
+    text = EXAMPLE.replace(TLS_DEFAULT, f"  url: {url}\n  {extra}")
+    if error is None:
+        load_settings(write(tmp_path, text), environ={})
+        return
+    lines = problems_of(tmp_path, text)
+    assert lines[1] == f"  {tmp_path / 'streamsync.yaml'}: {error}", lines
+
+
 CAPTURE = """\
 capture:
   overrides:
