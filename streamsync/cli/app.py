@@ -1,9 +1,12 @@
-"""The ``streamsync`` group: logging, the version, and every command."""
+"""The ``streamsync`` group: logging, the version, the exit codes, and every command."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import click
 
@@ -15,11 +18,64 @@ from streamsync.cli.embedded import capture_command, demo_command
 from streamsync.cli.resync import resync_command
 from streamsync.cli.run import run_command
 from streamsync.cli.status import status_command
+from streamsync.errors import ExitCode
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
+#: What each exit code means, for ``--help`` (README.md has the same table).
+EXIT_CODE_HELP: dict[ExitCode, str] = {
+    ExitCode.OK: "done (status: healthy)",
+    ExitCode.FAILURE: "unexpected error, or Redis (or PostgreSQL) could not be reached",
+    ExitCode.UNHEALTHY: "status found a problem; dlq replay left dead letters in place",
+    ExitCode.CONFIG_INVALID: "the configuration file is missing, unreadable or invalid",
+    ExitCode.LIBRARY_INCOMPATIBLE: "Redis holds a newer, incompatible Functions library",
+    ExitCode.USAGE: "usage error: unknown command or option, missing or bad argument",
+    ExitCode.INTERRUPTED: "a second SIGTERM/SIGINT cut the graceful stop short",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+EPILOG = "\n".join(
+    [
+        "\b",
+        "Exit codes:",
+        *(f"  {int(code):<4} {meaning}" for code, meaning in EXIT_CODE_HELP.items()),
+    ]
+)
+
+
+@contextlib.contextmanager
+def _usage_exit_code() -> Iterator[None]:
+    try:
+        yield
+    except click.UsageError as exc:
+        # click's 2 would be mistaken for status's "unhealthy" by a script or a probe
+        exc.exit_code = ExitCode.USAGE
+        raise
+
+
+class StreamsyncGroup(click.Group):
+    """The ``streamsync`` group: a usage error anywhere below it (an unknown command or option,
+    a missing or bad argument) exits with ExitCode.USAGE."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with _usage_exit_code():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _usage_exit_code():
+            return super().invoke(ctx)
+
+
+@click.group(
+    cls=StreamsyncGroup,
+    epilog=EPILOG,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(__version__, prog_name="streamsync")
 @click.option(
     "--log-level",

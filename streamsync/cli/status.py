@@ -81,7 +81,7 @@ def status_command(
     """Show the streams, the consumer group, the workers' counters and the health.
 
     Exit 0 when healthy, 2 when something is wrong (each problem listed), 1 when Redis cannot
-    be reached, 3 when the configuration is invalid.
+    be reached, 3 when the configuration is invalid, 64 on a usage error.
     """
     settings = load_or_exit(config_path)
     thresholds = Thresholds(max_lag_s, max_pending_age_s)
