@@ -13,6 +13,7 @@ import redis
 from click.testing import CliRunner
 
 from streamsync.cli import cli
+from streamsync.cli.options import CONFIG_ENV
 from streamsync.errors import ExitCode
 from tests.debezium import write_config
 
@@ -94,3 +95,39 @@ def test_every_exit_code_is_documented_in_help_and_readme() -> None:
     for code in ExitCode:
         assert any(line.strip().startswith(f"{int(code):<4} ") for line in help_lines), code
         assert f"\n| `{int(code)}` |" in readme, f"README's exit code table lacks {int(code)}"
+
+
+# -- finding the configuration ---------------------------------------------------------------
+
+
+def test_the_configuration_comes_from_the_environment(config: Path) -> None:
+    result = CliRunner().invoke(cli, ["check-config"], env={CONFIG_ENV: str(config)})
+    assert result.exit_code == 0, result.output
+    assert f"{config}: ok" in result.stdout
+    # -c wins over the environment
+    other = write_config(config.parent / "other.yaml", "redis://127.0.0.1:6379/0")
+    result = CliRunner().invoke(
+        cli, ["check-config", "-c", str(other)], env={CONFIG_ENV: str(config)}
+    )
+    assert f"{other}: ok" in result.stdout
+
+
+def test_the_configuration_defaults_to_streamsync_yaml_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_config(tmp_path / "streamsync.yaml", "redis://127.0.0.1:6379/0")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["check-config"], env={CONFIG_ENV: None})
+    assert result.exit_code == 0, result.output
+    assert "streamsync.yaml: ok" in result.stdout
+
+
+def test_no_configuration_anywhere_names_every_way_to_give_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["status"], env={CONFIG_ENV: None})
+    assert result.exit_code == ExitCode.CONFIG_INVALID, result.output
+    message = result.stderr
+    assert "-c/--config" in message and CONFIG_ENV in message
+    assert str(tmp_path / "streamsync.yaml") in message

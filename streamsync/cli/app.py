@@ -15,6 +15,7 @@ from streamsync.cli.acl import acl_command
 from streamsync.cli.check_config import check_config_command
 from streamsync.cli.dlq import dlq_group
 from streamsync.cli.embedded import capture_command, demo_command
+from streamsync.cli.options import CONFIG_ENV, DEFAULT_CONFIG
 from streamsync.cli.resync import resync_command
 from streamsync.cli.run import run_command
 from streamsync.cli.status import status_command
@@ -35,6 +36,9 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
 
 EPILOG = "\n".join(
     [
+        "\b",
+        f"The configuration: -c/--config FILE, else ${CONFIG_ENV}, else ./{DEFAULT_CONFIG}.",
+        "",
         "\b",
         "Exit codes:",
         *(f"  {int(code):<4} {meaning}" for code, meaning in EXIT_CODE_HELP.items()),
