@@ -6,9 +6,20 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from pydantic import BaseModel
 
 from streamsync.cli import cli
-from streamsync.config import REDIS_URL_ENV, Mode, TargetType, load_settings
+from streamsync.config import (
+    REDIS_URL_ENV,
+    CaptureSettings,
+    Mode,
+    RedisSettings,
+    Rule,
+    SourceSettings,
+    TargetType,
+    WorkerSettings,
+    load_settings,
+)
 from streamsync.errors import ConfigError, ExitCode
 from streamsync.templates import KeyTemplate
 
@@ -79,6 +90,21 @@ def test_the_documented_example_loads(tmp_path: Path) -> None:
 def test_readme_example_is_the_tested_one() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert EXAMPLE.strip() in readme
+
+
+@pytest.mark.parametrize(
+    "section", [RedisSettings, SourceSettings, WorkerSettings, CaptureSettings, Rule]
+)
+def test_readme_documents_every_setting(section: type[BaseModel]) -> None:
+    rows = [
+        line.split("|")[1]
+        for line in (Path(__file__).parent.parent / "README.md").read_text().splitlines()
+        if line.startswith("| `")
+    ]
+    documented = {name.strip(" `") for row in rows for name in row.split(",")}
+    # the resolved password is not a key of the file (password_file and the environment are)
+    undocumented = set(section.model_fields) - documented - {"password"}
+    assert not undocumented, f"README.md's configuration tables lack {sorted(undocumented)}"
 
 
 def test_environment_overrides_the_redis_url(tmp_path: Path) -> None:
