@@ -3,9 +3,12 @@
 # does), and pass credentials through STREAMSYNC_REDIS_URL.
 FROM python:3.11-slim
 
+# STREAMSYNC_CONFIG: every command finds the mounted configuration without -c, so that
+# `docker compose exec worker streamsync status` just works.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    STREAMSYNC_CONFIG=/etc/streamsync/streamsync.yaml
 
 # Only what the wheel is built from (see pyproject.toml): the package, its Lua library, and the
 # README the project metadata names.

@@ -1,8 +1,8 @@
 """End-to-end latency of the real pipeline: PostgreSQL -> Debezium -> Redis Streams -> streamsync.
 
 One command, no setup: ``python benchmarks/latency.py``. It starts a private PostgreSQL
-(``wal_level=logical``) and a private ``redis-server`` on free ports (``streamsync.sandbox``),
-shared by the runs; each run then:
+(``wal_level=logical``) and a private ``redis-server`` on free ports
+(``streamsync.embedded.sandbox``), shared by the runs; each run then:
 
 1. creates a fresh database with a ``users`` table of ``--rows`` rows;
 2. starts the real Debezium engine as ``python -m streamsync capture -c CONFIG`` (a subprocess,
@@ -61,8 +61,8 @@ import yaml
 
 from streamsync import __version__ as streamsync_version
 from streamsync.config import Settings, parse_settings
+from streamsync.embedded.sandbox import PostgresServer, RedisServer
 from streamsync.latency import LatencySamples
-from streamsync.sandbox import PostgresServer, RedisServer
 from streamsync.worker import Worker
 
 REPO = Path(__file__).resolve().parent.parent

@@ -22,11 +22,11 @@ from typing import Any
 import redis
 
 from streamsync.config import Rule
+from streamsync.embedded.sandbox import RedisServer
 from streamsync.events import ChangeEvent
 from streamsync.functions import FN_BATCH, ensure_library
 from streamsync.keys import StateKeys
 from streamsync.mapping import Planner
-from streamsync.sandbox import RedisServer
 
 TABLE = "public.users"
 BATCH = 500

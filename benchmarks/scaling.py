@@ -63,7 +63,7 @@ from throughput import (
 )
 
 from streamsync import __version__ as streamsync_version
-from streamsync.sandbox import RedisServer, die_with_parent_hook
+from streamsync.embedded.sandbox import RedisServer, die_with_parent_hook
 
 GROUP = "bench"
 POSITION_PREFIX = "streamsync:pos:"

@@ -50,9 +50,9 @@ import redis
 
 from streamsync import __version__ as streamsync_version
 from streamsync.config import Settings, parse_settings
+from streamsync.embedded.sandbox import RedisServer
 from streamsync.keys import guarded_key
 from streamsync.mapping import hash_value
-from streamsync.sandbox import RedisServer
 from streamsync.worker import Worker
 
 STREAM = "app.public.users"

@@ -23,6 +23,7 @@ WORKER_COMMANDS: tuple[str, ...] = (
     "xautoclaim",
     "xclaim",
     "xpending",
+    "xrange",  # resync --finish: dead letters of the new epoch
     "xgroup|create",
     "xinfo|stream",
     "xinfo|groups",
@@ -90,6 +91,7 @@ STATUS_COMMANDS: tuple[str, ...] = (
     "xinfo|groups",
     "xinfo|consumers",
     "hgetall",  # status counters
+    "exists",  # the workers' liveness marks
     "fcall_ro",  # streamsync_version, a no-writes function
     "time",  # ages on Redis's clock
     "info",  # memory, eviction policy, hit rate

@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -159,9 +160,23 @@ class RedisSettings(_Model):
         if self.username is not None and in_url is not None and in_url != self.username:
             raise _field_error(self, "username", f"differs from the user {in_url!r} named in 'url'")
         if not self.tls:
-            for name in (*_TLS_FILES, "tls_verify"):
-                if name in self.model_fields_set:
-                    raise _field_error(self, name, "needs a rediss:// url (TLS)")
+            # without TLS these would be silently ignored; tls_verify: true is the default anyway
+            scheme = self.url.partition("://")[0]
+            for name in _TLS_FILES:
+                if getattr(self, name) is not None:
+                    raise _field_error(
+                        self,
+                        name,
+                        f"is for TLS, but a {scheme}:// url uses no TLS: use a rediss:// url,"
+                        " or remove it",
+                    )
+            if not self.tls_verify:
+                raise _field_error(
+                    self,
+                    "tls_verify",
+                    f"false turns off TLS certificate checks, but a {scheme}:// url uses no TLS:"
+                    " use a rediss:// url, or remove it",
+                )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             missing = "tls_key_file" if self.tls_key_file is None else "tls_cert_file"
             raise _field_error(
@@ -477,6 +492,17 @@ class Rule(_Model):
         return self.table.split(".", 1)[0]
 
 
+def _property_value(value: Any) -> Any:
+    """A YAML scalar as the text of a Java property: booleans lowercase, numbers as written."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"is {_describe(value)}: a property value is text, a number or true/false")
+
+
 class CaptureSettings(_Model):
     """The embedded Debezium engine of ``streamsync capture`` and ``streamsync demo``."""
 
@@ -485,8 +511,11 @@ class CaptureSettings(_Model):
     properties: Path = Path("debezium/application.properties")
     #: Where the embedded engine keeps its source offsets (FileOffsetBackingStore).
     offsets_file: Path = Path(".streamsync/offsets.dat")
-    #: Properties applied over the file (e.g. a database host that differs outside containers).
-    overrides: dict[str, str] = Field(default_factory=dict)
+    #: Properties applied over the file (e.g. a database host that differs outside containers);
+    #: numbers and booleans become the text Java reads (``5433``, ``true``).
+    overrides: dict[str, Annotated[str, BeforeValidator(_property_value)]] = Field(
+        default_factory=dict
+    )
     #: Options for the JVM that runs the engine.
     jvm_options: tuple[str, ...] = ("-Xmx384m",)
 
@@ -524,25 +553,120 @@ class Settings(_Model):
         return {table: tuple(rules) for table, rules in grouped.items()}
 
 
+_IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 def _format_location(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif not _IDENTIFIER_RE.match(part):
+            # a mapping's key such as a Java property name: dots would read as nesting
+            out += f"[{part!r}]"
         else:
-            out += f".{part}" if out else str(part)
+            out += f".{part}" if out else part
     return out or "(top level)"
 
 
+#: What a pydantic type error expected, in words.
+_EXPECTED = {
+    "list_type": "a list, e.g. [a, b]",
+    "tuple_type": "a list, e.g. [a, b]",
+    "set_type": "a list, e.g. [a, b]",
+    "dict_type": "a mapping (key: value)",
+    "model_type": "a mapping (key: value)",
+    "model_attributes_type": "a mapping (key: value)",
+    "int_type": "a whole number",
+    "int_parsing": "a whole number",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "text",
+    "path_type": "a file path",
+}
+#: Bounds, in words: pydantic's context key and the phrase before its value.
+_BOUNDS = {
+    "greater_than_equal": ("ge", "must be at least"),
+    "greater_than": ("gt", "must be greater than"),
+    "less_than_equal": ("le", "must be at most"),
+    "less_than": ("lt", "must be less than"),
+}
+#: Longest text of a value repeated in a message.
+_ECHO_MAX = 40
+
+
+def _describe(value: Any, *, echo: bool = True) -> str:
+    """What a YAML value is, in words: ``text 'abc'``, ``the number 3``, ``a list``. With
+    ``echo`` false, a text's content is left out."""
+    if value is None:
+        return "empty"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, str):
+        if not echo:
+            return "text"
+        shown = value if len(value) <= _ECHO_MAX else value[: _ECHO_MAX - 3] + "..."
+        return f"text {shown!r}"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
+def _sentence(err: Any, *, echo: bool) -> str:
+    """One pydantic error as a sentence about the field."""
+    kind, ctx = err["type"], err.get("ctx") or {}
+    got = _describe(err.get("input"), echo=echo)
+    if kind == "extra_forbidden":
+        return "unknown field (not part of the configuration format)"
+    if kind == "missing":
+        return "is required"
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}, got {got}"
+    if kind in ("literal_error", "enum"):
+        return f"must be {ctx.get('expected', 'one of the documented values')} (got {got})"
+    if kind in _BOUNDS:
+        key, words = _BOUNDS[kind]
+        return f"{words} {ctx.get(key)}"
+    if kind == "string_too_short":
+        length = ctx.get("min_length", 1)
+        return "must not be empty" if length == 1 else f"must be at least {length} characters"
+    if kind == "too_short":
+        return f"must have at least {ctx.get('min_length')} item(s)"
+    return str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
 def format_validation_error(path: Path | str, exc: ValidationError) -> str:
-    """One line per problem, each naming the file and the field."""
-    lines = [f"{path}: invalid configuration ({exc.error_count()} problem(s))"]
+    """One line per problem, each naming the file and the field, in plain sentences."""
+    count = exc.error_count()
+    lines = [f"{path}: invalid configuration ({count} problem{'' if count == 1 else 's'})"]
     for err in exc.errors(include_url=False):
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field (not part of the configuration format)"
-        lines.append(f"  {path}: {_format_location(loc)}: {msg}")
+        # the redis section's values may hold credentials: never repeated
+        echo = not (loc and loc[0] == "redis")
+        lines.append(f"  {path}: {_format_location(loc)}: {_sentence(err, echo=echo)}")
+    return "\n".join(lines)
+
+
+def _at(path: Path | str, mark: Any) -> str:
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+
+
+def format_yaml_error(path: Path | str, exc: yaml.YAMLError) -> str:
+    """A YAML syntax error as ``file:line:column: ...`` lines, each naming the file."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return f"{path}: not valid YAML: {' '.join(str(exc).split())}"
+    lines = [f"{_at(path, exc.problem_mark)}: not valid YAML: {exc.problem or 'syntax error'}"]
+    if exc.context and exc.context_mark is not None:
+        lines.append(f"{_at(path, exc.context_mark)}: {exc.context} that started here")
+    if exc.note:
+        lines.append(f"{path}: {exc.note}")
     return "\n".join(lines)
 
 
@@ -567,7 +691,7 @@ def load_settings(path: Path | str, environ: Mapping[str, str] | None = None) ->
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(format_yaml_error(path, exc)) from None
     if isinstance(data, dict):
         _refuse_inline_password(path, data)
     if isinstance(data, dict) and environ.get(REDIS_URL_ENV):

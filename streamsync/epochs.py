@@ -76,6 +76,12 @@ class Epochs:
                 prefix = mark
         return prefix
 
+    def latest_start(self, stream: str) -> tuple[int, int] | None:
+        """The id after which the newest epoch of ``stream`` starts, as (milliseconds,
+        sequence); None when the stream was never resynced."""
+        marks = self._marks.get(stream)
+        return marks[-1][0] if marks else None
+
     def latest(self, stream: str) -> int:
         """The newest epoch of ``stream`` (0 when it was never resynced)."""
         marks = self._marks.get(stream)

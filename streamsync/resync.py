@@ -14,15 +14,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import redis
 
 from streamsync.config import Settings
+from streamsync.deadletter import ID_RE
 from streamsync.discovery import find_streams
 from streamsync.epochs import Epochs, epoch_floor, parse_id
 from streamsync.errors import ResyncError
 from streamsync.functions import Library
-from streamsync.keys import StateKeys
+from streamsync.keys import StateKeys, dead_letter_stream
 from streamsync.mapping import Planner
 from streamsync.sweep import Sweeper
 
@@ -30,6 +32,11 @@ log = logging.getLogger(__name__)
 
 #: How often ``finish`` looks again whether the workers caught up.
 POLL_INTERVAL_S = 0.2
+#: Dead letters read per XRANGE while ``finish`` looks for those of the new epoch.
+DEAD_LETTER_PAGE = 500
+
+#: An XRANGE reply on a client returning bytes.
+StreamPage = list[tuple[bytes, dict[bytes, bytes]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,18 +107,99 @@ def wait_caught_up(client: redis.Redis, settings: Settings, stream: str, timeout
         time.sleep(POLL_INTERVAL_S)
 
 
-def finish(client: redis.Redis, settings: Settings, table: str, timeout_s: float) -> int:
+def _format_id(entry_id: tuple[int, int]) -> str:
+    return f"{entry_id[0]}-{entry_id[1]}"
+
+
+def last_generated_id(client: redis.Redis, stream: str) -> tuple[int, int] | None:
+    """The id of the last entry ever added to ``stream`` (even if since trimmed or deleted);
+    None when the stream does not exist."""
+    if not client.exists(stream):
+        return None
+    return parse_id(client.xinfo_stream(stream)["last-generated-id"])
+
+
+def check_captured(
+    client: redis.Redis, table: str, stream: str, epoch: int, start: tuple[int, int]
+) -> None:
+    """ResyncError unless entries were added to ``stream`` since ``epoch`` started after entry
+    ``start``: with none, no re-snapshot was captured, and a finish would remove every cached
+    row."""
+    last = last_generated_id(client, stream)
+    if last is None or last <= start:
+        raise ResyncError(
+            f"{table}: nothing was added to {stream} since resync started epoch {epoch} after"
+            f" entry {_format_id(start)}: no re-snapshot was"
+            " captured, and finishing now would remove every cached row of the table. Start"
+            " capture over so that it snapshots the table (a new replication slot, or cleared"
+            " offsets), wait until the workers applied it (streamsync status shows no lag),"
+            " then run --finish again (--force finishes anyway)"
+        )
+
+
+def dead_letters_since(client: redis.Redis, stream: str, start: tuple[int, int]) -> int:
+    """How many dead letters of ``stream`` hold an entry added after ``start``."""
+    dlq = dead_letter_stream(stream)
+    found = 0
+    cursor = "-"
+    while True:
+        page = cast(StreamPage, client.xrange(dlq, min=cursor, count=DEAD_LETTER_PAGE))
+        for _, fields in page:
+            # the original entry's id: a metadata field of every dead letter (deadletter.py)
+            original = fields.get(b"id", b"").decode(errors="replace")
+            if ID_RE.match(original) and parse_id(original) > start:
+                found += 1
+        if len(page) < DEAD_LETTER_PAGE:
+            return found
+        cursor = "(" + page[-1][0].decode()
+
+
+def check_dead_letters(
+    client: redis.Redis, table: str, stream: str, epoch: int, start: tuple[int, int]
+) -> None:
+    """ResyncError when entries of ``epoch`` (added after ``start``) were dead-lettered: their
+    rows were not rewritten, and a finish would remove them although the database has them."""
+    count = dead_letters_since(client, stream, start)
+    if count:
+        raise ResyncError(
+            f"{table}: {count} entr{'y' if count == 1 else 'ies'} of {stream} added since epoch"
+            f" {epoch} started went to {dead_letter_stream(stream)}: their rows"
+            " were not rewritten, and finishing now would remove them from the cache. Fix the"
+            f" cause and replay them (streamsync dlq replay --stream {stream} --all), then run"
+            " --finish again (--force finishes anyway)"
+        )
+
+
+def finish(
+    client: redis.Redis, settings: Settings, table: str, timeout_s: float, *, force: bool = False
+) -> int:
     """Once the workers applied everything captured so far, remove the table's rows that the
-    current epoch did not rewrite. Returns the number of rows removed."""
+    current epoch did not rewrite. Returns the number of rows removed.
+
+    Unless ``force``, it refuses (ResyncError) when the new epoch rewrote nothing: when no entry
+    was added to a stream of the table since its epoch started (capture did not start over), or
+    when entries added since are dead letters. Entries added since the mark and acknowledged by
+    the group (every worker's pending entries counted, up to the stream's end, by
+    ``wait_caught_up``) are what the workers applied in the new epoch; entries trimmed since
+    were acknowledged too, so the stream's last generated id, not its current content, tells
+    whether anything was added.
+    """
     Library(client).ensure()
     epochs = Epochs()
     epochs.load(client.hgetall(StateKeys.from_settings(settings.worker).epochs))
-    epoch = 0
+    marks: dict[str, tuple[int, tuple[int, int]]] = {}
     for stream in streams_for_table(client, settings, table):
-        if not epochs.latest(stream):
+        start = epochs.latest_start(stream)
+        if start is None:
             raise ResyncError(f"{table}: no resync was started on {stream}")
-        epoch = max(epoch, epochs.latest(stream))
+        marks[stream] = (epochs.latest(stream), start)
+        if not force:
+            check_captured(client, table, stream, *marks[stream])
+    for stream, mark in marks.items():
         wait_caught_up(client, settings, stream, timeout_s)
+        if not force:
+            check_dead_letters(client, table, stream, *mark)
+    epoch = max(epoch for epoch, _ in marks.values())
     sweeper = Sweeper(
         client, Planner.from_settings(settings), settings.worker.tombstone_ttl_s * 1000
     )

@@ -1,7 +1,8 @@
 """``streamsync status``: what the streams, the consumer group and the workers are doing, and
 whether that is healthy.
 
-Three separate steps, so that each can be tested on its own:
+Three separate steps, so that each can be tested on its own (the command, streamsync.cli.status,
+only connects, calls them and prints):
 
 - ``collect(client, settings, now_ms)`` reads Redis into a ``StatusReport`` (a tree of frozen
   dataclasses whose field names, units and nulls are the JSON document's, see docs/status.md);
@@ -15,32 +16,25 @@ Ages are measured against Redis's clock (``TIME``), the clock that stamps stream
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-import click
 import redis
-from rich.console import Console, Group, JustifyMethod, RenderableType
-from rich.live import Live
+from rich.console import Group, JustifyMethod, RenderableType
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from streamsync import connection
 from streamsync.config import Settings, redact_url
 from streamsync.discovery import source_streams
-from streamsync.errors import ExitCode, PoisonEntryError
+from streamsync.errors import PoisonEntryError
 from streamsync.events import ChangeEvent, Decoder
 from streamsync.functions import Version, library_version, loaded_version
 from streamsync.keys import StateKeys, dead_letter_stream
-from streamsync.options import config_option, load_or_exit
 from streamsync.worker import CONSUMER_PRUNE_IDLE_MS
 
 #: Version of the JSON document's layout; bumped when a field changes meaning or goes away.
@@ -66,8 +60,6 @@ OPS = ("c", "u", "d", "r", "t", "none")
 NO_OP = "none"
 #: Memory policies that never evict a key.
 SAFE_POLICY = "noeviction"
-#: Options given to the connection: fail fast on an unreachable host.
-CONNECT_TIMEOUT_S = 5.0
 
 LAG_NULL_NOTE = (
     "Redis cannot count the unread entries of this group (entries deleted inside the unread"
@@ -103,9 +95,14 @@ class ConsumerStatus:
     idle_s: float
     #: Since its last successful read or claim; Redis 7.2 and newer, else null.
     inactive_s: float | None
-    #: Idle longer than claim_idle_ms while holding pending entries, or idle longer than an hour.
+    #: Its worker's liveness mark is present: the worker runs (it refreshes the mark every few
+    #: seconds and deletes it when it stops), however long it has been idle.
+    alive: bool
+    #: Without a liveness mark: idle longer than claim_idle_ms while holding pending entries, or
+    #: idle longer than an hour.
     dead: bool
-    #: ``active`` (idle at most claim_idle_ms), ``idle`` (longer, nothing pending) or ``dead``.
+    #: ``active`` (alive, or idle at most claim_idle_ms), ``idle`` (no mark, idle longer, nothing
+    #: pending) or ``dead``.
     state: str
 
 
@@ -308,7 +305,13 @@ def _parse_counts(
     )
 
 
-def _consumer_state(pending: int, idle_ms: int, claim_idle_ms: int) -> tuple[bool, str]:
+def _consumer_state(
+    pending: int, idle_ms: int, claim_idle_ms: int, alive: bool
+) -> tuple[bool, str]:
+    # a worker blocked on an idle stream looks idle to Redis 7.0 (a blocked XREADGROUP does not
+    # reset the consumer's idle time): its liveness mark is the proof it runs
+    if alive:
+        return False, "active"
     dead = (idle_ms > claim_idle_ms and pending > 0) or idle_ms > DEAD_IDLE_MS
     if dead:
         return True, "dead"
@@ -332,6 +335,20 @@ def _first_entry(reply: Any) -> tuple[str, Mapping[bytes, bytes] | None] | None:
         return None
     entry_id, fields = reply[0]
     return _str(entry_id), fields
+
+
+def _liveness_marks(
+    client: redis.Redis, settings: Settings, consumers: Sequence[str]
+) -> dict[str, bool]:
+    """Which of the group's ``consumers`` have a liveness mark (one round trip)."""
+    if not consumers:
+        return {}
+    keys = StateKeys.from_settings(settings.worker)
+    group = settings.source.group
+    pipe = client.pipeline(transaction=False)
+    for name in consumers:
+        pipe.exists(keys.alive(group, name))
+    return {name: bool(n) for name, n in zip(consumers, pipe.execute(), strict=True)}
 
 
 def collect_stream(
@@ -417,11 +434,13 @@ def collect_stream(
 
     idle_by_name: dict[str, int] = {}
     consumer_list: list[ConsumerStatus] = []
-    for c in consumers if isinstance(consumers, list) else []:
+    listed = consumers if isinstance(consumers, list) else []
+    marks = _liveness_marks(client, settings, [_str(c["name"]) for c in listed])
+    for c in listed:
         name = _str(c["name"])
         pending_n, idle_ms = int(c["pending"]), int(c["idle"])
         inactive = c.get("inactive")
-        dead, state = _consumer_state(pending_n, idle_ms, claim_idle_ms)
+        dead, state = _consumer_state(pending_n, idle_ms, claim_idle_ms, marks[name])
         idle_by_name[name] = idle_ms
         consumer_list.append(
             ConsumerStatus(
@@ -429,6 +448,7 @@ def collect_stream(
                 pending=pending_n,
                 idle_s=_secs(idle_ms),
                 inactive_s=None if inactive is None or int(inactive) < 0 else _secs(inactive),
+                alive=marks[name],
                 dead=dead,
                 state=state,
             )
@@ -665,6 +685,14 @@ def problems(report: StatusReport, thresholds: Thresholds) -> list[str]:
     return found
 
 
+def run_once(
+    client: redis.Redis, settings: Settings, thresholds: Thresholds
+) -> tuple[StatusReport, list[str]]:
+    """Collect and judge one report."""
+    report = collect(client, settings)
+    return report, problems(report, thresholds)
+
+
 # -- presenting ----------------------------------------------------------------------------
 
 
@@ -799,6 +827,7 @@ def _consumers_table(report: StatusReport) -> Table | None:
     table.add_column("consumer")
     table.add_column("pending", justify="right")
     table.add_column("idle", justify="right")
+    table.add_column("alive")
     table.add_column("state")
     styles = {"active": "green", "idle": "yellow", "dead": "bold red"}
     for s, c in rows:
@@ -807,6 +836,7 @@ def _consumers_table(report: StatusReport) -> Table | None:
             escape(c.name),
             str(c.pending),
             _fmt_s(c.idle_s),
+            "yes" if c.alive else "-",
             Text(c.state, style=styles.get(c.state, "")),
         )
     return table
@@ -856,165 +886,6 @@ def render(report: StatusReport, found: Sequence[str]) -> RenderableType:
     return Group(*parts)
 
 
-# -- the command ---------------------------------------------------------------------------
-
-
-def _scrub(text: str, settings: Settings) -> str:
-    """``text`` with the password masked, should an error message ever echo it (the URL never
-    holds it: RedisSettings moves it to ``password``)."""
-    password = settings.redis.password
-    if password is not None and password.get_secret_value():
-        text = text.replace(password.get_secret_value(), "***")
-    return text
-
-
-def run_once(
-    client: redis.Redis, settings: Settings, thresholds: Thresholds
-) -> tuple[StatusReport, list[str]]:
-    """Collect and judge one report."""
-    report = collect(client, settings)
-    return report, problems(report, thresholds)
-
-
-def _console() -> Console:
-    console = Console()
-    if not console.is_terminal:
-        # piped or captured: wide enough that the tables do not wrap every cell
-        console = Console(width=max(console.width, 160))
-    return console
-
-
-@click.command("status")
-@config_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (keys sorted).")
-@click.option("--watch", is_flag=True, help="Refresh in place every --interval-s until Ctrl-C.")
-@click.option(
-    "--interval-s",
-    default=2.0,
-    show_default=True,
-    type=click.FloatRange(min=0.05),
-    help="With --watch: seconds between refreshes.",
-)
-@click.option(
-    "--max-lag-s",
-    default=60.0,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Unhealthy when entries wait and the cache is behind by more than this many seconds.",
-)
-@click.option(
-    "--max-pending-age-s",
-    default=None,
-    type=click.FloatRange(min=0),
-    help="Unhealthy when the oldest pending entry is older (default: 2 x worker.claim_idle_ms).",
-)
-@click.option("--iterations", type=click.IntRange(min=1), hidden=True)
-def status_command(
-    *,
-    config_path: Path,
-    as_json: bool,
-    watch: bool,
-    interval_s: float,
-    max_lag_s: float,
-    max_pending_age_s: float | None,
-    iterations: int | None,
-) -> None:
-    """Show the streams, the consumer group, the workers' counters and the health.
-
-    Exit 0 when healthy, 2 when something is wrong (each problem listed), 1 when Redis cannot
-    be reached, 3 when the configuration is invalid.
-    """
-    settings = load_or_exit(config_path)
-    thresholds = Thresholds(max_lag_s, max_pending_age_s)
-    client = connection.client(
-        settings.redis,
-        socket_connect_timeout=min(CONNECT_TIMEOUT_S, settings.redis.socket_timeout_s),
-    )
-    try:
-        if watch:
-            sys.exit(
-                _watch(
-                    client,
-                    settings,
-                    thresholds=thresholds,
-                    as_json=as_json,
-                    interval_s=interval_s,
-                    iterations=iterations,
-                )
-            )
-        sys.exit(_once(client, settings, thresholds, as_json))
-    finally:
-        client.close()
-
-
-def _unreachable(settings: Settings, exc: redis.RedisError) -> str:
-    where = connection.describe(settings.redis)
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    return _scrub(f"status: cannot read redis at {where}: {message}", settings)
-
-
-def _once(client: redis.Redis, settings: Settings, thresholds: Thresholds, as_json: bool) -> int:
-    try:
-        report, found = run_once(client, settings, thresholds)
-    except redis.RedisError as exc:
-        click.echo(_unreachable(settings, exc), err=True)
-        return ExitCode.FAILURE
-    if as_json:
-        click.echo(dumps(to_document(report, thresholds, found)))
-    else:
-        _console().print(render(report, found))
-    return ExitCode.UNHEALTHY if found else ExitCode.OK
-
-
-def _watch(
-    client: redis.Redis,
-    settings: Settings,
-    *,
-    thresholds: Thresholds,
-    as_json: bool,
-    interval_s: float,
-    iterations: int | None,
-) -> int:
-    """Refresh every interval until Ctrl-C (exit 0) or ``iterations`` (the last run's code)."""
-    code: int = ExitCode.OK
-    done = 0
-    console = _console()
-    live = None if as_json else Live(console=console, auto_refresh=False, transient=False)
-    try:
-        with contextlib.ExitStack() as stack:
-            if live is not None:
-                stack.enter_context(live)
-            while True:
-                try:
-                    report, found = run_once(client, settings, thresholds)
-                except redis.RedisError as exc:
-                    # keep watching through a Redis restart
-                    code = ExitCode.FAILURE
-                    message = _unreachable(settings, exc)
-                    view: RenderableType = Text(message, style="bold red")
-                    doc: Mapping[str, Any] = {"error": message}
-                else:
-                    code = ExitCode.UNHEALTHY if found else ExitCode.OK
-                    if live is None:
-                        doc = to_document(report, thresholds, found)
-                    else:
-                        view = render(report, found)
-                if live is None:
-                    click.echo(dumps(doc, indent=None))
-                else:
-                    stamp = time.strftime("%H:%M:%S")
-                    live.update(
-                        Group(Text(f"{stamp}, every {interval_s:g}s, Ctrl-C to stop"), view),
-                        refresh=True,
-                    )
-                done += 1
-                if iterations is not None and done >= iterations:
-                    return code
-                time.sleep(interval_s)
-    except KeyboardInterrupt:
-        return ExitCode.OK
-
-
 __all__ = [
     "ConsumerStatus",
     "KeyspaceStatus",
@@ -1028,6 +899,6 @@ __all__ = [
     "collect",
     "problems",
     "render",
-    "status_command",
+    "run_once",
     "to_document",
 ]

@@ -33,7 +33,7 @@ import pytest
 import redis
 import yaml
 
-from streamsync.sandbox import die_with_parent_hook
+from streamsync.embedded.sandbox import die_with_parent_hook
 from tests.replies import xrange
 from tests.servers import PostgresServer, wait_until
 from tests.workers import WorkerProcess

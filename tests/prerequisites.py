@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import pytest
 
-from streamsync.sandbox import PostgresServerError, find_postgres_bindir
+from streamsync.embedded.sandbox import PostgresServerError, find_postgres_bindir
 
 __all__ = [
     "binary_missing",

@@ -1,10 +1,10 @@
 """Real servers for tests, on free ports, that can be killed and restarted.
 
-The launchers live in ``streamsync.sandbox`` (``streamsync demo`` uses them too); this module is
-what tests import. Tests never talk to the Redis on 6379 or to a PostgreSQL they did not start,
-and never use fakes: every server is a child process of the test session, bound to 127.0.0.1 on
-a port of its own, with its data under a directory the test owns. ``wait_until`` is the one way
-tests synchronise with anything asynchronous.
+The launchers live in ``streamsync.embedded.sandbox`` (``streamsync demo`` uses them too); this
+module is what tests import. Tests never talk to the Redis on 6379 or to a PostgreSQL they did not
+start, and never use fakes: every server is a child process of the test session, bound to
+127.0.0.1 on a port of its own, with its data under a directory the test owns. ``wait_until`` is
+the one way tests synchronise with anything asynchronous.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from streamsync.sandbox import (
+from streamsync.embedded.sandbox import (
     PostgresServer,
     PostgresServerError,
     RedisServer,

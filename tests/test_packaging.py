@@ -1,4 +1,5 @@
-"""The wheel ships the Functions library, the type marker and the console script."""
+"""The wheel ships the Functions library, the type marker, the capture engine's logging
+configuration and the console script."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def test_wheel_ships_the_library(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         assert "streamsync/py.typed" in names
+        assert "streamsync/embedded/log4j2-capture.properties" in names
+        assert "streamsync/cli/__init__.py" in names
         shipped = z.read("streamsync/lua/streamsync.lua")
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         assert b"streamsync = streamsync.cli:main" in z.read(entry_points)
@@ -35,3 +38,26 @@ def test_ci_runs_the_readme_test_command() -> None:
     command = "python3 -m pytest"
     assert f"\n{command}\n" in readme
     assert ci.rstrip().endswith(f"exec {command}")
+
+
+def test_readme_lists_what_the_tests_need_and_ci_installs_it() -> None:
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    section = readme[readme.index("## Development and tests") :]
+    for needed in ("redis-server", "PostgreSQL server binaries", "Java 17", "docker-compose"):
+        assert needed in section, needed
+    assert "`promtool` and `prometheus`" in section
+    packages = [
+        line.rsplit("|", 2)[1].strip(" `")
+        for line in section.splitlines()
+        if line.startswith("| ") and line.rstrip().endswith("` |")
+    ]
+    assert packages == [
+        "redis-server",
+        "postgresql-15",
+        "openjdk-17-jre-headless",
+        "docker-compose",
+        "prometheus",
+    ]
+    for package in packages:
+        assert package in ci, f".ci/run does not install {package}"

@@ -4,11 +4,15 @@ overwrite the cache and then sweeps what it no longer has."""
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import redis
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from streamsync.cli import cli
 from streamsync.config import load_settings
@@ -184,3 +188,119 @@ def test_resync_names_unknown_tables(r: redis.Redis, redis_url: str, tmp_path: P
     result = CliRunner().invoke(cli, ["resync", "-c", str(cfg), "--table", "public.nope"])
     assert result.exit_code == ExitCode.FAILURE
     assert "no rule maps table 'public.nope'" in result.output
+
+
+def restored_cache(r: redis.Redis, cfg: Path) -> None:
+    """The cache as the old database left it: user:1 and user:2, far into its WAL."""
+    add_change(r, STREAM, "u", {"id": 1, "name": "newer, lost by the restore"}, 9_000_000)
+    add_change(r, STREAM, "c", {"id": 2, "name": "created after the restore point"}, 9_000_100)
+    drain(cfg)
+
+
+def finish(cfg: Path, *args: str) -> Result:
+    return CliRunner().invoke(
+        cli, ["resync", "-c", str(cfg), "--table", "public.users", "--finish", *args]
+    )
+
+
+def test_finish_right_after_resync_refuses_to_empty_the_cache(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "c.yaml", redis_url, streams=[STREAM])
+    restored_cache(r, cfg)
+    last_id = r.xinfo_stream(STREAM)["last-generated-id"].decode()
+    started = CliRunner().invoke(cli, ["resync", "-c", str(cfg), "--table", "public.users"])
+    assert started.exit_code == 0, started.output
+    # no capture started over: nothing of the new epoch to keep, everything would go
+    result = finish(cfg, "--wait-s", "10")
+    assert result.exit_code == ExitCode.FAILURE, result.output
+    assert result.stderr.startswith(
+        f"resync: public.users: nothing was added to {STREAM} since resync started epoch 1"
+        f" after entry {last_id}: no re-snapshot was captured, and finishing now would remove"
+        " every cached row of the table. Start capture over"
+    ), result.stderr
+    assert "--force" in result.stderr
+    assert sorted(r.keys("user:*")) == [b"user:1", b"user:2"]
+    # --force is the way to mean it
+    forced = finish(cfg, "--force", "--wait-s", "10")
+    assert forced.exit_code == 0, forced.output
+    assert "2 row(s) not in the re-snapshot removed" in forced.output
+    assert r.keys("user:*") == []
+
+
+def test_finish_refuses_when_the_re_snapshot_went_to_dead_letters(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "c.yaml", redis_url, streams=[STREAM])
+    restored_cache(r, cfg)
+    assert CliRunner().invoke(cli, ["resync", "-c", str(cfg), "--all"]).exit_code == 0
+    add_change(r, STREAM, "r", {"id": 1, "name": "as restored"}, 5_000)
+    r.xadd(STREAM, {"not": "a debezium entry"})  # the snapshot of user:2, say, unreadable
+    drain(cfg)
+    assert r.xlen(STREAM + ":dlq") == 1
+    result = finish(cfg, "--wait-s", "10")
+    assert result.exit_code == ExitCode.FAILURE, result.output
+    assert (
+        f"public.users: 1 entry of {STREAM} added since epoch 1 started went to {STREAM}:dlq:"
+        in result.stderr
+    ), result.stderr
+    assert f"streamsync dlq replay --stream {STREAM} --all" in result.stderr
+    assert sorted(r.keys("user:*")) == [b"user:1", b"user:2"]
+    assert finish(cfg, "--force", "--wait-s", "10").exit_code == 0
+    assert r.keys("user:*") == [b"user:1"]
+
+
+@contextmanager
+def running_workers(cfg: Path, *consumers: str) -> Iterator[list[Worker]]:
+    """In-process workers, each in a thread, stopped at the end of the block."""
+    settings = load_settings(cfg, environ={})
+    workers = [Worker(settings, consumer=name) for name in consumers]
+    threads = [threading.Thread(target=w.run) for w in workers]
+    for thread in threads:
+        thread.start()
+    try:
+        yield workers
+    finally:
+        for worker in workers:
+            worker.request_stop()
+        for thread in threads:
+            thread.join(timeout=30)
+            assert not thread.is_alive()
+
+
+def test_finish_after_a_re_snapshot_applied_by_several_workers_and_trimmed(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "c.yaml", redis_url, streams=[STREAM])
+    restored_cache(r, cfg)
+    assert CliRunner().invoke(cli, ["resync", "-c", str(cfg), "--all"]).exit_code == 0
+    with running_workers(cfg, "w1", "w2"):
+        for i in range(1, 40):
+            add_change(r, STREAM, "r", {"id": 100 + i, "name": "as restored"}, 5_000)
+        add_change(r, STREAM, "r", {"id": 1, "name": "as restored"}, 5_000)
+        # applied, acknowledged and trimmed away (all but the last entry delivered): the stream
+        # no longer shows the re-snapshot
+        wait_until(
+            lambda: r.xlen(STREAM) == 1 and r.hget("user:1", "name") == b"as restored",
+            timeout=30,
+            message="the re-snapshot applied and trimmed",
+        )
+        result = finish(cfg, "--wait-s", "30")
+    assert result.exit_code == 0, result.output
+    assert "1 row(s) not in the re-snapshot removed" in result.output
+    assert not r.exists("user:2")
+    assert r.hget("user:1", "name") == b"as restored" and r.exists("user:139")
+
+
+def test_resync_reports_the_plain_entry_id(
+    r: redis.Redis, redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = write_config(tmp_path / "c.yaml", redis_url, streams=[STREAM])
+    add_change(r, STREAM, "c", {"id": 1, "name": "cached"}, 100)
+    last_id = r.xinfo_stream(STREAM)["last-generated-id"].decode()
+    caplog.set_level(logging.INFO, logger="streamsync.resync")
+    result = CliRunner().invoke(cli, ["resync", "-c", str(cfg), "--table", "public.users"])
+    assert result.exit_code == 0, result.output
+    assert f"public.users: epoch 1 on {STREAM}, for entries after {last_id}\n" in result.stdout
+    logged = [rec.getMessage() for rec in caplog.records if rec.name == "streamsync.resync"]
+    assert logged == [f"public.users: epoch 1 starts after entry {last_id} of {STREAM}"]

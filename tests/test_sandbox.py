@@ -1,4 +1,5 @@
-"""streamsync.sandbox's PostgreSQL: it starts, dies, comes back, and cleans up after itself.
+"""streamsync.embedded.sandbox's PostgreSQL: it starts, dies, comes back, and cleans up after
+itself.
 
 (The Redis launcher is covered by tests/test_servers.py.)
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from streamsync.sandbox import find_postgres_bindir
+from streamsync.embedded.sandbox import find_postgres_bindir
 from tests.servers import PostgresServer, PostgresServerError, postgres_dir, wait_until
 
 pytestmark = pytest.mark.usefixtures("postgres_server")  # skips all without PostgreSQL

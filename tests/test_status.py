@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import redis
 from click.testing import CliRunner, Result
 
 from streamsync import acl
+from streamsync.cli.status import status_command
 from streamsync.config import REDIS_PASSWORD_ENV, REDIS_URL_ENV, load_settings
 from streamsync.errors import ExitCode
 from streamsync.functions import ensure_library
@@ -30,10 +32,10 @@ from streamsync.status import (
     collect,
     id_ms,
     problems,
-    status_command,
 )
+from streamsync.worker import Worker
 from tests.debezium import add_change, write_config
-from tests.replies import as_str, newest_id, pending_entries
+from tests.replies import as_str, newest_id, pending_entries, xrange
 from tests.servers import free_port, wait_until
 from tests.workers import drain
 
@@ -106,13 +108,14 @@ def test_drained_stream_is_healthy_with_counts_and_lag(
     assert s["last_applied_id"] == as_str(stats[b"last_id"])
     assert s["sync_lag_s"] is not None and 0 <= s["sync_lag_s"] < 60
     assert s["since_last_applied_s"] is not None and 0 <= s["since_last_applied_s"] < 60
-    assert [c["name"] for c in s["consumers"]] == ["w1"]
+    # the worker stopped cleanly with nothing pending: it left the group
+    assert s["consumers"] == []
     assert doc["library"]["loaded"] == doc["library"]["shipped"]
 
     text = invoke(cfg)
     assert text.exit_code == ExitCode.OK
     assert "healthy" in text.stdout and "problem" not in text.stdout
-    assert STREAM in text.stdout and "w1" in text.stdout
+    assert STREAM in text.stdout
 
 
 def test_idle_system_with_an_old_last_change_is_healthy(
@@ -148,10 +151,9 @@ def test_consumer_that_stopped_with_pending_entries_is_dead(
     assert code == ExitCode.UNHEALTHY
     assert doc["healthy"] is False
     s = stream_doc(doc)
-    crashed = next(c for c in s["consumers"] if c["name"] == "crashed")
+    (crashed,) = s["consumers"]  # w1 stopped cleanly and left the group
+    assert crashed["name"] == "crashed" and crashed["alive"] is False
     assert crashed["dead"] is True and crashed["state"] == "dead" and crashed["pending"] == 2
-    w1 = next(c for c in s["consumers"] if c["name"] == "w1")
-    assert w1["dead"] is False and w1["pending"] == 0
     # the numbers are Redis's own
     summary = r.xpending(STREAM, GROUP)
     (oldest,) = pending_entries(r, STREAM, GROUP, count=1)
@@ -191,6 +193,61 @@ def test_a_live_consumer_keeps_waiting_entries_healthy(
     assert s["pending"] == 1 and s["lag"] == 2
     assert s["consumers"][0]["state"] == "active"
     assert s["waiting_lag_s"] is not None and s["waiting_lag_s"] < 60
+
+
+def test_a_quiet_live_worker_is_alive_whatever_its_idle(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """A worker blocked on an idle stream is idle to Redis 7.0 (a blocked XREADGROUP does not
+    reset it): its liveness mark tells it from a dead consumer."""
+    cfg = write_config(
+        tmp_path / "c.yaml", redis_url, claim_idle_ms=100, claim_interval_ms=60_000, block_ms=3000
+    )
+    r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    worker = Worker(load_settings(cfg, environ={}), consumer="quiet")
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        # idle past claim_idle_ms, and past the pending-age limit (twice that)
+        wait_until(
+            lambda: (consumer_idle_ms(r, STREAM, "quiet") or 0) > 500,
+            message="the live worker idle past claim_idle_ms",
+        )
+        code, doc = status_json(cfg)
+        assert code == ExitCode.OK, doc["problems"]
+        (quiet,) = stream_doc(doc)["consumers"]
+        assert quiet["name"] == "quiet" and quiet["idle_s"] > 0.5
+        assert quiet["alive"] is True and quiet["state"] == "active" and quiet["dead"] is False
+        # entries arriving while it blocks are waiting on a live consumer, not "no live consumer"
+        report = collect(r, load_settings(cfg, environ={}))
+        waiting = dataclasses.replace(report.streams[0], lag=1, unread=True, waiting_lag_s=0.1)
+        assert problems(dataclasses.replace(report, streams=(waiting,)), Thresholds()) == []
+        assert "yes" in invoke(cfg).stdout  # the consumers table's alive column
+    finally:
+        worker.request_stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    # a clean stop deletes the mark and leaves the group
+    assert not r.exists(f"streamsync:alive:{GROUP}:quiet")
+    assert r.xinfo_consumers(STREAM, GROUP) == []
+
+
+def test_without_a_mark_a_consumer_idle_past_claim_idle_ms_is_not_active(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "c.yaml", redis_url, claim_idle_ms=100)
+    ensure_library(r)
+    add_users(r, 1)
+    r.xgroup_create(STREAM, GROUP, id="0")
+    r.xreadgroup(GROUP, "gone", {STREAM: ">"}, count=1)
+    r.xack(STREAM, GROUP, xrange(r, STREAM)[0][0])
+    # a mark of another group's consumer of the same name does not count
+    r.set("streamsync:alive:other-group:gone", "1", px=60_000)
+    wait_until(lambda: (consumer_idle_ms(r, STREAM, "gone") or 0) > 150, message="gone idle")
+    code, doc = status_json(cfg)
+    assert code == ExitCode.OK, doc["problems"]  # nothing waits: an idle consumer is fine
+    (gone,) = stream_doc(doc)["consumers"]
+    assert gone["alive"] is False and gone["state"] == "idle"
 
 
 def test_dead_letters_make_it_unhealthy(r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
@@ -375,7 +432,7 @@ EXPECTED_KEYS = {
         "unread",
         "waiting_lag_s",
     },
-    "consumer": {"dead", "idle_s", "inactive_s", "name", "pending", "state"},
+    "consumer": {"alive", "dead", "idle_s", "inactive_s", "name", "pending", "state"},
     "oldest_pending": {"age_s", "consumer", "consumer_idle_s", "deliveries", "id", "idle_s"},
 }
 
@@ -543,6 +600,7 @@ def consumer(
         pending=pending,
         idle_s=idle_s,
         inactive_s=None,
+        alive=False,
         dead=state == "dead",
         state=state,
     )

@@ -21,8 +21,8 @@ from types import TracebackType
 from typing import Self
 
 from streamsync.config import load_settings
+from streamsync.embedded.sandbox import die_with_parent_hook
 from streamsync.errors import ExitCode
-from streamsync.sandbox import die_with_parent_hook
 from streamsync.worker import Worker
 
 __all__ = ["WorkerProcess", "WorkerThread", "drain", "outcomes"]

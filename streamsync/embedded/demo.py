@@ -30,15 +30,15 @@ from rich.console import Console
 from rich.table import Table
 
 from streamsync.config import redact_url
-from streamsync.errors import ExitCode, StreamsyncError
-from streamsync.keys import glob_escape
-from streamsync.sandbox import (
+from streamsync.embedded.sandbox import (
     PostgresServer,
     RedisServer,
     SandboxError,
     die_with_parent_hook,
     wait_until,
 )
+from streamsync.errors import ExitCode, StreamsyncError
+from streamsync.keys import glob_escape
 
 #: How long a change may take to show in Redis before the demo calls it a failure.
 SYNC_TIMEOUT_S = 30.0

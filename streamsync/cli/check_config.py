@@ -1,0 +1,33 @@
+"""``streamsync check-config``: validate a configuration file and summarise it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from streamsync.cli.options import config_option, load_or_exit
+from streamsync.config import redact_url
+
+
+@click.command("check-config")
+@config_option
+def check_config_command(config_path: Path) -> None:
+    """Validate a configuration file and summarise it; exit non-zero if it is invalid."""
+    settings = load_or_exit(config_path)
+    source = settings.source
+    streams = ", ".join(source.streams) if source.streams else f"prefix {source.stream_prefix!r}"
+    click.echo(f"{config_path}: ok")
+    click.echo(f"  redis: {redact_url(settings.redis.url)}")
+    click.echo(f"  streams: {streams} (group {source.group}, format {source.format.value})")
+    for rule in settings.rules:
+        detail = f"{rule.type.value} " if rule.type else ""
+        extras = [
+            f"{name} {value}"
+            for name in ("member", "score", "value", "max_len", "where")
+            if (value := getattr(rule, name)) is not None
+        ]
+        if rule.ttl_s:
+            extras.append(f"ttl {rule.ttl_s}s")
+        more = f" ({', '.join(extras)})" if extras else ""
+        click.echo(f"  {rule.table} -> {rule.mode.value} {detail}{rule.key}{more}")
