@@ -333,6 +333,7 @@ REVIEWED_WORKER_COMMANDS = frozenset(
         "xautoclaim",
         "xclaim",
         "xpending",
+        "xrange",  # resync --finish: the new epoch's entries
         "xgroup|create",
         "xinfo|stream",
         "xinfo|groups",
@@ -399,6 +400,7 @@ REVIEWED_STATUS_COMMANDS = frozenset(
         "xinfo|groups",
         "xinfo|consumers",
         "hgetall",
+        "exists",  # the workers' liveness marks
         "fcall_ro",
         "time",
         "info",
