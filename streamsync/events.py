@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 
 from streamsync.config import StreamFormat
-from streamsync.errors import PoisonEntryError
-from streamsync.logical import UNAVAILABLE, ConverterCache, is_unavailable
+from streamsync.errors import PoisonEntryError, excerpt
+from streamsync.logical import UNAVAILABLE, ConverterCache, RowConverter, is_unavailable
 
 #: Width of a PostgreSQL LSN in a position: 2**64 has 20 decimal digits.
 POSITION_WIDTH = 20
@@ -72,12 +72,18 @@ class ChangeEvent:
     unchanged: frozenset[str] = frozenset()
     #: The record key's JSON, decoded into ``key`` only when asked (primary_key()).
     raw_key: bytes | None = None
+    #: The decoder's schema converters, for a ``raw_key`` in a schema/payload envelope.
+    converters: ConverterCache | None = None
 
     def primary_key(self) -> dict[str, Any] | None:
-        """The record key, decoded on first use (most changes never need it)."""
+        """The record key, decoded on first use (most changes never need it); PoisonEntryError
+        when it is malformed or disagrees with the row (see check_key)."""
         if self.key is None and self.raw_key is not None:
-            self.key = parse_key(self.raw_key)
+            key = parse_key(self.raw_key, self.converters)
             self.raw_key = None
+            if key is not None:
+                check_key(key, self.op, self.after if self.after is not None else self.before)
+            self.key = key
         return self.key
 
     def row(self) -> dict[str, Any]:
@@ -148,8 +154,7 @@ class Decoder:
         op = value.get("op")
         if op not in ROW_OPS and op != TRUNCATE:
             if op is None:
-                key = self._key(raw_key)
-                if key is not None and "serverName" in key and "ts_ms" in value:
+                if "ts_ms" in value and self._heartbeat_key(raw_key):
                     return Skip.HEARTBEAT
                 raise PoisonEntryError("value has no 'op': not a Debezium change event")
             name = _OP_NAMES.get(op) if type(op) is str else None
@@ -192,6 +197,9 @@ class Decoder:
                 lazy_key = bytes(raw_key)
         if schema is not None:
             after, before = self._convert(schema, after, before)
+        if key is not None:
+            # a delete's key is decoded anyway: the before-image's key columns must agree
+            check_key(key, op, before)
         unchanged: frozenset[str] = frozenset()
         if after is not None:
             # one pass in C over the values; the per-column check runs only on a hit
@@ -213,12 +221,20 @@ class Decoder:
             key,
             unchanged,
             lazy_key,
+            self._converters if lazy_key is not None else None,
         )
+
+    def _heartbeat_key(self, raw_key: bytes) -> bool:
+        try:
+            key = self._key(raw_key)
+        except PoisonEntryError:
+            return False
+        return key is not None and "serverName" in key
 
     def _key(self, raw_key: bytes) -> dict[str, Any] | None:
         if raw_key == self.null_marker:
             return None
-        return parse_key(raw_key)
+        return parse_key(raw_key, self._converters)
 
     def _convert(
         self, schema: Any, after: dict[str, Any] | None, before: dict[str, Any] | None
@@ -237,21 +253,87 @@ class Decoder:
         return after, before
 
 
-def parse_key(raw_key: bytes) -> dict[str, Any] | None:
-    """A record key's JSON (bare, or a schema/payload envelope) as a dict."""
+def parse_key(raw_key: bytes, converters: ConverterCache | None = None) -> dict[str, Any] | None:
+    """A record key's JSON (bare, or a schema/payload envelope whose logical-typed columns
+    ``converters`` decode as the row's are) as a dict; None for a null payload."""
     key = _load_object(raw_key, "key")
     if "payload" in key and "schema" in key:
         payload = key["payload"]
-        return payload if type(payload) is dict else None
+        if payload is None:
+            return None
+        if type(payload) is not dict:
+            raise PoisonEntryError("key payload is not a JSON object")
+        schema = key["schema"]
+        if converters is not None and schema is not None:
+            if type(schema) is not dict:
+                raise PoisonEntryError("key schema is not a JSON object")
+            convert = _converter(converters, schema, "key schema")
+            if convert is not None:
+                payload = _guarded(convert, payload)
+        key = payload
+    if not key:
+        raise PoisonEntryError("key is an empty object: it names no primary-key column")
     return key
 
 
-def _guarded(convert: Any, row: dict[str, Any]) -> dict[str, Any]:
+def check_key(key: dict[str, Any], op: str, row: dict[str, Any] | None) -> None:
+    """PoisonEntryError unless each column of the record ``key`` holds the same value in
+    ``row``: the key names the row whose placement records a change updates, so a key naming
+    another row would move that row's members. A delete's before-image may lack a key column
+    (or hold null there): the key then supplies it."""
+    for column, value in key.items():
+        if row is None or column not in row:
+            if op == "d":
+                continue
+            raise PoisonEntryError(
+                f"key {excerpt(key)} disagrees with the row: column {column!r} is absent"
+                " from 'after'"
+            )
+        actual = row[column]
+        if actual is None and op == "d":
+            continue
+        if not same_value(actual, value):
+            image = "before" if op == "d" else "after"
+            raise PoisonEntryError(
+                f"key {excerpt(key)} disagrees with the row: column {column!r} is"
+                f" {excerpt(actual)} in '{image}'"
+            )
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two decoded JSON values are the same value: numbers by value (JSON does not tell
+    ``7`` from ``7.0``), never a boolean for a number, arrays and objects member by member."""
+    ta, tb = type(a), type(b)
+    if ta is tb and (ta is int or ta is str):
+        return bool(a == b)
+    if ta is bool or tb is bool:
+        return a is b
+    if ta in (int, float) and tb in (int, float):
+        return bool(a == b)
+    if ta is tb and (ta is list or ta is dict):
+        try:
+            return orjson.dumps(a, option=orjson.OPT_SORT_KEYS) == orjson.dumps(
+                b, option=orjson.OPT_SORT_KEYS
+            )
+        except orjson.JSONEncodeError:
+            raise PoisonEntryError(
+                f"a key column holds a value too deeply nested to compare: {excerpt(a)}"
+            ) from None
+    return bool(ta is tb and a == b)
+
+
+def _converter(cache: ConverterCache, schema: dict[str, Any], what: str) -> RowConverter | None:
     try:
-        result: dict[str, Any] = convert(row)
+        return cache.get(schema)
+    except ValueError as exc:
+        raise PoisonEntryError(f"{what}: {exc}") from None
+
+
+def _guarded(convert: RowConverter, row: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return convert(row)
     except (ValueError, TypeError, KeyError, OverflowError) as exc:
         raise PoisonEntryError(f"cannot decode a logical-typed column: {exc}") from None
-    return result
 
 
 def _load_object(raw: bytes, what: str) -> dict[str, Any]:

@@ -209,3 +209,136 @@ def test_the_largest_ttl_and_max_len_a_configuration_allows_apply(lib: redis.Red
     args = [a for w in rows for a in w.args]
     reply = lib.fcall(FN_BATCH, len(keys), *keys, MAX_TTL_S * 1000, *args)
     assert reply == [1, 1, 1, 1]
+
+
+# -- 2. a record key that disagrees with the row ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "op", "image", "wanted"),
+    [
+        ({"uid": 7}, "u", {"id": 8}, "column 'uid' is absent from 'after'"),
+        ({"id": 7}, "u", {"id": 8}, "column 'id' is 8 in 'after'"),
+        ({"id": 7}, "c", {"id": None}, "column 'id' is None in 'after'"),
+        ({"id": "7"}, "u", {"id": 7}, "column 'id' is 7 in 'after'"),
+        ({"id": True}, "u", {"id": 1}, "column 'id' is 1 in 'after'"),
+        ({"id": 7}, "d", {"id": 8}, "column 'id' is 8 in 'before'"),
+        ({"a": 1, "b": 2}, "u", {"a": 1, "b": 3}, "column 'b' is 3 in 'after'"),
+        ({"a": 1, "b": 2}, "u", {"a": 1}, "column 'b' is absent from 'after'"),
+        ({"schema": None, "payload": {"id": 7}}, "u", {"id": 8}, "column 'id' is 8"),
+    ],
+)
+def test_a_key_that_disagrees_with_the_row_is_refused(
+    key: dict[str, Any], op: str, image: dict[str, Any], wanted: str
+) -> None:
+    columns = image | {"plan": "free", "price": 1, "name": "x"}
+    value = (
+        envelope(op, TABLE, 10, before=columns)
+        if op == "d"
+        else envelope(op, TABLE, 10, after=columns)
+    )
+    reason = plan_reason(FOUR_RULES, raw(key, value))
+    assert "disagrees with the row" in reason and wanted in reason, reason
+
+
+@pytest.mark.parametrize(
+    ("key", "op", "image"),
+    [
+        ({"id": 7.0}, "u", {"id": 7}),  # one JSON number, two spellings
+        ({"id": 7}, "d", {"name": "x"}),  # a before-image without the key column
+        ({"id": 7}, "d", {"id": None}),  # ... or with a null fallback in it
+        ({"id": 1, "b": [1, {"x": 2}]}, "u", {"id": 1, "b": [1, {"x": 2}]}),
+        ({"schema": {"type": "struct"}, "payload": {"id": 7}}, "u", {"id": 7}),
+    ],
+)
+def test_a_key_that_agrees_with_the_row_plans(
+    key: dict[str, Any], op: str, image: dict[str, Any]
+) -> None:
+    columns = image | {"plan": "free", "price": 1}
+    value = (
+        envelope(op, TABLE, 10, before=columns)
+        if op == "d"
+        else envelope(op, TABLE, 10, after=columns)
+    )
+    rows = batch_core(FOUR_RULES).plan(STREAM, b"1-1", raw(key, value)).rows
+    assert len(rows) == 4
+
+
+def test_a_mismatched_key_never_moves_another_rows_placements(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    add_change(r, STREAM, "c", row(7, price=70), lsn=10)
+    row8 = row(8, plan="pro", price=80)
+    bad = [
+        r.xadd(STREAM, entry_fields({"uid": 7}, envelope("u", TABLE, 11, after=row8))),
+        r.xadd(STREAM, entry_fields({"id": 7}, envelope("u", TABLE, 12, after=row8))),
+        r.xadd(STREAM, entry_fields({"id": 7}, envelope("d", TABLE, 13, before={"id": 8}))),
+    ]
+    drain(write_config(tmp_path / "c.yaml", redis_url, rules=FOUR_RULES))
+    assert r.hget("user:7", "price") == b"70"
+    assert r.smembers("plan:free:users") == {b"7"} and not r.exists("plan:pro:users")
+    assert r.zrange("prices", 0, -1, withscores=True) == [(b"7", 70.0)]
+    assert not r.exists("user:8") and not r.exists("doc:8")
+    letters = dead_letters(r)
+    assert sorted(letters) == sorted(bad)
+    assert all(b"disagrees with the row" in letter[b"reason"] for letter in letters.values())
+
+
+#: A NUMERIC(10,2) primary key with schemas enabled: Debezium writes it as base64 in the key
+#: and in the row alike, and both are decoded to "10.50".
+_CODE_SCHEMA = {
+    "type": "bytes",
+    "optional": False,
+    "name": "org.apache.kafka.connect.data.Decimal",
+    "version": 1,
+    "parameters": {"scale": "2", "connect.decimal.precision": "10"},
+    "field": "code",
+}
+
+
+def _with_schemas(op: str, lsn: int, after: Any, before: Any) -> tuple[Any, Any]:
+    struct = {
+        "type": "struct",
+        "optional": True,
+        "fields": [_CODE_SCHEMA, {"type": "string", "optional": True, "field": "plan"}],
+    }
+    value_schema = {
+        "type": "struct",
+        "fields": [struct | {"field": "before"}, struct | {"field": "after"}],
+    }
+    key = {
+        "schema": {"type": "struct", "fields": [_CODE_SCHEMA], "optional": False},
+        "payload": {"code": "BBo="},
+    }
+    return key, {
+        "schema": value_schema,
+        "payload": envelope(op, "public.codes", lsn, after=after, before=before),
+    }
+
+
+def test_a_schema_key_is_decoded_like_the_row(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    stream = "app.public.codes"
+    rules = [{"table": "public.codes", "key": "plan:{plan}", "type": "set", "member": "{code}"}]
+    key, value = _with_schemas("c", 10, {"code": "BBo=", "plan": "free"}, None)
+    r.xadd(stream, entry_fields(key, value))
+    cfg = write_config(tmp_path / "c.yaml", redis_url, streams=[stream], rules=rules)
+    drain(cfg)
+    assert r.smembers("plan:free") == {b"10.50"}
+    # a delete whose before-image is null names the row by its key alone: "10.50" too
+    key, value = _with_schemas("d", 11, None, None)
+    r.xadd(stream, entry_fields(key, value))
+    drain(cfg)
+    assert not r.exists("plan:free")
+    assert not r.exists(stream + ":dlq")
+
+
+def test_a_table_whose_rules_are_keyed_by_primary_key_does_not_read_the_key() -> None:
+    # the throughput path: the key names no placement there, so it is not even decoded
+    rules = [{"table": TABLE, "key": "user:{id}", "type": "hash"}]
+    core = batch_core(rules)
+    core.plan(STREAM, b"1-1", raw({"id": 1}, envelope("c", TABLE, 10, row(1))))
+    plan = core.plan(STREAM, b"1-2", raw({"uid": 7}, envelope("u", TABLE, 11, row(1))))
+    assert isinstance(plan.event, ChangeEvent) and plan.event.raw_key is not None
+    assert [w.keys[1] for w in plan.rows] == ["user:1"]
