@@ -37,6 +37,11 @@ ROW_OPS = frozenset({"c", "u", "r", "d"})
 #: TRUNCATE: no row, one event per table.
 TRUNCATE = "t"
 
+#: PostgreSQL's limit on a table's columns (MaxHeapAttributeNumber). A row with more is no
+#: PostgreSQL row, and the library could not write it: Lua unpacks a row's fields onto a stack
+#: of 8,000 slots.
+MAX_COLUMNS = 1600
+
 _OP_NAMES = {"m": "logical message"}
 
 # The unavailable-TOAST placeholder of a bytes column (bytea): base64 of the text.
@@ -152,15 +157,17 @@ class Decoder:
             if type(value) is not dict:
                 raise PoisonEntryError("value payload is not a JSON object")
         op = value.get("op")
-        if op not in ROW_OPS and op != TRUNCATE:
+        if type(op) is not str or (op not in ROW_OPS and op != TRUNCATE):
             if op is None:
                 if "ts_ms" in value and self._heartbeat_key(raw_key):
                     return Skip.HEARTBEAT
                 raise PoisonEntryError("value has no 'op': not a Debezium change event")
-            name = _OP_NAMES.get(op) if type(op) is str else None
+            if type(op) is not str:
+                raise PoisonEntryError(f"op {excerpt(op)} is not a string")
+            name = _OP_NAMES.get(op)
             if name:
                 raise PoisonEntryError(f"op {op!r} ({name}) is not a row change: nothing to apply")
-            raise PoisonEntryError(f"unknown op {op!r}")
+            raise PoisonEntryError(f"unknown op {excerpt(op)}")
         source = value.get("source")
         if type(source) is not dict:
             raise PoisonEntryError("value has no 'source' object")
@@ -179,8 +186,8 @@ class Decoder:
                 None,
             )
         before = value.get("before")
-        if before is not None and type(before) is not dict:
-            raise PoisonEntryError("'before' is not an object")
+        if before is not None and (type(before) is not dict or len(before) > MAX_COLUMNS):
+            raise PoisonEntryError(_bad_row("before", before))
         # the row's identity; in a delete's before-image only these columns are sure to be real
         key = None
         lazy_key = None
@@ -193,6 +200,8 @@ class Decoder:
             after = value.get("after")
             if type(after) is not dict:
                 raise PoisonEntryError(f"op {op!r} carries no 'after' row")
+            if len(after) > MAX_COLUMNS:
+                raise PoisonEntryError(_bad_row("after", after))
             if raw_key != self.null_marker:
                 lazy_key = bytes(raw_key)
         if schema is not None:
@@ -239,15 +248,20 @@ class Decoder:
     def _convert(
         self, schema: Any, after: dict[str, Any] | None, before: dict[str, Any] | None
     ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-        if not isinstance(schema, dict):
+        if schema is None:
             return after, before
-        structs = {f.get("field"): f for f in schema.get("fields", ()) if isinstance(f, dict)}
+        if type(schema) is not dict:
+            raise PoisonEntryError("value schema is not a JSON object")
+        fields = schema.get("fields", ())
+        if type(fields) is not list and fields != ():
+            raise PoisonEntryError("value schema's 'fields' is not an array")
+        structs = {f["field"]: f for f in fields if type(f) is dict and type(f.get("field")) is str}
         if after is not None and "after" in structs:
-            convert = self._converters.get(structs["after"])
+            convert = _converter(self._converters, structs["after"], "value schema")
             if convert is not None:
                 after = _guarded(convert, after)
         if before is not None and "before" in structs:
-            convert = self._converters.get(structs["before"])
+            convert = _converter(self._converters, structs["before"], "value schema")
             if convert is not None:
                 before = _guarded(convert, before)
         return after, before
@@ -336,6 +350,12 @@ def _guarded(convert: RowConverter, row: dict[str, Any]) -> dict[str, Any]:
         raise PoisonEntryError(f"cannot decode a logical-typed column: {exc}") from None
 
 
+def _bad_row(image: str, row: Any) -> str:
+    if type(row) is not dict:
+        return f"{image!r} is not an object"
+    return f"{image!r} has {len(row)} columns: a PostgreSQL row has at most {MAX_COLUMNS}"
+
+
 def _load_object(raw: bytes, what: str) -> dict[str, Any]:
     try:
         obj = orjson.loads(raw)
@@ -348,7 +368,9 @@ def _load_object(raw: bytes, what: str) -> dict[str, Any]:
 
 def _ts_ms(source: dict[str, Any]) -> int | None:
     ts_ms = source.get("ts_ms")
-    return ts_ms if type(ts_ms) is int else None
+    if (type(ts_ms) is int and ts_ms >= 0) or ts_ms is None:
+        return ts_ms
+    raise PoisonEntryError(f"source.ts_ms {excerpt(ts_ms)} is not a time in milliseconds")
 
 
 def _position(op: str, source: dict[str, Any]) -> str:
@@ -359,7 +381,8 @@ def _position(op: str, source: dict[str, Any]) -> str:
     connector = source.get("connector")
     if connector != "postgresql":
         raise PoisonEntryError(
-            f"source.connector {connector!r}: source positions are defined for postgresql only"
+            f"source.connector {excerpt(connector)}: source positions are defined for"
+            " postgresql only"
         )
     lsn = source.get("lsn")
     if lsn is None:
@@ -367,5 +390,5 @@ def _position(op: str, source: dict[str, Any]) -> str:
             return NO_POSITION
         raise PoisonEntryError(f"op {op!r} has no source.lsn")
     if not isinstance(lsn, int) or isinstance(lsn, bool) or not 0 <= lsn < 2**64:
-        raise PoisonEntryError(f"source.lsn {lsn!r} is not a 64-bit unsigned integer")
+        raise PoisonEntryError(f"source.lsn {excerpt(lsn)} is not a 64-bit unsigned integer")
     return f"{lsn:020d}{rank}"

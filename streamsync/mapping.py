@@ -72,7 +72,14 @@ def row_identity(key: Mapping[str, Any], row: Mapping[str, Any]) -> str:
     if len(key) == 1:
         (column,) = key
         value = row.get(column, key[column])
-        return value if type(value) is str else render_value(value)
+        if type(value) is str:
+            return value
+        try:
+            return render_value(value)
+        except TemplateError:
+            raise PoisonEntryError(
+                f"primary-key column {column!r} holds {excerpt(value)}: not a row identity"
+            ) from None
     return orjson.dumps([row.get(c, v) for c, v in key.items()]).decode()
 
 
@@ -159,6 +166,17 @@ def _sort_token(key: Mapping[str, Any], row: Mapping[str, Any], identity: str) -
     return identity
 
 
+def _unwritable(row: Mapping[str, Any], exc: orjson.JSONEncodeError) -> str:
+    """What a JSON encoding failure of a value of ``row`` means: which column, and why (orjson
+    writes at most 254 levels of nesting, though it reads 1,024)."""
+    for column, value in row.items():
+        try:
+            orjson.dumps(value)
+        except orjson.JSONEncodeError as column_exc:
+            return f"column {column!r} cannot be written as JSON: {column_exc}"
+    return f"a value cannot be written as JSON: {exc}"
+
+
 def _check_pinned(rule: Rule) -> None:
     collection = rule.mode is Mode.WRITE_THROUGH and rule.type not in SINGLE_VALUE_TYPES
     if collection and rule_pin(rule) is None:
@@ -212,7 +230,7 @@ class Planner:
         cannot be applied. ``epoch`` prefixes the position (see streamsync.resync)."""
         rules = self.rules_by_table.get(event.table)
         if not rules:
-            raise PoisonEntryError(f"no rule maps table {event.table!r}")
+            raise PoisonEntryError(f"no rule maps table {excerpt(event.table)}")
         position = epoch + event.position
         row = event.row()
         identity = None
@@ -228,7 +246,10 @@ class Planner:
                     known = (set(key), self._all_fixed(rules, key))
                     self._all_fixed_by_table[event.table] = known
                 if not known[1]:
-                    identity = row_identity(key, row)
+                    try:
+                        identity = row_identity(key, row)
+                    except orjson.JSONEncodeError as exc:
+                        raise PoisonEntryError(f"primary key: {_unwritable(key, exc)}") from None
         out = []
         for rule, lean, lean_index in self._rule_plans(event.table, rules):
             try:
@@ -248,6 +269,8 @@ class Planner:
                 )
             except (TemplateError, FilterError, ColumnValueError) as exc:
                 raise PoisonEntryError(f"rule {rule.state_name}: {exc}") from None
+            except orjson.JSONEncodeError as exc:
+                raise PoisonEntryError(f"rule {rule.state_name}: {_unwritable(row, exc)}") from None
         return out
 
     def _rule_plans(self, table: str, rules: tuple[Rule, ...]) -> list[_RulePlan]:

@@ -8,6 +8,8 @@ tests over them (hypothesis), and the same entries through a worker on a real re
 
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from hypothesis import strategies as st
 from streamsync.config import MAX_ENTRIES, MAX_TTL_S, Rule
 from streamsync.epochs import Epochs
 from streamsync.errors import PoisonEntryError
-from streamsync.events import ChangeEvent, Decoder
+from streamsync.events import MAX_COLUMNS, ChangeEvent, Decoder
 from streamsync.functions import FN_BATCH, ensure_library
 from streamsync.keys import StateKeys
 from streamsync.mapping import Planner, score_problem
@@ -342,3 +344,324 @@ def test_a_table_whose_rules_are_keyed_by_primary_key_does_not_read_the_key() ->
     plan = core.plan(STREAM, b"1-2", raw({"uid": 7}, envelope("u", TABLE, 11, row(1))))
     assert isinstance(plan.event, ChangeEvent) and plan.event.raw_key is not None
     assert [w.keys[1] for w in plan.rows] == ["user:1"]
+
+
+# -- 3. malformed entries: a reason naming what is wrong, never an "internal error" ----------
+
+
+def _with(value: dict[str, Any], **top: Any) -> dict[str, Any]:
+    return value | top
+
+
+def _source(**fields: Any) -> dict[str, Any]:
+    value = envelope("u", TABLE, 10, after=row())
+    value["source"] = value["source"] | fields
+    return value
+
+
+def _schema_value(schema: Any, after: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"schema": schema, "payload": envelope("u", TABLE, 10, after=after or row())}
+
+
+def _column_schema(column: str, **schema: Any) -> dict[str, Any]:
+    struct = {"type": "struct", "fields": [{"field": column, **schema}], "field": "after"}
+    return {"type": "struct", "fields": [struct]}
+
+
+#: Marks replaced in the serialized entry by what orjson cannot write: 300 and 1,000 nested
+#: arrays (orjson reads up to 1,024 levels, writes 254), a schema 900 levels deep, 2**64.
+_DEEP_MARK, _DEEPER_MARK = "__deep__", "__deeper__"
+_DEEP_SCHEMA_MARK, _HUGE_MARK = "__deep_schema__", "__huge__"
+_MARKS = {
+    _DEEP_MARK: "[" * 300 + "]" * 300,
+    _DEEPER_MARK: '[{"a":' * 500 + "1" + "}]" * 500,
+    _DEEP_SCHEMA_MARK: '{"type":"array","items":' * 900 + "{}" + "}" * 900,
+    _HUGE_MARK: str(2**64),
+}
+
+#: (what, key, value, wanted reason): values holding _DEEP_MARK get a 300-level array there.
+MALFORMED: list[tuple[str, Any, Any, str]] = [
+    ("op is a list", {"id": 1}, _with(envelope("c", TABLE, 10, row()), op=["c"]), "not a string"),
+    ("op is a number", {"id": 1}, _with(envelope("c", TABLE, 10, row()), op=5), "not a string"),
+    ("op is huge", {"id": 1}, _with(envelope("c", TABLE, 10, row()), op="x" * 10**6), "unknown op"),
+    ("table is huge", {"id": 1}, _source(table="x" * 10**6), "no rule maps table 'public.xxx"),
+    (
+        "filtered column nested 1,000 levels",
+        {"id": 1},
+        envelope("c", TABLE, 10, row(active=_DEEPER_MARK)),
+        "cannot compare column 'active', list [{'a': [{...}]}]",
+    ),
+    (
+        "column nested 300 levels",
+        {"id": 1},
+        envelope("c", TABLE, 10, row(meta=_DEEP_MARK)),
+        "column 'meta' cannot be written as JSON",
+    ),
+    ("ts_ms is text", {"id": 1}, _source(ts_ms="now"), "source.ts_ms 'now'"),
+    ("ts_ms is negative", {"id": 1}, _source(ts_ms=-1), "source.ts_ms -1"),
+    ("ts_ms is a float", {"id": 1}, _source(ts_ms=1.5), "source.ts_ms 1.5"),
+    ("lsn is a boolean", {"id": 1}, _source(lsn=True), "source.lsn True"),
+    ("lsn is a float", {"id": 1}, _source(lsn=10.0), "source.lsn 10.0"),
+    ("lsn is huge", {"id": 1}, _source(lsn=_HUGE_MARK), "64-bit"),
+    ("lsn is negative", {"id": 1}, _source(lsn=-(2**63)), "64-bit"),
+    ("connector is an object", {"id": 1}, _source(connector={"a": 1}), "postgresql only"),
+    ("table is a number", {"id": 1}, _source(table=5), "lacks 'schema' or 'table'"),
+    ("source is a list", {"id": 1}, _with(envelope("u", TABLE, 10, row()), source=[]), "'source'"),
+    (
+        "before is a list",
+        {"id": 1},
+        _with(envelope("u", TABLE, 10, row()), before=[1]),
+        "'before' is not",
+    ),
+    ("after is text", {"id": 1}, _with(envelope("u", TABLE, 10, row()), after="x"), "no 'after'"),
+    (
+        "after has too many columns",
+        {"id": 1},
+        envelope("u", TABLE, 10, {"id": 1} | {f"c{i}": i for i in range(MAX_COLUMNS)}),
+        f"has {MAX_COLUMNS + 1} columns",
+    ),
+    ("key payload is a number", {"schema": {}, "payload": 5}, envelope("d", TABLE, 10), "payload"),
+    ("key is empty", {}, envelope("d", TABLE, 10), "names no primary-key column"),
+    ("key is an array", [1], envelope("d", TABLE, 10, before={"id": 1}), "key is not a JSON obj"),
+    ("schema is a number", {"id": 1}, _schema_value(5), "value schema is not a JSON object"),
+    ("schema fields is a number", {"id": 1}, _schema_value({"fields": 5}), "is not an array"),
+    (
+        "schema nested 900 levels",
+        {"id": 1},
+        _schema_value(_column_schema("tags", type="array", items=_DEEP_SCHEMA_MARK)),
+        "nested more than 32 levels",
+    ),
+    (
+        "decimal scale out of range",
+        {"id": 1},
+        _schema_value(
+            _column_schema(
+                "price",
+                type="bytes",
+                name="org.apache.kafka.connect.data.Decimal",
+                parameters={"scale": "9" * 30},
+            ),
+            row(price="BBo="),
+        ),
+        "column 'price': decimal scale",
+    ),
+    (
+        "variable-scale decimal with a scale out of range",
+        {"id": 1},
+        _schema_value(
+            _column_schema("price", type="struct", name="io.debezium.data.VariableScaleDecimal"),
+            row(price={"scale": 10**15, "value": "BBo="}),
+        ),
+        "column 'price': decimal scale 1000000000000000 is out of range",
+    ),
+    ("score is an object", {"id": 1}, envelope("c", TABLE, 10, row(price={"a": 1})), "not numeric"),
+    (
+        "key template column is an array",
+        {"id": 1},
+        envelope("c", TABLE, 10, row(plan=["free"])),
+        "cannot be used in a key",
+    ),
+    (
+        "primary key is an object",
+        {"id": {"a": 1}},
+        envelope("c", TABLE, 10, row(id={"a": 1})),
+        "primary-key column 'id' holds {'a': 1}",
+    ),
+    (
+        "composite key nested 300 levels",
+        {"id": 1, "meta": _DEEP_MARK},
+        envelope("c", TABLE, 10, row(meta=_DEEP_MARK)),
+        "too deeply nested",
+    ),
+]
+
+
+def _serialized(value: Any) -> bytes:
+    text = orjson.dumps(value)
+    for mark, replacement in _MARKS.items():
+        text = text.replace(f'"{mark}"'.encode(), replacement.encode())
+    return text
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "wanted"),
+    [(k, v, w) for _, k, v, w in MALFORMED],
+    ids=[what for what, *_ in MALFORMED],
+)
+def test_a_malformed_entry_says_what_is_wrong(key: Any, value: Any, wanted: str) -> None:
+    rules = [{**FOUR_RULES[2], "key": "active", "where": "active = true"}, *FOUR_RULES]
+    reason = plan_reason(rules, [_serialized(key), _serialized(value)])
+    assert wanted in reason, reason
+    assert len(reason) < 500, "a reason quotes an excerpt, not the entry"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [b'{"id":1}', b'{"op":"c","after":\xff}'],
+        [b'{"id":\xfe}', json.dumps(envelope("d", TABLE, 10, before={"id": 1})).encode()],
+        [b'{"id":1}', b'"\xed\xa0\x80"'],  # an encoded lone surrogate
+        [b'{"id":1}', b'{"op":"c","after":{"id":"\\ud800"}}'],
+    ],
+)
+def test_bytes_that_are_not_utf8_json_are_refused(fields: list[bytes]) -> None:
+    assert "not valid JSON" in plan_reason(FOUR_RULES, fields)
+
+
+def test_a_nested_column_is_refused_by_every_rule_kind_that_writes_it_as_json() -> None:
+    fields = [b'{"id":1}', _serialized(envelope("c", TABLE, 10, row(meta=_DEEP_MARK)))]
+    for rule in (
+        {"table": TABLE, "key": "doc:{id}", "type": "json"},
+        {"table": TABLE, "key": "feed", "type": "list", "value": "json"},
+        {"table": TABLE, "key": "events", "type": "stream"},
+    ):
+        assert "column 'meta' cannot be written as JSON" in plan_reason([rule], fields)
+
+
+# -- property: anything decodes and plans, or is refused with a reason -----------------------
+
+_ODD_TEXTS = [
+    " 5", "5 ", "1_000", "1e400", "9" * 401, "nan", "inf", "-Infinity", "0x1p3", "1e-400", "",
+    "{", "}", "{}", "{id}", ":", "*", "?", "[", "\n", "\r\n", "\0", "a\0b", "é", "𝄞", "\u2028",
+    "__debezium_unavailable_value", "X19kZWJleml1bV91bmF2YWlsYWJsZV92YWx1ZQ==", "BBo=",
+    "__deep__", "__deeper__", "__huge__",
+    "2024-05-01T10:00:00Z", "x" * 3000,
+]  # fmt: skip
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=8),
+    st.sampled_from(_ODD_TEXTS),
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_COLUMNS = ["id", "name", "plan", "price", "email", "active", "tags", "extra"]
+_DECIMAL = {"type": "bytes", "name": "org.apache.kafka.connect.data.Decimal"}
+_LOGICAL = st.sampled_from(
+    [
+        _DECIMAL | {"parameters": {"scale": "2"}},
+        _DECIMAL | {"parameters": {"scale": "-3"}},
+        _DECIMAL | {"parameters": {"scale": 10**9}},
+        _DECIMAL | {"parameters": {"scale": "x"}},
+        _DECIMAL | {"parameters": 5},
+        {"type": "struct", "name": "io.debezium.data.VariableScaleDecimal"},
+        {"type": "int32", "name": "io.debezium.time.Date"},
+        {"type": "int64", "name": "io.debezium.time.MicroTimestamp"},
+        {"type": "int64", "name": "io.debezium.time.NanoTime"},
+        {"type": "array", "items": {"type": "int32", "name": "io.debezium.time.Date"}},
+        {"type": "array", "items": 5},
+        {"type": ["x"], "name": {"y": 1}},
+    ]
+)  # fmt: skip
+_LOGICAL_VALUES = st.one_of(
+    _VALUES,
+    st.integers(-(2**63), 2**63 - 1),
+    st.binary(max_size=40).map(lambda b: base64.b64encode(b).decode()),
+    st.fixed_dictionaries(
+        {"scale": st.integers(-(10**6), 10**6) | _SCALARS,
+         "value": st.binary(max_size=20).map(lambda b: base64.b64encode(b).decode()) | _SCALARS}
+    ),
+)  # fmt: skip
+
+
+@st.composite
+def entries(draw: st.DrawFn) -> list[bytes]:
+    """Entries near valid ones: a change of public.users, some of its parts replaced by
+    arbitrary JSON, maybe wrapped with a (possibly wrong) schema, maybe cut or corrupted."""
+    op = draw(st.sampled_from(["c", "u", "r", "d", "c", "u", "r", "d", "t", "m", "x"]))
+    columns = {"id": draw(st.integers(0, 5))} | {
+        c: draw(st.one_of(_SCALARS, st.sampled_from(_ODD_TEXTS), _VALUES)) for c in _COLUMNS[1:]
+    }
+    if op == "d":
+        value = envelope(op, TABLE, draw(st.integers(0, 2**64 - 1)), before=columns)
+    else:
+        value = envelope(op, TABLE, draw(st.integers(0, 2**64 - 1)), after=columns)
+    key: Any = {"id": columns["id"]}
+    for _ in range(draw(st.integers(0, 3))):
+        target = draw(st.sampled_from(["value", "source", "row", "key"]))
+        where: Any = {
+            "value": value,
+            "source": value.get("source"),
+            "row": value.get("before" if op == "d" else "after"),
+            "key": key,
+        }[target]
+        if not isinstance(where, dict):
+            continue
+        name = draw(st.sampled_from([*where, "op", "id", "lsn", "ts_ms", "payload", "schema"]))
+        if draw(st.booleans()):
+            where.pop(name, None)
+        else:
+            where[name] = draw(_VALUES)
+    if draw(st.integers(0, 3)) == 0:
+        logical = {c: draw(_LOGICAL) for c in draw(st.lists(st.sampled_from(_COLUMNS), max_size=3))}
+        row_schema = {
+            "type": "struct",
+            "fields": [{"field": c, **s} for c, s in logical.items()],
+        }
+        image = value.get("before" if op == "d" else "after")
+        if isinstance(image, dict):
+            for column in logical:
+                image[column] = draw(_LOGICAL_VALUES)
+        schema = draw(
+            st.sampled_from(
+                [
+                    {"type": "struct", "fields": [row_schema | {"field": "after"},
+                                                  row_schema | {"field": "before"}]},
+                    None, 5, {"fields": "x"}, {"fields": [5, {"field": []}]},
+                ]
+            )
+        )  # fmt: skip
+        value = {"schema": schema, "payload": value}
+        if draw(st.booleans()):
+            key = {"schema": {"type": "struct", "fields": row_schema["fields"]}, "payload": key}
+    fields = [_serialized(key) if key is not None else b"default", _serialized(value)]
+    corruption = draw(st.sampled_from(["none"] * 17 + ["cut", "byte", "random"]))
+    if corruption == "cut":
+        cut = draw(st.integers(0, len(fields[1])))
+        fields[1] = fields[1][:cut]
+    elif corruption == "byte":
+        at = draw(st.integers(0, len(fields[1]) - 1))
+        fields[1] = fields[1][:at] + bytes([draw(st.integers(0, 255))]) + fields[1][at + 1 :]
+    elif corruption == "random":
+        fields = draw(st.lists(st.binary(max_size=12), max_size=5))
+    return fields
+
+
+def _plan_or_reason(core: BatchCore, fields: list[bytes]) -> list[Any] | str:
+    try:
+        plan = core.plan(STREAM, b"1-1", fields)
+    except PoisonEntryError as exc:
+        reason = str(exc)
+        assert reason and len(reason) < 1000, reason
+        return reason
+    return plan.rows
+
+
+@settings(max_examples=1000, deadline=None)
+@given(fields=entries())
+def test_any_entry_plans_or_is_refused_with_a_reason(fields: list[bytes]) -> None:
+    rows = _plan_or_reason(batch_core(ALL_RULES), fields)
+    if isinstance(rows, list):
+        for row_write in rows:
+            assert all(type(k) is str for k in row_write.keys)
+            assert all(type(a) in (str, bytes) for a in row_write.args)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(fields=entries())
+def test_whatever_plans_applies_without_a_redis_error(
+    lib: redis.Redis, fields: list[bytes]
+) -> None:
+    rows = _plan_or_reason(batch_core(ALL_RULES), fields)
+    if isinstance(rows, list) and rows:
+        reply = apply(lib, rows)
+        assert not [s for s in reply if isinstance(s, bytes)], (fields, reply)
