@@ -53,17 +53,12 @@ INDEX_TARGET = "."
 
 
 def hash_value(value: Any) -> str | bytes:
-    """A column value as a hash field value: text as is, numbers and booleans as JSON would
-    spell them, arrays and objects as JSON text."""
-    if isinstance(value, str):
-        return value
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, int):
-        return str(value)
-    return orjson.dumps(value)
+    """A column value as a hash or stream field value: a scalar as ``render_value`` spells it
+    everywhere, an array or object as JSON text."""
+    kind = type(value)
+    if kind is list or kind is dict:
+        return orjson.dumps(value)
+    return render_value(value)
 
 
 def row_identity(key: Mapping[str, Any], row: Mapping[str, Any]) -> str:

@@ -665,3 +665,33 @@ def test_whatever_plans_applies_without_a_redis_error(
     if isinstance(rows, list) and rows:
         reply = apply(lib, rows)
         assert not [s for s in reply if isinstance(s, bytes)], (fields, reply)
+
+
+# -- 4. one spelling of a column value, wherever it goes -------------------------------------
+
+FLOAT_RULES: list[dict[str, Any]] = [
+    {"table": TABLE, "key": "user:{id}", "type": "hash"},
+    {"table": TABLE, "key": "doc:{id}", "type": "json"},
+    {"table": TABLE, "key": "by-x:{x}", "type": "string", "value": "{x}"},
+    {"table": TABLE, "key": "xs", "type": "set", "member": "{x}"},
+    {"table": TABLE, "key": "ranked", "type": "zset", "member": "{x}", "score": "x"},
+    {"table": TABLE, "key": "feed", "type": "list", "value": "{x}"},
+    {"table": TABLE, "key": "events", "type": "stream"},
+]
+
+
+@pytest.mark.parametrize("x", [1e20, 1e-7, 1e16, 0.1, -0.0, 123.0, 5e-324, 1.7976931348623157e308])
+def test_a_float_is_spelled_the_same_in_every_structure(lib: redis.Redis, x: float) -> None:
+    spelled = orjson.dumps(x).decode()
+    event = Decoder().decode(raw({"id": 1}, envelope("c", TABLE, 10, {"id": 1, "x": x})))
+    assert isinstance(event, ChangeEvent)
+    assert set(apply(lib, planner(FLOAT_RULES).plan(event))) == {1}
+    assert lib.hget("user:1", "x") == spelled.encode()
+    assert orjson.loads(lib.get("doc:1") or b"") == {"id": 1, "x": x}
+    assert (lib.get("doc:1") or b"").decode() == f'{{"id":1,"x":{spelled}}}'
+    assert lib.get(f"by-x:{spelled}") == spelled.encode()
+    assert lib.smembers("xs") == {spelled.encode()}
+    assert lib.zrange("ranked", 0, -1, withscores=True) == [(spelled.encode(), x)]
+    assert lib.lrange("feed", 0, -1) == [spelled.encode()]
+    ((_, fields),) = lib.xrange("events")
+    assert fields[b"x"] == spelled.encode()
