@@ -40,6 +40,13 @@ REDIS_PASSWORD_ENV = "STREAMSYNC_REDIS_PASSWORD"
 
 _TABLE_RE = re.compile(r"^[^.\s]+\.[^.\s]+$")
 
+#: The longest TTL, and tombstone window, a configuration may set: about 31 years. The library
+#: adds the two in milliseconds in Lua, whose numbers reach Redis as integers only below 10**17.
+MAX_TTL_S = 10**9
+#: The most entries a list or stream rule, or a dead-letter stream, may keep: a Redis list holds
+#: at most 2**32 - 1.
+MAX_ENTRIES = 2**32 - 1
+
 
 def _field_error(model: BaseModel, name: str, message: str) -> ValidationError:
     """A validation error located at ``name`` (a model validator's own errors would otherwise
@@ -238,10 +245,10 @@ class WorkerSettings(_Model):
     claim_idle_ms: Annotated[int, Field(ge=100)] = 30_000
     claim_interval_ms: Annotated[int, Field(ge=100)] = 5_000
     max_deliveries: Annotated[int, Field(ge=1)] = 5
-    tombstone_ttl_s: Annotated[int, Field(ge=1)] = 86_400
+    tombstone_ttl_s: Annotated[int, Field(ge=1, le=MAX_TTL_S)] = 86_400
     trim: bool = True
     trim_interval_ms: Annotated[int, Field(ge=100)] = 5_000
-    dlq_max_len: Annotated[int, Field(ge=1)] = 100_000
+    dlq_max_len: Annotated[int, Field(ge=1, le=MAX_ENTRIES)] = 100_000
     position_prefix: Annotated[str, Field(min_length=1)] = "streamsync:pos:"
     #: Prefix of the other records streamsync keeps: placements, indexes, resync epochs.
     state_prefix: Annotated[str, Field(min_length=1)] = "streamsync:"
@@ -332,7 +339,7 @@ class Rule(_Model):
     rename: dict[Annotated[str, Field(min_length=1)], Annotated[str, Field(min_length=1)]] = Field(
         default_factory=dict
     )
-    ttl_s: Annotated[int, Field(ge=1)] | None = None
+    ttl_s: Annotated[int, Field(ge=1, le=MAX_TTL_S)] | None = None
     #: set and zset: the member template, e.g. ``product:{id}``.
     member: str | None = None
     #: zset: the numeric column that scores the member.
@@ -340,7 +347,7 @@ class Rule(_Model):
     #: string and list: ``json`` (the whole selected row) or a template such as ``{value}``.
     value: str | None = None
     #: list and stream: keep at most this many entries (newest kept).
-    max_len: Annotated[int, Field(ge=1)] | None = None
+    max_len: Annotated[int, Field(ge=1, le=MAX_ENTRIES)] | None = None
     on_delete: ListDelete | None = None
     on_update: ListUpdate | None = None
 

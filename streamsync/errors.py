@@ -3,6 +3,19 @@
 from __future__ import annotations
 
 import enum
+import reprlib
+from typing import Any
+
+#: Bounds what a reason quotes of a value: an entry may hold megabytes, or nest 1,000 levels
+#: deep (``repr`` would recurse through every level).
+_EXCERPT = reprlib.Repr()
+_EXCERPT.maxlevel, _EXCERPT.maxlist, _EXCERPT.maxdict = 3, 4, 4
+_EXCERPT.maxstring = _EXCERPT.maxother = _EXCERPT.maxlong = 60
+
+
+def excerpt(value: Any) -> str:
+    """``repr(value)``, short enough for a log line or a dead-letter reason, whatever the value."""
+    return _EXCERPT.repr(value)
 
 
 class ExitCode(enum.IntEnum):
@@ -47,6 +60,11 @@ class TemplateError(PoisonEntryError):
 class NullColumnError(TemplateError):
     """Raised when a column a template names is null in the row: the row has no key or member
     under that rule, as a SQL query grouping by the column would leave it out."""
+
+
+class ColumnValueError(PoisonEntryError):
+    """Raised when a column value cannot be written under a rule: a sorted-set score Redis would
+    refuse, a value nested too deeply for a JSON document."""
 
 
 class FilterError(PoisonEntryError):

@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 
 from streamsync.config import StreamFormat
-from streamsync.errors import PoisonEntryError
-from streamsync.logical import UNAVAILABLE, ConverterCache, is_unavailable
+from streamsync.errors import PoisonEntryError, excerpt
+from streamsync.logical import UNAVAILABLE, ConverterCache, RowConverter, is_unavailable
 
 #: Width of a PostgreSQL LSN in a position: 2**64 has 20 decimal digits.
 POSITION_WIDTH = 20
@@ -36,6 +36,11 @@ NO_POSITION = "0" * POSITION_WIDTH + RANK_WRITE
 ROW_OPS = frozenset({"c", "u", "r", "d"})
 #: TRUNCATE: no row, one event per table.
 TRUNCATE = "t"
+
+#: PostgreSQL's limit on a table's columns (MaxHeapAttributeNumber). A row with more is no
+#: PostgreSQL row, and the library could not write it: Lua unpacks a row's fields onto a stack
+#: of 8,000 slots.
+MAX_COLUMNS = 1600
 
 _OP_NAMES = {"m": "logical message"}
 
@@ -72,12 +77,18 @@ class ChangeEvent:
     unchanged: frozenset[str] = frozenset()
     #: The record key's JSON, decoded into ``key`` only when asked (primary_key()).
     raw_key: bytes | None = None
+    #: The decoder's schema converters, for a ``raw_key`` in a schema/payload envelope.
+    converters: ConverterCache | None = None
 
     def primary_key(self) -> dict[str, Any] | None:
-        """The record key, decoded on first use (most changes never need it)."""
+        """The record key, decoded on first use (most changes never need it); PoisonEntryError
+        when it is malformed or disagrees with the row (see check_key)."""
         if self.key is None and self.raw_key is not None:
-            self.key = parse_key(self.raw_key)
+            key = parse_key(self.raw_key, self.converters)
             self.raw_key = None
+            if key is not None:
+                check_key(key, self.op, self.after if self.after is not None else self.before)
+            self.key = key
         return self.key
 
     def row(self) -> dict[str, Any]:
@@ -146,16 +157,17 @@ class Decoder:
             if type(value) is not dict:
                 raise PoisonEntryError("value payload is not a JSON object")
         op = value.get("op")
-        if op not in ROW_OPS and op != TRUNCATE:
+        if type(op) is not str or (op not in ROW_OPS and op != TRUNCATE):
             if op is None:
-                key = self._key(raw_key)
-                if key is not None and "serverName" in key and "ts_ms" in value:
+                if "ts_ms" in value and self._heartbeat_key(raw_key):
                     return Skip.HEARTBEAT
                 raise PoisonEntryError("value has no 'op': not a Debezium change event")
-            name = _OP_NAMES.get(op) if type(op) is str else None
+            if type(op) is not str:
+                raise PoisonEntryError(f"op {excerpt(op)} is not a string")
+            name = _OP_NAMES.get(op)
             if name:
                 raise PoisonEntryError(f"op {op!r} ({name}) is not a row change: nothing to apply")
-            raise PoisonEntryError(f"unknown op {op!r}")
+            raise PoisonEntryError(f"unknown op {excerpt(op)}")
         source = value.get("source")
         if type(source) is not dict:
             raise PoisonEntryError("value has no 'source' object")
@@ -174,8 +186,8 @@ class Decoder:
                 None,
             )
         before = value.get("before")
-        if before is not None and type(before) is not dict:
-            raise PoisonEntryError("'before' is not an object")
+        if before is not None and (type(before) is not dict or len(before) > MAX_COLUMNS):
+            raise PoisonEntryError(_bad_row("before", before))
         # the row's identity; in a delete's before-image only these columns are sure to be real
         key = None
         lazy_key = None
@@ -188,10 +200,15 @@ class Decoder:
             after = value.get("after")
             if type(after) is not dict:
                 raise PoisonEntryError(f"op {op!r} carries no 'after' row")
+            if len(after) > MAX_COLUMNS:
+                raise PoisonEntryError(_bad_row("after", after))
             if raw_key != self.null_marker:
                 lazy_key = bytes(raw_key)
         if schema is not None:
             after, before = self._convert(schema, after, before)
+        if key is not None:
+            # a delete's key is decoded anyway: the before-image's key columns must agree
+            check_key(key, op, before)
         unchanged: frozenset[str] = frozenset()
         if after is not None:
             # one pass in C over the values; the per-column check runs only on a hit
@@ -213,45 +230,130 @@ class Decoder:
             key,
             unchanged,
             lazy_key,
+            self._converters if lazy_key is not None else None,
         )
+
+    def _heartbeat_key(self, raw_key: bytes) -> bool:
+        try:
+            key = self._key(raw_key)
+        except PoisonEntryError:
+            return False
+        return key is not None and "serverName" in key
 
     def _key(self, raw_key: bytes) -> dict[str, Any] | None:
         if raw_key == self.null_marker:
             return None
-        return parse_key(raw_key)
+        return parse_key(raw_key, self._converters)
 
     def _convert(
         self, schema: Any, after: dict[str, Any] | None, before: dict[str, Any] | None
     ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-        if not isinstance(schema, dict):
+        if schema is None:
             return after, before
-        structs = {f.get("field"): f for f in schema.get("fields", ()) if isinstance(f, dict)}
+        if type(schema) is not dict:
+            raise PoisonEntryError("value schema is not a JSON object")
+        fields = schema.get("fields", ())
+        if type(fields) is not list and fields != ():
+            raise PoisonEntryError("value schema's 'fields' is not an array")
+        structs = {f["field"]: f for f in fields if type(f) is dict and type(f.get("field")) is str}
         if after is not None and "after" in structs:
-            convert = self._converters.get(structs["after"])
+            convert = _converter(self._converters, structs["after"], "value schema")
             if convert is not None:
                 after = _guarded(convert, after)
         if before is not None and "before" in structs:
-            convert = self._converters.get(structs["before"])
+            convert = _converter(self._converters, structs["before"], "value schema")
             if convert is not None:
                 before = _guarded(convert, before)
         return after, before
 
 
-def parse_key(raw_key: bytes) -> dict[str, Any] | None:
-    """A record key's JSON (bare, or a schema/payload envelope) as a dict."""
+def parse_key(raw_key: bytes, converters: ConverterCache | None = None) -> dict[str, Any] | None:
+    """A record key's JSON (bare, or a schema/payload envelope whose logical-typed columns
+    ``converters`` decode as the row's are) as a dict; None for a null payload."""
     key = _load_object(raw_key, "key")
     if "payload" in key and "schema" in key:
         payload = key["payload"]
-        return payload if type(payload) is dict else None
+        if payload is None:
+            return None
+        if type(payload) is not dict:
+            raise PoisonEntryError("key payload is not a JSON object")
+        schema = key["schema"]
+        if converters is not None and schema is not None:
+            if type(schema) is not dict:
+                raise PoisonEntryError("key schema is not a JSON object")
+            convert = _converter(converters, schema, "key schema")
+            if convert is not None:
+                payload = _guarded(convert, payload)
+        key = payload
+    if not key:
+        raise PoisonEntryError("key is an empty object: it names no primary-key column")
     return key
 
 
-def _guarded(convert: Any, row: dict[str, Any]) -> dict[str, Any]:
+def check_key(key: dict[str, Any], op: str, row: dict[str, Any] | None) -> None:
+    """PoisonEntryError unless each column of the record ``key`` holds the same value in
+    ``row``: the key names the row whose placement records a change updates, so a key naming
+    another row would move that row's members. A delete's before-image may lack a key column
+    (or hold null there): the key then supplies it."""
+    for column, value in key.items():
+        if row is None or column not in row:
+            if op == "d":
+                continue
+            raise PoisonEntryError(
+                f"key {excerpt(key)} disagrees with the row: column {column!r} is absent"
+                " from 'after'"
+            )
+        actual = row[column]
+        if actual is None and op == "d":
+            continue
+        if not same_value(actual, value):
+            image = "before" if op == "d" else "after"
+            raise PoisonEntryError(
+                f"key {excerpt(key)} disagrees with the row: column {column!r} is"
+                f" {excerpt(actual)} in '{image}'"
+            )
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two decoded JSON values are the same value: numbers by value (JSON does not tell
+    ``7`` from ``7.0``), never a boolean for a number, arrays and objects member by member."""
+    ta, tb = type(a), type(b)
+    if ta is tb and (ta is int or ta is str):
+        return bool(a == b)
+    if ta is bool or tb is bool:
+        return a is b
+    if ta in (int, float) and tb in (int, float):
+        return bool(a == b)
+    if ta is tb and (ta is list or ta is dict):
+        try:
+            return orjson.dumps(a, option=orjson.OPT_SORT_KEYS) == orjson.dumps(
+                b, option=orjson.OPT_SORT_KEYS
+            )
+        except orjson.JSONEncodeError:
+            raise PoisonEntryError(
+                f"a key column holds a value too deeply nested to compare: {excerpt(a)}"
+            ) from None
+    return bool(ta is tb and a == b)
+
+
+def _converter(cache: ConverterCache, schema: dict[str, Any], what: str) -> RowConverter | None:
     try:
-        result: dict[str, Any] = convert(row)
+        return cache.get(schema)
+    except ValueError as exc:
+        raise PoisonEntryError(f"{what}: {exc}") from None
+
+
+def _guarded(convert: RowConverter, row: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return convert(row)
     except (ValueError, TypeError, KeyError, OverflowError) as exc:
         raise PoisonEntryError(f"cannot decode a logical-typed column: {exc}") from None
-    return result
+
+
+def _bad_row(image: str, row: Any) -> str:
+    if type(row) is not dict:
+        return f"{image!r} is not an object"
+    return f"{image!r} has {len(row)} columns: a PostgreSQL row has at most {MAX_COLUMNS}"
 
 
 def _load_object(raw: bytes, what: str) -> dict[str, Any]:
@@ -266,7 +368,9 @@ def _load_object(raw: bytes, what: str) -> dict[str, Any]:
 
 def _ts_ms(source: dict[str, Any]) -> int | None:
     ts_ms = source.get("ts_ms")
-    return ts_ms if type(ts_ms) is int else None
+    if (type(ts_ms) is int and ts_ms >= 0) or ts_ms is None:
+        return ts_ms
+    raise PoisonEntryError(f"source.ts_ms {excerpt(ts_ms)} is not a time in milliseconds")
 
 
 def _position(op: str, source: dict[str, Any]) -> str:
@@ -277,7 +381,8 @@ def _position(op: str, source: dict[str, Any]) -> str:
     connector = source.get("connector")
     if connector != "postgresql":
         raise PoisonEntryError(
-            f"source.connector {connector!r}: source positions are defined for postgresql only"
+            f"source.connector {excerpt(connector)}: source positions are defined for"
+            " postgresql only"
         )
     lsn = source.get("lsn")
     if lsn is None:
@@ -285,5 +390,5 @@ def _position(op: str, source: dict[str, Any]) -> str:
             return NO_POSITION
         raise PoisonEntryError(f"op {op!r} has no source.lsn")
     if not isinstance(lsn, int) or isinstance(lsn, bool) or not 0 <= lsn < 2**64:
-        raise PoisonEntryError(f"source.lsn {lsn!r} is not a 64-bit unsigned integer")
+        raise PoisonEntryError(f"source.lsn {excerpt(lsn)} is not a 64-bit unsigned integer")
     return f"{lsn:020d}{rank}"

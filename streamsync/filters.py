@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, InvalidOperation
 from typing import Any, Final
 
-from streamsync.errors import FilterError
+from streamsync.errors import FilterError, excerpt
 
 __all__ = [
     "And",
@@ -487,10 +487,7 @@ def _join(cls: type[And] | type[Or], operands: list[Node]) -> Node:
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
+    return f"{type(value).__name__} {excerpt(value)}"
 
 
 def _mismatch(source: str, column: str, value: Any, what: str) -> FilterError:

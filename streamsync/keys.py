@@ -99,13 +99,13 @@ def guarded_key(prefix: str, target: str) -> str:
     """``prefix`` + a name for ``target`` that stays in ``target``'s hash slot.
 
     ``user:42`` -> ``<prefix>{user:42}``; a target with its own hash tag keeps it
-    (``<prefix>{t1}:user:42``); a target whose braces would confuse the tag rules gets a short
-    tag chosen to hash to the same slot.
+    (``<prefix>{t1}:user:42``); a target whose braces would confuse the tag rules, or the empty
+    key (``{}`` is no tag), gets a short tag chosen to hash to the same slot.
     """
     start = target.find("{")
     if start >= 0 and target.find("}", start + 1) > start + 1:
         return prefix + target
-    if start < 0 and "}" not in target:
+    if start < 0 and "}" not in target and target:
         return f"{prefix}{{{target}}}"
     return f"{prefix}{{{slot_tag(key_slot(target))}}}:{target}"
 

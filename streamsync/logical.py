@@ -49,6 +49,13 @@ _EPOCH = datetime.date(1970, 1, 1)
 _SECONDS_PER_DAY = 86_400
 _DEFAULT_CACHE_SIZE = 256
 
+#: PostgreSQL's largest numeric scale (NUMERIC_DSCALE_MAX); a larger one would have a decimal
+#: rendered with millions of digits.
+MAX_SCALE = 16383
+#: Deeper schemas (arrays of arrays...) are refused: no column type nests like that, and the
+#: walk over them must not exhaust the stack.
+MAX_SCHEMA_DEPTH = 32
+
 
 def is_unavailable(value: object) -> bool:
     """True if value is Debezium's unavailable-TOAST placeholder in any of its forms:
@@ -74,6 +81,12 @@ def _b64_int(text: str) -> int | None:
     except (binascii.Error, ValueError):
         return None
     return int.from_bytes(raw, "big", signed=True)
+
+
+def _check_scale(scale: int) -> int:
+    if not -MAX_SCALE <= scale <= MAX_SCALE:
+        raise ValueError(f"decimal scale {scale} is out of range (at most {MAX_SCALE} digits)")
+    return scale
 
 
 def _format_decimal(unscaled: int, scale: int) -> str:
@@ -104,7 +117,7 @@ def _variable_scale_decimal(value: Any) -> Any:
     if not isinstance(scale, int) or isinstance(scale, bool) or not isinstance(encoded, str):
         return value
     unscaled = _b64_int(encoded)
-    return value if unscaled is None else _format_decimal(unscaled, scale)
+    return value if unscaled is None else _format_decimal(unscaled, _check_scale(scale))
 
 
 def _date(value: Any) -> Any:
@@ -170,24 +183,42 @@ def _guarded(convert: _ValueConverter) -> _ValueConverter:
     return guarded
 
 
-def _scale_parameter(schema: Mapping[str, Any]) -> int | None:
+def _raw_scale(schema: Mapping[str, Any]) -> int | float | str | None:
     parameters = schema.get("parameters")
-    if not isinstance(parameters, Mapping):
-        return None
-    try:
-        return int(parameters["scale"])
-    except (KeyError, TypeError, ValueError):
-        return None
+    scale = parameters.get("scale") if isinstance(parameters, Mapping) else None
+    return scale if type(scale) in (int, float, str) else None
 
 
-def _value_converter(schema: Mapping[str, Any]) -> _ValueConverter | None:
-    """The converter for one column schema, or None when its values pass through unchanged."""
+def _scale_parameter(schema: Mapping[str, Any]) -> int | None:
+    """The decimal scale of a column schema (Connect writes it as a string), None when there is
+    none; ValueError when it is out of PostgreSQL's range."""
+    scale = _raw_scale(schema)
+    if type(scale) is str:
+        if len(scale) > 20:
+            # int() of thousands of digits is slow, and no such scale is in range anyway
+            raise ValueError(f"decimal scale {scale[:20]}... is out of range")
+        try:
+            scale = int(scale)
+        except ValueError:
+            return None
+    elif type(scale) is float:
+        if not scale.is_integer():
+            return None
+        scale = int(scale)
+    return None if scale is None else _check_scale(int(scale))
+
+
+def _value_converter(schema: Mapping[str, Any], depth: int = 0) -> _ValueConverter | None:
+    """The converter for one column schema, or None when its values pass through unchanged;
+    ValueError for a schema no column has (nested too deep, a decimal scale out of range)."""
+    if depth > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"schema nested more than {MAX_SCHEMA_DEPTH} levels deep")
     kind = schema.get("type")
     name = schema.get("name")
     convert: _ValueConverter | None = None
     if kind == "array":
         items = schema.get("items")
-        element = _value_converter(items) if isinstance(items, Mapping) else None
+        element = _value_converter(items, depth + 1) if isinstance(items, Mapping) else None
         convert = None if element is None else _array_converter(element)
     elif name == _DECIMAL and kind == "bytes":
         scale = _scale_parameter(schema)
@@ -206,7 +237,10 @@ def _value_converter(schema: Mapping[str, Any]) -> _ValueConverter | None:
 def row_converter(struct_schema: Mapping[str, Any]) -> RowConverter | None:
     """Given the Connect schema of a row struct (the schema field named "after" or "before" of an
     envelope, i.e. {"type":"struct","fields":[...]}), return a function that returns a NEW dict
-    with every logical-typed column decoded, or None when no column needs decoding."""
+    with every logical-typed column decoded, or None when no column needs decoding.
+
+    ValueError, naming the column, for a column schema no column has; the returned function
+    raises ValueError, naming the column, for a value its type cannot have."""
     fields = struct_schema.get("fields")
     if not isinstance(fields, list):
         return None
@@ -215,8 +249,13 @@ def row_converter(struct_schema: Mapping[str, Any]) -> RowConverter | None:
         if not isinstance(field, Mapping):
             continue
         column = field.get("field")
-        convert = _value_converter(field)
-        if isinstance(column, str) and convert is not None:
+        if not isinstance(column, str):
+            continue
+        try:
+            convert = _value_converter(field)
+        except ValueError as exc:
+            raise ValueError(f"column {column!r}: {exc}") from None
+        if convert is not None:
             columns.append((column, convert))
     if not columns:
         return None
@@ -226,29 +265,33 @@ def row_converter(struct_schema: Mapping[str, Any]) -> RowConverter | None:
         decoded = dict(row)
         for column, convert in plan:
             if column in decoded:
-                decoded[column] = convert(decoded[column])
+                try:
+                    decoded[column] = convert(decoded[column])
+                except (ValueError, OverflowError) as exc:
+                    raise ValueError(f"column {column!r}: {exc}") from None
         return decoded
 
     return convert_row
 
 
-def _fingerprint(schema: Mapping[str, Any]) -> tuple[Any, ...]:
-    """Everything _value_converter reads from a schema, as a hashable tuple."""
-    parameters = schema.get("parameters")
-    params = (
-        tuple(sorted((str(k), str(v)) for k, v in parameters.items()))
-        if isinstance(parameters, Mapping)
-        else None
-    )
+def _text(value: Any) -> str | None:
+    return value if type(value) is str else None
+
+
+def _fingerprint(schema: Mapping[str, Any], depth: int = 0) -> tuple[Any, ...]:
+    """Everything _value_converter reads from a schema, as a hashable tuple (only the text of
+    names and types: any other value there means no logical type)."""
+    if depth > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"schema nested more than {MAX_SCHEMA_DEPTH} levels deep")
     items = schema.get("items")
     fields = schema.get("fields")
     return (
-        str(schema.get("field")),
-        str(schema.get("type")),
-        str(schema.get("name")),
-        params,
-        _fingerprint(items) if isinstance(items, Mapping) else None,
-        tuple(_fingerprint(f) for f in fields if isinstance(f, Mapping))
+        _text(schema.get("field")),
+        _text(schema.get("type")),
+        _text(schema.get("name")),
+        _raw_scale(schema),
+        _fingerprint(items, depth + 1) if isinstance(items, Mapping) else None,
+        tuple(_fingerprint(f, depth + 1) for f in fields if isinstance(f, Mapping))
         if isinstance(fields, list)
         else None,
     )
@@ -271,7 +314,8 @@ class ConverterCache:
         return len(self._entries)
 
     def get(self, struct_schema: Mapping[str, Any]) -> RowConverter | None:
-        """row_converter(struct_schema), built once per distinct schema shape."""
+        """row_converter(struct_schema), built once per distinct schema shape; ValueError as
+        row_converter raises it."""
         key = _fingerprint(struct_schema)
         if key in self._entries:
             self._entries.move_to_end(key)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import binascii
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -24,11 +25,13 @@ from streamsync.config import (
     TargetType,
 )
 from streamsync.errors import (
+    ColumnValueError,
     ConfigError,
     FilterError,
     NullColumnError,
     PoisonEntryError,
     TemplateError,
+    excerpt,
 )
 from streamsync.events import ChangeEvent
 from streamsync.functions import ArgV, RowWrite
@@ -50,17 +53,12 @@ INDEX_TARGET = "."
 
 
 def hash_value(value: Any) -> str | bytes:
-    """A column value as a hash field value: text as is, numbers and booleans as JSON would
-    spell them, arrays and objects as JSON text."""
-    if isinstance(value, str):
-        return value
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, int):
-        return str(value)
-    return orjson.dumps(value)
+    """A column value as a hash or stream field value: a scalar as ``render_value`` spells it
+    everywhere, an array or object as JSON text."""
+    kind = type(value)
+    if kind is list or kind is dict:
+        return orjson.dumps(value)
+    return render_value(value)
 
 
 def row_identity(key: Mapping[str, Any], row: Mapping[str, Any]) -> str:
@@ -69,8 +67,88 @@ def row_identity(key: Mapping[str, Any], row: Mapping[str, Any]) -> str:
     if len(key) == 1:
         (column,) = key
         value = row.get(column, key[column])
-        return value if type(value) is str else render_value(value)
+        if type(value) is str:
+            return value
+        try:
+            return render_value(value)
+        except TemplateError:
+            raise PoisonEntryError(
+                f"primary-key column {column!r} holds {excerpt(value)}: not a row identity"
+            ) from None
     return orjson.dumps([row.get(c, v) for c, v in key.items()]).decode()
+
+
+#: How strtod(3) reads a number in the C locale: what Redis accepts as a sorted-set score
+#: (util.c string2d) when it also spans the whole text and does not start with a space. A
+#: ``nan`` also parses, but Redis refuses it, so it is left out.
+_STRTOD = re.compile(
+    r"""[+-]?(?:
+        (?P<inf>inf(?:inity)?)
+      | 0x(?P<hex>[0-9a-f]+\.?[0-9a-f]*|\.[0-9a-f]+)(?:p[+-]?[0-9]+)?
+      | (?P<dec>[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?
+    )""",
+    re.ASCII | re.IGNORECASE | re.VERBOSE,
+)
+#: Integers this large round to an infinity as a double: Redis refuses them as scores.
+_DOUBLE_OVERFLOW = 2**1024 - 2**970
+
+
+def score_problem(text: str) -> str | None:
+    """Why Redis would refuse ``text`` as a sorted-set score (ZADD's ``value is not a valid
+    float``), read after "is" (``"not numeric"``), or None when Redis accepts it: strtod(3) must
+    read the whole text, which must not start with a space, and the number must be neither NaN
+    nor overflow to an infinity nor underflow to zero (an infinity spelled ``inf`` is fine)."""
+    match = _STRTOD.fullmatch(text)
+    if match is None:
+        if not text:
+            return "empty"
+        if text[0].isspace() or text[-1].isspace():
+            return "padded with whitespace"
+        if "nan" in text.lower():
+            return "NaN"
+        return "not numeric"
+    if match["inf"]:
+        return None
+    digits = match["hex"] or match["dec"]
+    nonzero = digits.strip("0.") != ""
+    try:
+        number = float.fromhex(text) if match["hex"] else float(text)
+    except OverflowError:
+        number = math.inf
+    if math.isinf(number):
+        return "beyond the range of a double"
+    if number == 0.0 and nonzero:
+        return "too small for a double (it would read as zero)"
+    return None
+
+
+def _score(rule: Rule, row: Mapping[str, Any]) -> str | None:
+    column = rule.score
+    assert column is not None
+    if column not in row:
+        raise ColumnValueError(f"zset score column {column!r} is absent from the row")
+    value = row[column]
+    if value is None:
+        return None
+    kind = type(value)
+    if kind is int:
+        if -_DOUBLE_OVERFLOW < value < _DOUBLE_OVERFLOW:
+            return str(value)
+        problem: str | None = "beyond the range of a double"
+    elif kind is float:
+        if math.isfinite(value):
+            return render_value(value)
+        problem = "not finite"
+    elif kind is str:
+        problem = score_problem(value)
+        if problem is None:
+            return value  # type: ignore[no-any-return]
+    else:
+        problem = "not numeric"
+    raise ColumnValueError(
+        f"zset score column {column!r} is {problem}: {excerpt(value)} (Redis refuses it as a"
+        " sorted-set score)"
+    )
 
 
 def _sort_token(key: Mapping[str, Any], row: Mapping[str, Any], identity: str) -> str:
@@ -83,34 +161,15 @@ def _sort_token(key: Mapping[str, Any], row: Mapping[str, Any], identity: str) -
     return identity
 
 
-def _score(rule: Rule, row: Mapping[str, Any]) -> str | None:
-    assert rule.score is not None
-    if rule.score not in row:
-        raise PoisonEntryError(f"zset score column {rule.score!r} is absent from the row")
-    value = row[rule.score]
-    if value is None:
-        return None
-    if type(value) is int:
-        return str(value)
-    if type(value) is float:
-        number = value
-    elif type(value) is str:
+def _unwritable(row: Mapping[str, Any], exc: orjson.JSONEncodeError) -> str:
+    """What a JSON encoding failure of a value of ``row`` means: which column, and why (orjson
+    writes at most 254 levels of nesting, though it reads 1,024)."""
+    for column, value in row.items():
         try:
-            number = float(value)
-        except ValueError:
-            number = math.nan
-    else:
-        number = math.nan
-    if math.isnan(number):
-        raise PoisonEntryError(
-            f"zset score column {rule.score!r} is not numeric: {_excerpt(value)}"
-        )
-    return repr(number) if type(value) is float else value
-
-
-def _excerpt(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+            orjson.dumps(value)
+        except orjson.JSONEncodeError as column_exc:
+            return f"column {column!r} cannot be written as JSON: {column_exc}"
+    return f"a value cannot be written as JSON: {exc}"
 
 
 def _check_pinned(rule: Rule) -> None:
@@ -166,7 +225,7 @@ class Planner:
         cannot be applied. ``epoch`` prefixes the position (see streamsync.resync)."""
         rules = self.rules_by_table.get(event.table)
         if not rules:
-            raise PoisonEntryError(f"no rule maps table {event.table!r}")
+            raise PoisonEntryError(f"no rule maps table {excerpt(event.table)}")
         position = epoch + event.position
         row = event.row()
         identity = None
@@ -182,7 +241,10 @@ class Planner:
                     known = (set(key), self._all_fixed(rules, key))
                     self._all_fixed_by_table[event.table] = known
                 if not known[1]:
-                    identity = row_identity(key, row)
+                    try:
+                        identity = row_identity(key, row)
+                    except orjson.JSONEncodeError as exc:
+                        raise PoisonEntryError(f"primary key: {_unwritable(key, exc)}") from None
         out = []
         for rule, lean, lean_index in self._rule_plans(event.table, rules):
             try:
@@ -200,8 +262,10 @@ class Planner:
                         rule, event=event, row=row, position=position, key=key, identity=identity
                     )
                 )
-            except (TemplateError, FilterError) as exc:
+            except (TemplateError, FilterError, ColumnValueError) as exc:
                 raise PoisonEntryError(f"rule {rule.state_name}: {exc}") from None
+            except orjson.JSONEncodeError as exc:
+                raise PoisonEntryError(f"rule {rule.state_name}: {_unwritable(row, exc)}") from None
         return out
 
     def _rule_plans(self, table: str, rules: tuple[Rule, ...]) -> list[_RulePlan]:

@@ -11,10 +11,13 @@ column values, never run anything.
 
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from streamsync.errors import NullColumnError, TemplateError
 
@@ -29,16 +32,23 @@ TRANSFORMS: Mapping[str, Callable[[str], str]] = {
 
 
 def render_value(value: Any) -> str:
-    """The text a column value takes inside a key or a member."""
-    if isinstance(value, str):
-        return value
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, int | float):
-        return repr(value) if isinstance(value, float) else str(value)
-    raise TemplateError(f"value of type {type(value).__name__} cannot be used in a key")
+    """The text of a scalar column value, the same wherever it goes: a key, a member, a list
+    or string value, a hash or stream field, a score. Text as is, ``true``/``false``, integers
+    in decimal, floats as the JSON documents spell them (orjson's shortest round-trip form, e.g.
+    ``1e-7``), so a value reads the same in a key and in the document cached under it.
+    TemplateError for an array, an object or a non-finite float."""
+    kind = type(value)
+    if kind is str:
+        return value  # type: ignore[no-any-return]
+    if kind is int:
+        return str(value)
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is float and math.isfinite(value):
+        return orjson.dumps(value).decode()
+    if kind is float:
+        raise TemplateError(f"value {value!r} is not a finite number")
+    raise TemplateError(f"value of type {kind.__name__} cannot be used in a key")
 
 
 @dataclass(frozen=True, slots=True)

@@ -170,6 +170,15 @@ def test_environment_overrides_the_redis_url(tmp_path: Path) -> None:
         ("    score: price\n", "", "rules[3].score", "is required for type zset"),
         ("    value: json\n", "", "rules[4].value", "is required for type list"),
         ("    max_len: 100", "    max_len: 0", "rules[4].max_len", "must be at least 1"),
+        # Lua hands Redis larger numbers as 1e+17: every write of the rule would fail
+        ("    max_len: 100", "    max_len: 4294967296", "rules[4].max_len", "must be at most"),
+        ("    ttl_s: 86400", "    ttl_s: 1000000001", "rules[0].ttl_s", "must be at most"),
+        (
+            "  tombstone_ttl_s: 86400",
+            "  tombstone_ttl_s: 100000000000000000000",
+            "worker.tombstone_ttl_s",
+            "must be at most",
+        ),
         ("    max_len: 100", "    on_delete: forget", "rules[4].on_delete", "'remove' or"),
         (
             "    ttl_s: 86400\n  - table: public.orders",

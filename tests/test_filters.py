@@ -528,8 +528,16 @@ def test_long_values_are_truncated_in_messages() -> None:
     with pytest.raises(FilterError) as info:
         RowFilter.parse("x > 1").evaluate({"x": "y" * 500})
     message = str(info.value)
-    assert "str 'yyyy" in message and "...," in message
+    assert "str 'yyyy" in message and "yyy...yyy" in message
     assert len(message) < 140
+
+
+def test_deeply_nested_values_are_described_not_recursed() -> None:
+    nested: list[Any] = []
+    for _ in range(5_000):
+        nested = [nested]
+    with pytest.raises(FilterError, match=r"list \[\[\[\[...\]\]\]\]"):
+        RowFilter.parse("x > 1").evaluate({"x": nested})
 
 
 def test_type_errors_are_raised_only_for_the_values_compared() -> None:

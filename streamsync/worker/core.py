@@ -23,7 +23,7 @@ from typing import Any
 import redis
 
 from streamsync.epochs import Epochs
-from streamsync.errors import PoisonEntryError
+from streamsync.errors import PoisonEntryError, excerpt
 from streamsync.events import TRUNCATE, ChangeEvent, Decoder, Skip
 from streamsync.functions import (
     Command,
@@ -141,7 +141,7 @@ class BatchCore:
         epoch = self.epochs.prefix(stream, entry_id)
         if event.op == TRUNCATE:
             if event.table not in self.planner.rules_by_table:
-                raise PoisonEntryError(f"no rule maps table {event.table!r}")
+                raise PoisonEntryError(f"no rule maps table {excerpt(event.table)}")
             return Plan(event, truncate_at=epoch + event.position)
         return Plan(event, rows=self.planner.plan(event, epoch))
 
