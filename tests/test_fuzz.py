@@ -22,6 +22,7 @@ import pytest
 import redis
 
 from tests.debezium import envelope, write_config
+from tests.replies import as_bytes, as_str, xrange, zscores
 from tests.servers import wait_until
 from tests.workers import WorkerProcess
 
@@ -439,20 +440,20 @@ def held(r: redis.Redis) -> dict[str, Any]:
     """Everything the rules wrote (streamsync's own records left out)."""
     out: dict[str, Any] = {}
     for raw in r.scan_iter(count=1000):
-        key = raw.decode()
+        key = as_str(raw)
         if key.startswith("streamsync:") or key.startswith("app."):
             continue
         kind = r.type(raw)
         if kind == b"hash":
-            out[key] = {f.decode(): v.decode() for f, v in r.hgetall(raw).items()}
+            out[key] = {as_str(f): as_str(v) for f, v in r.hgetall(raw).items()}
         elif kind == b"string":
-            out[key] = orjson.loads(r.get(raw) or b"")
+            out[key] = orjson.loads(as_bytes(r.get(raw) or b""))
         elif kind == b"set":
-            out[key] = {m.decode() for m in r.smembers(raw)}
+            out[key] = {as_str(m) for m in r.smembers(raw)}
         elif kind == b"zset":
-            out[key] = {m.decode(): s for m, s in r.zrange(raw, 0, -1, withscores=True)}
+            out[key] = {as_str(m): s for m, s in zscores(r, raw).items()}
         elif kind == b"list":
-            out[key] = sorted(v.decode() for v in r.lrange(raw, 0, -1))
+            out[key] = sorted(as_str(v) for v in r.lrange(raw, 0, -1))
         else:
             raise AssertionError(f"{key} is a {kind!r}")
     return out
@@ -506,7 +507,7 @@ def test_valid_and_malformed_entries_through_two_workers(
     assert all(w.running for w in workers), [w.log_tail() for w in workers]
 
     for stream, malformed in expected.items():
-        letters = r.xrange(f"{stream}:dlq")
+        letters = xrange(r, f"{stream}:dlq")
         per_entry = Counter(fields[b"id"] for _, fields in letters)
         twice = [i for i, n in per_entry.items() if n > 1]
         assert not twice, f"{stream}: dead-lettered more than once: {twice[:5]}"

@@ -28,6 +28,7 @@ from streamsync.keys import StateKeys
 from streamsync.mapping import Planner, score_problem
 from streamsync.worker.core import BatchCore
 from tests.debezium import add_change, entry_fields, envelope, write_config
+from tests.replies import as_str, xadd, xrange
 from tests.workers import drain, outcomes
 
 TABLE = "public.users"
@@ -84,7 +85,7 @@ def plan_reason(rules: list[dict[str, Any]], fields: list[bytes]) -> str:
 def dead_letters(r: redis.Redis, stream: str = STREAM) -> dict[bytes, dict[bytes, bytes]]:
     """The dead letters of ``stream`` by original entry id (a second letter fails the test)."""
     letters: dict[bytes, dict[bytes, bytes]] = {}
-    for _, fields in r.xrange(stream + ":dlq"):
+    for _, fields in xrange(r, stream + ":dlq"):
         assert fields[b"id"] not in letters, f"{fields[b'id']!r} dead-lettered twice"
         letters[fields[b"id"]] = fields
     return letters
@@ -272,9 +273,9 @@ def test_a_mismatched_key_never_moves_another_rows_placements(
     add_change(r, STREAM, "c", row(7, price=70), lsn=10)
     row8 = row(8, plan="pro", price=80)
     bad = [
-        r.xadd(STREAM, entry_fields({"uid": 7}, envelope("u", TABLE, 11, after=row8))),
-        r.xadd(STREAM, entry_fields({"id": 7}, envelope("u", TABLE, 12, after=row8))),
-        r.xadd(STREAM, entry_fields({"id": 7}, envelope("d", TABLE, 13, before={"id": 8}))),
+        xadd(r, STREAM, entry_fields({"uid": 7}, envelope("u", TABLE, 11, after=row8))),
+        xadd(r, STREAM, entry_fields({"id": 7}, envelope("u", TABLE, 12, after=row8))),
+        xadd(r, STREAM, entry_fields({"id": 7}, envelope("d", TABLE, 13, before={"id": 8}))),
     ]
     drain(write_config(tmp_path / "c.yaml", redis_url, rules=FOUR_RULES))
     assert r.hget("user:7", "price") == b"70"
@@ -324,13 +325,13 @@ def test_a_schema_key_is_decoded_like_the_row(
     stream = "app.public.codes"
     rules = [{"table": "public.codes", "key": "plan:{plan}", "type": "set", "member": "{code}"}]
     key, value = _with_schemas("c", 10, {"code": "BBo=", "plan": "free"}, None)
-    r.xadd(stream, entry_fields(key, value))
+    xadd(r, stream, entry_fields(key, value))
     cfg = write_config(tmp_path / "c.yaml", redis_url, streams=[stream], rules=rules)
     drain(cfg)
     assert r.smembers("plan:free") == {b"10.50"}
     # a delete whose before-image is null names the row by its key alone: "10.50" too
     key, value = _with_schemas("d", 11, None, None)
-    r.xadd(stream, entry_fields(key, value))
+    xadd(r, stream, entry_fields(key, value))
     drain(cfg)
     assert not r.exists("plan:free")
     assert not r.exists(stream + ":dlq")
@@ -544,7 +545,7 @@ _VALUES = st.recursive(
 )
 _COLUMNS = ["id", "name", "plan", "price", "email", "active", "tags", "extra"]
 _DECIMAL = {"type": "bytes", "name": "org.apache.kafka.connect.data.Decimal"}
-_LOGICAL = st.sampled_from(
+_LOGICAL: st.SearchStrategy[dict[str, Any]] = st.sampled_from(
     [
         _DECIMAL | {"parameters": {"scale": "2"}},
         _DECIMAL | {"parameters": {"scale": "-3"}},
@@ -688,10 +689,10 @@ def test_a_float_is_spelled_the_same_in_every_structure(lib: redis.Redis, x: flo
     assert set(apply(lib, planner(FLOAT_RULES).plan(event))) == {1}
     assert lib.hget("user:1", "x") == spelled.encode()
     assert orjson.loads(lib.get("doc:1") or b"") == {"id": 1, "x": x}
-    assert (lib.get("doc:1") or b"").decode() == f'{{"id":1,"x":{spelled}}}'
+    assert as_str(lib.get("doc:1") or b"") == f'{{"id":1,"x":{spelled}}}'
     assert lib.get(f"by-x:{spelled}") == spelled.encode()
     assert lib.smembers("xs") == {spelled.encode()}
     assert lib.zrange("ranked", 0, -1, withscores=True) == [(spelled.encode(), x)]
     assert lib.lrange("feed", 0, -1) == [spelled.encode()]
-    ((_, fields),) = lib.xrange("events")
+    ((_, fields),) = xrange(lib, "events")
     assert fields[b"x"] == spelled.encode()
