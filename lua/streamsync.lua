@@ -3,65 +3,44 @@
 --[[
 streamsync Functions library: applies Debezium change events to Redis, idempotently.
 
-Every row write carries the event's source position (for PostgreSQL the LSN as a 20-digit,
-zero-padded decimal string). Each target key has a position record, a string key in the same hash
-slot that holds the position of the last change applied to it. A change is applied only when its
-position is strictly greater than the stored one; an equal or older position is a no-op reported
-as stale. So duplicates, replays and out-of-order delivery never roll a key back.
+Every change carries its source position (streamsync/positions.py: digits only, ordered like the
+database committed the changes). streamsync keeps one record per row: a change is applied only
+when its position is strictly greater than the recorded one; an equal or older position is a
+no-op reported as stale. So duplicates, replays and out-of-order delivery never roll a row back.
+Positions compare as strings (the server's collation orders digit strings numerically).
 
-Positions compare as fixed-width digit strings: LSNs are 64-bit and Lua numbers are doubles.
+Records (library 2.0, docs/bookkeeping.md) are fields of small hashes, the rule's buckets: the
+worker computes a record's bucket (linear hashing over crc32 of the field) and names it in KEYS;
+bucket 0 of each rule table holds the table's meta fields. Every key the library touches arrives
+in KEYS; it never builds key names or scans the keyspace.
 
-The worker calls streamsync_batch: per row, its rule's index key followed by the row kind's own
-keys (target key, position record, placement record...: see each kind below), and
-ARGV[1] = tombstone TTL in milliseconds followed by one segment per row, in KEYS order, each
-starting with the row's kind and index member. (streamsync_apply and the per-operation functions
-of library 1.0 take KEYS in pairs, target key and position record, and no index member.) Row
-functions reply with an array holding one status per row:
+Row functions reply with one status per row:
   1 applied, 0 stale (position not newer), 2 skipped (an update with unchanged TOAST columns for a
   row that is not cached: the key stays absent so no partial row is cached), 3 dropped (the cached
-  row could not be completed, so it was deleted: the next full change or read fills it again), or
-  an error string when a Redis command failed for that row (the other rows still apply).
-Every key the library touches arrives in KEYS; it never builds key names or scans the keyspace.
+  row could not be completed, so it was deleted: the next full change or read fills it again),
+  4 rebucketed (the table's buckets were split since the worker addressed them: nothing done, the
+  worker sends the row again), or an error string when a Redis command failed for that row (the
+  other rows still apply).
 --]]
 
-local VERSION = '1.1.0'
+local VERSION = '2.0.0'
 
-local APPLIED, STALE, SKIPPED, DROPPED = 1, 0, 2, 3
+local APPLIED, STALE, SKIPPED, DROPPED, REBUCKETED = 1, 0, 2, 3, 4
 
--- True while a 1.0 call (streamsync_apply) runs: it keeps no index, so the records it writes
--- must not claim the row is cached (and therefore indexed): no shape, no live mark.
-local LEGACY = false
+-- Meta fields of a rule table's buckets. A record field starting with '#' is stored with a second
+-- '#' in front (streamsync/buckets.py), so no record field can be one of these.
+local META_COUNT = '#c'   -- in bucket 0: records held by the table
+local META_BUCKETS = '#n' -- in bucket 0: the table's bucket count (absent: 1)
+local META_SENTINEL = '#' -- in every other bucket: a bucket that exists is never empty
 
---[[ A position record holds "<position>" or "<position>|<shape>". The shape names the set of
-fields the last full hash write left in the target; while it stays the same, a full write is a
-plain HSET (every field it had is rewritten), and only a different shape needs the DEL that
-removes fields the row no longer has. A JSON or string target's record holds "<position>|="
-while its value is cached. A bare "<position>" is a tombstone, a row not cached, or a hash last
-written partially.
---]]
-local function stored(pos_key)
-    local value = redis.call('GET', pos_key)
-    if not value then
-        return nil, nil
-    end
-    local bar = string.find(value, '|', 1, true)
-    if bar then
-        return string.sub(value, 1, bar - 1), string.sub(value, bar + 1)
-    end
-    return value, nil
-end
+-- A record value: '<position>' while its row is cached without a TTL, else
+-- '<position>~<unix seconds after which the record may go>'. A position never holds '~' and never
+-- is a proper prefix of another, so comparing the whole value with a position compares positions
+-- (an equal position with a suffix compares greater: stale, as it should).
+local EXPIRES = '~'
 
--- The position record outlives a key with a TTL by the tombstone window, so a replay of an old
--- change arriving right after the key expired cannot resurrect it. A row left uncached (deleted,
--- skipped, dropped) keeps its position only for the tombstone window.
-local function store_position(pos_key, value, status, ttl_ms, tombstone_ms)
-    if status ~= APPLIED then
-        redis.call('SET', pos_key, value, 'PX', tombstone_ms)
-    elseif ttl_ms > 0 then
-        redis.call('SET', pos_key, value, 'PX', ttl_ms + tombstone_ms)
-    else
-        redis.call('SET', pos_key, value)
-    end
+local function is_meta(field)
+    return string.byte(field, 1) == 35 and string.byte(field, 2) ~= 35 -- '#', not '##'
 end
 
 local function expire_target(target, ttl_ms)
@@ -70,70 +49,65 @@ local function expire_target(target, ttl_ms)
     end
 end
 
---[[ 'H' full hash row: position, ttl_ms (0 = none), shape, n, n field/value pairs.
-The hash becomes exactly those fields (null columns are absent fields). --]]
-local function hash_full(target, pos_key, argv, i, tombstone_ms)
-    local pos, ttl_ms, shape, n = argv[i], tonumber(argv[i + 1]), argv[i + 2], tonumber(argv[i + 3])
-    local current, current_shape = stored(pos_key)
-    if current and current >= pos then
-        return STALE
-    end
-    if current_shape ~= shape then
+--[[ Writing a single-value target (hash, JSON document, string). Each body writes the target and
+returns APPLIED, SKIPPED or DROPPED; the caller has checked the position and records it. --]]
+
+--[[ 'H' full hash: n, n field/value pairs. The hash becomes exactly those fields (null columns
+are absent fields): a field the row no longer has (a column dropped or null now) is found by the
+count, and the hash rewritten. --]]
+local function hash_full(target, argv, i, ttl_ms)
+    local n = tonumber(argv[i])
+    if n == 0 then
         redis.call('DEL', target)
-    end
-    if n > 0 then
-        redis.call('HSET', target, unpack(argv, i + 4, i + 3 + 2 * n))
-    end
-    expire_target(target, ttl_ms)
-    if LEGACY then
-        store_position(pos_key, pos, APPLIED, ttl_ms, tombstone_ms)
         return APPLIED
     end
-    store_position(pos_key, pos .. '|' .. shape, APPLIED, ttl_ms, tombstone_ms)
-    -- a shape means the row was cached already, so it is in its rule's index
-    return APPLIED, current_shape ~= nil
+    local last = i + 2 * n
+    local written = redis.pcall('HSET', target, unpack(argv, i + 1, last))
+    if type(written) == 'table' and written.err then
+        -- the key holds another type: the rule owns it, so it is replaced
+        redis.call('DEL', target)
+        redis.call('HSET', target, unpack(argv, i + 1, last))
+    elseif redis.call('HLEN', target) ~= n then
+        redis.call('DEL', target)
+        redis.call('HSET', target, unpack(argv, i + 1, last))
+    end
+    expire_target(target, ttl_ms)
+    return APPLIED
 end
 
---[[ 'h' partial hash row (some columns are unchanged TOAST values, not sent): position, ttl_ms,
-n_set, n_null, n_keep, n_set field/value pairs, n_null fields, n_keep fields. The set fields are
-written, the null ones removed, and the kept ones must already be cached: otherwise the row cannot
-be completed and is not cached. --]]
-local function hash_partial(target, pos_key, argv, i, tombstone_ms)
-    local pos, ttl_ms = argv[i], tonumber(argv[i + 1])
-    local n_set, n_null, n_keep = tonumber(argv[i + 2]), tonumber(argv[i + 3]), tonumber(argv[i + 4])
-    local first_set = i + 5
+--[[ 'h' partial hash (some columns are unchanged TOAST values, not sent): n_set, n_null, n_keep,
+n_set field/value pairs, n_null fields, n_keep fields. The set fields are written, the null ones
+removed, and the kept ones must already be cached (and nothing else): otherwise the row cannot be
+completed and is not cached. --]]
+local function hash_partial(target, argv, i, ttl_ms)
+    local n_set, n_null, n_keep = tonumber(argv[i]), tonumber(argv[i + 1]), tonumber(argv[i + 2])
+    local first_set = i + 3
     local first_null = first_set + 2 * n_set
     local first_keep = first_null + n_null
-    local current = stored(pos_key)
-    if current and current >= pos then
-        return STALE
-    end
-    local status = APPLIED
     local kind = redis.call('TYPE', target).ok
     if kind == 'none' then
-        status = SKIPPED
-    else
-        local complete = kind == 'hash'
-        for k = first_keep, first_keep + n_keep - 1 do
-            if not complete then break end
-            complete = redis.call('HEXISTS', target, argv[k]) == 1
-        end
-        if not complete then
-            redis.call('DEL', target)
-            status = DROPPED
-        else
-            if n_set > 0 then
-                redis.call('HSET', target, unpack(argv, first_set, first_null - 1))
-            end
-            if n_null > 0 then
-                redis.call('HDEL', target, unpack(argv, first_null, first_keep - 1))
-            end
-            expire_target(target, ttl_ms)
-        end
+        return SKIPPED
     end
-    -- no shape: the next full write replaces the hash whole
-    store_position(pos_key, pos, status, ttl_ms, tombstone_ms)
-    return status
+    local complete = kind == 'hash'
+    for k = first_keep, first_keep + n_keep - 1 do
+        if not complete then break end
+        complete = redis.call('HEXISTS', target, argv[k]) == 1
+    end
+    if complete then
+        if n_set > 0 then
+            redis.call('HSET', target, unpack(argv, first_set, first_null - 1))
+        end
+        if n_null > 0 then
+            redis.call('HDEL', target, unpack(argv, first_null, first_keep - 1))
+        end
+        complete = redis.call('HLEN', target) == n_set + n_keep
+    end
+    if not complete then
+        redis.call('DEL', target)
+        return DROPPED
+    end
+    expire_target(target, ttl_ms)
+    return APPLIED
 end
 
 --[[ Top-level members of a JSON object text, as {member name token -> raw value text}.
@@ -208,9 +182,6 @@ local function json_members(text)
     return nil
 end
 
--- A JSON or string target's position record ends with this mark while the value is cached.
-local LIVE = '|='
-
 local function set_document(target, doc, ttl_ms)
     if ttl_ms > 0 then
         redis.call('SET', target, doc, 'PX', ttl_ms)
@@ -219,80 +190,95 @@ local function set_document(target, doc, ttl_ms)
     end
 end
 
---[[ 'J' full JSON row: position, ttl_ms, the document. --]]
-local function json_full(target, pos_key, argv, i, tombstone_ms)
-    local pos, ttl_ms = argv[i], tonumber(argv[i + 1])
-    local current, current_mark = stored(pos_key)
-    if current and current >= pos then
-        return STALE
-    end
-    set_document(target, argv[i + 2], ttl_ms)
-    store_position(pos_key, LEGACY and pos or pos .. LIVE, APPLIED, ttl_ms, tombstone_ms)
-    return APPLIED, current_mark == '='
-end
-
---[[ 'j' partial JSON row: position, ttl_ms, n, then n member triples: name token (the JSON
-string as written, e.g. "\"bio\""), kind ('v' value | 'k' keep the cached value), raw JSON value
-('' for 'k'). The cached document supplies the kept members; without it the row is not cached. --]]
-local function json_partial(target, pos_key, argv, i, tombstone_ms)
-    local pos, ttl_ms, n = argv[i], tonumber(argv[i + 1]), tonumber(argv[i + 2])
-    local current = stored(pos_key)
-    if current and current >= pos then
-        return STALE
-    end
-    local status = APPLIED
-    local kind, cached = redis.call('TYPE', target).ok, nil
-    if kind == 'none' then
-        status = SKIPPED
-    else
-        if kind == 'string' then
-            cached = json_members(redis.call('GET', target))
-        end
-        if not cached then
-            status = DROPPED
-        end
-    end
-    if status == APPLIED then
-        local parts = {}
-        for m = 0, n - 1 do
-            local j = i + 3 + 3 * m
-            local name, value = argv[j], argv[j + 2]
-            if argv[j + 1] == 'k' then
-                value = cached[name]
-                if value == nil then
-                    status = DROPPED
-                    break
-                end
-            end
-            parts[#parts + 1] = name .. ':' .. value
-        end
-        if status == APPLIED then
-            set_document(target, '{' .. table.concat(parts, ',') .. '}', ttl_ms)
-        end
-    end
-    if status == DROPPED then
-        redis.call('DEL', target)
-    end
-    if status == APPLIED and not LEGACY then
-        store_position(pos_key, pos .. LIVE, status, ttl_ms, tombstone_ms)
-    else
-        store_position(pos_key, pos, status, ttl_ms, tombstone_ms)
-    end
-    return status
-end
-
---[[ 'D' delete and 'I' invalidate rows: position. The target is deleted and the position
-remembered for the tombstone window, so a late replay of an older change cannot bring the row
-back. --]]
-local function remove(target, pos_key, argv, i, tombstone_ms)
-    local pos = argv[i]
-    local current = stored(pos_key)
-    if current and current >= pos then
-        return STALE
-    end
-    redis.call('DEL', target)
-    redis.call('SET', pos_key, pos, 'PX', tombstone_ms)
+--[[ 'J' full JSON document or string value: the text. --]]
+local function json_full(target, argv, i, ttl_ms)
+    set_document(target, argv[i], ttl_ms)
     return APPLIED
+end
+
+--[[ 'j' partial JSON: n, then n member triples: name token (the JSON string as written, e.g.
+"\"bio\""), kind ('v' value | 'k' keep the cached value), raw JSON value ('' for 'k'). The cached
+document supplies the kept members; without it the row is not cached. --]]
+local function json_partial(target, argv, i, ttl_ms)
+    local n = tonumber(argv[i])
+    local kind = redis.call('TYPE', target).ok
+    if kind == 'none' then
+        return SKIPPED
+    end
+    local cached = kind == 'string' and json_members(redis.call('GET', target))
+    local parts = {}
+    for m = 0, n - 1 do
+        local j = i + 1 + 3 * m
+        local name, value = argv[j], argv[j + 2]
+        if argv[j + 1] == 'k' then
+            value = cached and cached[name]
+        end
+        if value == nil then
+            redis.call('DEL', target)
+            return DROPPED
+        end
+        parts[#parts + 1] = name .. ':' .. value
+    end
+    set_document(target, '{' .. table.concat(parts, ',') .. '}', ttl_ms)
+    return APPLIED
+end
+
+-- 'D' delete and 'I' invalidate: the target is deleted (its record stays, as a tombstone).
+local function remove(target)
+    redis.call('DEL', target)
+    return APPLIED
+end
+
+-- row kinds writing a single-value target: the body, the number of ARGV items it spans (given the
+-- index of its first item), and whether it removes the row
+local SINGLE = {
+    H = {hash_full, function(argv, i) return 1 + 2 * tonumber(argv[i]) end, false},
+    h = {hash_partial, function(argv, i)
+        return 3 + 2 * tonumber(argv[i]) + tonumber(argv[i + 1]) + tonumber(argv[i + 2])
+    end, false},
+    J = {json_full, function() return 1 end, false},
+    j = {json_partial, function(argv, i) return 1 + 3 * tonumber(argv[i]) end, false},
+    D = {remove, function() return 0 end, true},
+    I = {remove, function() return 0 end, true},
+}
+
+--[[ A position record kept as a string key of its own (library 1.x layout, still used by the
+rows of single-value rules whose key may move: kind 'M' below, until placements move to
+buckets). Its value is the position; it expires with the row (PX). --]]
+local function stored(pos_key)
+    local value = redis.call('GET', pos_key)
+    if not value then
+        return nil
+    end
+    local bar = string.find(value, '|', 1, true)
+    if bar then
+        return string.sub(value, 1, bar - 1)
+    end
+    return value
+end
+
+-- the 1.x row function of a single-value kind: KEYS target, position record; items: position,
+-- ttl_ms, then the kind's items
+local function single_v1(kind)
+    local body, span, removes = SINGLE[kind][1], SINGLE[kind][2], SINGLE[kind][3]
+    return function(keys, k, argv, i, tombstone_ms)
+        local target, pos_key = keys[k], keys[k + 1]
+        local pos, ttl_ms = argv[i], tonumber(argv[i + 1])
+        local current = stored(pos_key)
+        if current and current >= pos then
+            return STALE
+        end
+        local status = body(target, argv, i + 2, ttl_ms)
+        if status ~= APPLIED or removes then
+            redis.call('SET', pos_key, pos, 'PX', tombstone_ms)
+            return status, false
+        elseif ttl_ms > 0 then
+            redis.call('SET', pos_key, pos, 'PX', ttl_ms + tombstone_ms)
+        else
+            redis.call('SET', pos_key, pos)
+        end
+        return status, true
+    end, function(argv, i) return 2 + span(argv, i + 2) end
 end
 
 --[[ Placement records (library 1.1). A rule whose structure gathers many rows (set, sorted set,
@@ -585,36 +571,20 @@ local function remove_row(keys, k, argv, i, tombstone_ms)
     return APPLIED, false
 end
 
--- Single-value rows (two KEYS: target, position record) as (status, placed).
-local function single(fn, removes)
-    return function(keys, k, argv, i, tombstone_ms)
-        local status, was_cached = fn(keys[k], keys[k + 1], argv, i, tombstone_ms)
-        if status == STALE then
-            return status
-        end
-        if status ~= APPLIED or removes then
-            return status, false
-        end
-        if was_cached then
-            return status
-        end
-        return status, true
-    end
+-- The 1.x row functions a moving row ('M') calls for its target: see single_v1.
+local INNER = {}
+local function inner(kind)
+    local fn, span = single_v1(kind)
+    INNER[kind] = {fn, span}
 end
+inner('H')
+inner('h')
+inner('J')
+inner('j')
 
--- row kinds: the function applying one, its number of KEYS, and the number of ARGV items it
--- spans (given the index of its first item after the kind)
+-- placement row kinds (1.x layout): the function applying one, its number of KEYS after the
+-- rule's index, and the number of ARGV items it spans (given the index of its first item)
 local ROWS = {
-    H = {single(hash_full), 2, function(argv, i) return 4 + 2 * tonumber(argv[i + 3]) end,
-        hash_full},
-    h = {single(hash_partial), 2, function(argv, i)
-        return 5 + 2 * tonumber(argv[i + 2]) + tonumber(argv[i + 3]) + tonumber(argv[i + 4])
-    end, hash_partial},
-    J = {single(json_full), 2, function() return 3 end, json_full},
-    j = {single(json_partial), 2, function(argv, i) return 3 + 3 * tonumber(argv[i + 2]) end,
-        json_partial},
-    D = {single(remove, true), 2, function() return 1 end, remove, true},
-    I = {single(remove, true), 2, function() return 1 end, remove, true},
     T = {member_row('T'), 2, function() return 3 end},
     Z = {member_row('Z'), 2, function() return 4 end},
     L = {list_row, 4, function() return 6 end},
@@ -623,10 +593,11 @@ local ROWS = {
 }
 
 --[[ 'M' a single-value row whose key may move: KEYS placement record, target, its position
-record; items: position, then an H, h, J or j row's kind and items. The row-level position decides
-whether the change is new; the target's own position record then decides whether it may write
-the key (another row may have taken the key over later: a unique column changing hands). The key
-the row held before, if another, is deleted unless a newer change wrote it since. --]]
+record; items: position, then an H, h, J or j row's kind and items (position, ttl_ms, the kind's
+items). The row-level position decides whether the change is new; the target's own position record
+then decides whether it may write the key (another row may have taken the key over later: a
+unique column changing hands). The key the row held before, if another, is deleted unless a newer
+change wrote it since. --]]
 local function moving_row(keys, k, argv, i, tombstone_ms)
     local p_key, target, t_pos = keys[k], keys[k + 1], keys[k + 2]
     local pos, inner = argv[i], argv[i + 1]
@@ -634,7 +605,7 @@ local function moving_row(keys, k, argv, i, tombstone_ms)
     if current and current >= pos then
         return STALE
     end
-    local status = ROWS[inner][1](keys, k + 1, argv, i + 2, tombstone_ms)
+    local status = INNER[inner][1](keys, k + 1, argv, i + 2, tombstone_ms)
     if old and (old_kind ~= 'M' or old[1] ~= target) then
         unplace(old_kind, old, current, tombstone_ms, true)
     end
@@ -650,10 +621,8 @@ local function moving_row(keys, k, argv, i, tombstone_ms)
     return status, false
 end
 ROWS.M = {moving_row, 3, function(argv, i)
-    return 2 + ROWS[argv[i + 1]][3](argv, i + 2)
+    return 2 + INNER[argv[i + 1]][2](argv, i + 2)
 end}
-
-local V1_KINDS = {H = true, h = true, J = true, j = true, D = true, I = true}
 
 local function row_error(result)
     if type(result) == 'table' and result.err then
@@ -662,110 +631,191 @@ local function row_error(result)
     return tostring(result)
 end
 
---[[ Apply rows of the given kinds (library 1.0 layout). KEYS: (target, position record) per row.
-ARGV: tombstone_ms, then per row its kind and its items. One failing row (a Redis error) does
-not stop the others: its reply is the error text. --]]
-local function apply_rows(keys, argv, allowed)
-    local tombstone_ms = tonumber(argv[1])
-    local replies = {}
-    LEGACY = true
-    local i = 2
-    for k = 1, #keys, 2 do
-        local op = argv[i]
-        local row = ROWS[op]
-        if not V1_KINDS[op] or (allowed and not allowed[op]) then
-            LEGACY = false
-            return redis.error_reply('row ' .. (k + 1) / 2 .. ': unexpected row kind ' ..
-                tostring(op))
-        end
-        local ok, result = pcall(row[1], keys, k, argv, i + 1, tombstone_ms)
-        replies[#replies + 1] = ok and result or row_error(result)
-        i = i + 1 + row[3](argv, i + 1)
+-- A single-value row against its record in a bucket: (status, whether the record is new).
+local function single_row(body, removes, target, bucket, field, pos, argv, i, ttl_ms, now,
+                          tombstone_s)
+    local current = redis.call('HGET', bucket, field)
+    if current and current >= pos then
+        return STALE, false
     end
-    LEGACY = false
-    return replies
+    local status = body(target, argv, i, ttl_ms)
+    local value = pos
+    if status ~= APPLIED or removes then
+        value = pos .. EXPIRES .. (now + tombstone_s)
+    elseif ttl_ms > 0 then
+        value = pos .. EXPIRES .. (now + math.ceil(ttl_ms / 1000) + tombstone_s)
+    end
+    redis.call('HSET', bucket, field, value)
+    return status, not current
 end
 
---[[ streamsync_apply: the batch entry point of library 1.0, rows of any 1.0 kind.
-KEYS: target key, position record; repeated per row
-ARGV: tombstone_ms, then per row: kind, items:
-  H (full hash): position, ttl_ms, shape, n, n field/value pairs
-  h (partial hash): position, ttl_ms, n_set, n_null, n_keep, pairs, null fields, kept fields
-  J (full JSON or string value): position, ttl_ms, document
-  j (partial JSON): position, ttl_ms, n, n triples (name token, 'v' | 'k', raw value)
-  D (delete), I (invalidate): position
-Reply: one status per row (see the header).
---]]
-local function apply(keys, argv)
-    return apply_rows(keys, argv, nil)
+-- A placement row (1.x layout): its rule's index first, the index member, then the kind's keys
+-- and items. An applied row that places a row not placed before adds it to the index; one that
+-- leaves the row placed nowhere removes it.
+local function placement_row(row, keys, k, argv, i, tombstone_ms)
+    local ok, status, placed = pcall(row[1], keys, k + 1, argv, i + 1, tombstone_ms)
+    if not ok then
+        return row_error(status)
+    end
+    local member = argv[i]
+    if member ~= '' then
+        if placed == true then
+            redis.call('SADD', keys[k], member)
+        elseif placed == false then
+            redis.call('SREM', keys[k], member)
+        end
+    end
+    return status
 end
 
---[[ streamsync_batch: the batch entry point of library 1.1: rows of every kind, each kept in
-its rule's index (the set of what the rule placed, so TRUNCATE and resync find every key derived
-from a table without scanning the keyspace).
-KEYS: per row, its rule's index, then the kind's KEYS (see each kind above and streamsync_apply)
-ARGV: tombstone_ms, then per row: kind, index member ('' = the row is not indexed, '.' = its
-first key after the index: the target of a single-value row), items.
-An applied row that places a row not placed before adds the member to the index (a row already
-cached is known to be there, which spares the common update an SADD); one that leaves the row
-placed nowhere removes it.
-Reply: one status per row (see the header).
+--[[ streamsync_changes: the batch entry point (library 2.0).
+KEYS: per rule table of the call, its bucket 0; then per row the row's keys:
+  single-value kinds (H h J j D I): the target, the bucket holding the row's record;
+  placement kinds (T Z L X R M, 1.x layout): the rule's index, then the kind's keys (see above).
+ARGV: tombstone_s, the number of tables, per table: its bucket count as the worker knows it, and
+its rule's ttl_ms (0 = none); then per row: its table (1-based; 0 for placement rows), its kind,
+then for a single-value kind the record field, the position and the kind's items; for a
+placement kind the index member ('' = not indexed) and the kind's items (position first).
+A table whose bucket count is not the one the worker knows (another worker split a bucket) has
+none of its rows applied: each replies 4 (rebucketed), for the worker to send again.
+Reply: one status per row (see the header), then one array: per table, its bucket count and the
+records it holds.
 --]]
-local function batch(keys, argv)
-    LEGACY = false
-    local tombstone_ms = tonumber(argv[1])
+local function changes(keys, argv)
+    local tombstone_s, ntables = tonumber(argv[1]), tonumber(argv[2])
+    local tombstone_ms = tombstone_s * 1000
+    local now = tonumber(redis.call('TIME')[1])
+    local current, ttls, added, tables = {}, {}, {}, {}
+    local i = 3
+    for t = 1, ntables do
+        local meta = redis.call('HMGET', keys[t], META_BUCKETS, META_COUNT)
+        local n = tonumber(meta[1]) or 1
+        current[t] = n == tonumber(argv[i])
+        ttls[t] = tonumber(argv[i + 1])
+        added[t] = 0
+        tables[2 * t - 1], tables[2 * t] = n, tonumber(meta[2]) or 0
+        i = i + 2
+    end
     local replies = {}
-    local i, k, n = 2, 1, 0
+    local k, r = ntables + 1, 0
     while k <= #keys do
-        local op = argv[i]
-        local row = ROWS[op]
-        n = n + 1
-        if not row then
-            return redis.error_reply('row ' .. n .. ': unexpected row kind ' .. tostring(op))
-        end
-        local member = argv[i + 1]
-        local ok, status, placed
-        local direct = row[4]
-        if direct then
-            -- the common single-value rows, called without the wrapper (the hot path)
-            local was_cached
-            ok, status, was_cached = pcall(direct, keys[k + 1], keys[k + 2], argv, i + 2,
-                tombstone_ms)
-            if ok and status ~= STALE then
-                if status ~= APPLIED or row[5] then
-                    placed = false
-                elseif not was_cached then
-                    placed = true
+        local t, kind = tonumber(argv[i]), argv[i + 1]
+        r = r + 1
+        local single = SINGLE[kind]
+        if single then
+            local span = single[2](argv, i + 4)
+            if not current[t] then
+                replies[r] = REBUCKETED
+            else
+                local ok, status, new = pcall(single_row, single[1], single[3], keys[k],
+                    keys[k + 1], argv[i + 2], argv[i + 3], argv, i + 4, ttls[t], now, tombstone_s)
+                if ok then
+                    replies[r] = status
+                    if new then
+                        added[t] = added[t] + 1
+                    end
+                else
+                    replies[r] = row_error(status)
                 end
             end
+            i = i + 4 + span
+            k = k + 2
         else
-            ok, status, placed = pcall(row[1], keys, k + 1, argv, i + 2, tombstone_ms)
-        end
-        if member == '.' then
-            member = keys[k + 1]
-        end
-        if not ok then
-            replies[n] = row_error(status)
-        else
-            replies[n] = status
-            if member ~= '' then
-                if placed == true then
-                    redis.call('SADD', keys[k], member)
-                elseif placed == false then
-                    redis.call('SREM', keys[k], member)
-                end
+            local row = ROWS[kind]
+            if not row then
+                return redis.error_reply('row ' .. r .. ': unexpected row kind ' .. tostring(kind))
             end
+            replies[r] = placement_row(row, keys, k, argv, i + 2, tombstone_ms)
+            i = i + 3 + row[3](argv, i + 3)
+            k = k + 1 + row[2]
         end
-        i = i + 2 + row[3](argv, i + 2)
-        k = k + 1 + row[2]
     end
+    for t = 1, ntables do
+        if added[t] > 0 then
+            tables[2 * t] = redis.call('HINCRBY', keys[t], META_COUNT, added[t])
+        end
+    end
+    replies[r + 1] = tables
     return replies
 end
 
--- streamsync_write_hash, streamsync_write_json, streamsync_delete, streamsync_invalidate: the
--- same as streamsync_apply, restricted to the rows of one operation (H/h, J/j, D, I).
-local function only(kinds)
-    return function(keys, argv) return apply_rows(keys, argv, kinds) end
+--[[ streamsync_split: one step of linear hashing.
+KEYS: the table's bucket 0, the bucket to split, the new bucket
+ARGV: the table's bucket count N the worker knows, the number m of record fields it read from the
+bucket to split, those m fields, then the fields that move to the new bucket (those whose crc32
+has bit floor(log2 N) set: the worker computes it).
+Moves them and makes the count N + 1, only if N is current and the bucket to split holds exactly
+those m fields (a record written since the worker read it would otherwise be left behind).
+Reply: the bucket count after (N + 1 when split, the current count otherwise).
+--]]
+local function split(keys, argv)
+    local meta, src, dst = keys[1], keys[2], keys[3]
+    local n = tonumber(redis.call('HGET', meta, META_BUCKETS)) or 1
+    if n ~= tonumber(argv[1]) then
+        return n
+    end
+    local m = tonumber(argv[2])
+    local read = {}
+    for j = 3, 2 + m do
+        read[argv[j]] = true
+    end
+    local held = 0
+    for _, f in ipairs(redis.call('HKEYS', src)) do
+        if not is_meta(f) then
+            if not read[f] then
+                return n
+            end
+            held = held + 1
+        end
+    end
+    if held ~= m then
+        return n
+    end
+    local first, last = 3 + m, #argv
+    if last >= first then
+        local values = redis.call('HMGET', src, unpack(argv, first, last))
+        local pairs_ = {}
+        for j = first, last do
+            pairs_[#pairs_ + 1] = argv[j]
+            pairs_[#pairs_ + 1] = values[j - first + 1]
+        end
+        redis.call('HSET', dst, META_SENTINEL, '', unpack(pairs_))
+        redis.call('HDEL', src, unpack(argv, first, last))
+    else
+        redis.call('HSET', dst, META_SENTINEL, '')
+    end
+    redis.call('HSET', meta, META_BUCKETS, n + 1)
+    return n + 1
+end
+
+--[[ streamsync_expire
+KEYS: a table's bucket 0, then buckets of that table
+ARGV: none
+Removes the records whose time has passed (tombstones past tombstone_s, rows of a rule with a TTL
+unwritten for their TTL and the tombstone window). Reply: the number of records removed.
+--]]
+local function expire(keys, argv)
+    local now = tonumber(redis.call('TIME')[1])
+    local removed = 0
+    for k = 2, #keys do
+        local flat = redis.call('HGETALL', keys[k])
+        local gone = {}
+        for j = 1, #flat, 2 do
+            local value = flat[j + 1]
+            local mark = string.find(value, EXPIRES, 1, true)
+            if mark and tonumber(string.sub(value, mark + 1)) < now and not is_meta(flat[j]) then
+                gone[#gone + 1] = flat[j]
+            end
+        end
+        if #gone > 0 then
+            redis.call('HDEL', keys[k], unpack(gone))
+            removed = removed + #gone
+        end
+    end
+    if removed > 0 then
+        redis.call('HINCRBY', keys[1], META_COUNT, -removed)
+    end
+    return removed
 end
 
 local TRIM_LIMIT = 10000
@@ -888,12 +938,9 @@ end
 
 redis.register_function{function_name = 'streamsync_version', callback = version,
     flags = {'no-writes'}}
-redis.register_function('streamsync_apply', apply)
-redis.register_function('streamsync_batch', batch)
-redis.register_function('streamsync_write_hash', only({H = true, h = true}))
-redis.register_function('streamsync_write_json', only({J = true, j = true}))
-redis.register_function('streamsync_delete', only({D = true}))
-redis.register_function('streamsync_invalidate', only({I = true}))
+redis.register_function('streamsync_changes', changes)
+redis.register_function('streamsync_split', split)
+redis.register_function('streamsync_expire', expire)
 redis.register_function('streamsync_trim', trim)
 redis.register_function('streamsync_mark_epoch', mark_epoch)
 redis.register_function('streamsync_prune_consumer', prune_consumer)

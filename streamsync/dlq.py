@@ -255,7 +255,7 @@ class Replayer:
             Decoder(settings.source.format, settings.source.null_marker),
             Planner.from_settings(settings),
             self.epochs,
-            tombstone_ms=settings.worker.tombstone_ttl_s * 1000,
+            tombstone_s=settings.worker.tombstone_ttl_s,
             max_deliveries=settings.worker.max_deliveries,
         )
         self.library = Library(self.client)
@@ -354,7 +354,7 @@ class Replayer:
             return Outcome(letter, "applied", f"would apply {len(planned.rows)} row(s)")
         else:
             try:
-                replies = self.library.batch(planned.rows, self.core.tombstone_ms)
+                replies = self.library.changes(planned.rows, self.core.tombstone_s).rows
             except redis.ResponseError as exc:
                 return Outcome(letter, "left", f"redis error: {exc}")
             errors = [s for s in replies if isinstance(s, str)]

@@ -2,7 +2,7 @@
 it. One typed wrapper per registered function the package calls; no FCALL is built elsewhere.
 
 The worker sends its batch calls over a raw pipelined link (see ``streamsync.link``): for it,
-``batch_command`` builds the call and ``batch_replies`` reads the reply. Everything else calls
+``changes_command`` builds the call and ``changes_reply`` reads the reply. Everything else calls
 through ``Library``, which reloads the library when Redis lost it (a restart without
 persistence, a ``FUNCTION FLUSH``).
 """
@@ -13,7 +13,7 @@ import enum
 import functools
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -22,12 +22,15 @@ from typing import Any
 
 import redis
 
+from streamsync.buckets import Table, as_bytes, is_meta
 from streamsync.errors import LibraryIncompatibleError
 
 log = logging.getLogger(__name__)
 
 FN_VERSION = "streamsync_version"
-FN_BATCH = "streamsync_batch"
+FN_CHANGES = "streamsync_changes"
+FN_SPLIT = "streamsync_split"
+FN_EXPIRE = "streamsync_expire"
 FN_TRIM = "streamsync_trim"
 FN_PRUNE_CONSUMER = "streamsync_prune_consumer"
 FN_MARK_EPOCH = "streamsync_mark_epoch"
@@ -51,6 +54,8 @@ class RowStatus(enum.IntEnum):
     SKIPPED = 2
     #: The cached row could not be completed, so it was deleted; the next full change fills it.
     DROPPED = 3
+    #: Not applied: the row's table was split since the worker addressed it (sent again).
+    REBUCKETED = 4
 
     @property
     def outcome(self) -> str:
@@ -65,33 +70,77 @@ RowReply = RowStatus | str
 
 @dataclass(slots=True)
 class RowWrite:
-    """One row of a batch call: its KEYS (its rule's index first, then the kind's keys) and its
-    ARGV items (kind, index member, then the kind's items; layouts in lua/streamsync.lua,
-    built by ``streamsync.mapping``)."""
+    """One row of a ``streamsync_changes`` call: its KEYS and its ARGV items (layouts in
+    lua/streamsync.lua, built by ``streamsync.mapping``).
+
+    A single-value row (kinds H h J j D I) keeps its record in a table's bucket: its KEYS are the
+    target and that bucket, its items the kind, the record field, the position and the kind's
+    items, and ``table`` is set. A placement row (1.x layout: its rule's index first, then the
+    kind's keys; the kind, the index member, then the kind's items) has no ``table``.
+    """
 
     keys: list[str]
     args: ArgV
+    table: Table | None = None
+    #: The table's bucket count the row was addressed with.
+    buckets: int = 1
 
 
-def _batch_arguments(rows: Iterable[RowWrite], tombstone_ms: int) -> tuple[list[str], ArgV]:
-    keys: list[str] = []
-    args: ArgV = [str(tombstone_ms)]
+@dataclass(slots=True)
+class ChangesReply:
+    """A ``streamsync_changes`` reply: one RowReply per row, and what each table holds now."""
+
+    rows: list[RowReply]
+    #: Per table of the call, in order: its bucket count and its record count.
+    tables: list[tuple[int, int]]
+
+
+def _readdress(row: RowWrite, table: Table) -> None:
+    # the table was split since the row was planned: its record may live in another bucket
+    row.keys[1] = table.bucket_of(as_bytes(row.args[1]))
+    row.buckets = table.buckets
+
+
+def _changes_arguments(
+    rows: Sequence[RowWrite], tombstone_s: int
+) -> tuple[list[str], ArgV, list[Table]]:
+    tables: dict[Table, str] = {}
     for row in rows:
+        if row.table is not None and row.table not in tables:
+            tables[row.table] = str(len(tables) + 1)
+    keys = [table.meta for table in tables]
+    args: ArgV = [str(tombstone_s), str(len(tables))]
+    for table in tables:
+        args += (str(table.buckets), str(table.ttl_ms))
+    for row in rows:
+        held = row.table
+        if held is None:
+            args.append("0")
+        else:
+            if row.buckets != held.buckets:
+                _readdress(row, held)
+            args.append(tables[held])
         keys += row.keys
         args += row.args
-    return keys, args
+    return keys, args, list(tables)
 
 
-def batch_command(rows: Iterable[RowWrite], tombstone_ms: int) -> Command:
-    """The ``streamsync_batch`` call applying ``rows`` in order: KEYS are the rows' keys, ARGV
-    the tombstone TTL in milliseconds then the rows' items."""
-    keys, args = _batch_arguments(rows, tombstone_ms)
-    return ("FCALL", FN_BATCH, len(keys), *keys, *args)
+def changes_command(rows: Sequence[RowWrite], tombstone_s: int) -> tuple[Command, list[Table]]:
+    """The ``streamsync_changes`` call applying ``rows`` in order, and the tables it names (in
+    the order its reply describes them)."""
+    keys, args, tables = _changes_arguments(rows, tombstone_s)
+    return ("FCALL", FN_CHANGES, len(keys), *keys, *args), tables
 
 
-def batch_replies(reply: Sequence[Any]) -> list[RowReply]:
-    """A ``streamsync_batch`` reply as one RowReply per row."""
-    return [RowStatus(item) if isinstance(item, int) else _text(item) for item in reply]
+def changes_reply(reply: Sequence[Any], tables: Sequence[Table]) -> ChangesReply:
+    """A ``streamsync_changes`` reply, read; the tables learn what the library saw of them."""
+    *statuses, info = reply
+    seen = [(int(info[2 * t]), int(info[2 * t + 1])) for t in range(len(tables))]
+    for table, (buckets, count) in zip(tables, seen, strict=True):
+        table.seen(buckets, count)
+    return ChangesReply(
+        [RowStatus(item) if isinstance(item, int) else _text(item) for item in statuses], seen
+    )
 
 
 def is_missing_library(message: str) -> bool:
@@ -217,10 +266,31 @@ class Library:
         self.ensure()
         return self.client.fcall(function, len(keys), *keys, *args)
 
-    def batch(self, rows: Sequence[RowWrite], tombstone_ms: int) -> list[RowReply]:
-        """``streamsync_batch``: apply ``rows`` (of one hash slot in a cluster)."""
-        keys, args = _batch_arguments(rows, tombstone_ms)
-        return batch_replies(self._call(FN_BATCH, keys, *args))
+    def changes(self, rows: Sequence[RowWrite], tombstone_s: int) -> ChangesReply:
+        """``streamsync_changes``: apply ``rows`` (of one hash slot in a cluster)."""
+        keys, args, tables = _changes_arguments(rows, tombstone_s)
+        return changes_reply(self._call(FN_CHANGES, keys, *args), tables)
+
+    def split(self, table: Table) -> bool:
+        """``streamsync_split``: divide the table's next bucket; False when the table changed
+        meanwhile (another worker split it, or wrote into the bucket): the table knows its new
+        bucket count when it was split elsewhere."""
+        source = table.split_source()
+        held = [as_bytes(f) for f in self.client.hkeys(source) if not is_meta(f)]
+        moving = table.moving(held)
+        target = table.bucket(table.buckets)
+        buckets = int(
+            self._call(
+                FN_SPLIT, [table.meta, source, target], table.buckets, len(held), *held, *moving
+            )
+        )
+        split = buckets == table.buckets + 1
+        table.buckets = buckets
+        return split
+
+    def expire(self, table: Table, buckets: Sequence[int]) -> int:
+        """``streamsync_expire``: remove the expired records of the table's ``buckets``."""
+        return int(self._call(FN_EXPIRE, [table.meta, *(table.bucket(b) for b in buckets)]))
 
     def trim(self, stream: str) -> int:
         """``streamsync_trim``: remove entries of ``stream`` every group acknowledged; returns

@@ -188,6 +188,13 @@ class StateKeys:
             return ""
         return f"{{{rule_pin(rule)}}}:"
 
+    def bucket(self, rule_name: str, index: int, slot: int | None = None) -> str:
+        """Bucket ``index`` of the records of rule ``rule_name`` (of hash slot ``slot`` in a
+        Cluster: the bucket then hashes to that slot)."""
+        if slot is None:
+            return f"{self.state_prefix}b:{rule_name}:{index}"
+        return f"{self.state_prefix}b:{rule_name}:{{{slot_tag(slot)}}}:{index}"
+
     # -- per group, stream and consumer ----------------------------------------------------------
 
     @property
@@ -200,6 +207,11 @@ class StateKeys:
         entries (read by ``streamsync status``): ``n:<table>:<op>:<outcome>`` counters, and
         ``last_applied_ms``, ``last_source_ts_ms``, ``last_id`` of the newest applied change."""
         return f"{self.state_prefix}stats:{group}:{stream}"
+
+    def lease(self, chore: str) -> str:
+        """The lease a worker holds while it does ``chore`` for every worker (expiring
+        records): one worker at a time."""
+        return f"{self.state_prefix}lease:{chore}"
 
     def alive(self, group: str, consumer: str) -> str:
         """A running worker's liveness mark: a key it refreshes with a TTL while it runs, and

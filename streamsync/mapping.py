@@ -6,7 +6,6 @@ its position record and the row's ARGV segment (layouts in lua/streamsync.lua).
 
 from __future__ import annotations
 
-import binascii
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -14,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from streamsync.buckets import Tables
 from streamsync.config import (
     JSON_VALUE,
     SINGLE_VALUE_TYPES,
@@ -44,12 +44,6 @@ from streamsync.templates import render_value
 ROW_HASH, ROW_HASH_PARTIAL, ROW_JSON, ROW_JSON_PARTIAL = "H", "h", "J", "j"
 ROW_DELETE, ROW_INVALIDATE = "D", "I"
 ROW_SET, ROW_ZSET, ROW_LIST, ROW_STREAM, ROW_REMOVE, ROW_MOVING = "T", "Z", "L", "X", "R", "M"
-
-#: Field-name sets remembered by a planner before it starts over.
-MAX_SHAPES = 4096
-
-#: The index member of a single-value row that stands for its target key (not sent twice).
-INDEX_TARGET = "."
 
 
 def hash_value(value: Any) -> str | bytes:
@@ -186,8 +180,13 @@ def _ttl_ms(rule: Rule) -> str:
     return str(rule.ttl_s * 1000) if rule.ttl_s else "0"
 
 
-#: A rule, whether it takes the lean path, and its key index when that is the same for every key.
-_RulePlan = tuple[Rule, bool, str | None]
+#: A rule, whether it takes the lean path, and the length of its keys' literal prefix (a record
+#: is named by its key without it: ``user:{id}`` -> ``42``).
+_RulePlan = tuple[Rule, bool, int]
+
+
+def _prefix_length(rule: Rule) -> int:
+    return len(rule.template.literals[0])
 
 
 class Planner:
@@ -200,7 +199,8 @@ class Planner:
             for rules in rules_by_table.values():
                 for rule in rules:
                     _check_pinned(rule)
-        self._shapes: dict[tuple[str, ...], str] = {}
+        #: Where each record lives, as last seen.
+        self.tables = Tables(keys)
         self._plans_by_table: dict[str, list[_RulePlan]] = {}
         # per table: its primary-key columns, and whether every rule is keyed by them
         self._all_fixed_by_table: dict[str, tuple[set[str], bool]] = {}
@@ -246,16 +246,16 @@ class Planner:
                     except orjson.JSONEncodeError as exc:
                         raise PoisonEntryError(f"primary key: {_unwritable(key, exc)}") from None
         out = []
-        for rule, lean, lean_index in self._rule_plans(event.table, rules):
+        for rule, lean, prefix in self._rule_plans(event.table, rules):
             try:
                 if lean and event.op != "d" and (key is None or identity is None):
                     # the common case, kept lean: a hash keyed by primary key, no filter
                     target = rule.template.render(row)
-                    args = self._hash_args(rule, event, row, position)
-                    args.insert(1, INDEX_TARGET)
-                    index = lean_index or self.keys.key_index(rule, target)
-                    keys = [index, target, self.keys.position(target)]
-                    out.append(RowWrite(keys, args))
+                    table = self.tables.table(rule, target)
+                    bucket, field = table.locate(target[prefix:])
+                    body = self._hash_body(rule, event, row)
+                    body[1:1] = (field, position)
+                    out.append(RowWrite([target, bucket], body, table, table.buckets))
                     continue
                 out.append(
                     self._plan_rule(
@@ -270,8 +270,8 @@ class Planner:
 
     def _rule_plans(self, table: str, rules: tuple[Rule, ...]) -> list[_RulePlan]:
         """The table's rules, each with whether it takes the lean path (a write-through hash
-        without filter: keyed by primary key whenever every rule is) and, off a cluster, its
-        key index."""
+        without filter: keyed by primary key whenever every rule is) and its keys' literal
+        prefix length."""
         plans = self._plans_by_table.get(table)
         if plans is None:
             plans = []
@@ -281,10 +281,18 @@ class Planner:
                     and rule.type is TargetType.HASH
                     and rule.filter is None
                 )
-                index = self.keys.key_index(rule) if lean and not self.cluster else None
-                plans.append((rule, lean, index))
+                plans.append((rule, lean, _prefix_length(rule)))
             self._plans_by_table[table] = plans
         return plans
+
+    def single(self, rule: Rule, target: str, position: str, body: ArgV) -> RowWrite:
+        """The row writing (or removing) ``target``, a key naming one row of ``rule`` for good,
+        with ``body`` (a kind and its items); its record lives in the rule's buckets."""
+        table = self.tables.table(rule, target)
+        bucket, field = table.locate(target[_prefix_length(rule) :])
+        return RowWrite(
+            [target, bucket], [body[0], field, position, *body[1:]], table, table.buckets
+        )
 
     def _plan_rule(
         self,
@@ -298,22 +306,15 @@ class Planner:
     ) -> RowWrite:
         kind = rule.type
         if rule.mode is Mode.INVALIDATE:
-            return self.invalidation(rule.template.render(row), position)
+            return self.single(rule, rule.template.render(row), position, [ROW_INVALIDATE])
         assert kind is not None
         present = event.op != "d" and self._matches(rule, event, row)
         if kind in SINGLE_VALUE_TYPES and (key is None or self._fixed(rule, key)):
-            # the key names the row for good: the target's own position record is the row's
+            # the key names the row for good: its record is the row's
             target = rule.template.render(row)
-            keys = [
-                self.keys.key_index(rule, target),
-                target,
-                self.keys.position(target),
-            ]
             if not present:
-                return RowWrite(keys, [ROW_DELETE, INDEX_TARGET, position])
-            args = self._single_args(rule, event, row, position)
-            args.insert(1, INDEX_TARGET)
-            return RowWrite(keys, args)
+                return self.single(rule, target, position, [ROW_DELETE])
+            return self.single(rule, target, position, self._single_body(rule, event, row))
         if identity is None:
             raise PoisonEntryError(
                 f"rule {rule.state_name}: a {kind.value} rule needs the row's primary key, and"
@@ -362,12 +363,12 @@ class Planner:
         target = rule.template.render(row)
         ttl = _ttl_ms(rule)
         if kind in SINGLE_VALUE_TYPES:
-            inner = self._single_args(rule, event, row, position)
-            if inner[0] == ROW_DELETE:
+            body = self._single_body(rule, event, row)
+            if body[0] == ROW_DELETE:
                 return RowWrite([index, p_key], [ROW_REMOVE, identity, position, "1"])
             return RowWrite(
                 [index, p_key, target, self.keys.position(target)],
-                [ROW_MOVING, identity, position, *inner],
+                [ROW_MOVING, identity, position, body[0], position, ttl, *body[1:]],
             )
         if kind is TargetType.SET:
             assert rule.member_template is not None
@@ -459,24 +460,22 @@ class Planner:
             row = {rename.get(c, c): v for c, v in row.items()}
         return row
 
-    def _single_args(
-        self, rule: Rule, event: ChangeEvent, row: dict[str, Any], position: str
-    ) -> ArgV:
-        """The kind and items of a hash, JSON or string write (without index member)."""
+    def _single_body(self, rule: Rule, event: ChangeEvent, row: dict[str, Any]) -> ArgV:
+        """The kind and items of a hash, JSON or string write."""
         if rule.type is TargetType.HASH:
-            return self._hash_args(rule, event, row, position)
+            return self._hash_body(rule, event, row)
         if rule.type is TargetType.STRING and rule.value_template is not None:
             template = rule.value_template
             if event.unchanged and not event.unchanged.isdisjoint(template.columns):
                 # the value cannot be rendered: drop the cached one, the next change fills it
-                return [ROW_DELETE, position]
+                return [ROW_DELETE]
             try:
                 value = template.render(row)
             except NullColumnError:
                 # a null value: no key, as for a null hash row's missing fields
-                return [ROW_DELETE, position]
-            return [ROW_JSON, position, _ttl_ms(rule), value]
-        return self._json_args(rule, event, row, position)
+                return [ROW_DELETE]
+            return [ROW_JSON, value]
+        return self._json_body(rule, event, row)
 
     def _stream_row(
         self,
@@ -517,37 +516,19 @@ class Planner:
         )
 
     def removal(self, rule: Rule, index: str, member: str, position: str) -> RowWrite:
-        """The row removing what an index member stands for, unless a change newer than
-        ``position`` wrote it (TRUNCATE, resync)."""
-        if self.keys.is_key_index(index):
-            return RowWrite(
-                [index, member, self.keys.position(member)], [ROW_DELETE, member, position]
-            )
+        """The row removing the placement of row ``member`` of ``rule``'s row index, unless a
+        change newer than ``position`` wrote it (TRUNCATE, resync)."""
         return RowWrite(
             [index, self.keys.placement(rule, member)], [ROW_REMOVE, member, position, "1"]
         )
 
-    def invalidation(self, target: str, position: str) -> RowWrite:
-        """The row deleting ``target``, a key an invalidate rule names, unless a change newer
-        than ``position`` was applied to it (TRUNCATE of an invalidate rule's table)."""
-        return RowWrite(
-            [target, target, self.keys.position(target)], [ROW_INVALIDATE, "", position]
-        )
+    def key_removal(self, rule: Rule, target: str, position: str) -> RowWrite:
+        """The row deleting ``target``, a key ``rule`` names, unless a change newer than
+        ``position`` was applied to it (TRUNCATE, resync; invalidate rules' keys)."""
+        kind = ROW_INVALIDATE if rule.mode is Mode.INVALIDATE else ROW_DELETE
+        return self.single(rule, target, position, [kind])
 
-    def _shape(self, names: tuple[str, ...]) -> str:
-        """A short token naming a set of hash fields (see the library's position records)."""
-        shape = self._shapes.get(names)
-        if shape is None:
-            if len(self._shapes) >= MAX_SHAPES:
-                self._shapes.clear()
-            joined = "\0".join(names).encode()
-            shape = self._shapes[names] = f"{binascii.crc32(joined):08x}"
-        return shape
-
-    def _hash_args(
-        self, rule: Rule, event: ChangeEvent, row: dict[str, Any], position: str
-    ) -> ArgV:
-        ttl = _ttl_ms(rule)
+    def _hash_body(self, rule: Rule, event: ChangeEvent, row: dict[str, Any]) -> ArgV:
         rename = rule.rename
         if not event.unchanged:
             if rule.fields is None and not rename and None not in row.values():
@@ -558,7 +539,7 @@ class Planner:
                 present = [(c, v) for c in selected if (v := row.get(c)) is not None]
                 names = tuple([rename.get(c, c) for c, _ in present])
                 values = [v if type(v) is str else hash_value(v) for _, v in present]
-            head: ArgV = [ROW_HASH, position, ttl, self._shape(names), str(len(names))]
+            head: ArgV = [ROW_HASH, str(len(names))]
             interleaved: ArgV = [""] * (2 * len(names))
             interleaved[0::2] = names
             interleaved[1::2] = values
@@ -579,8 +560,6 @@ class Planner:
                 pairs.append(hash_value(value))
         return [
             ROW_HASH_PARTIAL,
-            position,
-            ttl,
             str(len(pairs) // 2),
             str(len(nulls)),
             str(len(keep)),
@@ -589,14 +568,11 @@ class Planner:
             *keep,
         ]
 
-    def _json_args(
-        self, rule: Rule, event: ChangeEvent, row: dict[str, Any], position: str
-    ) -> ArgV:
-        ttl = _ttl_ms(rule)
+    def _json_body(self, rule: Rule, event: ChangeEvent, row: dict[str, Any]) -> ArgV:
         unchanged = event.unchanged.intersection(rule.fields or row)
         doc = self._shaped(rule, row)
         if not unchanged:
-            return [ROW_JSON, position, ttl, orjson.dumps(doc)]
+            return [ROW_JSON, orjson.dumps(doc)]
         renamed = {rule.rename.get(c, c) for c in unchanged}
         members: ArgV = []
         for name, value in doc.items():
@@ -605,4 +581,4 @@ class Planner:
                 members += ["k", ""]
             else:
                 members += ["v", orjson.dumps(value)]
-        return [ROW_JSON_PARTIAL, position, ttl, str(len(doc)), *members]
+        return [ROW_JSON_PARTIAL, str(len(doc)), *members]

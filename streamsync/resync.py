@@ -200,9 +200,7 @@ def finish(
         if not force:
             check_dead_letters(client, table, stream, *mark)
     epoch = max(epoch for epoch, _ in marks.values())
-    sweeper = Sweeper(
-        client, Planner.from_settings(settings), settings.worker.tombstone_ttl_s * 1000
-    )
+    sweeper = Sweeper(client, Planner.from_settings(settings), settings.worker.tombstone_ttl_s)
     removed = sweeper.remove_older(table, epoch_floor(epoch))
     log.info("%s: resync epoch %d finished, %d stale row(s) removed", table, epoch, removed)
     return removed

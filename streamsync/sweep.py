@@ -18,9 +18,10 @@ from collections.abc import Iterable, Iterator
 
 import redis
 
+from streamsync.buckets import META_BUCKETS, Table, as_text, is_meta, record_name
 from streamsync.config import Mode, Rule, TargetType
 from streamsync.functions import Library, RowStatus, RowWrite
-from streamsync.keys import glob_escape
+from streamsync.keys import CLUSTER_SLOTS, glob_escape
 from streamsync.mapping import Planner
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,12 @@ class Sweeper:
     """Removes what the rules of a table placed, up to a position."""
 
     def __init__(
-        self, client: redis.Redis | redis.RedisCluster, planner: Planner, tombstone_ms: int
+        self, client: redis.Redis | redis.RedisCluster, planner: Planner, tombstone_s: int
     ) -> None:
         self.client = client
         self.library = Library(client)
         self.planner = planner
-        self.tombstone_ms = tombstone_ms
+        self.tombstone_s = tombstone_s
 
     def truncate(self, table: str, position: str) -> int:
         """TRUNCATE ``table`` at ``position``: remove what its rules placed before it, and
@@ -58,18 +59,41 @@ class Sweeper:
             if rule.mode is Mode.INVALIDATE:
                 removed += self._invalidate_all(rule, position)
             elif rule.type is not TargetType.STREAM:
-                for index in self._nonempty(self.planner.keys.index_keys(rule)):
-                    removed += self._sweep_index(rule, index, position)
+                for records in self._tables(rule):
+                    removed += self._sweep_table(rule, records, position)
+                # rows placed by a placement record (collections, keys over non-key columns)
+                removed += self._sweep_index(rule, self.planner.keys.row_index(rule), position)
         return removed
 
-    def _nonempty(self, keys: list[str]) -> list[str]:
-        # a cluster keeps a rule's key index per hash slot: probe them all, cheaply
-        if len(keys) <= 2:
-            return keys
-        pipe = self.client.pipeline(transaction=False)
-        for key in keys:
-            pipe.exists(key)
-        return [k for k, n in zip(keys, pipe.execute(), strict=True) if n]
+    def _tables(self, rule: Rule) -> list[Table]:
+        """The rule's tables that hold records: one, or in a cluster one per hash slot in use."""
+        tables = self.planner.tables
+        if not self.planner.cluster:
+            found = [tables.table(rule)]
+        else:
+            every = [tables.table_of_slot(rule, slot) for slot in range(CLUSTER_SLOTS)]
+            pipe = self.client.pipeline(transaction=False)
+            for table in every:
+                pipe.exists(table.meta)
+            found = [t for t, n in zip(every, pipe.execute(), strict=True) if n]
+        for table in found:
+            table.buckets = int(self.client.hget(table.meta, META_BUCKETS) or 1)
+        return found
+
+    def _sweep_table(self, rule: Rule, table: Table, position: str) -> int:
+        prefix = rule.template.literals[0]
+        removed = 0
+        for index in range(table.buckets):
+            names = [
+                prefix + record_name(as_text(f))
+                for f in self.client.hkeys(table.bucket(index))
+                if not is_meta(f)
+            ]
+            for chunk in _chunks(names, SWEEP_CHUNK):
+                removed += self._apply([self.planner.key_removal(rule, k, position) for k in chunk])
+        if removed:
+            log.info("%s: removed %d key(s) written before %s", rule.state_name, removed, position)
+        return removed
 
     def _sweep_index(self, rule: Rule, index: str, position: str) -> int:
         removed = 0
@@ -86,11 +110,11 @@ class Sweeper:
         removed = 0
         keys = (k.decode() for k in self.client.scan_iter(match=pattern, count=1000))
         for chunk in _chunks((k for k in keys if matcher.fullmatch(k)), SWEEP_CHUNK):
-            removed += self._apply([self.planner.invalidation(k, position) for k in chunk])
+            removed += self._apply([self.planner.key_removal(rule, k, position) for k in chunk])
         return removed
 
     def _apply(self, rows: list[RowWrite]) -> int:
-        replies = self.library.batch(rows, self.tombstone_ms)
+        replies = self.library.changes(rows, self.tombstone_s).rows
         errors = [r for r in replies if isinstance(r, str)]
         if errors:
             raise redis.ResponseError(f"sweep failed for {len(errors)} row(s): {errors[0]}")

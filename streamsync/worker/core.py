@@ -22,6 +22,7 @@ from typing import Any
 
 import redis
 
+from streamsync.buckets import Table
 from streamsync.epochs import Epochs
 from streamsync.errors import PoisonEntryError, excerpt
 from streamsync.events import TRUNCATE, ChangeEvent, Decoder, Skip
@@ -29,8 +30,8 @@ from streamsync.functions import (
     Command,
     RowStatus,
     RowWrite,
-    batch_command,
-    batch_replies,
+    changes_command,
+    changes_reply,
     is_missing_library,
 )
 from streamsync.keys import key_slot
@@ -85,10 +86,11 @@ class Prepared:
 
 @dataclass(slots=True)
 class Call:
-    """One batch call and the entry each of its rows belongs to."""
+    """One batch call, the entry each of its rows belongs to, and the rule tables it names."""
 
     command: Command
     owners: list[Entry]
+    tables: list[Table]
 
 
 @dataclass(slots=True)
@@ -119,14 +121,14 @@ class BatchCore:
         planner: Planner,
         epochs: Epochs,
         *,
-        tombstone_ms: int,
+        tombstone_s: int,
         max_deliveries: int,
         max_rows_per_call: int = MAX_ROWS_PER_CALL,
     ) -> None:
         self.decoder = decoder
         self.planner = planner
         self.epochs = epochs
-        self.tombstone_ms = tombstone_ms
+        self.tombstone_s = tombstone_s
         self.max_deliveries = max_deliveries
         self.max_rows_per_call = max_rows_per_call
 
@@ -206,7 +208,8 @@ class BatchCore:
             yield self._call(rows, owners)
 
     def _call(self, rows: list[RowWrite], owners: list[Entry]) -> Call:
-        return Call(batch_command(rows, self.tombstone_ms), owners)
+        command, tables = changes_command(rows, self.tombstone_s)
+        return Call(command, owners, tables)
 
     # -- 3. settle ---------------------------------------------------------------------------
 
@@ -219,7 +222,7 @@ class BatchCore:
             if isinstance(reply, redis.ResponseError):
                 self._call_failed(call, str(reply), settlement)
             else:
-                self._rows_replied(call, batch_replies(reply), settlement)
+                self._rows_replied(call, changes_reply(reply, call.tables).rows, settlement)
         if settlement.retry:
             for entry in batch:
                 entry.outcome = entry.error = None
@@ -258,7 +261,11 @@ class BatchCore:
     @staticmethod
     def _rows_replied(call: Call, replies: list[Any], settlement: Settlement) -> None:
         for entry, status in zip(call.owners, replies, strict=True):
-            if isinstance(status, RowStatus):
+            if status is RowStatus.REBUCKETED:
+                # another worker split a table: the rows are addressed again when sent again
+                settlement.retry = True
+                settlement.reason = "a rule table was split meanwhile"
+            elif isinstance(status, RowStatus):
                 if entry.outcome is None or status is RowStatus.APPLIED:
                     entry.outcome = status.outcome
             elif is_transient(status):

@@ -40,6 +40,7 @@ from streamsync.worker.housekeeping import Housekeeper
 from streamsync.worker.roundtrip import Replies, RoundTrip
 from streamsync.worker.session import Session, open_session
 from streamsync.worker.truncate import TruncateBarrier
+from streamsync.worker.upkeep import Upkeep
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class Worker:
             Decoder(settings.source.format, settings.source.null_marker),
             Planner.from_settings(settings),
             self._epochs,
-            tombstone_ms=settings.worker.tombstone_ttl_s * 1000,
+            tombstone_s=settings.worker.tombstone_ttl_s,
             max_deliveries=settings.worker.max_deliveries,
         )
         self._streams: list[str] = list(settings.source.streams or ())
@@ -89,6 +90,7 @@ class Worker:
             settings, self.consumer, self._streams, self._keys, self.counters
         )
         self._barrier = TruncateBarrier(self._group, self.consumer)
+        self._upkeep = Upkeep(settings, self.consumer, self._keys)
         self._stop = threading.Event()
         self._signals = 0
         self._session: Session | None = None
@@ -225,7 +227,9 @@ class Worker:
         # housekeeping runs on its own clock even under a steady flow: reclaiming a crashed
         # worker's entries and trimming must not wait for the streams to go quiet
         backlog = len(self._backlog)
-        self._housekeeper.run_due(session, time.monotonic(), self._backlog)
+        now = time.monotonic()
+        self._housekeeper.run_due(session, now, self._backlog)
+        self._keep_tables(session, now)
         if len(self._backlog) > backlog:
             self._refresh_epochs(session)
         if self._barrier:
@@ -246,6 +250,13 @@ class Worker:
                 self._stop.wait(min(block, CLUSTER_POLL_MS) / 1000)
         if not self._streams:
             self._stop.wait(self.settings.worker.block_ms / 1000)
+
+    def _keep_tables(self, session: Session, now: float) -> None:
+        try:
+            self._upkeep.run(session, self._core.planner.tables, now)
+        except redis.ResponseError as exc:
+            # like every chore: never stops the applying, runs again next cycle
+            log.error("keeping the rule tables failed: %s", exc)
 
     def _in_hand(self) -> bool:
         return bool(
@@ -428,7 +439,7 @@ class Worker:
 
     def _run_barrier(self, session: Session) -> None:
         def sweeper() -> Sweeper:
-            return Sweeper(session.client, self._core.planner, self._core.tombstone_ms)
+            return Sweeper(session.client, self._core.planner, self._core.tombstone_s)
 
         result = self._barrier.run(session, sweeper, self._acks)
         for entry in result.applied:
