@@ -19,19 +19,22 @@ Row functions reply with one status per row:
   row that is not cached: the key stays absent so no partial row is cached), 3 dropped (the cached
   row could not be completed, so it was deleted: the next full change or read fills it again),
   4 rebucketed (the table's buckets were split since the worker addressed them: nothing done, the
-  worker sends the row again), or an error string when a Redis command failed for that row (the
-  other rows still apply).
+  worker sends the row again), 5 unknown (the row's record was evicted and the worker named no
+  floor: nothing done, the worker sends the row again with one), or an error string when a Redis
+  command failed for that row (the other rows still apply).
 --]]
 
 local VERSION = '2.0.0'
 
-local APPLIED, STALE, SKIPPED, DROPPED, REBUCKETED = 1, 0, 2, 3, 4
+local APPLIED, STALE, SKIPPED, DROPPED, REBUCKETED, UNKNOWN = 1, 0, 2, 3, 4, 5
 
 -- Meta fields of a rule table's buckets. A record field starting with '#' is stored with a second
 -- '#' in front (streamsync/buckets.py), so no record field can be one of these.
 local META_COUNT = '#c'   -- in bucket 0: records held by the table
 local META_BUCKETS = '#n' -- in bucket 0: the table's bucket count (absent: 1)
 local META_SENTINEL = '#' -- in every other bucket: a bucket that exists is never empty
+local META_FLOOR = '#f'   -- in a bucket rebuilt after an eviction: the position of its unknown rows
+local META_LOSSY = '#l'   -- in bucket 0: records of the table were evicted (rows may be unrecorded)
 
 -- A record value: '<position>' while its row is cached without a TTL, else
 -- '<position>~<unix seconds after which the record may go>'. A position never holds '~' and never
@@ -631,11 +634,51 @@ local function row_error(result)
     return tostring(result)
 end
 
+--[[ Guarded tables. On a cache Redis that may evict any key (a separate target with an allkeys
+policy), a rule table's buckets can be evicted with their records: a row without a record may
+then be new, or a row whose record is gone, last written at an unknown position. The worker names
+each such table's guard in the call: 'new' (it is the table's first writer: a missing bucket 0 is
+a new table), '?' (a lost record is unknown: the row replies 5, for the worker to learn the floor)
+or a floor: a position no older than any change ever applied to the table (the worker's
+high-water mark, raised before each batch is applied). A bucket found gone (a bucket that exists
+is never empty) is rebuilt with that floor, and a row without a record in it is taken to be at
+the floor: a change not newer leaves the row uncached (its target deleted), rather than risk
+writing a change older than one already applied.
+Returns the recorded position (or the floor), and whether it is the floor. --]]
+local function recorded(bucket, field, guard, meta)
+    if guard == 'lost' then
+        -- bucket 0 and the table's meta were evicted, the floor is not known yet
+        return nil, false
+    end
+    local current = redis.call('HGET', bucket, field)
+    if current or not guard then
+        return current, false
+    end
+    if bucket ~= meta and redis.call('EXISTS', bucket) == 0 then
+        if guard == '?' then
+            return nil, false
+        end
+        redis.call('HSET', bucket, META_SENTINEL, '', META_FLOOR, guard)
+        redis.call('HSET', meta, META_LOSSY, 1)
+        return guard, true
+    end
+    local floor = redis.call('HGET', bucket, META_FLOOR)
+    return floor, floor ~= false
+end
+
 -- A single-value row against its record in a bucket: (status, whether the record is new).
 local function single_row(body, removes, target, bucket, field, pos, argv, i, ttl_ms, now,
-                          tombstone_s)
-    local current = redis.call('HGET', bucket, field)
+                          tombstone_s, guard, meta)
+    local current, at_floor = recorded(bucket, field, guard, meta)
+    if current == nil then
+        return UNKNOWN, false
+    end
     if current and current >= pos then
+        if at_floor then
+            -- maybe newer than what the evicted record held, maybe older: not cached
+            redis.call('DEL', target)
+            return DROPPED, false
+        end
         return STALE, false
     end
     local status = body(target, argv, i, ttl_ms)
@@ -646,7 +689,7 @@ local function single_row(body, removes, target, bucket, field, pos, argv, i, tt
         value = pos .. EXPIRES .. (now + math.ceil(ttl_ms / 1000) + tombstone_s)
     end
     redis.call('HSET', bucket, field, value)
-    return status, not current
+    return status, not current or at_floor
 end
 
 -- A placement row (1.x layout): its rule's index first, the index member, then the kind's keys
@@ -672,8 +715,9 @@ end
 KEYS: per rule table of the call, its bucket 0; then per row the row's keys:
   single-value kinds (H h J j D I): the target, the bucket holding the row's record;
   placement kinds (T Z L X R M, 1.x layout): the rule's index, then the kind's keys (see above).
-ARGV: tombstone_s, the number of tables, per table: its bucket count as the worker knows it, and
-its rule's ttl_ms (0 = none); then per row: its table (1-based; 0 for placement rows), its kind,
+ARGV: tombstone_s, the number of tables, per table: its bucket count as the worker knows it, its
+rule's ttl_ms (0 = none) and its guard ('' = the target does not evict its records; see
+"Guarded tables" above); then per row: its table (1-based; 0 for placement rows), its kind,
 then for a single-value kind the record field, the position and the kind's items; for a
 placement kind the index member ('' = not indexed) and the kind's items (position first).
 A table whose bucket count is not the one the worker knows (another worker split a bucket) has
@@ -685,16 +729,29 @@ local function changes(keys, argv)
     local tombstone_s, ntables = tonumber(argv[1]), tonumber(argv[2])
     local tombstone_ms = tombstone_s * 1000
     local now = tonumber(redis.call('TIME')[1])
-    local current, ttls, added, tables = {}, {}, {}, {}
+    local current, ttls, guards, added, tables = {}, {}, {}, {}, {}
     local i = 3
     for t = 1, ntables do
+        local guard = argv[i + 2]
         local meta = redis.call('HMGET', keys[t], META_BUCKETS, META_COUNT)
+        if guard == '' or guard == 'new' then
+            guard = false
+        elseif not meta[1] and not meta[2] and guard == '?' then
+            guard = 'lost'
+        elseif not meta[1] and not meta[2] then
+            -- bucket 0, and the table's meta with it, was evicted: rebuilt with the worker's
+            -- bucket count and the floor
+            redis.call('HSET', keys[t], META_BUCKETS, argv[i], META_COUNT, 0, META_FLOOR, guard,
+                META_LOSSY, 1)
+            meta = {argv[i], 0}
+        end
         local n = tonumber(meta[1]) or 1
         current[t] = n == tonumber(argv[i])
         ttls[t] = tonumber(argv[i + 1])
+        guards[t] = guard
         added[t] = 0
         tables[2 * t - 1], tables[2 * t] = n, tonumber(meta[2]) or 0
-        i = i + 2
+        i = i + 3
     end
     local replies = {}
     local k, r = ntables + 1, 0
@@ -708,7 +765,8 @@ local function changes(keys, argv)
                 replies[r] = REBUCKETED
             else
                 local ok, status, new = pcall(single_row, single[1], single[3], keys[k],
-                    keys[k + 1], argv[i + 2], argv[i + 3], argv, i + 4, ttls[t], now, tombstone_s)
+                    keys[k + 1], argv[i + 2], argv[i + 3], argv, i + 4, ttls[t], now, tombstone_s,
+                    guards[t], keys[t])
                 if ok then
                     replies[r] = status
                     if new then
@@ -783,6 +841,11 @@ local function split(keys, argv)
         redis.call('HDEL', src, unpack(argv, first, last))
     else
         redis.call('HSET', dst, META_SENTINEL, '')
+    end
+    local floor = redis.call('HGET', src, META_FLOOR)
+    if floor then
+        -- rows without a record in the split bucket are at its floor, in either half
+        redis.call('HSET', dst, META_FLOOR, floor)
     end
     redis.call('HSET', meta, META_BUCKETS, n + 1)
     return n + 1

@@ -79,6 +79,9 @@ class Table:
     buckets: int = 1
     #: The records held, as last seen.
     count: int = 0
+    #: How the library treats a missing record on a target that may evict it (docs/bookkeeping.md
+    #: "When Redis evicts"): '' not guarded, 'new', '?' or a floor position.
+    guard: str = ""
     _names: list[str] = field(default_factory=list)
 
     @property

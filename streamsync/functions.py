@@ -56,6 +56,9 @@ class RowStatus(enum.IntEnum):
     DROPPED = 3
     #: Not applied: the row's table was split since the worker addressed it (sent again).
     REBUCKETED = 4
+    #: Not applied: the row's record was evicted and the worker named no floor (sent again with
+    #: one).
+    UNKNOWN = 5
 
     @property
     def outcome(self) -> str:
@@ -111,7 +114,7 @@ def _changes_arguments(
     keys = [table.meta for table in tables]
     args: ArgV = [str(tombstone_s), str(len(tables))]
     for table in tables:
-        args += (str(table.buckets), str(table.ttl_ms))
+        args += (str(table.buckets), str(table.ttl_ms), table.guard)
     for row in rows:
         held = row.table
         if held is None:

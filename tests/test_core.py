@@ -13,7 +13,7 @@ import redis
 from streamsync.config import parse_settings
 from streamsync.epochs import Epochs
 from streamsync.events import Decoder
-from streamsync.functions import FN_BATCH, Command, RowStatus
+from streamsync.functions import FN_CHANGES, Command, RowStatus
 from streamsync.keys import key_slot
 from streamsync.mapping import Planner
 from streamsync.worker.core import BatchCore
@@ -22,6 +22,8 @@ from streamsync.worker.roundtrip import RoundTrip
 from tests.debezium import entry_fields, envelope
 
 STREAM = "app.public.users"
+#: The part of a reply describing the call's one rule table: one bucket, a few records.
+TABLE_SEEN = [1, 3]
 
 
 def core(*, cluster: bool = False, max_rows: int = 1000, max_deliveries: int = 3) -> BatchCore:
@@ -35,7 +37,7 @@ def core(*, cluster: bool = False, max_rows: int = 1000, max_deliveries: int = 3
         Decoder(),
         Planner.from_settings(settings, cluster=cluster),
         Epochs(),
-        tombstone_ms=1000,
+        tombstone_s=1,
         max_deliveries=max_deliveries,
         max_rows_per_call=max_rows,
     )
@@ -82,7 +84,7 @@ def test_prepare_sorts_entries_by_what_becomes_of_them() -> None:
 
 
 def _rows_in(command: Command) -> int:
-    assert command[:2] == ("FCALL", FN_BATCH)
+    assert command[:2] == ("FCALL", FN_CHANGES)
     return sum(1 for item in command if item == "H")
 
 
@@ -119,7 +121,7 @@ def settle(c: BatchCore, batch: list[Entry], replies: list[Any]) -> Any:
 def test_settle_acknowledges_applied_and_stale_rows() -> None:
     c = core()
     batch = planned(c, [entry(1), entry(2)])
-    s = settle(c, batch, [[RowStatus.APPLIED, RowStatus.STALE]])
+    s = settle(c, batch, [[RowStatus.APPLIED, RowStatus.STALE, TABLE_SEEN]])
     assert not s.retry and [e.outcome for e in s.done] == ["applied", "stale"]
 
 
@@ -127,7 +129,7 @@ def test_a_row_error_fails_only_its_entry_and_dead_letters_on_the_last_delivery(
     c = core(max_deliveries=3)
     batch = planned(c, [entry(1), entry(2, deliveries=2), entry(3, deliveries=3)])
     wrong = b"WRONGTYPE Operation against a key holding the wrong kind of value"
-    s = settle(c, batch, [[RowStatus.APPLIED, wrong, wrong]])
+    s = settle(c, batch, [[RowStatus.APPLIED, wrong, wrong, TABLE_SEEN]])
     assert not s.retry
     assert [e.id for e in s.done] == [b"1-0"]
     assert [e.id for e in s.failed] == [b"2-0"]
@@ -140,7 +142,7 @@ def test_a_row_error_fails_only_its_entry_and_dead_letters_on_the_last_delivery(
     [
         (redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'."), False),
         (redis.ResponseError("ERR Function not found"), True),
-        ([RowStatus.APPLIED, b"BUSY Redis is busy running a script"], False),
+        ([RowStatus.APPLIED, b"BUSY Redis is busy running a script", TABLE_SEEN], False),
     ],
 )
 def test_transient_refusals_retry_the_batch_without_spending_deliveries(
@@ -161,7 +163,7 @@ def test_a_call_failing_as_a_whole_is_split_into_one_call_per_row() -> None:
     assert s.retry and all(e.solo for e in batch)
     calls = c.calls(batch)
     assert [call.owners for call in calls] == [[batch[0]], [batch[1]]]
-    s = settle(c, batch, [redis.ResponseError("ERR still"), [RowStatus.APPLIED]])
+    s = settle(c, batch, [redis.ResponseError("ERR still"), [RowStatus.APPLIED, TABLE_SEEN]])
     assert [e.id for e in s.done] == [b"2-0"] and [e.id for e in s.failed] == [b"1-0"]
 
 
