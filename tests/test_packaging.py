@@ -43,7 +43,8 @@ def test_ci_runs_the_readme_test_command() -> None:
 def test_readme_lists_what_the_tests_need_and_ci_installs_it() -> None:
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    section = readme[readme.index("## Development and tests") :]
+    start = readme.index("## Development and tests")
+    section = readme[start : readme.index("### Code map", start)]
     for needed in ("redis-server", "PostgreSQL server binaries", "Java 17", "docker-compose"):
         assert needed in section, needed
     assert "`promtool` and `prometheus`" in section
