@@ -17,7 +17,7 @@ import orjson
 
 from streamsync.config import StreamFormat
 from streamsync.errors import PoisonEntryError, excerpt
-from streamsync.logical import UNAVAILABLE, ConverterCache, RowConverter, is_unavailable
+from streamsync.logical_types import UNAVAILABLE, ConverterCache, RowConverter, is_unavailable
 
 #: Width of a PostgreSQL LSN in a position: 2**64 has 20 decimal digits.
 POSITION_WIDTH = 20
