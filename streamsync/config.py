@@ -507,11 +507,6 @@ class Rule(_Model):
         what = "\0".join((self.key, self.member or "", self.value or "", self.score or ""))
         return f"{self.table}:{kind}:{binascii.crc32(what.encode()):08x}"
 
-    @property
-    def schema_name(self) -> str:
-        """The schema part of ``table``."""
-        return self.table.split(".", 1)[0]
-
 
 def _property_value(value: Any) -> Any:
     """A YAML scalar as the text of a Java property: booleans lowercase, numbers as written."""
