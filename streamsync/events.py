@@ -1,8 +1,14 @@
 """Debezium Server stream entries -> typed change events.
 
-See docs: an entry is written by Debezium Server's Redis sink in the ``compact`` layout (one
-field/value pair: key JSON -> value JSON) or the ``extended`` one (fields ``key``, ``value`` and one
-field per record header). A null key or value is the configured null marker (``default``).
+Debezium Server's Redis sink writes an entry in the ``compact`` layout (one field/value pair: key
+JSON -> value JSON) or the ``extended`` one (fields ``key``, ``value`` and one field per record
+header); a null key or value is the configured null marker (``default``). A value is a bare change
+event or a schema/payload envelope, whose schema guides the decoding of logical-typed columns
+(``streamsync.logical_types``).
+
+``Decoder.decode`` turns an entry into a ``ChangeEvent`` (create, update, snapshot read, delete or
+TRUNCATE) or a ``Skip`` (a tombstone or a heartbeat: nothing to apply), or raises
+PoisonEntryError saying why it can never be applied.
 """
 
 from __future__ import annotations
