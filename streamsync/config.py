@@ -408,13 +408,24 @@ class Rule(_Model):
     @model_validator(mode="after")
     def _mode_fits(self) -> Rule:
         if self.mode is Mode.INVALIDATE:
-            for name in ("type", "fields", "ttl_s", "where", *_OPTIONAL):
-                if getattr(self, name) is not None:
-                    raise _field_error(self, name, "has no meaning when mode is invalidate")
-            if self.rename:
-                raise _field_error(self, "rename", "has no meaning when mode is invalidate")
-            self._require_key_column()
-            return self
+            self._invalidate_fits()
+        else:
+            self._type_fits()
+            self._columns_fit()
+        return self
+
+    def _invalidate_fits(self) -> None:
+        """An invalidate rule names a key per row and nothing about what a write would hold."""
+        for name in ("type", "fields", "ttl_s", "where", *_OPTIONAL):
+            if getattr(self, name) is not None:
+                raise _field_error(self, name, "has no meaning when mode is invalidate")
+        if self.rename:
+            raise _field_error(self, "rename", "has no meaning when mode is invalidate")
+        self._require_key_column()
+
+    def _type_fits(self) -> None:
+        """A write-through rule has a type, and sets what that type requires and nothing it
+        has no use for."""
         if self.type is None:
             raise _field_error(
                 self,
@@ -435,6 +446,10 @@ class Rule(_Model):
             for name in ("fields", "rename"):
                 if getattr(self, name):
                     raise _field_error(self, name, f"has no meaning for type {self.type.value}")
+
+    def _columns_fit(self) -> None:
+        """``fields`` keeps the key's columns and every renamed one; no two columns end up
+        with one name."""
         if self.fields is not None and self.type in SINGLE_VALUE_TYPES:
             missing = [c for c in self.template.columns if c not in self.fields]
             if missing:
@@ -451,7 +466,6 @@ class Rule(_Model):
             self.fields is not None and len(set(targets)) != len(targets)
         ):
             raise _field_error(self, "rename", "gives two columns the same name")
-        return self
 
     def _require_key_column(self) -> None:
         if self.template.is_static:
@@ -492,11 +506,6 @@ class Rule(_Model):
         kind = self.type.value if self.type else self.mode.value
         what = "\0".join((self.key, self.member or "", self.value or "", self.score or ""))
         return f"{self.table}:{kind}:{binascii.crc32(what.encode()):08x}"
-
-    @property
-    def schema_name(self) -> str:
-        """The schema part of ``table``."""
-        return self.table.split(".", 1)[0]
 
 
 def _property_value(value: Any) -> Any:

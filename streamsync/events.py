@@ -1,8 +1,14 @@
 """Debezium Server stream entries -> typed change events.
 
-See docs: an entry is written by Debezium Server's Redis sink in the ``compact`` layout (one
-field/value pair: key JSON -> value JSON) or the ``extended`` one (fields ``key``, ``value`` and one
-field per record header). A null key or value is the configured null marker (``default``).
+Debezium Server's Redis sink writes an entry in the ``compact`` layout (one field/value pair: key
+JSON -> value JSON) or the ``extended`` one (fields ``key``, ``value`` and one field per record
+header); a null key or value is the configured null marker (``default``). A value is a bare change
+event or a schema/payload envelope, whose schema guides the decoding of logical-typed columns
+(``streamsync.logical_types``).
+
+``Decoder.decode`` turns an entry into a ``ChangeEvent`` (create, update, snapshot read, delete or
+TRUNCATE) or a ``Skip`` (a tombstone or a heartbeat: nothing to apply), or raises
+PoisonEntryError saying why it can never be applied.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import orjson
 
 from streamsync.config import StreamFormat
 from streamsync.errors import PoisonEntryError, excerpt
-from streamsync.logical import UNAVAILABLE, ConverterCache, RowConverter, is_unavailable
+from streamsync.logical_types import UNAVAILABLE, ConverterCache, RowConverter, is_unavailable
 
 #: Width of a PostgreSQL LSN in a position: 2**64 has 20 decimal digits.
 POSITION_WIDTH = 20
@@ -36,6 +42,10 @@ NO_POSITION = "0" * POSITION_WIDTH + RANK_WRITE
 ROW_OPS = frozenset({"c", "u", "r", "d"})
 #: TRUNCATE: no row, one event per table.
 TRUNCATE = "t"
+#: The ops of a change to apply.
+_CHANGE_OPS = ROW_OPS | {TRUNCATE}
+#: The ops that remove what is older, and carry no after-image.
+_REMOVAL_OPS = frozenset({"d", TRUNCATE})
 
 #: PostgreSQL's limit on a table's columns (MaxHeapAttributeNumber). A row with more is no
 #: PostgreSQL row, and the library could not write it: Lua unpacks a row's fields onto a stack
@@ -141,6 +151,7 @@ class Decoder:
 
     def decode(self, fields: Sequence[bytes]) -> ChangeEvent | Skip:
         """Decode one entry; PoisonEntryError says why it can never be applied."""
+        # runs per entry: the common path stays inline, the rare and refused ones are helpers
         if len(fields) == 2 and self.format is not StreamFormat.EXTENDED:
             raw_key, raw_value = fields
         else:
@@ -150,88 +161,105 @@ class Decoder:
         value = _load_object(raw_value, "value")
         schema = None
         if "payload" in value and "schema" in value:
-            schema = value["schema"]
-            value = value["payload"]
-            if value is None:
-                return Skip.TOMBSTONE
+            schema, value = value["schema"], value["payload"]
             if type(value) is not dict:
+                if value is None:
+                    return Skip.TOMBSTONE
                 raise PoisonEntryError("value payload is not a JSON object")
         op = value.get("op")
-        if type(op) is not str or (op not in ROW_OPS and op != TRUNCATE):
-            if op is None:
-                if "ts_ms" in value and self._heartbeat_key(raw_key):
-                    return Skip.HEARTBEAT
-                raise PoisonEntryError("value has no 'op': not a Debezium change event")
-            if type(op) is not str:
-                raise PoisonEntryError(f"op {excerpt(op)} is not a string")
-            name = _OP_NAMES.get(op)
-            if name:
-                raise PoisonEntryError(f"op {op!r} ({name}) is not a row change: nothing to apply")
-            raise PoisonEntryError(f"unknown op {excerpt(op)}")
+        if type(op) is not str or op not in _CHANGE_OPS:
+            return self._not_a_change(op, value, raw_key)
         source = value.get("source")
-        if type(source) is not dict:
-            raise PoisonEntryError("value has no 'source' object")
-        schema_name, table_name = source.get("schema"), source.get("table")
-        if type(schema_name) is not str or type(table_name) is not str:
-            raise PoisonEntryError("source lacks 'schema' or 'table'")
+        if (
+            type(source) is not dict
+            or type(source.get("schema")) is not str
+            or type(source.get("table")) is not str
+        ):
+            raise PoisonEntryError(_bad_source(source))
+        table = f"{source['schema']}.{source['table']}"
         position = _position(op, source)
-        if op == TRUNCATE:
-            return ChangeEvent(
-                op,
-                f"{schema_name}.{table_name}",
-                position,
-                _ts_ms(source),
-                None,
-                None,
-                None,
+        if op in _REMOVAL_OPS:
+            return self._removal(
+                op, value, schema, raw_key, table=table, position=position, source=source
             )
         before = value.get("before")
-        if before is not None and (type(before) is not dict or len(before) > MAX_COLUMNS):
-            raise PoisonEntryError(_bad_row("before", before))
-        # the row's identity; in a delete's before-image only these columns are sure to be real
-        key = None
-        lazy_key = None
-        if op == "d":
-            key = self._key(raw_key)
-            if before is None and key is None:
-                raise PoisonEntryError("delete carries neither 'before' nor a key")
-            after = None
-        else:
-            after = value.get("after")
-            if type(after) is not dict:
-                raise PoisonEntryError(f"op {op!r} carries no 'after' row")
-            if len(after) > MAX_COLUMNS:
-                raise PoisonEntryError(_bad_row("after", after))
-            if raw_key != self.null_marker:
-                lazy_key = bytes(raw_key)
+        # Any: _convert returns an optional image, but a dict converts to a dict
+        after: Any = value.get("after")
+        if (
+            type(after) is not dict
+            or len(after) > MAX_COLUMNS
+            or (before is not None and (type(before) is not dict or len(before) > MAX_COLUMNS))
+        ):
+            raise PoisonEntryError(_bad_images(op, before, after))
         if schema is not None:
             after, before = self._convert(schema, after, before)
-        if key is not None:
-            # a delete's key is decoded anyway: the before-image's key columns must agree
-            check_key(key, op, before)
         unchanged: frozenset[str] = frozenset()
-        if after is not None:
-            # one pass in C over the values; the per-column check runs only on a hit
-            values = after.values()
-            if (
-                UNAVAILABLE in values
-                or _PLACEHOLDER_B64 in values
-                or [UNAVAILABLE] in values
-                or [_PLACEHOLDER_B64] in values
-            ):
-                unchanged = frozenset(c for c, v in after.items() if is_unavailable(v))
+        # one pass in C over the values; the per-column check runs only on a hit
+        values = after.values()
+        if (
+            UNAVAILABLE in values
+            or _PLACEHOLDER_B64 in values
+            or [UNAVAILABLE] in values
+            or [_PLACEHOLDER_B64] in values
+        ):
+            unchanged = frozenset(c for c, v in after.items() if is_unavailable(v))
+        # the record key is decoded only when asked (most changes never need it)
+        lazy_key = None if raw_key == self.null_marker else bytes(raw_key)
         return ChangeEvent(
             op,
-            f"{schema_name}.{table_name}",
+            table,
             position,
             _ts_ms(source),
             after,
             before,
-            key,
+            None,
             unchanged,
             lazy_key,
-            self._converters if lazy_key is not None else None,
+            None if lazy_key is None else self._converters,
         )
+
+    def _removal(
+        self,
+        op: str,
+        value: dict[str, Any],
+        schema: Any,
+        raw_key: bytes,
+        *,
+        table: str,
+        position: str,
+        source: dict[str, Any],
+    ) -> ChangeEvent:
+        """A delete or TRUNCATE: no after-image. A delete's record key names the row; in its
+        before-image only the key's columns are sure to be real (without REPLICA IDENTITY
+        FULL)."""
+        if op == TRUNCATE:
+            return ChangeEvent(op, table, position, _ts_ms(source), None, None, None)
+        before = value.get("before")
+        if before is not None and (type(before) is not dict or len(before) > MAX_COLUMNS):
+            raise PoisonEntryError(_bad_row("before", before))
+        key = self._key(raw_key)
+        if before is None and key is None:
+            raise PoisonEntryError("delete carries neither 'before' nor a key")
+        if schema is not None:
+            _, before = self._convert(schema, None, before)
+        if key is not None:
+            # decoded anyway: the before-image's key columns must agree with it
+            check_key(key, op, before)
+        return ChangeEvent(op, table, position, _ts_ms(source), None, before, key)
+
+    def _not_a_change(self, op: Any, value: dict[str, Any], raw_key: bytes) -> Skip:
+        """Skip.HEARTBEAT for a heartbeat; for any other entry whose ``op`` is no change,
+        PoisonEntryError saying what it is."""
+        if op is None:
+            if "ts_ms" in value and self._heartbeat_key(raw_key):
+                return Skip.HEARTBEAT
+            raise PoisonEntryError("value has no 'op': not a Debezium change event")
+        if type(op) is not str:
+            raise PoisonEntryError(f"op {excerpt(op)} is not a string")
+        name = _OP_NAMES.get(op)
+        if name:
+            raise PoisonEntryError(f"op {op!r} ({name}) is not a row change: nothing to apply")
+        raise PoisonEntryError(f"unknown op {excerpt(op)}")
 
     def _heartbeat_key(self, raw_key: bytes) -> bool:
         try:
@@ -354,6 +382,20 @@ def _bad_row(image: str, row: Any) -> str:
     if type(row) is not dict:
         return f"{image!r} is not an object"
     return f"{image!r} has {len(row)} columns: a PostgreSQL row has at most {MAX_COLUMNS}"
+
+
+def _bad_source(source: Any) -> str:
+    if type(source) is not dict:
+        return "value has no 'source' object"
+    return "source lacks 'schema' or 'table'"
+
+
+def _bad_images(op: str, before: Any, after: Any) -> str:
+    if before is not None and (type(before) is not dict or len(before) > MAX_COLUMNS):
+        return _bad_row("before", before)
+    if type(after) is not dict:
+        return f"op {op!r} carries no 'after' row"
+    return _bad_row("after", after)
 
 
 def _load_object(raw: bytes, what: str) -> dict[str, Any]:

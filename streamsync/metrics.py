@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -355,31 +355,39 @@ class RedisCollector(Collector):
             f.keyspace_hits.add_metric([], float(stats["keyspace_hits"]))
             f.keyspace_misses.add_metric([], float(stats["keyspace_misses"]))
         for i, stream in enumerate(streams):
-            length, groups, summary, dlq = replies[3 + 4 * i : 7 + 4 * i]
-            if _ok(length):
-                f.stream_length.add_metric([stream], float(length))
-            if _ok(dlq):
-                f.dlq_length.add_metric([stream], float(dlq))
-            ours = next(
-                (g for g in groups if _text(g["name"]) == group) if _ok(groups) else iter(()),
-                None,
-            )
-            if ours is not None:
-                f.pending.add_metric([stream], float(ours["pending"]))
-                if ours.get("lag") is not None:
-                    f.group_lag.add_metric([stream], float(ours["lag"]))
-            if _ok(summary):
-                oldest = summary["min"]
-                age_ms = 0.0
-                if summary["pending"] and oldest is not None:
-                    age_ms = max(0.0, now_ms - int(_text(oldest).partition("-")[0]))
-                f.oldest_pending_age.add_metric([stream], age_ms / 1000)
+            _add_stream(f, stream, group, now_ms, replies[3 + 4 * i : 7 + 4 * i])
         try:
             loaded = loaded_version(self.client)
         except redis.ResponseError:
             loaded = None
         if loaded is not None:
             f.library.add_metric([], {"version": _version(loaded)})
+
+
+def _add_stream(
+    f: _Families, stream: str, group: str, now_ms: float, replies: Sequence[Any]
+) -> None:
+    """One stream's samples, from its replies to XLEN, XINFO GROUPS, XPENDING and the XLEN of
+    its dead-letter stream."""
+    length, groups, summary, dlq = replies
+    if _ok(length):
+        f.stream_length.add_metric([stream], float(length))
+    if _ok(dlq):
+        f.dlq_length.add_metric([stream], float(dlq))
+    ours = next(
+        (g for g in groups if _text(g["name"]) == group) if _ok(groups) else iter(()),
+        None,
+    )
+    if ours is not None:
+        f.pending.add_metric([stream], float(ours["pending"]))
+        if ours.get("lag") is not None:
+            f.group_lag.add_metric([stream], float(ours["lag"]))
+    if _ok(summary):
+        oldest = summary["min"]
+        age_ms = 0.0
+        if summary["pending"] and oldest is not None:
+            age_ms = max(0.0, now_ms - int(_text(oldest).partition("-")[0]))
+        f.oldest_pending_age.add_metric([stream], age_ms / 1000)
 
 
 def _ok(reply: Any) -> bool:

@@ -33,9 +33,6 @@ KIND_STREAMED: Final = "2"
 RANK_REMOVE: Final = "0"
 RANK_WRITE: Final = "1"
 
-#: The largest number a position holds (a length prefix is two digits).
-MAX_DIGITS: Final = 99
-
 
 def number(value: int) -> str:
     """``value`` (>= 0) with its length in front: ``26521840`` -> ``0826521840``."""

@@ -358,24 +358,10 @@ def collect_stream(
     counters go in one round trip (a pipeline, not a MULTI: a monitoring user needs read
     commands only)."""
     group = settings.source.group
-    claim_idle_ms = settings.worker.claim_idle_ms
     dlq = dead_letter_stream(stream)
-    pipe = client.pipeline(transaction=False)
-    pipe.type(stream)
-    pipe.xlen(stream)
-    pipe.xrevrange(stream, count=1)
-    pipe.xinfo_groups(stream)
-    pipe.xinfo_consumers(stream, group)
-    pipe.xpending(stream, group)
-    pipe.xpending_range(stream, group, "-", "+", 1)
-    pipe.xlen(dlq)
-    pipe.hgetall(StateKeys.from_settings(settings.worker).stats(group, stream))
-    replies = pipe.execute(raise_on_error=False)
-    for reply in replies:
-        # a missing key or group reads as such; a refused command must not
-        if isinstance(reply, redis.exceptions.NoPermissionError):
-            raise reply
-    (kind, length, last, groups, consumers, summary, oldest, dlq_len, stats) = replies
+    (kind, length, last, groups, consumers, summary, oldest, dlq_len, stats) = _read_stream(
+        client, settings, stream, dlq
+    )
     kind = _str(kind)
     stats = stats if isinstance(stats, dict) else {}
     counts, totals = _parse_counts(stats)
@@ -432,42 +418,9 @@ def collect_stream(
             waiting_lag_s=None,
         )
 
-    idle_by_name: dict[str, int] = {}
-    consumer_list: list[ConsumerStatus] = []
     listed = consumers if isinstance(consumers, list) else []
-    marks = _liveness_marks(client, settings, [_str(c["name"]) for c in listed])
-    for c in listed:
-        name = _str(c["name"])
-        pending_n, idle_ms = int(c["pending"]), int(c["idle"])
-        inactive = c.get("inactive")
-        dead, state = _consumer_state(pending_n, idle_ms, claim_idle_ms, marks[name])
-        idle_by_name[name] = idle_ms
-        consumer_list.append(
-            ConsumerStatus(
-                name=name,
-                pending=pending_n,
-                idle_s=_secs(idle_ms),
-                inactive_s=None if inactive is None or int(inactive) < 0 else _secs(inactive),
-                alive=marks[name],
-                dead=dead,
-                state=state,
-            )
-        )
-    consumer_list.sort(key=lambda c: c.name)
-
-    oldest_pending = None
-    if isinstance(oldest, list) and oldest:
-        o = oldest[0]
-        pid, owner = _str(o["message_id"]), _str(o["consumer"])
-        owner_idle = idle_by_name.get(owner)
-        oldest_pending = OldestPending(
-            id=pid,
-            age_s=_age_s(now_ms, id_ms(pid)) or 0.0,
-            consumer=owner,
-            idle_s=_secs(int(o["time_since_delivered"])),
-            deliveries=int(o["times_delivered"]),
-            consumer_idle_s=None if owner_idle is None else _secs(owner_idle),
-        )
+    consumer_list = _consumers(client, settings, listed)
+    oldest_pending = _oldest_pending(oldest, consumer_list, now_ms)
     pending = int(summary["pending"]) if isinstance(summary, dict) else 0
 
     last_delivered = _str(info["last-delivered-id"])
@@ -478,19 +431,6 @@ def collect_stream(
     unread = lag > 0 if lag is not None else first_unread is not None
     if not unread:
         first_unread = None
-
-    # how far behind the cache is: the commit time of the oldest change still waiting
-    waiting_lag_s = None
-    oldest_waiting: tuple[str, Mapping[bytes, bytes] | None] | None = None
-    if oldest_pending is not None:
-        oldest_waiting = _first_entry(
-            client.xrange(stream, min=oldest_pending.id, max=oldest_pending.id, count=1)
-        ) or (oldest_pending.id, None)
-    elif first_unread is not None:
-        oldest_waiting = first_unread
-    if oldest_waiting is not None:
-        ts_ms = _change_ts_ms(decoder, oldest_waiting[1])
-        waiting_lag_s = _age_s(now_ms, ts_ms if ts_ms is not None else id_ms(oldest_waiting[0]))
 
     return StreamStatus(
         **common,
@@ -504,9 +444,110 @@ def collect_stream(
         oldest_unread_age_s=_age_s(now_ms, id_ms(first_unread[0])) if first_unread else None,
         pending=pending,
         oldest_pending=oldest_pending,
-        consumers=tuple(consumer_list),
-        waiting_lag_s=waiting_lag_s,
+        consumers=consumer_list,
+        waiting_lag_s=_waiting_lag_s(
+            client,
+            stream,
+            now_ms,
+            decoder,
+            oldest_pending=oldest_pending,
+            first_unread=first_unread,
+        ),
     )
+
+
+def _read_stream(client: redis.Redis, settings: Settings, stream: str, dlq: str) -> list[Any]:
+    """The replies to TYPE, XLEN, XREVRANGE + - COUNT 1, XINFO GROUPS, XINFO CONSUMERS,
+    XPENDING, XPENDING - + 1, the dead letters' XLEN and the workers' stats HGETALL; a refused
+    command raises, other errors are replies."""
+    group = settings.source.group
+    pipe = client.pipeline(transaction=False)
+    pipe.type(stream)
+    pipe.xlen(stream)
+    pipe.xrevrange(stream, count=1)
+    pipe.xinfo_groups(stream)
+    pipe.xinfo_consumers(stream, group)
+    pipe.xpending(stream, group)
+    pipe.xpending_range(stream, group, "-", "+", 1)
+    pipe.xlen(dlq)
+    pipe.hgetall(StateKeys.from_settings(settings.worker).stats(group, stream))
+    replies: list[Any] = pipe.execute(raise_on_error=False)
+    for reply in replies:
+        # a missing key or group reads as such; a refused command must not
+        if isinstance(reply, redis.exceptions.NoPermissionError):
+            raise reply
+    return replies
+
+
+def _consumers(
+    client: redis.Redis, settings: Settings, listed: Sequence[Any]
+) -> tuple[ConsumerStatus, ...]:
+    """The group's consumers as XINFO CONSUMERS ``listed`` them, with their liveness marks,
+    sorted by name."""
+    claim_idle_ms = settings.worker.claim_idle_ms
+    marks = _liveness_marks(client, settings, [_str(c["name"]) for c in listed])
+    consumer_list: list[ConsumerStatus] = []
+    for c in listed:
+        name = _str(c["name"])
+        pending_n, idle_ms = int(c["pending"]), int(c["idle"])
+        inactive = c.get("inactive")
+        dead, state = _consumer_state(pending_n, idle_ms, claim_idle_ms, marks[name])
+        consumer_list.append(
+            ConsumerStatus(
+                name=name,
+                pending=pending_n,
+                idle_s=_secs(idle_ms),
+                inactive_s=None if inactive is None or int(inactive) < 0 else _secs(inactive),
+                alive=marks[name],
+                dead=dead,
+                state=state,
+            )
+        )
+    consumer_list.sort(key=lambda c: c.name)
+    return tuple(consumer_list)
+
+
+def _oldest_pending(
+    reply: Any, consumers: Sequence[ConsumerStatus], now_ms: int
+) -> OldestPending | None:
+    """The oldest pending entry from the reply to XPENDING - + 1; None when nothing is
+    pending."""
+    if not isinstance(reply, list) or not reply:
+        return None
+    o = reply[0]
+    pid, owner = _str(o["message_id"]), _str(o["consumer"])
+    owner_idle_s = next((c.idle_s for c in consumers if c.name == owner), None)
+    return OldestPending(
+        id=pid,
+        age_s=_age_s(now_ms, id_ms(pid)) or 0.0,
+        consumer=owner,
+        idle_s=_secs(int(o["time_since_delivered"])),
+        deliveries=int(o["times_delivered"]),
+        consumer_idle_s=owner_idle_s,
+    )
+
+
+def _waiting_lag_s(
+    client: redis.Redis,
+    stream: str,
+    now_ms: int,
+    decoder: Decoder,
+    *,
+    oldest_pending: OldestPending | None,
+    first_unread: tuple[str, Mapping[bytes, bytes] | None] | None,
+) -> float | None:
+    """How far behind the cache is: the age of the commit time of the oldest change still
+    waiting (pending, else unread), or of its entry when it carries none; None when nothing
+    waits."""
+    oldest_waiting: tuple[str, Mapping[bytes, bytes] | None] | None = first_unread
+    if oldest_pending is not None:
+        oldest_waiting = _first_entry(
+            client.xrange(stream, min=oldest_pending.id, max=oldest_pending.id, count=1)
+        ) or (oldest_pending.id, None)
+    if oldest_waiting is None:
+        return None
+    ts_ms = _change_ts_ms(decoder, oldest_waiting[1])
+    return _age_s(now_ms, ts_ms if ts_ms is not None else id_ms(oldest_waiting[0]))
 
 
 def redis_now_ms(client: redis.Redis) -> int | None:
@@ -623,51 +664,7 @@ def problems(report: StatusReport, thresholds: Thresholds) -> list[str]:
     found: list[str] = []
     max_pending_age = thresholds.pending_age_limit_s(report)
     for s in report.streams:
-        if s.error is not None:
-            found.append(f"{s.name}: {s.error}")
-            continue
-        if not s.group_exists:
-            if s.length:
-                found.append(
-                    f"{s.name}: {_n(s.length, 'entry', 'entries')} but no consumer group"
-                    f" {report.group!r} (no worker ever started on this stream)"
-                )
-        elif s.waiting:
-            live = [c for c in s.consumers if c.state == "active"]
-            if not live:
-                others = "; ".join(
-                    f"{c.name}: {c.state}, idle {_fmt_s(c.idle_s)}, {c.pending} pending"
-                    for c in s.consumers
-                )
-                found.append(
-                    f"{s.name}: no live consumer while {_what_waits(s)}"
-                    f" ({others or 'the group has no consumers'})"
-                )
-            # behind for longer than the limit: both the last applied change and the oldest
-            # change still waiting were committed more than max_lag_s ago (so a system that was
-            # idle for an hour is not "behind" the instant a new entry arrives)
-            sync, wait = s.sync_lag_s, s.waiting_lag_s
-            lags = [x for x in (sync, wait) if x is not None]
-            if lags and min(lags) > thresholds.max_lag_s:
-                parts = ["nothing applied yet" if sync is None else f"sync lag {_fmt_s(sync)}"]
-                if wait is not None:
-                    parts.append(f"oldest waiting change committed {_fmt_s(wait)} ago")
-                found.append(
-                    f"{s.name}: behind: {', '.join(parts)} (over --max-lag-s"
-                    f" {thresholds.max_lag_s:g}), {_what_waits(s)}"
-                )
-        op = s.oldest_pending
-        if op is not None and op.age_s > max_pending_age:
-            found.append(
-                f"{s.name}: oldest pending entry {op.id} is {_fmt_s(op.age_s)} old (over"
-                f" {max_pending_age:g}s), held by {op.consumer}, delivered"
-                f" {_n(op.deliveries, 'time')}, idle {_fmt_s(op.idle_s)}"
-            )
-        if s.dlq_length:
-            found.append(
-                f"{s.name}: {_n(s.dlq_length, 'dead letter')} in {s.dlq_stream}"
-                f" (read them: XRANGE {s.dlq_stream} - +)"
-            )
+        found.extend(_stream_problems(s, report.group, thresholds, max_pending_age))
     lib = report.library
     if lib.loaded is None:
         found.append(
@@ -682,6 +679,65 @@ def problems(report: StatusReport, thresholds: Thresholds) -> list[str]:
     mem = report.memory
     if mem is not None and mem.maxmemory_policy != SAFE_POLICY:
         found.append(_policy_reason(mem.maxmemory_policy, mem.maxmemory_bytes))
+    return found
+
+
+def _stream_problems(
+    s: StreamStatus, group: str, thresholds: Thresholds, max_pending_age: float
+) -> list[str]:
+    """What is wrong with one stream, its group and its dead letters."""
+    if s.error is not None:
+        return [f"{s.name}: {s.error}"]
+    found: list[str] = []
+    if not s.group_exists:
+        if s.length:
+            found.append(
+                f"{s.name}: {_n(s.length, 'entry', 'entries')} but no consumer group"
+                f" {group!r} (no worker ever started on this stream)"
+            )
+    elif s.waiting:
+        found.extend(_waiting_problems(s, thresholds))
+    op = s.oldest_pending
+    if op is not None and op.age_s > max_pending_age:
+        found.append(
+            f"{s.name}: oldest pending entry {op.id} is {_fmt_s(op.age_s)} old (over"
+            f" {max_pending_age:g}s), held by {op.consumer}, delivered"
+            f" {_n(op.deliveries, 'time')}, idle {_fmt_s(op.idle_s)}"
+        )
+    if s.dlq_length:
+        found.append(
+            f"{s.name}: {_n(s.dlq_length, 'dead letter')} in {s.dlq_stream}"
+            f" (read them: XRANGE {s.dlq_stream} - +)"
+        )
+    return found
+
+
+def _waiting_problems(s: StreamStatus, thresholds: Thresholds) -> list[str]:
+    """For a stream with entries waiting: no live consumer to take them, or behind."""
+    found: list[str] = []
+    live = [c for c in s.consumers if c.state == "active"]
+    if not live:
+        others = "; ".join(
+            f"{c.name}: {c.state}, idle {_fmt_s(c.idle_s)}, {c.pending} pending"
+            for c in s.consumers
+        )
+        found.append(
+            f"{s.name}: no live consumer while {_what_waits(s)}"
+            f" ({others or 'the group has no consumers'})"
+        )
+    # behind for longer than the limit: both the last applied change and the oldest change
+    # still waiting were committed more than max_lag_s ago (so a system that was idle for an
+    # hour is not "behind" the instant a new entry arrives)
+    sync, wait = s.sync_lag_s, s.waiting_lag_s
+    lags = [x for x in (sync, wait) if x is not None]
+    if lags and min(lags) > thresholds.max_lag_s:
+        parts = ["nothing applied yet" if sync is None else f"sync lag {_fmt_s(sync)}"]
+        if wait is not None:
+            parts.append(f"oldest waiting change committed {_fmt_s(wait)} ago")
+        found.append(
+            f"{s.name}: behind: {', '.join(parts)} (over --max-lag-s"
+            f" {thresholds.max_lag_s:g}), {_what_waits(s)}"
+        )
     return found
 
 

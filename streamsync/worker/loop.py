@@ -6,7 +6,8 @@ status counters, the XREADGROUP fetching batch N+1, and the resync epochs. While
 it, the worker decodes and plans the entries the previous round trip read (``BatchCore``); then
 it settles batch N from the replies. So batch N's acknowledgements ride with the round trip
 after the one that applied it, once its per-row results are known. The read blocks only when
-nothing awaits an acknowledgement, so an acknowledgement is never held behind an idle stream.
+nothing awaits an acknowledgement, so an acknowledgement is never held behind an idle stream; on
+a Redis Cluster it never blocks (one read per stream) and an idle worker polls instead.
 """
 
 from __future__ import annotations
