@@ -8,15 +8,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import yaml
+from click.testing import CliRunner
 
+from streamsync.cli import cli
 from streamsync.config import (
     REDIS_PASSWORD_ENV,
     TARGET_PASSWORD_ENV,
     TARGET_URL_ENV,
     load_settings,
 )
-from streamsync.errors import ConfigError
+from streamsync.errors import ConfigError, ExitCode
+from streamsync.keys import StateKeys
+from tests.debezium import add_change, entry_fields, envelope, write_config
+from tests.replies import as_int, as_str, xadd, xrange, zscores
+from tests.servers import RedisServer, wait_until
+from tests.workers import WorkerProcess, drain, outcomes
 
 SECRET = "target-Secret-5e1"
 
@@ -141,3 +149,214 @@ def test_an_unreadable_target_password_file_names_the_field(tmp_path: Path) -> N
     cfg = write(tmp_path, with_target(url="redis://10.0.0.2/0", password_file="missing.pw"))
     with pytest.raises(ConfigError, match=r"target\.password_file: cannot read .*missing\.pw"):
         load_settings(cfg, environ={})
+
+
+# -- a worker on two Redis -----------------------------------------------------------------------
+
+STREAM = "app.public.users"
+GROUP = "streamsync"
+STATS = f"streamsync:stats:{GROUP}:{STREAM}"
+
+RULES: list[dict[str, Any]] = [
+    {"table": "public.users", "key": "user:{id}", "type": "hash", "fields": ["id", "name", "plan"]},
+    {"table": "public.users", "key": "plan:{plan}:users", "type": "set", "member": "{id}"},
+    {
+        "table": "public.users",
+        "key": "balances",
+        "type": "zset",
+        "member": "user:{id}",
+        "score": "balance",
+    },
+    {
+        "table": "public.users",
+        "key": "feed:{plan}",
+        "type": "list",
+        "value": "json",
+        "fields": ["id", "name"],
+        "max_len": 10,
+    },
+    {"table": "public.users", "key": "changes:users", "type": "stream", "fields": ["id", "plan"]},
+    {"table": "public.users", "key": "email:{email|lower}", "type": "string", "value": "{id}"},
+    {"table": "public.users", "key": "page:user:{id}", "mode": "invalidate"},
+]
+
+
+def target_config(
+    path: Path,
+    streams_url: str,
+    cache_url: str,
+    *,
+    rules: list[dict[str, Any]] | None = None,
+    **worker: Any,
+) -> Path:
+    """``write_config``'s configuration with the cache in ``cache_url`` (``target:``)."""
+    write_config(path, streams_url, rules=rules or RULES, **worker)
+    data = yaml.safe_load(path.read_text())
+    data["target"] = {"url": cache_url}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def user(id_: int, name: str, plan: str, balance: float, email: str) -> dict[str, Any]:
+    return {"id": id_, "name": name, "plan": plan, "balance": balance, "email": email}
+
+
+def keys(client: redis.Redis) -> set[str]:
+    return {as_str(k) for k in client.keys("*")}
+
+
+def library_loaded(client: redis.Redis) -> bool:
+    return bool(client.function_list(library="streamsync"))
+
+
+def test_a_drain_applies_everything_to_the_target_and_nothing_cache_like_to_the_streams(
+    r: redis.Redis, t: redis.Redis, redis_url: str, target_url: str, tmp_path: Path
+) -> None:
+    t.set("page:user:1", "<html>")  # what the application cached in its Redis
+    r.set("page:user:1", "<html in the wrong redis>")
+    add_change(r, STREAM, "c", user(1, "a", "free", 10, "A@x.io"), 10)
+    add_change(r, STREAM, "c", user(2, "b", "free", 20, "b@x.io"), 11)
+    add_change(r, STREAM, "c", user(3, "c", "pro", 30, "c@x.io"), 12)
+    add_change(r, STREAM, "u", user(2, "b", "pro", 25, "B2@x.io"), 13)
+    add_change(r, STREAM, "d", user(3, "c", "pro", 30, "c@x.io"), 14)
+    r.xadd(STREAM, {"not": "a debezium entry"})
+    worker = drain(target_config(tmp_path / "c.yaml", redis_url, target_url))
+    assert outcomes(worker) == {"applied": 5, "dead_lettered": 1}
+    # the cache, and every record it needs, in the target
+    assert t.hgetall("user:1") == {b"id": b"1", b"name": b"a", b"plan": b"free"}
+    assert t.hgetall("user:2") == {b"id": b"2", b"name": b"b", b"plan": b"pro"}
+    assert not t.exists("user:3")
+    assert t.smembers("plan:free:users") == {b"1"} and t.smembers("plan:pro:users") == {b"2"}
+    assert zscores(t, "balances") == {b"user:1": 10.0, b"user:2": 25.0}
+    assert t.exists("feed:free") and t.exists("feed:pro")
+    assert t.get("email:a@x.io") == b"1" and t.get("email:b2@x.io") == b"2"
+    assert not t.exists("email:b@x.io") and not t.exists("email:c@x.io")
+    assert [f[b"op"] for _, f in xrange(t, "changes:users")] == [b"c", b"c", b"c", b"u", b"d"]
+    assert not t.exists("page:user:1")
+    assert any(k.startswith("streamsync:pos:") for k in keys(t))
+    assert not any(
+        k.startswith(("app.", "streamsync:stats:", "streamsync:alive:")) for k in keys(t)
+    )
+    # the streams' Redis keeps the stream, its dead letters and the counters: nothing else
+    assert keys(r) == {STREAM, STREAM + ":dlq", STATS, "page:user:1"}
+    assert r.get("page:user:1") == b"<html in the wrong redis>"
+    assert r.xpending(STREAM, GROUP)["pending"] == 0
+    assert as_int(r.hget(STATS, "n:public.users:c:applied")) == 3
+    # the library runs in both: the batch calls in the target, trimming in the streams'
+    assert library_loaded(t) and library_loaded(r)
+
+
+def add_truncate(r: redis.Redis, lsn: int) -> None:
+    xadd(r, STREAM, entry_fields(None, envelope("t", "public.users", lsn)))
+
+
+def test_truncate_sweeps_the_target(
+    r: redis.Redis, t: redis.Redis, redis_url: str, target_url: str, tmp_path: Path
+) -> None:
+    rules = [RULES[0], RULES[1], RULES[4]]
+    cfg = target_config(tmp_path / "c.yaml", redis_url, target_url, rules=rules)
+    for i in range(1, 4):
+        add_change(r, STREAM, "c", user(i, "x", "free", i, "x@x.io"), 100 + i)
+    add_truncate(r, 200)
+    add_change(r, STREAM, "c", user(9, "y", "pro", 9, "y@x.io"), 300)
+    worker = drain(cfg)
+    assert {o: n for (_, _, op, o), n in worker.counts.items() if op == "t"} == {"applied": 1}
+    assert sorted(t.keys("user:*")) == [b"user:9"]
+    assert t.smembers("plan:pro:users") == {b"9"} and not t.exists("plan:free:users")
+    assert sorted(f[b"op"] for _, f in xrange(t, "changes:users")) == [b"c"] * 4 + [b"t"]
+    # capture replays the changes from before the truncate: their tombstones are in the target
+    for i in range(1, 4):
+        add_change(r, STREAM, "c", user(i, "x", "free", i, "x@x.io"), 100 + i)
+    drain(cfg)
+    assert sorted(t.keys("user:*")) == [b"user:9"] and not t.exists("plan:free:users")
+    assert keys(r) == {STREAM, STATS}
+
+
+def test_resync_marks_epochs_in_the_streams_redis_and_sweeps_the_target(
+    r: redis.Redis, t: redis.Redis, redis_url: str, target_url: str, tmp_path: Path
+) -> None:
+    cfg = target_config(tmp_path / "c.yaml", redis_url, target_url, rules=[RULES[0]])
+    add_change(r, STREAM, "u", user(1, "newer, lost by the restore", "free", 1, "a"), 9_000_000)
+    add_change(
+        r, STREAM, "c", user(2, "created after the restore point", "free", 2, "b"), 9_000_100
+    )
+    drain(cfg)
+    runner = CliRunner()
+    started = runner.invoke(cli, ["resync", "-c", str(cfg), "--table", "public.users"])
+    assert started.exit_code == 0, started.output
+    assert r.exists("streamsync:epochs") and not t.exists("streamsync:epochs")
+    add_change(r, STREAM, "r", user(1, "as restored", "free", 1, "a"), 5_000)
+    add_change(r, STREAM, "r", user(3, "only in the restored database", "free", 3, "c"), 5_000)
+    drain(cfg)
+    assert t.hget("user:1", "name") == b"as restored" and t.exists("user:2")
+    finished = runner.invoke(
+        cli, ["resync", "-c", str(cfg), "--table", "public.users", "--finish", "--wait-s", "10"]
+    )
+    assert finished.exit_code == 0, finished.output
+    assert "1 row(s) not in the re-snapshot removed" in finished.output
+    assert sorted(t.keys("user:*")) == [b"user:1", b"user:3"]
+    assert not any(k.startswith("user:") for k in keys(r))
+
+
+def test_dlq_replay_direct_applies_to_the_target(
+    r: redis.Redis, t: redis.Redis, redis_url: str, target_url: str, tmp_path: Path
+) -> None:
+    cfg = target_config(
+        tmp_path / "c.yaml", redis_url, target_url, rules=[RULES[0]], max_deliveries=1
+    )
+    record = StateKeys.from_settings(load_settings(cfg, environ={}).worker).position("user:5")
+    t.hset(record, "not", "a position record")  # the write fails with WRONGTYPE
+    add_change(r, STREAM, "c", user(5, "e", "free", 5, "e"), 10)
+    drain(cfg)
+    assert r.xlen(STREAM + ":dlq") == 1 and not t.exists(STREAM + ":dlq")
+    t.delete(record)  # the cause, fixed
+    result = CliRunner().invoke(
+        cli, ["dlq", "replay", "-c", str(cfg), "--stream", STREAM, "--all", "--direct"]
+    )
+    assert result.exit_code == 0, result.output
+    assert t.hgetall("user:5") == {b"id": b"5", b"name": b"e", b"plan": b"free"}
+    assert r.xlen(STREAM + ":dlq") == 0 and not r.exists("user:5")
+
+
+def test_the_target_restarting_without_its_data_under_a_running_worker(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    cache = RedisServer(tmp_path / "cache")  # no persistence: a restart loses the library
+    cache.start()
+    cfg = target_config(tmp_path / "c.yaml", redis_url, cache.url, rules=[RULES[0]])
+    t = cache.client()
+    try:
+        with WorkerProcess(cfg, "w1", tmp_path) as worker:
+            add_change(r, STREAM, "c", user(1, "before", "free", 1, "a"), 10)
+            wait_until(lambda: t.exists("user:1") == 1, timeout=30, message="user:1 applied")
+            cache.stop()
+            # captured while the cache is down: read, never acknowledged before applied
+            for i in range(2, 6):
+                add_change(r, STREAM, "c", user(i, "during", "free", i, "a"), 10 + i)
+            wait_until(
+                lambda: r.xpending(STREAM, GROUP)["pending"] > 0 and "lost" in worker.log(),
+                timeout=30,
+                message="entries read, their apply failing, none acknowledged",
+            )
+            cache.restart()
+            t = cache.client()
+            add_change(r, STREAM, "c", user(6, "after", "free", 6, "a"), 20)
+            wait_until(
+                lambda: all(t.exists(f"user:{i}") for i in range(2, 7)),
+                timeout=60,
+                message="every change from the outage on applied to the restarted target",
+            )
+            wait_until(
+                lambda: r.xpending(STREAM, GROUP)["pending"] == 0,
+                timeout=30,
+                message="everything acknowledged",
+            )
+            assert library_loaded(t)
+            assert not t.exists("user:1")  # lost with the restart, as the cache was
+            worker.terminate()
+            assert worker.wait(30) == ExitCode.OK, worker.log_tail()
+        assert worker.summary()["applied"] >= 6
+        assert "reconnecting" in worker.log()
+    finally:
+        t.close()
+        cache.stop()
