@@ -21,10 +21,11 @@ from streamsync.config import (
 )
 from streamsync.errors import ConfigError, ExitCode
 from streamsync.keys import StateKeys
+from streamsync.worker import Worker
 from tests.debezium import add_change, entry_fields, envelope, write_config
 from tests.replies import as_int, as_str, xadd, xrange, zscores
 from tests.servers import RedisServer, wait_until
-from tests.workers import WorkerProcess, drain, outcomes
+from tests.workers import WorkerProcess, WorkerThread, drain, outcomes
 
 SECRET = "target-Secret-5e1"
 
@@ -360,3 +361,31 @@ def test_the_target_restarting_without_its_data_under_a_running_worker(
     finally:
         t.close()
         cache.stop()
+
+
+def test_the_worker_knows_whether_the_target_may_evict_its_bookkeeping(
+    r: redis.Redis, t: redis.Redis, redis_url: str, target_url: str, tmp_path: Path
+) -> None:
+    t.config_set("maxmemory-policy", "allkeys-lru")
+    settings = load_settings(target_config(tmp_path / "c.yaml", redis_url, target_url), environ={})
+    worker = Worker(settings, consumer="w1")
+    worker.target_policy.interval_s = 0.05
+    with WorkerThread(worker):
+        wait_until(lambda: worker.target_policy.policy == "allkeys-lru", message="read at connect")
+        assert worker.target_policy.separate and worker.target_policy.bookkeeping_evictable
+        assert worker._core.bookkeeping_evictable
+        t.config_set("maxmemory-policy", "volatile-lru")
+        wait_until(lambda: not worker._core.bookkeeping_evictable, message="the change seen")
+        assert worker.target_policy.policy == "volatile-lru"
+    # one Redis under allkeys-*: not the library's contract, an unsafe setup (status says so)
+    r.config_set("maxmemory-policy", "allkeys-lru")
+    one = Worker(load_settings(write_config(tmp_path / "one.yaml", redis_url), environ={}), "w2")
+    with WorkerThread(one):
+        wait_until(lambda: one.target_policy.policy == "allkeys-lru", message="read at connect")
+        assert not one.target_policy.separate and not one._core.bookkeeping_evictable
+    # a target URL reaching the streams' Redis itself is no target of its own
+    same = load_settings(target_config(tmp_path / "same.yaml", redis_url, redis_url), environ={})
+    twin = Worker(same, "w3")
+    with WorkerThread(twin):
+        wait_until(lambda: twin.target_policy.policy is not None, message="read at connect")
+        assert not twin.target_policy.separate and not twin._core.bookkeeping_evictable

@@ -11,7 +11,8 @@ Modules, in the order a batch meets them:
 - ``truncate``: the barrier holding a TRUNCATE until older entries are settled;
 - ``deadletters``: writing dead letters (the record layout is ``streamsync.deadletter``'s);
 - ``counters``: counts, latency samples, the stats hashes and the observer;
-- ``housekeeping``: discovery, claims, trimming, memory, pruning, liveness.
+- ``housekeeping``: discovery, claims, trimming, memory, pruning, liveness;
+- ``policy``: the target's eviction policy, read now and then.
 """
 
 from streamsync.worker.counters import WorkerObserver

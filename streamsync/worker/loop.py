@@ -39,6 +39,7 @@ from streamsync.worker.core import BatchCore, Prepared, Settlement
 from streamsync.worker.counters import Counters, CountKey, WorkerObserver
 from streamsync.worker.entry import Entry, from_read
 from streamsync.worker.housekeeping import Housekeeper
+from streamsync.worker.policy import TargetPolicy
 from streamsync.worker.roundtrip import Replies, RoundTrip
 from streamsync.worker.session import Session, Sessions, open_sessions
 from streamsync.worker.truncate import TruncateBarrier
@@ -91,6 +92,7 @@ class Worker:
             settings, self.consumer, self._streams, self._keys, self.counters
         )
         self._barrier = TruncateBarrier(self._group, self.consumer)
+        self._policy = TargetPolicy()
         self._stop = threading.Event()
         self._signals = 0
         self._sessions: Sessions | None = None
@@ -118,6 +120,12 @@ class Worker:
     def stream_lag(self) -> LatencySamples:
         """Stream entry added to applied in Redis, per entry (milliseconds)."""
         return self.counters.stream_lag
+
+    @property
+    def target_policy(self) -> TargetPolicy:
+        """The target's eviction policy as last read (``bookkeeping_evictable`` is what the
+        batch core is told)."""
+        return self._policy
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -205,6 +213,7 @@ class Worker:
         if target is not session:
             # the streams' Redis runs the library's stream functions (trim, epochs)
             session.library.ensure()
+        self._read_policy(sessions, time.monotonic(), force=True)
         self._housekeeper.ensure_groups(session)
         # whatever was in hand is in this consumer's pending list: re-read it from there
         self._batch.clear()
@@ -221,6 +230,13 @@ class Worker:
         if self._sessions is not None:
             self._sessions.close()
         self._sessions = None
+
+    def _read_policy(self, sessions: Sessions, now: float, *, force: bool = False) -> None:
+        if force:
+            self._policy.read(sessions, now)
+        else:
+            self._policy.run_due(sessions, now)
+        self._core.bookkeeping_evictable = self._policy.bookkeeping_evictable
 
     @property
     def _streams_session(self) -> Session:
@@ -239,7 +255,9 @@ class Worker:
         # housekeeping runs on its own clock even under a steady flow: reclaiming a crashed
         # worker's entries and trimming must not wait for the streams to go quiet
         backlog = len(self._backlog)
-        self._housekeeper.run_due(session, time.monotonic(), self._backlog)
+        now = time.monotonic()
+        self._housekeeper.run_due(session, now, self._backlog)
+        self._read_policy(sessions, now)
         if len(self._backlog) > backlog:
             self._refresh_epochs(session)
         if self._barrier:
