@@ -4,6 +4,7 @@ session server, the cache on a second one), the target restarted under a running
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,12 @@ from streamsync.config import (
     load_settings,
 )
 from streamsync.errors import ConfigError, ExitCode
+from streamsync.functions import ensure_library
 from streamsync.keys import StateKeys
 from streamsync.worker import Worker
 from tests.debezium import add_change, entry_fields, envelope, write_config
 from tests.replies import as_int, as_str, xadd, xrange, zscores
-from tests.servers import RedisServer, wait_until
+from tests.servers import RedisServer, free_port, wait_until
 from tests.workers import WorkerProcess, WorkerThread, drain, outcomes
 
 SECRET = "target-Secret-5e1"
@@ -389,3 +391,80 @@ def test_the_worker_knows_whether_the_target_may_evict_its_bookkeeping(
     with WorkerThread(twin):
         wait_until(lambda: twin.target_policy.policy is not None, message="read at connect")
         assert not twin.target_policy.separate and not twin._core.bookkeeping_evictable
+
+
+# -- status and metrics of two Redis ---------------------------------------------------------------
+
+
+def status_json(cfg: Path) -> tuple[int, dict[str, Any]]:
+    result = CliRunner().invoke(cli, ["status", "-c", str(cfg), "--json"])
+    assert result.exit_code in (ExitCode.OK, ExitCode.UNHEALTHY), result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+def evict_some(client: redis.Redis, policy: str = "allkeys-random") -> int:
+    """Make ``client``'s server evict keys under ``policy``; how many it evicted."""
+    used = as_int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory-policy", policy)
+    client.config_set("maxmemory", str(used + 256 * 1024))
+    pipe = client.pipeline(transaction=False)
+    for i in range(2_000):
+        pipe.set(f"filler:{i}", "x" * 1024)
+    pipe.execute(raise_on_error=False)
+    # no limit any more: the count stays where it is (a server at its limit evicts on reads too)
+    client.config_set("maxmemory", "0")
+    return as_int(client.info("stats")["evicted_keys"])
+
+
+def test_status_reads_both_redis_and_judges_their_policies(
+    r: redis.Redis, t: redis.Redis, redis_url: str, target_url: str, tmp_path: Path
+) -> None:
+    cfg = target_config(tmp_path / "c.yaml", redis_url, target_url, rules=[RULES[0]])
+    add_change(r, STREAM, "c", user(1, "a", "free", 1, "a"), 10)
+    drain(cfg)
+    # a target of its own may evict, whatever its policy
+    evicted = evict_some(t)
+    assert evicted > 0
+    code, doc = status_json(cfg)
+    assert code == ExitCode.OK, doc["problems"]
+    target = doc["target"]
+    assert set(target) == {"url", "error", "separate", "version", "memory", "keyspace", "library"}
+    assert target["url"] == target_url and target["separate"] is True and target["error"] is None
+    assert target["memory"]["maxmemory_policy"] == "allkeys-random"
+    assert target["memory"]["evicted_keys"] == evicted
+    assert target["library"]["loaded"] == target["library"]["shipped"]
+    assert doc["memory"]["evicted_keys"] == 0 and doc["library"]["loaded"] is not None
+    table = CliRunner().invoke(cli, ["status", "-c", str(cfg)])
+    assert "streams' redis" in table.output and "target redis 7" in table.output
+    assert f"policy allkeys-random, {evicted} evicted" in " ".join(table.output.split())
+    # the streams' Redis beside it must not evict at all
+    r.config_set("maxmemory-policy", "volatile-lru")
+    code, doc = status_json(cfg)
+    assert code == ExitCode.UNHEALTHY
+    (problem,) = doc["problems"]
+    assert problem.startswith("streams' redis: maxmemory-policy volatile-lru can evict stream")
+
+
+def test_status_of_a_target_that_cannot_be_read_or_is_the_streams_redis(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    cfg = target_config(tmp_path / "c.yaml", redis_url, down, rules=[RULES[0]])
+    ensure_library(r)
+    code, doc = status_json(cfg)
+    assert code == ExitCode.UNHEALTHY
+    assert doc["streams"][0]["name"] == STREAM  # the streams' report stands
+    (problem,) = doc["problems"]
+    assert problem.startswith(f"target redis at {down}: cannot read it: ")
+    assert doc["target"]["error"] and doc["target"]["memory"] is None
+    # a target URL naming the streams' Redis: the rules of one Redis apply
+    same = target_config(tmp_path / "same.yaml", redis_url, redis_url, rules=[RULES[0]])
+    r.config_set("maxmemory-policy", "volatile-lru")
+    code, doc = status_json(same)
+    assert code == ExitCode.OK, doc["problems"]
+    assert doc["target"]["separate"] is False
+    assert any("reaches the streams' Redis itself" in n for n in doc["notes"])
+    r.config_set("maxmemory-policy", "allkeys-lru")
+    code, doc = status_json(same)
+    (problem,) = doc["problems"]
+    assert problem.startswith("maxmemory-policy allkeys-lru can evict any key")
