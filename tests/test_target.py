@@ -12,6 +12,7 @@ import pytest
 import redis
 import yaml
 from click.testing import CliRunner
+from prometheus_client import CollectorRegistry
 
 from streamsync.cli import cli
 from streamsync.config import (
@@ -21,8 +22,9 @@ from streamsync.config import (
     load_settings,
 )
 from streamsync.errors import ConfigError, ExitCode
-from streamsync.functions import ensure_library
+from streamsync.functions import ensure_library, library_version
 from streamsync.keys import StateKeys
+from streamsync.metrics import RedisCollector
 from streamsync.worker import Worker
 from tests.debezium import add_change, entry_fields, envelope, write_config
 from tests.replies import as_int, as_str, xadd, xrange, zscores
@@ -468,3 +470,44 @@ def test_status_of_a_target_that_cannot_be_read_or_is_the_streams_redis(
     code, doc = status_json(same)
     (problem,) = doc["problems"]
     assert problem.startswith("maxmemory-policy allkeys-lru can evict any key")
+
+
+def test_metrics_report_both_redis_and_their_evictions(
+    r: redis.Redis, t: redis.Redis, redis_url: str, target_url: str, tmp_path: Path
+) -> None:
+    cfg = target_config(tmp_path / "c.yaml", redis_url, target_url, rules=[RULES[0]])
+    add_change(r, STREAM, "c", user(1, "a", "free", 1, "a"), 10)
+    drain(cfg)
+    evict_some(t)
+    collector = RedisCollector(load_settings(cfg, environ={}))
+    registry = CollectorRegistry()
+    registry.register(collector)
+    try:
+        stats = {"streams": r.info("stats"), "target": t.info("stats")}
+        for side in ("streams", "target"):
+            labels = {"redis": side}
+            assert registry.get_sample_value("streamsync_redis_up", labels) == 1
+            evicted = registry.get_sample_value("streamsync_redis_evicted_keys_total", labels)
+            assert evicted == stats[side]["evicted_keys"]
+            assert registry.get_sample_value("streamsync_redis_used_memory_bytes", labels)
+            version = ".".join(map(str, library_version()))
+            info = {"version": version, **labels}
+            assert registry.get_sample_value("streamsync_library_loaded_info", info) == 1
+        assert as_int(stats["target"]["evicted_keys"]) > 0
+        assert registry.get_sample_value("streamsync_stream_length", {"stream": STREAM}) == 1
+    finally:
+        collector.close()
+    # a target that does not answer: its up is 0, and the streams' figures stay
+    cfg_down = target_config(
+        tmp_path / "down.yaml", redis_url, f"redis://127.0.0.1:{free_port()}/0", rules=[RULES[0]]
+    )
+    collector = RedisCollector(load_settings(cfg_down, environ={}))
+    try:
+        families = {f.name: f for f in collector.collect()}
+    finally:
+        collector.close()
+    ups = {s.labels["redis"]: s.value for s in families["streamsync_redis_up"].samples}
+    assert ups == {"streams": 1, "target": 0}
+    memory = families["streamsync_redis_used_memory_bytes"].samples
+    assert [s.labels for s in memory] == [{"redis": "streams"}]
+    assert families["streamsync_stream_length"].samples
