@@ -5,6 +5,7 @@ session server, the cache on a second one), the target restarted under a running
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import yaml
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
+from streamsync import acl, status
 from streamsync.cli import cli
 from streamsync.config import (
     REDIS_PASSWORD_ENV,
@@ -511,3 +513,142 @@ def test_metrics_report_both_redis_and_their_evictions(
     memory = families["streamsync_redis_used_memory_bytes"].samples
     assert [s.labels for s in memory] == [{"redis": "streams"}]
     assert families["streamsync_stream_length"].samples
+
+
+# -- a least-privileged user per Redis -------------------------------------------------------------
+
+ADMIN_PASSWORD = "admin-pw-2b8e"
+STREAMS_PASSWORD = "streams-pw-61d0"
+CACHE_PASSWORD = "cache-pw-93aa"
+
+
+@pytest.fixture
+def locked(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
+    """Two redis-servers of this test's own whose default user needs a password."""
+    servers = (RedisServer(tmp_path / "streams"), RedisServer(tmp_path / "cache"))
+    try:
+        for server in servers:
+            server.start()
+            boot = server.client()
+            boot.execute_command(
+                "ACL", "SETUSER", "default", "on", "resetpass", ">" + ADMIN_PASSWORD
+            )
+            boot.close()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def admin(server: RedisServer) -> redis.Redis:
+    return redis.Redis(host="127.0.0.1", port=server.port, password=ADMIN_PASSWORD)
+
+
+def test_each_redis_gets_a_user_of_its_own(
+    locked: tuple[RedisServer, RedisServer], tmp_path: Path
+) -> None:
+    streams, cache = locked
+    (tmp_path / "streams.pw").write_text(STREAMS_PASSWORD + "\n")
+    (tmp_path / "cache.pw").write_text(CACHE_PASSWORD + "\n")
+    cfg = target_config(tmp_path / "c.yaml", streams.url, cache.url, max_deliveries=1)
+    data = yaml.safe_load(cfg.read_text())
+    data["redis"].update(username="streamsync", password_file="streams.pw")
+    data["target"].update(username="streamsync-cache", password_file="cache.pw")
+    cfg.write_text(yaml.safe_dump(data))
+    settings = load_settings(cfg, environ={})
+    r, t = admin(streams), admin(cache)
+    try:
+        for client, user_name, password, target in (
+            (r, "streamsync", STREAMS_PASSWORD, False),
+            (r, "streamsync-status", "s1", False),
+            (t, "streamsync-cache", CACHE_PASSWORD, True),
+            (t, "streamsync-status", "s2", True),
+        ):
+            rules = acl.acl_rules(settings, read_only="status" in user_name, target=target)
+            client.execute_command(
+                "ACL", "SETUSER", user_name, "reset", "on", ">" + password, *rules
+            )
+        t.set("page:user:1", "<html>")
+        add_change(r, STREAM, "c", user(1, "a", "free", 10, "A@x.io"), 10)
+        add_change(r, STREAM, "c", user(2, "b", "pro", 20, "b@x.io"), 11)
+        add_truncate(r, 12)
+        add_change(r, STREAM, "c", user(3, "c", "pro", 30, "c@x.io"), 13)
+        add_change(r, STREAM, "u", user(3, "c2", "free", 35, "c@x.io"), 14)
+        r.xadd(STREAM, {"not": "a debezium entry"})
+        r.acl_log_reset()
+        t.acl_log_reset()
+        worker = drain(cfg)
+        assert r.acl_log() == [] and t.acl_log() == []  # not one NOPERM on either
+        assert outcomes(worker)["dead_lettered"] == 1
+        assert t.hgetall("user:3") == {b"id": b"3", b"name": b"c2", b"plan": b"free"}
+        assert not t.exists("user:1") and not t.exists("page:user:1")
+        assert keys(r) == {STREAM, STREAM + ":dlq", STATS}
+        # status as the read-only users of both
+        s = redis.Redis(
+            host="127.0.0.1", port=streams.port, username="streamsync-status", password="s1"
+        )
+        c = redis.Redis(
+            host="127.0.0.1", port=cache.port, username="streamsync-status", password="s2"
+        )
+        try:
+            report = status.collect(s, settings, target=c)
+        finally:
+            s.close()
+            c.close()
+        assert report.notes == () and report.target is not None and report.target.error is None
+        assert report.target.memory is not None and report.target.library is not None
+        assert status.problems(report, status.Thresholds()) == [
+            f"{STREAM}: 1 dead letter in {STREAM}:dlq (read them: XRANGE {STREAM}:dlq - +)"
+        ]
+        assert r.acl_log() == [] and t.acl_log() == []
+        # neither user reaches what belongs to the other Redis
+        refused = {
+            (cache.port, "streamsync-cache", CACHE_PASSWORD): [
+                ("XADD", STREAM, "*", "k", "v"),
+                ("XREADGROUP", "GROUP", GROUP, "x", "STREAMS", "streamsync:x", ">"),
+            ],
+            (streams.port, "streamsync", STREAMS_PASSWORD): [
+                ("HSET", "user:1", "k", "v"),
+                ("SSCAN", "streamsync:idx:x", "0"),
+            ],
+        }
+        for (port, name, password), commands in refused.items():
+            w = redis.Redis(host="127.0.0.1", port=port, username=name, password=password)
+            try:
+                for command in commands:
+                    with pytest.raises(redis.exceptions.NoPermissionError):
+                        w.execute_command(*command)
+            finally:
+                w.close()
+    finally:
+        r.close()
+        t.close()
+
+
+def test_the_acl_command_prints_the_target_user(tmp_path: Path) -> None:
+    cfg = write(tmp_path, with_target(url="redis://10.0.0.2:6379/2"))
+    runner = CliRunner()
+    result = runner.invoke(cli, ["acl", "-c", str(cfg), "--target"])
+    assert result.exit_code == 0, result.output
+    line = result.output.strip()
+    assert line.startswith("ACL SETUSER streamsync reset on ><password> resetkeys ~streamsync:*")
+    assert "~user:*" in line and "~app.public.users" not in line
+    assert "+xreadgroup" not in line and "+fcall" in line and "+select" in line
+    streams = runner.invoke(cli, ["acl", "-c", str(cfg)]).output
+    assert "~app.public.users" in streams and "~user:*" not in streams and "+select" not in streams
+    status_line = runner.invoke(cli, ["acl", "-c", str(cfg), "--target", "--read-only"]).output
+    assert status_line.split()[2] == "streamsync-status" and "~" not in status_line
+    plain = write(tmp_path, BASE, "plain.yaml")
+    refused = runner.invoke(cli, ["acl", "-c", str(plain), "--target"])
+    assert refused.exit_code == ExitCode.USAGE and "has no target section" in refused.output
+
+
+def test_check_config_names_the_target(tmp_path: Path) -> None:
+    runner = CliRunner()
+    env = {TARGET_URL_ENV: f"redis://app:{SECRET}@10.0.0.3:6381/2"}
+    result = runner.invoke(cli, ["check-config", "-c", str(write(tmp_path, BASE))], env=env)
+    assert result.exit_code == 0, result.output
+    assert "  target: redis://***@10.0.0.3:6381/2 (the cache)" in result.output
+    assert SECRET not in result.output
+    plain = runner.invoke(cli, ["check-config", "-c", str(write(tmp_path, BASE, "p.yaml"))])
+    assert "  target: none (the cache is in redis)" in plain.output
