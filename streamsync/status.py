@@ -717,7 +717,7 @@ def _server_problems(report: StatusReport) -> list[str]:
     if target is not None:
         if target.error is not None:
             found.append(f"target redis at {target.url}: cannot read it: {target.error}")
-        elif target.library is not None:
+        elif target.library is not None and target.separate:
             lib = _library_problem(target.library, "target redis: ")
             if lib is not None:
                 found.append(lib)

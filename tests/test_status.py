@@ -813,6 +813,12 @@ def test_problems_a_target_that_is_the_streams_redis_follows_the_one_redis_rules
     (p,) = problems(report(memory=memory("allkeys-lru"), target=same), Thresholds())
     assert p.startswith("maxmemory-policy allkeys-lru can evict any key")
     assert problems(report(memory=memory("volatile-lru"), target=same), Thresholds()) == []
+    # its library is the streams' one: said once
+    none = LibraryStatus(None, "1.1.0")
+    found = problems(
+        report(library=none, target=dataclasses.replace(same, library=none)), Thresholds()
+    )
+    assert [p[:40] for p in found] == ["Functions library streamsync not loaded "]
 
 
 def test_problems_of_the_target_redis() -> None:
