@@ -24,7 +24,7 @@ functions reply with an array holding one status per row:
 Every key the library touches arrives in KEYS; it never builds key names or scans the keyspace.
 --]]
 
-local VERSION = '1.1.0'
+local VERSION = '1.2.0'
 
 local APPLIED, STALE, SKIPPED, DROPPED = 1, 0, 2, 3
 
@@ -879,6 +879,52 @@ local function mark_epoch(keys, argv)
     return {epoch, last}
 end
 
+--[[ streamsync_raise_hwm
+KEYS: the high-water marks hash (<state_prefix>hwm, in the streams' Redis)
+ARGV: rule name, position, rule name, position... (a rule may come more than once)
+Raises each rule's mark (a field of the hash) to the position, unless it is there already or
+above; positions compare as strings, like every position the library keeps. Atomic for every
+pair. A worker raises the marks of a batch's rules before it sends the batch to a target Redis
+that may evict (allkeys-*): a record evicted there is rebuilt with its rule's mark as the floor,
+so no change older than one applied can be applied over it (docs/bookkeeping.md).
+Reply: the mark of each pair's rule after the call, in ARGV order.
+--]]
+local function raise_hwm(keys, argv)
+    local hwm = keys[1]
+    if #argv % 2 ~= 0 then
+        return redis.error_reply('streamsync_raise_hwm: ARGV must be rule, position pairs')
+    end
+    local marks, raised = {}, {}
+    for i = 1, #argv, 2 do
+        local rule, position = argv[i], argv[i + 1]
+        if position == '' then
+            return redis.error_reply('streamsync_raise_hwm: empty position for ' .. rule)
+        end
+        local mark = marks[rule]
+        if mark == nil then
+            mark = redis.call('HGET', hwm, rule)
+        end
+        if not mark or mark < position then
+            mark = position
+            raised[rule] = true
+        end
+        marks[rule] = mark
+    end
+    local fields = {}
+    for rule in pairs(raised) do
+        fields[#fields + 1] = rule
+        fields[#fields + 1] = marks[rule]
+    end
+    if #fields > 0 then
+        redis.call('HSET', hwm, unpack(fields))
+    end
+    local reply = {}
+    for i = 1, #argv, 2 do
+        reply[#reply + 1] = marks[argv[i]]
+    end
+    return reply
+end
+
 --[[ streamsync_version
 KEYS: none; ARGV: none. Reply: the library version, "MAJOR.MINOR.PATCH". Read-only.
 --]]
@@ -897,3 +943,4 @@ redis.register_function('streamsync_invalidate', only({I = true}))
 redis.register_function('streamsync_trim', trim)
 redis.register_function('streamsync_mark_epoch', mark_epoch)
 redis.register_function('streamsync_prune_consumer', prune_consumer)
+redis.register_function('streamsync_raise_hwm', raise_hwm)

@@ -87,10 +87,14 @@ def field_json(name: bytes, value: bytes) -> dict[str, Any]:
 
 
 class DeadLetters:
-    """The dead-letter streams of one configuration, on one Redis."""
+    """The dead-letter streams of one configuration, in the streams' Redis (``client``);
+    ``target`` is the cache's Redis, where ``--direct`` applies (default: ``client``)."""
 
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+    def __init__(
+        self, client: redis.Redis, settings: Settings, target: redis.Redis | None = None
+    ) -> None:
         self.client = client
+        self.target = client if target is None else target
         self.settings = settings
         # stream entries are read unparsed: field lists keep their order and duplicates
         for command in ("XRANGE", "XREVRANGE"):
@@ -258,7 +262,8 @@ class Replayer:
             tombstone_ms=settings.worker.tombstone_ttl_s * 1000,
             max_deliveries=settings.worker.max_deliveries,
         )
-        self.library = Library(self.client)
+        # applied where the workers apply: in the cache's Redis
+        self.library = Library(store.target)
 
     def plan(self, letter: DeadLetter) -> Planned:
         """Decode and plan ``letter`` as the worker would, under its original id's epoch."""

@@ -195,6 +195,13 @@ class StateKeys:
         """The hash holding every stream's resync epoch marks."""
         return self.state_prefix + "epochs"
 
+    @property
+    def hwm(self) -> str:
+        """The hash of the per-rule high-water marks (field: the rule's ``state_name``; value:
+        the newest position a batch of that rule was sent with), kept in the streams' Redis:
+        the floor of a record a target under ``allkeys-*`` evicted."""
+        return self.state_prefix + "hwm"
+
     def stats(self, group: str, stream: str) -> str:
         """The hash where the workers of ``group`` count what they did with ``stream``'s
         entries (read by ``streamsync status``): ``n:<table>:<op>:<outcome>`` counters, and

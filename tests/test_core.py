@@ -181,26 +181,57 @@ class FakeLink:
 
 def test_round_trip_replies_come_back_by_group_name() -> None:
     trip = RoundTrip()
-    trip.add("apply", [("FCALL", "a"), ("FCALL", "b")])
-    trip.add("dead", [])
-    trip.add("ack", [("XACK", "s", "g", b"1-0")])
-    trip.add("epochs", [("HGETALL", "e")])
     link = FakeLink(["A", "B", 1, {}])
-    trip.send(link)
+    trip.add("apply", [("FCALL", "a"), ("FCALL", "b")], link)
+    trip.add("dead", [], link)
+    trip.add("ack", [("XACK", "s", "g", b"1-0")], link)
+    trip.add("epochs", [("HGETALL", "e")], link)
+    trip.send()
     assert [c[0] for c in link.sent] == ["FCALL", "FCALL", "XACK", "HGETALL"]
-    replies = trip.receive(link)
+    replies = trip.receive()
     assert replies["apply"] == ["A", "B"]
     assert replies["dead"] == []
     assert replies["ack"] == [1]
     assert replies.one("epochs") == {}
     with pytest.raises(ValueError, match="twice"):
-        trip.add("ack", [])
+        trip.add("ack", [], link)
+
+
+def test_round_trip_sends_each_link_its_groups_before_reading_any_reply() -> None:
+    events: list[str] = []
+
+    class Logged(FakeLink):
+        def __init__(self, name: str, replies: list[Any]) -> None:
+            super().__init__(replies)
+            self.name = name
+
+        def send(self, commands: Sequence[Command]) -> None:
+            events.append("send " + self.name)
+            super().send(commands)
+
+        def receive(self) -> list[Any]:
+            events.append("receive " + self.name)
+            return super().receive()
+
+    target, streams, idle = Logged("target", ["A"]), Logged("streams", [1, []]), Logged("x", [])
+    trip = RoundTrip()
+    trip.add("apply", [("FCALL", "a")], target)
+    trip.add("ack", [("XACK", "s", "g", b"1-0")], streams)
+    trip.add("nothing", [], idle)
+    trip.add("read", [("XREADGROUP", "GROUP")], streams)
+    trip.send()
+    assert events == ["send target", "send streams"]
+    assert [c[0] for c in streams.sent] == ["XACK", "XREADGROUP"]
+    replies = trip.receive()
+    assert events[2:] == ["receive target", "receive streams"]
+    assert replies["apply"] == ["A"] and replies["ack"] == [1] and replies["read"] == [[]]
+    assert replies["nothing"] == []
 
 
 def test_round_trip_refuses_a_reply_count_that_does_not_match() -> None:
     trip = RoundTrip()
-    trip.add("apply", [("FCALL", "a")])
     link = FakeLink([])
-    trip.send(link)
+    trip.add("apply", [("FCALL", "a")], link)
+    trip.send()
     with pytest.raises(RuntimeError, match="0 replies to 1 commands"):
-        trip.receive(link)
+        trip.receive()

@@ -8,19 +8,25 @@ from typing import Any
 import orjson
 import pytest
 import redis
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot as redis_py_key_slot
 
+from streamsync import positions
 from streamsync.config import Rule
+from streamsync.epochs import epoch_prefix
 from streamsync.errors import LibraryIncompatibleError
 from streamsync.events import ChangeEvent
 from streamsync.functions import (
     FN_BATCH,
+    FN_RAISE_HWM,
+    Library,
     ensure_library,
+    hwm_reply,
     library_source,
     library_version,
     loaded_version,
+    raise_hwm_command,
 )
 from streamsync.keys import StateKeys, guarded_key, key_slot
 from streamsync.mapping import Planner
@@ -363,3 +369,77 @@ def test_full_hash_write_keeps_shape_and_drops_vanished_fields(lib: redis.Redis)
     # a column became null, another was dropped from the table: neither lingers
     apply(lib, HASH_RULE, change("u", 3, {"id": 1, "a": None}))
     assert hash_of(lib, "user:1") == {"id": "1"}
+
+
+# -- the per-rule high-water marks (streamsync_raise_hwm) ----------------------------------------
+
+HWM = StateKeys("streamsync:pos:").hwm
+
+
+def test_raise_hwm_raises_only_upwards_and_replies_the_marks(lib: redis.Redis) -> None:
+    library = Library(lib)
+    low, mid, high = (positions.streamed(100, n, positions.RANK_WRITE) for n in (101, 150, 199))
+    assert library.raise_hwm(HWM, [("users", mid), ("plans", low)]) == {"users": mid, "plans": low}
+    # a lower position leaves a mark where it is; a higher one raises it
+    assert library.raise_hwm(HWM, [("users", low), ("plans", high)]) == {
+        "users": mid,
+        "plans": high,
+    }
+    assert lib.hgetall(HWM) == {b"users": mid.encode(), b"plans": high.encode()}
+    # a rule named twice in one call ends at the higher of the two, whatever their order
+    assert library.raise_hwm(HWM, [("orders", high), ("orders", low)]) == {"orders": high}
+    # a resync epoch compares newer than any position before it
+    later = epoch_prefix(1) + positions.snapshot_read(5)
+    assert library.raise_hwm(HWM, [("users", later)]) == {"users": later}
+    assert library.raise_hwm(HWM, []) == {}
+
+
+def test_raise_hwm_refuses_what_is_not_pairs_of_positions(lib: redis.Redis) -> None:
+    with pytest.raises(redis.ResponseError, match="rule, position pairs"):
+        lib.fcall(FN_RAISE_HWM, 1, HWM, "users")
+    with pytest.raises(redis.ResponseError, match="empty position for users"):
+        lib.fcall(FN_RAISE_HWM, 1, HWM, "users", "")
+    assert not lib.exists(HWM)
+
+
+def test_raise_hwm_command_is_the_round_trip_form(lib: redis.Redis) -> None:
+    marks = [("users", positions.snapshot_read(7))]
+    command = raise_hwm_command(HWM, marks)
+    assert hwm_reply(marks, lib.execute_command(*command)) == dict(marks)
+
+
+_POSITION = st.builds(
+    lambda epoch, major, kind, minor, rank: (
+        epoch_prefix(epoch) + positions.encode(major, kind, minor, rank)
+    ),
+    st.integers(0, 2),
+    st.integers(0, 2**64 - 1),
+    st.sampled_from(
+        [positions.KIND_SNAPSHOT, positions.KIND_AFTER_SNAPSHOT, positions.KIND_STREAMED]
+    ),
+    st.none() | st.integers(0, 2**64 - 1),
+    st.sampled_from([positions.RANK_REMOVE, positions.RANK_WRITE]),
+)
+
+
+# the fixture's server is shared by the examples: each starts by deleting the marks
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=60)
+@given(
+    calls=st.lists(
+        st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), _POSITION), max_size=6), max_size=5
+    )
+)
+def test_a_mark_is_the_newest_position_ever_raised_to(
+    lib: redis.Redis, calls: list[list[tuple[str, str]]]
+) -> None:
+    lib.delete(HWM)
+    library = Library(lib)
+    newest: dict[str, str] = {}
+    for marks in calls:
+        replied = library.raise_hwm(HWM, marks)
+        for rule, position in marks:
+            newest[rule] = max(newest.get(rule, position), position)
+        # every reply holds the mark after the call: the newest position so far
+        assert replied == {rule: newest[rule] for rule, _ in marks}
+    stored = {as_str(k): as_str(v) for k, v in lib.hgetall(HWM).items()}
+    assert stored == newest

@@ -129,6 +129,11 @@ class BatchCore:
         self.tombstone_ms = tombstone_ms
         self.max_deliveries = max_deliveries
         self.max_rows_per_call = max_rows_per_call
+        #: Whether the target may evict the cache's bookkeeping (a Redis of its own under an
+        #: ``allkeys-*`` policy; the worker reads it, ``streamsync.worker.policy``). Then each
+        #: batch's rules need their high-water marks raised before the batch is applied
+        #: (``streamsync.functions.raise_hwm_command``); not wired into the batches yet.
+        self.bookkeeping_evictable = False
 
     # -- 1. decode and plan ----------------------------------------------------------------
 
