@@ -31,6 +31,7 @@ FN_BATCH = "streamsync_batch"
 FN_TRIM = "streamsync_trim"
 FN_PRUNE_CONSUMER = "streamsync_prune_consumer"
 FN_MARK_EPOCH = "streamsync_mark_epoch"
+FN_MARK_SNAPSHOT = "streamsync_mark_snapshot"
 
 _VERSION_RE = re.compile(r"^local VERSION = '(\d+)\.(\d+)\.(\d+)'$", re.MULTILINE)
 
@@ -92,6 +93,13 @@ def batch_command(rows: Iterable[RowWrite], tombstone_ms: int) -> Command:
 def batch_replies(reply: Sequence[Any]) -> list[RowReply]:
     """A ``streamsync_batch`` reply as one RowReply per row."""
     return [RowStatus(item) if isinstance(item, int) else _text(item) for item in reply]
+
+
+def mark_snapshot_command(snapshots_key: str, stream: str, lsn: int, entry_id: bytes) -> Command:
+    """The ``streamsync_mark_snapshot`` call recording that the reads of the snapshot at ``lsn``
+    start at or before entry ``entry_id`` of ``stream``; it replies the stream's marks (see
+    ``streamsync.snapshots``)."""
+    return ("FCALL", FN_MARK_SNAPSHOT, 1, snapshots_key, stream, str(lsn), entry_id)
 
 
 def is_missing_library(message: str) -> bool:
