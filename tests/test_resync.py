@@ -117,12 +117,12 @@ def test_the_barrier_releases_a_first_transaction_at_once_and_a_truncate_after_i
     session = open_session(RedisSettings(url=redis_url), client_name="test", timeout_s=5)
     try:
         read = session.call("XREADGROUP", "GROUP", "streamsync", "w1", "STREAMS", STREAM, ">")
-        barrier = StreamBarrier("streamsync", "w1")
+        barrier = StreamBarrier("streamsync", "w1", claim_every_s=1)
         barrier.waiting += core.prepare(from_read(read)).held
         assert len(barrier.waiting) == 6
 
         def released(*settled: bytes) -> list[bytes]:
-            return [h.entry.id for h in barrier.release(session, {STREAM: settled})]
+            return [h.entry.id for h in barrier.release(session, {STREAM: settled}, 0.0)]
 
         # the snapshot's read, pending elsewhere, holds everything
         assert released() == []

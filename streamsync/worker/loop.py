@@ -53,6 +53,8 @@ FINISH_BUDGET_S = 2.0
 CLUSTER_POLL_MS = 50
 #: The socket timeout's margin over a blocking read.
 READ_TIMEOUT_MARGIN_S = 5.0
+#: How many times per ``claim_idle_ms`` the entries the barrier holds are claimed again.
+BARRIER_CLAIMS_PER_IDLE = 4
 
 
 def default_consumer_name() -> str:
@@ -93,7 +95,11 @@ class Worker:
         self._housekeeper = Housekeeper(
             settings, self.consumer, self._streams, self._keys, self.counters
         )
-        self._barrier = StreamBarrier(self._group, self.consumer)
+        self._barrier = StreamBarrier(
+            self._group,
+            self.consumer,
+            claim_every_s=settings.worker.claim_idle_ms / 1000 / BARRIER_CLAIMS_PER_IDLE,
+        )
         self._stop = threading.Event()
         self._signals = 0
         self._session: Session | None = None
@@ -459,7 +465,7 @@ class Worker:
     # -- the stream barrier --------------------------------------------------------------
 
     def _run_barrier(self, session: Session) -> None:
-        released = self._barrier.release(session, self._acks)
+        released = self._barrier.release(session, self._acks, time.monotonic())
         if not released:
             return
         # every read older than what was released is settled, so its snapshot's mark is there
