@@ -3,13 +3,14 @@
 --[[
 streamsync Functions library: applies Debezium change events to Redis, idempotently.
 
-Every row write carries the event's source position (for PostgreSQL the LSN as a 20-digit,
-zero-padded decimal string). Each target key has a position record, a string key in the same hash
+Every row write carries the event's source position (digits in commit order: see
+streamsync/positions.py). Each target key has a position record, a string key in the same hash
 slot that holds the position of the last change applied to it. A change is applied only when its
 position is strictly greater than the stored one; an equal or older position is a no-op reported
 as stale. So duplicates, replays and out-of-order delivery never roll a key back.
 
-Positions compare as fixed-width digit strings: LSNs are 64-bit and Lua numbers are doubles.
+Positions compare as digit strings, each number written with its length first: LSNs are 64-bit
+and Lua numbers are doubles.
 
 The worker calls streamsync_batch: per row, its rule's index key followed by the row kind's own
 keys (target key, position record, placement record...: see each kind below), and
@@ -925,6 +926,50 @@ local function raise_hwm(keys, argv)
     return reply
 end
 
+--[[ streamsync_mark_snapshot
+KEYS: the snapshot marks hash
+ARGV: a stream, the LSN of a snapshot (decimal digits), the id of an entry of the stream holding a
+read of that snapshot
+Records that the snapshot's reads start at or before that entry. The hash field is the stream's
+name; its value the JSON array of ["<snapshot LSN>", "<first entry id of its reads>"], ordered
+by entry id: a change streamed after the reads of a snapshot, and before those of the next, follows
+that snapshot. A mark already at or before the entry for the same LSN is kept; the same snapshot's
+next mark is moved back to the entry; otherwise a mark is added. At most MAX_SNAPSHOT_MARKS per
+stream are kept, the oldest dropped. Reply: the stream's marks (the field's new value).
+--]]
+local MAX_SNAPSHOT_MARKS = 1000
+
+local function mark_snapshot(keys, argv)
+    local hash, stream, lsn, id = keys[1], argv[1], argv[2], argv[3]
+    local current = redis.call('HGET', hash, stream)
+    local marks = {}
+    if current then
+        marks = cjson.decode(current)
+    end
+    -- the first mark after the entry
+    local at = #marks + 1
+    for k = 1, #marks do
+        if id_less(id, marks[k][2]) then
+            at = k
+            break
+        end
+    end
+    if at > 1 and marks[at - 1][1] == lsn then
+        return current
+    end
+    if at <= #marks and marks[at][1] == lsn then
+        marks[at][2] = id
+    else
+        table.insert(marks, at, {lsn, id})
+    end
+    while #marks > MAX_SNAPSHOT_MARKS do
+        table.remove(marks, 1)
+    end
+    local value = cjson.encode(marks)
+    redis.call('HSET', hash, stream, value)
+    return value
+end
+
 --[[ streamsync_version
 KEYS: none; ARGV: none. Reply: the library version, "MAJOR.MINOR.PATCH". Read-only.
 --]]
@@ -942,5 +987,6 @@ redis.register_function('streamsync_delete', only({D = true}))
 redis.register_function('streamsync_invalidate', only({I = true}))
 redis.register_function('streamsync_trim', trim)
 redis.register_function('streamsync_mark_epoch', mark_epoch)
+redis.register_function('streamsync_mark_snapshot', mark_snapshot)
 redis.register_function('streamsync_prune_consumer', prune_consumer)
 redis.register_function('streamsync_raise_hwm', raise_hwm)

@@ -35,7 +35,7 @@ WORKER_COMMANDS: tuple[str, ...] = (
     "exists",
     "scan",  # stream_prefix discovery; TRUNCATE of invalidate rules (keys the app writes)
     "sscan",  # TRUNCATE and resync walk the rules' indexes
-    "hgetall",  # resync epochs
+    "hgetall",  # resync epochs, snapshot marks
     "hincrby",  # status counters
     "hset",
     "set",  # the worker's liveness mark (with a TTL)

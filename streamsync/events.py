@@ -14,6 +14,7 @@ PoisonEntryError saying why it can never be applied.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -24,19 +25,15 @@ import orjson
 from streamsync.config import StreamFormat
 from streamsync.errors import PoisonEntryError, excerpt
 from streamsync.logical_types import UNAVAILABLE, ConverterCache, RowConverter, is_unavailable
-
-#: Width of a PostgreSQL LSN in a position: 2**64 has 20 decimal digits.
-POSITION_WIDTH = 20
-
-#: The last character of a position ranks changes sharing one LSN: a primary-key change is a
-#: delete of the old key and a create of the new one at the same LSN, and when both map to the
-#: same Redis key (a key template over a non-key column) the create must win. TRUNCATE ranks
-#: with deletes: it removes what is older.
-RANK_REMOVE, RANK_WRITE = "0", "1"
-
-#: The position of a change that carries none (incremental-snapshot reads have no LSN). It is
-#: older than every real position, so such a read only fills a row never seen before.
-NO_POSITION = "0" * POSITION_WIDTH + RANK_WRITE
+from streamsync.positions import (
+    MAX_LSN,
+    NO_POSITION,
+    RANK_REMOVE,
+    RANK_WRITE,
+    snapshot_read,
+    streamed,
+    unplaced,
+)
 
 #: Operations that carry a row: create, update, snapshot read, delete.
 ROW_OPS = frozenset({"c", "u", "r", "d"})
@@ -72,8 +69,9 @@ class ChangeEvent:
     op: str
     #: ``schema.table`` from ``source``.
     table: str
-    #: The source position: the LSN as a fixed-width digit string (see POSITION_WIDTH) and a
-    #: rank (RANK_REMOVE or RANK_WRITE). Compared as strings, never across rows.
+    #: The source position (``streamsync.positions``), compared as a string, never across rows;
+    #: for a change of the first transaction after a snapshot, an unplaced stand-in that the
+    #: worker places once it knows the snapshot (``positions.place``).
     position: str
     #: Commit time in the database (``source.ts_ms``), for the end-to-end lag.
     ts_ms: int | None
@@ -418,8 +416,14 @@ def _ts_ms(source: dict[str, Any]) -> int | None:
 def _position(op: str, source: dict[str, Any]) -> str:
     rank = RANK_REMOVE if op in {"d", TRUNCATE} else RANK_WRITE
     lsn = source.get("lsn")
-    if type(lsn) is int and 0 <= lsn < 2**64 and source.get("connector") == "postgresql":
-        return f"{lsn:020d}{rank}"
+    if type(lsn) is int and 0 <= lsn <= MAX_LSN and source.get("connector") == "postgresql":
+        if op == "r":
+            return _read_position(source, lsn)
+        sequence = source.get("sequence")
+        match = _SEQUENCE.fullmatch(sequence) if type(sequence) is str else None
+        if match is not None and (len(last := match[1]) < _LSN_DIGITS or int(last) <= MAX_LSN):
+            return streamed(last, lsn, rank)
+        return _sequence_position(sequence, lsn, rank)
     connector = source.get("connector")
     if connector != "postgresql":
         raise PoisonEntryError(
@@ -431,6 +435,60 @@ def _position(op: str, source: dict[str, Any]) -> str:
         if op == "r":
             return NO_POSITION
         raise PoisonEntryError(f"op {op!r} has no source.lsn")
-    if not isinstance(lsn, int) or isinstance(lsn, bool) or not 0 <= lsn < 2**64:
+    if not isinstance(lsn, int) or isinstance(lsn, bool) or not 0 <= lsn <= MAX_LSN:
         raise PoisonEntryError(f"source.lsn {excerpt(lsn)} is not a 64-bit unsigned integer")
-    return f"{lsn:020d}{rank}"
+    if op == "r":
+        return _read_position(source, lsn)
+    return _sequence_position(source.get("sequence"), lsn, rank)
+
+
+# ``source.sequence``'s usual text, ``["<lastCommitLsn>","<lsn>"]``: matched, it costs less than
+# parsing the JSON. Anything else (a null element, other spacing) goes through the parser.
+_SEQUENCE = re.compile(r'\["(0|[1-9][0-9]{0,19})","(?:0|[1-9][0-9]{0,19})"\]')
+_LSN_DIGITS = len(str(MAX_LSN))
+
+
+def _read_position(source: dict[str, Any], lsn: int) -> str:
+    # an incremental snapshot's read is not a read of the snapshot at an LSN: it only fills
+    # rows never seen
+    if source.get("snapshot") == "incremental":
+        return NO_POSITION
+    return snapshot_read(lsn)
+
+
+def _sequence_position(sequence: Any, lsn: int, rank: str) -> str:
+    """The position of a streamed change from its ``source.sequence``, any valid spelling."""
+    if sequence is None:
+        raise PoisonEntryError(
+            "source.sequence is missing: a streamed change's position needs its lastCommitLsn"
+        )
+    if type(sequence) is not str:
+        raise PoisonEntryError(f"source.sequence {excerpt(sequence)} is not a string")
+    try:
+        parsed = orjson.loads(sequence)
+    except orjson.JSONDecodeError:
+        raise PoisonEntryError(f"source.sequence {excerpt(sequence)} is not JSON") from None
+    if type(parsed) is not list or len(parsed) != 2:
+        raise PoisonEntryError(
+            f"source.sequence {excerpt(sequence)} is not a [lastCommitLsn, lsn] pair"
+        )
+    for element in parsed:
+        if element is not None and not _is_lsn_text(element):
+            raise PoisonEntryError(
+                f"source.sequence {excerpt(sequence)}: {excerpt(element)} is not an LSN string"
+            )
+    last_commit = parsed[0]
+    if last_commit is None:
+        # the first transaction after a snapshot: which one, only the stream's order says
+        return unplaced(lsn, rank)
+    return streamed(int(last_commit), lsn, rank)
+
+
+def _is_lsn_text(value: Any) -> bool:
+    return (
+        type(value) is str
+        and 0 < len(value) <= _LSN_DIGITS
+        and value.isascii()
+        and value.isdigit()
+        and int(value) <= MAX_LSN
+    )

@@ -32,6 +32,7 @@ FN_TRIM = "streamsync_trim"
 FN_PRUNE_CONSUMER = "streamsync_prune_consumer"
 FN_MARK_EPOCH = "streamsync_mark_epoch"
 FN_RAISE_HWM = "streamsync_raise_hwm"
+FN_MARK_SNAPSHOT = "streamsync_mark_snapshot"
 
 _VERSION_RE = re.compile(r"^local VERSION = '(\d+)\.(\d+)\.(\d+)'$", re.MULTILINE)
 
@@ -105,6 +106,13 @@ def raise_hwm_command(hwm_key: str, marks: Iterable[tuple[str, str]]) -> Command
 def hwm_reply(marks: Iterable[tuple[str, str]], reply: Sequence[Any]) -> dict[str, str]:
     """A ``streamsync_raise_hwm`` reply as {rule name: its mark after the call}."""
     return {rule: _text(mark) for (rule, _), mark in zip(marks, reply, strict=True)}
+
+
+def mark_snapshot_command(snapshots_key: str, stream: str, lsn: int, entry_id: bytes) -> Command:
+    """The ``streamsync_mark_snapshot`` call recording that the reads of the snapshot at ``lsn``
+    start at or before entry ``entry_id`` of ``stream``; it replies the stream's marks (see
+    ``streamsync.snapshots``)."""
+    return ("FCALL", FN_MARK_SNAPSHOT, 1, snapshots_key, stream, str(lsn), entry_id)
 
 
 def is_missing_library(message: str) -> bool:

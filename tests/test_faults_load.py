@@ -38,6 +38,7 @@ from redis.retry import Retry
 from streamsync.config import Rule
 from streamsync.functions import loaded_version
 from streamsync.mapping import hash_value
+from streamsync.positions import RANK_REMOVE, RANK_WRITE, streamed
 from tests.debezium import entry_fields, envelope, write_config
 from tests.replies import as_bytes, entry_fields_dict, xrange, zscores
 from tests.servers import RedisServer, wait_until
@@ -540,7 +541,8 @@ def check_positions(r: redis.Redis, state: dict[int, Sent], tally: Tally) -> Non
     for i in state:
         pipe.get(position_key(f"user:{i}"))
     for (i, s), position in zip(state.items(), pipe.execute(), strict=True):
-        want_pos = f"{s.lsn:020d}{0 if s.op == 'd' else 1}".encode()
+        rank = RANK_REMOVE if s.op == "d" else RANK_WRITE
+        want_pos = streamed(s.lsn, s.lsn, rank).encode()
         if position is None or position.split(b"|")[0] != want_pos:
             tally.lost += 1
             tally.wrong.append(f"position of user:{i}: want {want_pos!r}, got {position!r}")

@@ -30,6 +30,7 @@ from streamsync.functions import (
 )
 from streamsync.keys import StateKeys, guarded_key, key_slot
 from streamsync.mapping import Planner
+from streamsync.positions import RANK_REMOVE, RANK_WRITE, streamed
 from tests.debezium import PLACEHOLDER
 from tests.replies import as_bytes, as_int, as_str, xadd, xrange
 
@@ -46,12 +47,17 @@ def lib(r: redis.Redis) -> redis.Redis:
     return r
 
 
+def pos(lsn: int, op: str = "u") -> str:
+    """The position of a change of ``lsn``, a transaction of its own."""
+    return streamed(lsn, lsn, RANK_REMOVE if op == "d" else RANK_WRITE)
+
+
 def change(op: str, lsn: int, row: dict[str, Any]) -> ChangeEvent:
     unchanged = frozenset(c for c, v in row.items() if v == PLACEHOLDER)
     return ChangeEvent(
         op=op,
         table="public.users",
-        position=f"{lsn:020d}",
+        position=pos(lsn, op),
         ts_ms=None,
         after=None if op == "d" else row,
         before=row if op == "d" else None,
@@ -85,7 +91,7 @@ def test_hash_write_applies_only_newer_positions(lib: redis.Redis) -> None:
     assert apply(lib, HASH_RULE, change("u", 150, {"id": 1, "name": "old"})) == [STALE]
     assert hash_of(lib, "user:1") == {"id": "1", "name": "b"}  # null column: no field
     # the position, then the shape of the field set written
-    assert as_bytes(lib.get("streamsync:pos:{user:1}")).split(b"|")[0] == f"{200:020d}".encode()
+    assert as_bytes(lib.get("streamsync:pos:{user:1}")).split(b"|")[0] == pos(200).encode()
     assert lib.pttl("streamsync:pos:{user:1}") == -1  # a live row's position never expires
 
 
@@ -204,19 +210,19 @@ def test_invalidate_deletes_and_remembers(lib: redis.Redis) -> None:
 
 
 def test_one_call_applies_many_rows_independently(lib: redis.Redis) -> None:
-    pos = "streamsync:pos:"
+    prefix = "streamsync:pos:"
     lib.hset("streamsync:pos:{user:2}", "x", "y")  # a broken position record: WRONGTYPE
     reply = lib.fcall(
         "streamsync_delete",
         6,
         "user:1",
-        pos + "{user:1}",
+        prefix + "{user:1}",
         "user:2",
-        pos + "{user:2}",
+        prefix + "{user:2}",
         "user:3",
-        pos + "{user:3}",
+        prefix + "{user:3}",
         TOMBSTONE_MS,
-        *["D", "1".zfill(20)] * 3,
+        *["D", pos(1, "d")] * 3,
     )
     assert reply[0] == APPLIED and reply[2] == APPLIED
     assert isinstance(reply[1], bytes) and b"WRONGTYPE" in reply[1]
@@ -345,19 +351,19 @@ def test_prune_consumer_keeps_one_with_pending_entries(lib: redis.Redis) -> None
 
 
 def test_per_operation_functions_accept_only_their_rows(lib: redis.Redis) -> None:
-    pos = "1".zfill(20)
+    first = pos(1)
     args = ("user:1", "streamsync:pos:{user:1}", TOMBSTONE_MS)
-    assert lib.fcall("streamsync_invalidate", 2, *args, "I", pos) == [APPLIED]
+    assert lib.fcall("streamsync_invalidate", 2, *args, "I", first) == [APPLIED]
     for function, row in [
-        ("streamsync_write_hash", ["J", pos, "0", "{}"]),
-        ("streamsync_write_json", ["D", pos]),
-        ("streamsync_delete", ["I", pos]),
-        ("streamsync_invalidate", ["H", pos, "0", "s", "0"]),
+        ("streamsync_write_hash", ["J", first, "0", "{}"]),
+        ("streamsync_write_json", ["D", first]),
+        ("streamsync_delete", ["I", first]),
+        ("streamsync_invalidate", ["H", first, "0", "s", "0"]),
     ]:
         with pytest.raises(redis.ResponseError, match="unexpected row kind"):
             lib.fcall(function, 2, *args, *row)
-    assert lib.fcall("streamsync_write_json", 2, *args, "J", "2".zfill(20), "0", "{}") == [APPLIED]
-    assert lib.fcall("streamsync_delete", 2, *args, "D", "3".zfill(20)) == [APPLIED]
+    assert lib.fcall("streamsync_write_json", 2, *args, "J", pos(2), "0", "{}") == [APPLIED]
+    assert lib.fcall("streamsync_delete", 2, *args, "D", pos(3, "d")) == [APPLIED]
 
 
 def test_full_hash_write_keeps_shape_and_drops_vanished_fields(lib: redis.Redis) -> None:
@@ -443,3 +449,29 @@ def test_a_mark_is_the_newest_position_ever_raised_to(
         assert replied == {rule: newest[rule] for rule, _ in marks}
     stored = {as_str(k): as_str(v) for k, v in lib.hgetall(HWM).items()}
     assert stored == newest
+
+
+def test_snapshot_marks_keep_the_first_read_of_each_snapshot_in_stream_order(
+    lib: redis.Redis,
+) -> None:
+    def mark(lsn: int, entry_id: str) -> list[list[str]]:
+        reply = lib.fcall("streamsync_mark_snapshot", 1, "snaps", "s", str(lsn), entry_id)
+        value = as_bytes(lib.hget("snaps", "s"))
+        assert as_bytes(reply) == value
+        marks: list[list[str]] = orjson.loads(value)
+        return marks
+
+    assert mark(700, "10-5") == [["700", "10-5"]]
+    # a later read of the same snapshot: nothing to change; an earlier one moves the mark back
+    assert mark(700, "11-0") == [["700", "10-5"]]
+    assert mark(700, "9-0") == [["700", "9-0"]]
+    # a newer snapshot; ids compare as numbers ("100-0" after "9-0")
+    assert mark(900, "100-0") == [["700", "9-0"], ["900", "100-0"]]
+    assert mark(900, "20-0") == [["700", "9-0"], ["900", "20-0"]]
+    # LSNs beyond a double's precision stay exact; a lower LSN after a resync is a new mark
+    big = str(2**64 - 1)
+    assert mark(2**64 - 1, "200-0")[-1] == [big, "200-0"]
+    assert mark(5, "300-0")[-2:] == [[big, "200-0"], ["5", "300-0"]]
+    # the marks of other streams are apart
+    lib.fcall("streamsync_mark_snapshot", 1, "snaps", "other", "1", "1-0")
+    assert len(orjson.loads(as_bytes(lib.hget("snaps", "s")))) == 4

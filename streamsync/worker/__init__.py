@@ -8,7 +8,8 @@ Modules, in the order a batch meets them:
 - ``roundtrip``: one pipelined round trip of named command groups, each on its Redis's link;
 - ``entry``: a delivered stream entry and what it becomes;
 - ``core``: decode + plan + pack into calls + settle the replies (no I/O);
-- ``truncate``: the barrier holding a TRUNCATE until older entries are settled;
+- ``barrier``: entries held until the older entries of their stream are settled (a TRUNCATE, a
+  change of the first transaction after a snapshot);
 - ``deadletters``: writing dead letters (the record layout is ``streamsync.deadletter``'s);
 - ``counters``: counts, latency samples, the stats hashes and the observer;
 - ``housekeeping``: discovery, claims, trimming, memory, pruning, liveness;

@@ -1,15 +1,15 @@
 """The consumer-group loop: connect, read, apply, acknowledge, and stop cleanly.
 
-Every cycle is one round trip to Redis (``RoundTrip``), built from named groups of commands:
-the batch calls applying batch N, the dead letters and acknowledgements settled so far, the
-status counters, the XREADGROUP fetching batch N+1, and the resync epochs. The batch calls go to
-the Redis holding the cache (``target``), everything else to the streams' Redis; with a target
-of its own, both get their commands before either reply is read. While Redis works on it, the
-worker decodes and plans the entries the previous round trip read (``BatchCore``); then it
-settles batch N from the replies. So batch N's acknowledgements ride with the round trip
-after the one that applied it, once its per-row results are known. The read blocks only when
-nothing awaits an acknowledgement, so an acknowledgement is never held behind an idle stream; on
-a Redis Cluster it never blocks (one read per stream) and an idle worker polls instead.
+Every cycle is one round trip to Redis (``RoundTrip``), built from named groups of commands: the
+snapshot marks of batch N's reads, the batch calls applying batch N, the dead letters and
+acknowledgements settled so far, the status counters, the XREADGROUP fetching batch N+1, and the
+resync epochs. The batch calls go to the Redis holding the cache (``target``), everything else to
+the streams' Redis; with a target of its own, both get their commands before either reply is read.
+While Redis works on it, the worker decodes and plans the entries the previous round trip read
+(``BatchCore``); then it settles batch N from the replies. So batch N's acknowledgements ride with
+the round trip after the one that applied it, once its per-row results are known. The read blocks
+only when nothing awaits an acknowledgement, so an acknowledgement is never held behind an idle
+stream; on a Redis Cluster it never blocks (one read per stream) and an idle worker polls instead.
 """
 
 from __future__ import annotations
@@ -22,28 +22,30 @@ import threading
 import time
 from collections import Counter
 from types import FrameType
+from typing import Any
 
 import redis
 
 from streamsync.config import Settings
 from streamsync.epochs import Epochs
-from streamsync.errors import ExitCode, LibraryIncompatibleError
+from streamsync.errors import ExitCode, LibraryIncompatibleError, PoisonEntryError
 from streamsync.events import Decoder
-from streamsync.functions import Command
+from streamsync.functions import Command, mark_snapshot_command
 from streamsync.keys import StateKeys
 from streamsync.latency import LatencySamples
 from streamsync.mapping import Planner
 from streamsync.retry import backoff
+from streamsync.snapshots import Snapshots
 from streamsync.sweep import Sweeper
 from streamsync.worker import deadletters
-from streamsync.worker.core import BatchCore, Prepared, Settlement
+from streamsync.worker.barrier import StreamBarrier, sweep_truncate
+from streamsync.worker.core import BatchCore, Prepared, Settlement, SnapshotMark
 from streamsync.worker.counters import Counters, CountKey, WorkerObserver
 from streamsync.worker.entry import Entry, from_read
 from streamsync.worker.housekeeping import Housekeeper
 from streamsync.worker.policy import TargetPolicy
 from streamsync.worker.roundtrip import Replies, RoundTrip
 from streamsync.worker.session import Session, Sessions, open_sessions
-from streamsync.worker.truncate import TruncateBarrier
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ FINISH_BUDGET_S = 2.0
 CLUSTER_POLL_MS = 50
 #: The socket timeout's margin over a blocking read.
 READ_TIMEOUT_MARGIN_S = 5.0
+#: How many times per ``claim_idle_ms`` the entries the barrier holds are claimed again.
+BARRIER_CLAIMS_PER_IDLE = 4
 
 
 def default_consumer_name() -> str:
@@ -81,18 +85,24 @@ class Worker:
         self._keys = StateKeys.from_settings(settings.worker)
         self.counters = Counters(self._keys, self._group, observer)
         self._epochs = Epochs()
+        self._snapshots = Snapshots()
         self._core = BatchCore(
             Decoder(settings.source.format, settings.source.null_marker),
             Planner.from_settings(settings),
             self._epochs,
             tombstone_ms=settings.worker.tombstone_ttl_s * 1000,
             max_deliveries=settings.worker.max_deliveries,
+            snapshots=self._snapshots,
         )
         self._streams: list[str] = list(settings.source.streams or ())
         self._housekeeper = Housekeeper(
             settings, self.consumer, self._streams, self._keys, self.counters
         )
-        self._barrier = TruncateBarrier(self._group, self.consumer)
+        self._barrier = StreamBarrier(
+            self._group,
+            self.consumer,
+            claim_every_s=settings.worker.claim_idle_ms / 1000 / BARRIER_CLAIMS_PER_IDLE,
+        )
         self._policy = TargetPolicy()
         self._stop = threading.Event()
         self._signals = 0
@@ -220,6 +230,7 @@ class Worker:
         self._batch.clear()
         self._unread.clear()
         self._barrier.clear()
+        self._snapshots.clear()
         self._retry_attempt = 0
         self._backlog = self._housekeeper.recover_own_pending(session)
         self._refresh_epochs(session)
@@ -341,7 +352,18 @@ class Worker:
             if e.deliveries <= 1 or deadletters.still_ours(session, self._group, self.consumer, e)
         ]
         calls = self._core.calls(batch)
+        # the marks of the reads about to be applied or dead-lettered: durable before any of
+        # them is acknowledged
+        marks = self._core.take_marks()
         trip = RoundTrip()
+        trip.add(
+            "marks",
+            [
+                mark_snapshot_command(self._keys.snapshots, m.stream, m.lsn, m.entry_id)
+                for m in marks
+            ],
+            session.link,
+        )
         trip.add("apply", [call.command for call in calls], target.link)
         trip.add(
             "dead",
@@ -372,7 +394,11 @@ class Worker:
             self.counters.count(entry, "dead_lettered")
             self._ack(entry)
         entries = self._read_entries(session, replies)
-        settlement = self._core.settle(batch, calls, replies["apply"])
+        refused = self._marked(marks, replies["marks"])
+        if refused is None:
+            settlement = self._core.settle(batch, calls, replies["apply"])
+        else:
+            settlement = self._core.retry_all(batch, refused)
         if settlement.retry:
             self._retry(target, settlement)
             self._batch = batch + prepared.apply
@@ -389,8 +415,20 @@ class Worker:
             self.counters.count(entry, entry.outcome or "")
             self._ack(entry)
         self._dead += prepared.dead
-        self._barrier.waiting += prepared.truncates
+        self._barrier.waiting += prepared.held
         return prepared
+
+    def _marked(self, marks: list[SnapshotMark], replies: list[Any]) -> str | None:
+        """Read the snapshot marks' replies into the marks cache. On a refusal the marks are
+        noted again and the reason returned: the batch goes again, with them."""
+        refused = None
+        for mark, reply in zip(marks, replies, strict=True):
+            if isinstance(reply, redis.ResponseError):
+                refused = f"redis refused a snapshot mark ({reply})"
+                self._core.note_mark(mark)
+            else:
+                self._snapshots.update(mark.stream, reply)
+        return refused
 
     def _retry(self, target: Session, settlement: Settlement) -> None:
         if settlement.reload_library:
@@ -457,22 +495,42 @@ class Worker:
                 raise redis.ConnectionError(f"XREADGROUP failed: {reply}")
         return entries
 
-    # -- the TRUNCATE barrier ------------------------------------------------------------
+    # -- the stream barrier --------------------------------------------------------------
 
     def _run_barrier(self, sessions: Sessions) -> None:
+        released = self._barrier.release(sessions.streams, self._acks, time.monotonic())
+        if not released:
+            return
+        # every read older than what was released is settled, so its snapshot's mark is there
+        self._snapshots.load(sessions.streams.call("HGETALL", self._keys.snapshots))
+
         def sweeper() -> Sweeper:
             # the rows to sweep live in the target; the stream's pending list in the streams'
             return Sweeper(sessions.target.client, self._core.planner, self._core.tombstone_ms)
 
-        result = self._barrier.run(sessions.streams, sweeper, self._acks)
-        for entry in result.applied:
-            self.counters.count(entry, "applied")
-            self._ack(entry)
-        for entry in result.failed:
-            if self._core.exhausted(entry):
+        for held in released:
+            entry = held.entry
+            if held.truncate:
+                if sweep_truncate(sweeper, held, self._core.truncate_position(held)):
+                    self.counters.count(entry, "applied")
+                    self._ack(entry)
+                elif self._core.exhausted(entry):
+                    self._dead.append(entry)
+                else:
+                    self.counters.count(entry, "failed")
+                continue
+            try:
+                entry.rows = self._core.plan_held(held)
+            except PoisonEntryError as exc:
+                entry.error = str(exc)
                 self._dead.append(entry)
-            else:
-                self.counters.count(entry, "failed")
+                continue
+            except Exception as exc:
+                log.exception("%s: cannot map", entry.label)
+                entry.error = f"internal error: {type(exc).__name__}: {exc}"
+                self._dead.append(entry)
+                continue
+            self._batch.append(entry)
 
 
 def run_worker(
