@@ -27,6 +27,7 @@ from streamsync.events import ChangeEvent
 from streamsync.functions import FN_BATCH, ensure_library
 from streamsync.keys import StateKeys
 from streamsync.mapping import Planner
+from streamsync.positions import RANK_WRITE, streamed
 
 TABLE = "public.users"
 BATCH = 500
@@ -65,7 +66,8 @@ def measure(
     before = int(client.info("memory")["used_memory"])
     pipe = client.pipeline(transaction=False)
     for i in range(1, rows + 1):
-        event = ChangeEvent("c", TABLE, f"{1000 + i:020d}1", None, make(i), None, {"id": i})
+        position = streamed(1000 + i, 1000 + i, RANK_WRITE)
+        event = ChangeEvent("c", TABLE, position, None, make(i), None, {"id": i})
         for write in planner.plan(event):
             pipe.execute_command(
                 "FCALL", FN_BATCH, len(write.keys), *write.keys, 60000, *write.args

@@ -53,6 +53,7 @@ from streamsync.config import Settings, parse_settings
 from streamsync.embedded.sandbox import RedisServer
 from streamsync.keys import guarded_key
 from streamsync.mapping import hash_value
+from streamsync.positions import RANK_REMOVE, RANK_WRITE, streamed
 from streamsync.worker import Worker
 
 STREAM = "app.public.users"
@@ -92,11 +93,13 @@ Row = dict[str, Any]
 
 @dataclass(slots=True)
 class Change:
-    """What one generated event does to its row: the row after it (None: deleted) and its LSN."""
+    """What one generated event does to its row: the row after it (None: deleted), its LSN
+    and its transaction's ``lastCommitLsn``."""
 
     id: int
     after: Row | None
     lsn: int
+    last_commit_lsn: int
 
 
 @dataclass(slots=True)
@@ -271,7 +274,7 @@ def generate(events: int, rows: int, seed: int) -> Workload:
             "ts_ns": processed_ns,
         }
         entries.append((orjson.dumps({"id": row_id}), orjson.dumps(value)))
-        changes.append(Change(row_id, after, lsn))
+        changes.append(Change(row_id, after, lsn, tx_first_lsn))
     return Workload(entries, changes, ops, rows)
 
 
@@ -538,8 +541,8 @@ def verify_rows(
         if position_prefix is not None:
             position = next(replies)
             # the record holds the position, then "|" and the shape of the hash's field set
-            rank = 0 if change.after is None else 1
-            want_position = f"{change.lsn:020d}{rank}".encode()
+            rank = RANK_REMOVE if change.after is None else RANK_WRITE
+            want_position = streamed(change.last_commit_lsn, change.lsn, rank).encode()
             if position is None or position.split(b"|")[0] != want_position:
                 wrong.append(f"{KEY_PREFIX}{row_id}: position {position!r}, want {change.lsn}")
     if wrong:

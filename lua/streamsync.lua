@@ -992,6 +992,96 @@ local function mark_epoch(keys, argv)
     return {epoch, last}
 end
 
+--[[ streamsync_raise_hwm
+KEYS: the high-water marks hash (<state_prefix>hwm, in the streams' Redis)
+ARGV: rule name, position, rule name, position... (a rule may come more than once)
+Raises each rule's mark (a field of the hash) to the position, unless it is there already or
+above; positions compare as strings, like every position the library keeps. Atomic for every
+pair. A worker raises the marks of a batch's rules before it sends the batch to a target Redis
+that may evict (allkeys-*): a record evicted there is rebuilt with its rule's mark as the floor,
+so no change older than one applied can be applied over it (docs/bookkeeping.md).
+Reply: the mark of each pair's rule after the call, in ARGV order.
+--]]
+local function raise_hwm(keys, argv)
+    local hwm = keys[1]
+    if #argv % 2 ~= 0 then
+        return redis.error_reply('streamsync_raise_hwm: ARGV must be rule, position pairs')
+    end
+    local marks, raised = {}, {}
+    for i = 1, #argv, 2 do
+        local rule, position = argv[i], argv[i + 1]
+        if position == '' then
+            return redis.error_reply('streamsync_raise_hwm: empty position for ' .. rule)
+        end
+        local mark = marks[rule]
+        if mark == nil then
+            mark = redis.call('HGET', hwm, rule)
+        end
+        if not mark or mark < position then
+            mark = position
+            raised[rule] = true
+        end
+        marks[rule] = mark
+    end
+    local fields = {}
+    for rule in pairs(raised) do
+        fields[#fields + 1] = rule
+        fields[#fields + 1] = marks[rule]
+    end
+    if #fields > 0 then
+        redis.call('HSET', hwm, unpack(fields))
+    end
+    local reply = {}
+    for i = 1, #argv, 2 do
+        reply[#reply + 1] = marks[argv[i]]
+    end
+    return reply
+end
+
+--[[ streamsync_mark_snapshot
+KEYS: the snapshot marks hash
+ARGV: a stream, the LSN of a snapshot (decimal digits), the id of an entry of the stream holding a
+read of that snapshot
+Records that the snapshot's reads start at or before that entry. The hash field is the stream's
+name; its value the JSON array of ["<snapshot LSN>", "<first entry id of its reads>"], ordered
+by entry id: a change streamed after the reads of a snapshot, and before those of the next, follows
+that snapshot. A mark already at or before the entry for the same LSN is kept; the same snapshot's
+next mark is moved back to the entry; otherwise a mark is added. At most MAX_SNAPSHOT_MARKS per
+stream are kept, the oldest dropped. Reply: the stream's marks (the field's new value).
+--]]
+local MAX_SNAPSHOT_MARKS = 1000
+
+local function mark_snapshot(keys, argv)
+    local hash, stream, lsn, id = keys[1], argv[1], argv[2], argv[3]
+    local current = redis.call('HGET', hash, stream)
+    local marks = {}
+    if current then
+        marks = cjson.decode(current)
+    end
+    -- the first mark after the entry
+    local at = #marks + 1
+    for k = 1, #marks do
+        if id_less(id, marks[k][2]) then
+            at = k
+            break
+        end
+    end
+    if at > 1 and marks[at - 1][1] == lsn then
+        return current
+    end
+    if at <= #marks and marks[at][1] == lsn then
+        marks[at][2] = id
+    else
+        table.insert(marks, at, {lsn, id})
+    end
+    while #marks > MAX_SNAPSHOT_MARKS do
+        table.remove(marks, 1)
+    end
+    local value = cjson.encode(marks)
+    redis.call('HSET', hash, stream, value)
+    return value
+end
+
 --[[ streamsync_version
 KEYS: none; ARGV: none. Reply: the library version, "MAJOR.MINOR.PATCH". Read-only.
 --]]
@@ -1006,4 +1096,6 @@ redis.register_function('streamsync_split', split)
 redis.register_function('streamsync_expire', expire)
 redis.register_function('streamsync_trim', trim)
 redis.register_function('streamsync_mark_epoch', mark_epoch)
+redis.register_function('streamsync_mark_snapshot', mark_snapshot)
 redis.register_function('streamsync_prune_consumer', prune_consumer)
+redis.register_function('streamsync_raise_hwm', raise_hwm)

@@ -1,6 +1,10 @@
 """The least-privilege Redis ACL a configuration needs (``streamsync acl``): the key patterns
 of its streams, streamsync's records and the rules' keys, and the reviewed command sets the
-worker, its Functions library and ``streamsync status`` send."""
+worker, its Functions library and ``streamsync status`` send.
+
+With a ``target`` section the cache has a Redis of its own, and each Redis gets a user of its
+own: the streams' (streams, dead letters, epochs, counters, liveness marks; the library's stream
+functions) and the target's (the rules' keys and their bookkeeping; the batch calls)."""
 
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ WORKER_COMMANDS: tuple[str, ...] = (
     "exists",
     "scan",  # stream_prefix discovery; TRUNCATE of invalidate rules (keys the app writes)
     "sscan",  # TRUNCATE and resync walk the rules' indexes
-    "hgetall",  # resync epochs
+    "hgetall",  # resync epochs, snapshot marks
     "hincrby",  # status counters
     "hset",
     "set",  # the worker's liveness mark (with a TTL)
@@ -98,6 +102,45 @@ STATUS_COMMANDS: tuple[str, ...] = (
 )
 
 
+#: Of WORKER_COMMANDS, what the worker (and ``resync --finish``, ``dlq replay --direct``) sends
+#: a target of its own: no stream command, only the batch calls and the sweeps' index walks.
+TARGET_WORKER_COMMANDS: tuple[str, ...] = (
+    "client|setname",
+    "ping",
+    "info",  # at connect: a Redis Cluster or not; every minute: the maxmemory-policy
+    "exists",  # sweeps: which per-slot indexes of a cluster exist
+    "scan",  # TRUNCATE of invalidate rules
+    "sscan",  # TRUNCATE and resync walk the rules' indexes
+    "fcall",
+    "fcall_ro",
+    "function|load",
+)
+
+#: Of LIBRARY_COMMANDS, those only its stream functions run (streamsync_trim,
+#: streamsync_prune_consumer, streamsync_mark_epoch, streamsync_raise_hwm): with a target, in
+#: the streams' Redis; the batch calls run the others in the target.
+LIBRARY_STREAM_COMMANDS: tuple[str, ...] = (
+    "exists",
+    "hget",  # epochs, high-water marks
+    "hset",
+    "xtrim",
+    "xpending",
+    "xinfo|stream",
+    "xinfo|groups",
+    "xinfo|consumers",
+    "xgroup|delconsumer",
+)
+#: Of those, the ones no batch call runs.
+_STREAM_FUNCTIONS_ONLY = frozenset(LIBRARY_STREAM_COMMANDS) - {"hget", "hset"}
+
+#: What ``streamsync status`` and the metrics read from a target of its own: no key.
+TARGET_STATUS_COMMANDS: tuple[str, ...] = (
+    "ping",
+    "info",  # memory, eviction policy, evicted keys, hit rate
+    "fcall_ro",  # streamsync_version
+)
+
+
 def template_glob(template: KeyTemplate) -> str:
     """A key template as a glob matching every key it renders: ``plan:{plan}:users`` ->
     ``plan:*:users``, ``{{t:{tenant}}}:user:{id}`` -> ``{t:*}:user:*``."""
@@ -153,25 +196,46 @@ def acl_key_patterns(settings: Settings) -> list[str]:
     return patterns
 
 
-def acl_rules(settings: Settings, *, read_only: bool = False) -> list[str]:
+def _user(settings: Settings, *, read_only: bool, target: bool) -> tuple[list[str], list[str]]:
+    """The key rules and the commands of one user."""
+    if target:
+        if read_only:
+            return [], list(TARGET_STATUS_COMMANDS)
+        patterns = [*acl_state_patterns(settings), *acl_cache_patterns(settings)]
+        library = [c for c in LIBRARY_COMMANDS if c not in _STREAM_FUNCTIONS_ONLY]
+        return ["~" + p for p in patterns], [*TARGET_WORKER_COMMANDS, *library]
+    streams = acl_stream_patterns(settings)
+    if read_only:
+        keys = ["%R~" + p for p in (*streams, *acl_state_patterns(settings))]
+        return keys, list(STATUS_COMMANDS)
+    if settings.target is None:
+        return ["~" + p for p in acl_key_patterns(settings)], [*WORKER_COMMANDS, *LIBRARY_COMMANDS]
+    # the streams' Redis of a configuration with a target: no cache key, no position record
+    keys = ["~" + p for p in (*streams, glob_escape(settings.worker.state_prefix) + "*")]
+    worker = [c for c in WORKER_COMMANDS if c != "sscan"]
+    return keys, [*worker, *LIBRARY_STREAM_COMMANDS]
+
+
+def acl_rules(settings: Settings, *, read_only: bool = False, target: bool = False) -> list[str]:
     """The ``ACL SETUSER`` rules of the least-privileged user for ``settings``: the worker's
     (read and write on the streams, streamsync's records and the rules' keys; the commands the
     worker and its Functions library send), or with ``read_only`` a monitoring user's
     (``streamsync status``: read-only keys, read-only commands, no cache keys).
 
+    With a ``target`` section these are the users of the streams' Redis; ``target`` asks for
+    those of the cache's Redis instead (ValueError without the section).
+
     They reset the user's keys, channels and commands first, so applying them to an existing
     user replaces its permissions (its passwords and on/off state are left alone).
     """
-    if read_only:
-        keys = ["%R~" + p for p in (*acl_stream_patterns(settings), *acl_state_patterns(settings))]
-        wanted: tuple[str, ...] = STATUS_COMMANDS
-    else:
-        keys = ["~" + p for p in acl_key_patterns(settings)]
-        wanted = WORKER_COMMANDS + LIBRARY_COMMANDS
+    if target and settings.target is None:
+        raise ValueError("the configuration has no target section: the cache is in redis")
+    keys, wanted = _user(settings, read_only=read_only, target=target)
     commands: list[str] = []
     for command in wanted:
         _add(commands, "+" + command)
-    if parse_url(settings.redis.url).get("db", 0) not in (0, "0"):
+    where = settings.target if target and settings.target is not None else settings.redis
+    if parse_url(where.url).get("db", 0) not in (0, "0"):
         commands.append("+select")  # redis-py selects the URL's database on connect
     return ["resetkeys", *keys, "resetchannels", "-@all", *commands]
 
@@ -182,11 +246,12 @@ def acl_setuser(
     *,
     password: str = "<password>",
     read_only: bool = False,
+    target: bool = False,
 ) -> str:
     """The whole ``ACL SETUSER`` command line for ``user`` (``reset`` first: it replaces
-    whatever the user had), as typed in ``redis-cli``."""
+    whatever the user had), as typed in ``redis-cli``; ``target``: for the cache's Redis."""
     words = ["ACL", "SETUSER", user, "reset", "on", ">" + password]
-    words += acl_rules(settings, read_only=read_only)
+    words += acl_rules(settings, read_only=read_only, target=target)
     return " ".join(_cli_quote(w) for w in words)
 
 

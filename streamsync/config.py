@@ -37,6 +37,14 @@ from streamsync.templates import KeyTemplate
 REDIS_URL_ENV = "STREAMSYNC_REDIS_URL"
 #: Environment variable holding the Redis password; wins over ``redis.password_file``.
 REDIS_PASSWORD_ENV = "STREAMSYNC_REDIS_PASSWORD"
+#: The same two for the ``target`` section (the Redis holding the cache, when it is another).
+TARGET_URL_ENV = "STREAMSYNC_TARGET_URL"
+TARGET_PASSWORD_ENV = "STREAMSYNC_TARGET_PASSWORD"
+#: Each section describing a Redis, with its URL and password environment variables.
+REDIS_SECTIONS: Mapping[str, tuple[str, str]] = {
+    "redis": (REDIS_URL_ENV, REDIS_PASSWORD_ENV),
+    "target": (TARGET_URL_ENV, TARGET_PASSWORD_ENV),
+}
 
 _TABLE_RE = re.compile(r"^[^.\s]+\.[^.\s]+$")
 
@@ -113,12 +121,14 @@ _TLS_FILES = ("tls_ca_file", "tls_cert_file", "tls_key_file")
 
 
 class RedisSettings(_Model):
-    """Where the cache (and the streams) live, and how to authenticate to it.
+    """A Redis streamsync uses (the ``redis`` section: the streams, and the cache unless a
+    ``target`` section names another Redis), and how to authenticate to it.
 
     The password never sits in the configuration file: it comes from ``password_file``, from
-    the environment (``STREAMSYNC_REDIS_PASSWORD``), or from a URL given in the environment
-    (``STREAMSYNC_REDIS_URL``). ``load_settings`` resolves it into ``password``, a SecretStr, and
-    ``url`` never keeps it, so neither ``repr`` nor ``str`` of the settings can show it.
+    the environment (``STREAMSYNC_REDIS_PASSWORD``, ``STREAMSYNC_TARGET_PASSWORD``), or from a
+    URL given in the environment (``STREAMSYNC_REDIS_URL``, ``STREAMSYNC_TARGET_URL``).
+    ``load_settings`` resolves it into ``password``, a SecretStr, and ``url`` never keeps it, so
+    neither ``repr`` nor ``str`` of the settings can show it.
     """
 
     # inputs are never echoed in validation errors: a URL may carry a password
@@ -408,13 +418,24 @@ class Rule(_Model):
     @model_validator(mode="after")
     def _mode_fits(self) -> Rule:
         if self.mode is Mode.INVALIDATE:
-            for name in ("type", "fields", "ttl_s", "where", *_OPTIONAL):
-                if getattr(self, name) is not None:
-                    raise _field_error(self, name, "has no meaning when mode is invalidate")
-            if self.rename:
-                raise _field_error(self, "rename", "has no meaning when mode is invalidate")
-            self._require_key_column()
-            return self
+            self._invalidate_fits()
+        else:
+            self._type_fits()
+            self._columns_fit()
+        return self
+
+    def _invalidate_fits(self) -> None:
+        """An invalidate rule names a key per row and nothing about what a write would hold."""
+        for name in ("type", "fields", "ttl_s", "where", *_OPTIONAL):
+            if getattr(self, name) is not None:
+                raise _field_error(self, name, "has no meaning when mode is invalidate")
+        if self.rename:
+            raise _field_error(self, "rename", "has no meaning when mode is invalidate")
+        self._require_key_column()
+
+    def _type_fits(self) -> None:
+        """A write-through rule has a type, and sets what that type requires and nothing it
+        has no use for."""
         if self.type is None:
             raise _field_error(
                 self,
@@ -435,6 +456,10 @@ class Rule(_Model):
             for name in ("fields", "rename"):
                 if getattr(self, name):
                     raise _field_error(self, name, f"has no meaning for type {self.type.value}")
+
+    def _columns_fit(self) -> None:
+        """``fields`` keeps the key's columns and every renamed one; no two columns end up
+        with one name."""
         if self.fields is not None and self.type in SINGLE_VALUE_TYPES:
             missing = [c for c in self.template.columns if c not in self.fields]
             if missing:
@@ -451,7 +476,6 @@ class Rule(_Model):
             self.fields is not None and len(set(targets)) != len(targets)
         ):
             raise _field_error(self, "rename", "gives two columns the same name")
-        return self
 
     def _require_key_column(self) -> None:
         if self.template.is_static:
@@ -493,11 +517,6 @@ class Rule(_Model):
         what = "\0".join((self.key, self.member or "", self.value or "", self.score or ""))
         return f"{self.table}:{kind}:{binascii.crc32(what.encode()):08x}"
 
-    @property
-    def schema_name(self) -> str:
-        """The schema part of ``table``."""
-        return self.table.split(".", 1)[0]
-
 
 def _property_value(value: Any) -> Any:
     """A YAML scalar as the text of a Java property: booleans lowercase, numbers as written."""
@@ -530,11 +549,24 @@ class CaptureSettings(_Model):
 class Settings(_Model):
     """The whole configuration file."""
 
+    #: The streams, streamsync's stream-side records, and the cache unless ``target`` is set.
     redis: RedisSettings = RedisSettings()
+    #: A Redis of its own for the cache and its bookkeeping (absent: the cache is in ``redis``).
+    target: RedisSettings | None = None
     source: SourceSettings
     worker: WorkerSettings = WorkerSettings()
     rules: tuple[Rule, ...]
     capture: CaptureSettings = CaptureSettings()
+
+    @field_validator("target")
+    @classmethod
+    def _target_url(cls, target: RedisSettings | None) -> RedisSettings | None:
+        if target is not None and "url" not in target.model_fields_set:
+            raise ValueError(
+                "needs a 'url' (the Redis holding the cache); leave the section out to keep"
+                " the cache in the streams' Redis"
+            )
+        return target
 
     @field_validator("rules")
     @classmethod
@@ -550,6 +582,11 @@ class Settings(_Model):
                 )
             seen[rule.state_name] = i
         return rules
+
+    @property
+    def cache_redis(self) -> RedisSettings:
+        """The Redis the rules write to, with their bookkeeping: ``target``, else ``redis``."""
+        return self.redis if self.target is None else self.target
 
     @cached_property
     def rules_by_table(self) -> Mapping[str, tuple[Rule, ...]]:
@@ -655,8 +692,8 @@ def format_validation_error(path: Path | str, exc: ValidationError) -> str:
     lines = [f"{path}: invalid configuration ({count} problem{'' if count == 1 else 's'})"]
     for err in exc.errors(include_url=False):
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        # the redis section's values may hold credentials: never repeated
-        echo = not (loc and loc[0] == "redis")
+        # the redis and target sections' values may hold credentials: never repeated
+        echo = not (loc and loc[0] in REDIS_SECTIONS)
         lines.append(f"  {path}: {_format_location(loc)}: {_sentence(err, echo=echo)}")
     return "\n".join(lines)
 
@@ -700,12 +737,13 @@ def load_settings(path: Path | str, environ: Mapping[str, str] | None = None) ->
     except yaml.YAMLError as exc:
         raise ConfigError(format_yaml_error(path, exc)) from None
     if isinstance(data, dict):
-        _refuse_inline_password(path, data)
-    if isinstance(data, dict) and environ.get(REDIS_URL_ENV):
-        redis_section = data.get("redis")
-        redis_section = dict(redis_section) if isinstance(redis_section, dict) else {}
-        redis_section["url"] = environ[REDIS_URL_ENV]
-        data = {**data, "redis": redis_section}
+        for section, (url_env, _) in REDIS_SECTIONS.items():
+            _refuse_inline_password(path, data, section)
+            if environ.get(url_env):
+                given = data.get(section)
+                given = dict(given) if isinstance(given, dict) else {}
+                given["url"] = environ[url_env]
+                data = {**data, section: given}
     settings = parse_settings(data, path)
     # files named in the configuration are relative to the file that names them
     capture = settings.capture
@@ -716,65 +754,74 @@ def load_settings(path: Path | str, environ: Mapping[str, str] | None = None) ->
             "offsets_file": base / capture.offsets_file,
         }
     )
-    redis_settings = _resolve_redis(settings.redis, path, environ)
-    return settings.model_copy(update={"capture": resolved, "redis": redis_settings})
+    update: dict[str, Any] = {"capture": resolved}
+    update["redis"] = _resolve_redis(settings.redis, path, environ, "redis")
+    if settings.target is not None:
+        update["target"] = _resolve_redis(settings.target, path, environ, "target")
+    elif environ.get(TARGET_PASSWORD_ENV):
+        # a password meant for a cache Redis this configuration does not use: say so rather
+        # than ignore it, the cache would silently stay in the streams' Redis
+        raise ConfigError(
+            f"{path}: target: {TARGET_PASSWORD_ENV} is set, but the configuration has no"
+            f" target section (nor {TARGET_URL_ENV}): add one, or unset the variable"
+        )
+    return settings.model_copy(update=update)
 
 
-def _refuse_inline_password(path: Path, data: Mapping[str, Any]) -> None:
+def _refuse_inline_password(path: Path, data: Mapping[str, Any], name: str) -> None:
     """A password written in the configuration file is an error, never used."""
-    section = data.get("redis")
+    section = data.get(name)
     if not isinstance(section, dict):
         return
+    url_env, password_env = REDIS_SECTIONS[name]
     instead = (
-        f"put it in a file named by redis.password_file, or in the environment variable"
-        f" {REDIS_PASSWORD_ENV} (or the whole URL in {REDIS_URL_ENV})"
+        f"put it in a file named by {name}.password_file, or in the environment variable"
+        f" {password_env} (or the whole URL in {url_env})"
     )
     if "password" in section:
         raise ConfigError(
-            f"{path}: redis.password: a password does not belong in the configuration file: "
+            f"{path}: {name}.password: a password does not belong in the configuration file: "
             + instead
         )
     url = section.get("url")
     if isinstance(url, str) and split_url_password(url)[1] is not None:
         raise ConfigError(
-            f"{path}: redis.url: holds a password in plain text; remove it from the URL and "
+            f"{path}: {name}.url: holds a password in plain text; remove it from the URL and "
             + instead
         )
 
 
 def _resolve_redis(
-    settings: RedisSettings, path: Path, environ: Mapping[str, str]
+    settings: RedisSettings, path: Path, environ: Mapping[str, str], name: str
 ) -> RedisSettings:
-    """Paths relative to the configuration file, and the password from where it is kept:
-    STREAMSYNC_REDIS_PASSWORD, else a URL given in STREAMSYNC_REDIS_URL, else password_file."""
+    """Paths relative to the configuration file, and the password from where it is kept: the
+    section's password variable (STREAMSYNC_REDIS_PASSWORD, STREAMSYNC_TARGET_PASSWORD), else a
+    URL given in its URL variable, else password_file."""
     base = path.parent
     update: dict[str, Any] = {}
-    for name in ("password_file", *_TLS_FILES):
-        value = getattr(settings, name)
+    for option in ("password_file", *_TLS_FILES):
+        value = getattr(settings, option)
         if value is not None:
-            update[name] = base / value
-    from_env = environ.get(REDIS_PASSWORD_ENV)
+            update[option] = base / value
+    from_env = environ.get(REDIS_SECTIONS[name][1])
     if from_env:
         update["password"] = SecretStr(from_env)
     elif settings.password is None and settings.password_file is not None:
-        update["password"] = SecretStr(_read_password(path, update["password_file"]))
+        update["password"] = SecretStr(_read_password(path, update["password_file"], name))
     return settings.model_copy(update=update) if update else settings
 
 
-def _read_password(path: Path, password_file: Path) -> str:
+def _read_password(path: Path, password_file: Path, name: str) -> str:
+    where = f"{path}: {name}.password_file"
     try:
         text = password_file.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(
-            f"{path}: redis.password_file: cannot read {password_file}: {exc.strerror}"
-        ) from None
+        raise ConfigError(f"{where}: cannot read {password_file}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise ConfigError(
-            f"{path}: redis.password_file: {password_file} is not UTF-8 text"
-        ) from None
+        raise ConfigError(f"{where}: {password_file} is not UTF-8 text") from None
     password = text.removesuffix("\n").removesuffix("\r")
     if not password:
-        raise ConfigError(f"{path}: redis.password_file: {password_file} is empty")
+        raise ConfigError(f"{where}: {password_file} is empty")
     return password
 
 

@@ -16,8 +16,10 @@ A worker writes an entry it cannot apply to ``<stream>:dlq`` in the layout
 Both modes first check that the current configuration can decode and map the entry, and leave
 it in place (reporting why) when it cannot: re-adding it would only dead-letter it again
 (``--force`` re-adds it anyway). A re-added entry gets a new id, so one older than the stream's
-latest resync epoch is left for ``--direct``, and a TRUNCATE is only ever re-added: applied here
-it could overtake older entries of its stream that the workers have not applied yet.
+latest resync epoch, or a snapshot read or first transaction's change of an older snapshot than
+the stream's latest (``streamsync.snapshots``), is left for ``--direct``; and a TRUNCATE is only
+ever re-added: applied here it could overtake older entries of its stream that the workers have
+not applied yet.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from streamsync.deadletter import DeadLetter, as_text, as_utf8
 from streamsync.discovery import find_streams
 from streamsync.epochs import Epochs
 from streamsync.errors import DlqError, PoisonEntryError
-from streamsync.events import Decoder, Skip
+from streamsync.events import TRUNCATE, Decoder, Skip
 from streamsync.functions import Library, RowStatus, RowWrite
 from streamsync.keys import (
     StateKeys,
@@ -47,7 +49,9 @@ from streamsync.keys import (
     source_of_dead_letters,
 )
 from streamsync.mapping import Planner
-from streamsync.worker.core import BatchCore
+from streamsync.snapshots import Snapshots
+from streamsync.worker.core import BatchCore, Held
+from streamsync.worker.entry import Entry
 
 #: Dead letters read per XRANGE while walking a dead-letter stream.
 PAGE_SIZE = 500
@@ -87,10 +91,14 @@ def field_json(name: bytes, value: bytes) -> dict[str, Any]:
 
 
 class DeadLetters:
-    """The dead-letter streams of one configuration, on one Redis."""
+    """The dead-letter streams of one configuration, in the streams' Redis (``client``);
+    ``target`` is the cache's Redis, where ``--direct`` applies (default: ``client``)."""
 
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+    def __init__(
+        self, client: redis.Redis, settings: Settings, target: redis.Redis | None = None
+    ) -> None:
         self.client = client
+        self.target = client if target is None else target
         self.settings = settings
         # stream entries are read unparsed: field lists keep their order and duplicates
         for command in ("XRANGE", "XREVRANGE"):
@@ -180,6 +188,11 @@ class DeadLetters:
         epochs.load(self.client.hgetall(StateKeys.from_settings(self.settings.worker).epochs))
         return epochs
 
+    def snapshots(self) -> Snapshots:
+        snapshots = Snapshots()
+        snapshots.load(self.client.hgetall(StateKeys.from_settings(self.settings.worker).snapshots))
+        return snapshots
+
     def selected(
         self, dlq: str, ids: tuple[str, ...], all_entries: bool
     ) -> Iterator[DeadLetter | str]:
@@ -235,6 +248,9 @@ class Planned:
     skip: Skip | None = None
     #: A TRUNCATE (the worker sweeps for it, after the older entries of its stream).
     truncate: bool = False
+    #: A snapshot read, or a change of the first transaction after a snapshot: its place in
+    #: the stream says which snapshot it belongs to.
+    snapshot_bound: bool = False
     #: Why it cannot be applied.
     error: str | None = None
 
@@ -250,6 +266,7 @@ class Replayer:
         self.dlq = dead_letter_stream(stream)
         self.force = force
         self.epochs = store.epochs()
+        self.snapshots = store.snapshots()
         # the worker's own decoding and planning, so a replay sees the entry as a worker would
         self.core = BatchCore(
             Decoder(settings.source.format, settings.source.null_marker),
@@ -257,25 +274,32 @@ class Replayer:
             self.epochs,
             tombstone_s=settings.worker.tombstone_ttl_s,
             max_deliveries=settings.worker.max_deliveries,
+            snapshots=self.snapshots,
         )
-        self.library = Library(self.client)
+        # applied where the workers apply: in the cache's Redis
+        self.library = Library(store.target)
 
     def plan(self, letter: DeadLetter) -> Planned:
-        """Decode and plan ``letter`` as the worker would, under its original id's epoch."""
+        """Decode and plan ``letter`` as the worker would, under its original id's epoch and
+        snapshot."""
         original = letter.original_id
         if letter.fields is None or original is None:
             return Planned(error=letter.problem or "the dead letter has no valid original 'id'")
         try:
             plan = self.core.plan(self.stream, original, letter.fields)
+            event = plan.event
+            if isinstance(event, Skip):
+                return Planned(skip=event)
+            if event.op == TRUNCATE:
+                return Planned(truncate=True)
+            if plan.held:
+                held = Held(Entry(self.stream, original, letter.fields), event)
+                return Planned(rows=self.core.plan_held(held), snapshot_bound=True)
         except PoisonEntryError as exc:
             return Planned(error=str(exc))
         except Exception as exc:  # a bug, as the worker reports it
             return Planned(error=f"internal error: {type(exc).__name__}: {exc}")
-        if isinstance(plan.event, Skip):
-            return Planned(skip=plan.event)
-        if plan.truncate_at is not None:
-            return Planned(truncate=True)
-        return Planned(rows=plan.rows)
+        return Planned(rows=plan.rows, snapshot_bound=event.op == "r")
 
     # -- through the stream
 
@@ -298,6 +322,15 @@ class Replayer:
                 "left",
                 "the entry predates the stream's latest resync epoch: re-adding it would"
                 " overwrite newer rows; replay it with --direct, which keeps its epoch",
+            )
+        if planned.snapshot_bound and self.snapshots.at(self.stream, original) != self.snapshots.at(
+            self.stream, _NEWEST_ID
+        ):
+            return Outcome(
+                letter,
+                "left",
+                "the entry belongs to an older snapshot than the stream's latest: re-added, it"
+                " would be taken for the latest one's; replay it with --direct, which keeps it",
             )
         if dry_run:
             return Outcome(letter, "re-added", "would re-add to " + self.stream)

@@ -1,13 +1,20 @@
 """Debezium Server stream entries -> typed change events.
 
-See docs: an entry is written by Debezium Server's Redis sink in the ``compact`` layout (one
-field/value pair: key JSON -> value JSON) or the ``extended`` one (fields ``key``, ``value`` and one
-field per record header). A null key or value is the configured null marker (``default``).
+Debezium Server's Redis sink writes an entry in the ``compact`` layout (one field/value pair: key
+JSON -> value JSON) or the ``extended`` one (fields ``key``, ``value`` and one field per record
+header); a null key or value is the configured null marker (``default``). A value is a bare change
+event or a schema/payload envelope, whose schema guides the decoding of logical-typed columns
+(``streamsync.logical_types``).
+
+``Decoder.decode`` turns an entry into a ``ChangeEvent`` (create, update, snapshot read, delete or
+TRUNCATE) or a ``Skip`` (a tombstone or a heartbeat: nothing to apply), or raises
+PoisonEntryError saying why it can never be applied.
 """
 
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -17,25 +24,25 @@ import orjson
 
 from streamsync.config import StreamFormat
 from streamsync.errors import PoisonEntryError, excerpt
-from streamsync.logical import UNAVAILABLE, ConverterCache, RowConverter, is_unavailable
-
-#: Width of a PostgreSQL LSN in a position: 2**64 has 20 decimal digits.
-POSITION_WIDTH = 20
-
-#: The last character of a position ranks changes sharing one LSN: a primary-key change is a
-#: delete of the old key and a create of the new one at the same LSN, and when both map to the
-#: same Redis key (a key template over a non-key column) the create must win. TRUNCATE ranks
-#: with deletes: it removes what is older.
-RANK_REMOVE, RANK_WRITE = "0", "1"
-
-#: The position of a change that carries none (incremental-snapshot reads have no LSN). It is
-#: older than every real position, so such a read only fills a row never seen before.
-NO_POSITION = "0" * POSITION_WIDTH + RANK_WRITE
+from streamsync.logical_types import UNAVAILABLE, ConverterCache, RowConverter, is_unavailable
+from streamsync.positions import (
+    MAX_LSN,
+    NO_POSITION,
+    RANK_REMOVE,
+    RANK_WRITE,
+    snapshot_read,
+    streamed,
+    unplaced,
+)
 
 #: Operations that carry a row: create, update, snapshot read, delete.
 ROW_OPS = frozenset({"c", "u", "r", "d"})
 #: TRUNCATE: no row, one event per table.
 TRUNCATE = "t"
+#: The ops of a change to apply.
+_CHANGE_OPS = ROW_OPS | {TRUNCATE}
+#: The ops that remove what is older, and carry no after-image.
+_REMOVAL_OPS = frozenset({"d", TRUNCATE})
 
 #: PostgreSQL's limit on a table's columns (MaxHeapAttributeNumber). A row with more is no
 #: PostgreSQL row, and the library could not write it: Lua unpacks a row's fields onto a stack
@@ -62,8 +69,9 @@ class ChangeEvent:
     op: str
     #: ``schema.table`` from ``source``.
     table: str
-    #: The source position: the LSN as a fixed-width digit string (see POSITION_WIDTH) and a
-    #: rank (RANK_REMOVE or RANK_WRITE). Compared as strings, never across rows.
+    #: The source position (``streamsync.positions``), compared as a string, never across rows;
+    #: for a change of the first transaction after a snapshot, an unplaced stand-in that the
+    #: worker places once it knows the snapshot (``positions.place``).
     position: str
     #: Commit time in the database (``source.ts_ms``), for the end-to-end lag.
     ts_ms: int | None
@@ -141,6 +149,7 @@ class Decoder:
 
     def decode(self, fields: Sequence[bytes]) -> ChangeEvent | Skip:
         """Decode one entry; PoisonEntryError says why it can never be applied."""
+        # runs per entry: the common path stays inline, the rare and refused ones are helpers
         if len(fields) == 2 and self.format is not StreamFormat.EXTENDED:
             raw_key, raw_value = fields
         else:
@@ -150,88 +159,105 @@ class Decoder:
         value = _load_object(raw_value, "value")
         schema = None
         if "payload" in value and "schema" in value:
-            schema = value["schema"]
-            value = value["payload"]
-            if value is None:
-                return Skip.TOMBSTONE
+            schema, value = value["schema"], value["payload"]
             if type(value) is not dict:
+                if value is None:
+                    return Skip.TOMBSTONE
                 raise PoisonEntryError("value payload is not a JSON object")
         op = value.get("op")
-        if type(op) is not str or (op not in ROW_OPS and op != TRUNCATE):
-            if op is None:
-                if "ts_ms" in value and self._heartbeat_key(raw_key):
-                    return Skip.HEARTBEAT
-                raise PoisonEntryError("value has no 'op': not a Debezium change event")
-            if type(op) is not str:
-                raise PoisonEntryError(f"op {excerpt(op)} is not a string")
-            name = _OP_NAMES.get(op)
-            if name:
-                raise PoisonEntryError(f"op {op!r} ({name}) is not a row change: nothing to apply")
-            raise PoisonEntryError(f"unknown op {excerpt(op)}")
+        if type(op) is not str or op not in _CHANGE_OPS:
+            return self._not_a_change(op, value, raw_key)
         source = value.get("source")
-        if type(source) is not dict:
-            raise PoisonEntryError("value has no 'source' object")
-        schema_name, table_name = source.get("schema"), source.get("table")
-        if type(schema_name) is not str or type(table_name) is not str:
-            raise PoisonEntryError("source lacks 'schema' or 'table'")
+        if (
+            type(source) is not dict
+            or type(source.get("schema")) is not str
+            or type(source.get("table")) is not str
+        ):
+            raise PoisonEntryError(_bad_source(source))
+        table = f"{source['schema']}.{source['table']}"
         position = _position(op, source)
-        if op == TRUNCATE:
-            return ChangeEvent(
-                op,
-                f"{schema_name}.{table_name}",
-                position,
-                _ts_ms(source),
-                None,
-                None,
-                None,
+        if op in _REMOVAL_OPS:
+            return self._removal(
+                op, value, schema, raw_key, table=table, position=position, source=source
             )
         before = value.get("before")
-        if before is not None and (type(before) is not dict or len(before) > MAX_COLUMNS):
-            raise PoisonEntryError(_bad_row("before", before))
-        # the row's identity; in a delete's before-image only these columns are sure to be real
-        key = None
-        lazy_key = None
-        if op == "d":
-            key = self._key(raw_key)
-            if before is None and key is None:
-                raise PoisonEntryError("delete carries neither 'before' nor a key")
-            after = None
-        else:
-            after = value.get("after")
-            if type(after) is not dict:
-                raise PoisonEntryError(f"op {op!r} carries no 'after' row")
-            if len(after) > MAX_COLUMNS:
-                raise PoisonEntryError(_bad_row("after", after))
-            if raw_key != self.null_marker:
-                lazy_key = bytes(raw_key)
+        # Any: _convert returns an optional image, but a dict converts to a dict
+        after: Any = value.get("after")
+        if (
+            type(after) is not dict
+            or len(after) > MAX_COLUMNS
+            or (before is not None and (type(before) is not dict or len(before) > MAX_COLUMNS))
+        ):
+            raise PoisonEntryError(_bad_images(op, before, after))
         if schema is not None:
             after, before = self._convert(schema, after, before)
-        if key is not None:
-            # a delete's key is decoded anyway: the before-image's key columns must agree
-            check_key(key, op, before)
         unchanged: frozenset[str] = frozenset()
-        if after is not None:
-            # one pass in C over the values; the per-column check runs only on a hit
-            values = after.values()
-            if (
-                UNAVAILABLE in values
-                or _PLACEHOLDER_B64 in values
-                or [UNAVAILABLE] in values
-                or [_PLACEHOLDER_B64] in values
-            ):
-                unchanged = frozenset(c for c, v in after.items() if is_unavailable(v))
+        # one pass in C over the values; the per-column check runs only on a hit
+        values = after.values()
+        if (
+            UNAVAILABLE in values
+            or _PLACEHOLDER_B64 in values
+            or [UNAVAILABLE] in values
+            or [_PLACEHOLDER_B64] in values
+        ):
+            unchanged = frozenset(c for c, v in after.items() if is_unavailable(v))
+        # the record key is decoded only when asked (most changes never need it)
+        lazy_key = None if raw_key == self.null_marker else bytes(raw_key)
         return ChangeEvent(
             op,
-            f"{schema_name}.{table_name}",
+            table,
             position,
             _ts_ms(source),
             after,
             before,
-            key,
+            None,
             unchanged,
             lazy_key,
-            self._converters if lazy_key is not None else None,
+            None if lazy_key is None else self._converters,
         )
+
+    def _removal(
+        self,
+        op: str,
+        value: dict[str, Any],
+        schema: Any,
+        raw_key: bytes,
+        *,
+        table: str,
+        position: str,
+        source: dict[str, Any],
+    ) -> ChangeEvent:
+        """A delete or TRUNCATE: no after-image. A delete's record key names the row; in its
+        before-image only the key's columns are sure to be real (without REPLICA IDENTITY
+        FULL)."""
+        if op == TRUNCATE:
+            return ChangeEvent(op, table, position, _ts_ms(source), None, None, None)
+        before = value.get("before")
+        if before is not None and (type(before) is not dict or len(before) > MAX_COLUMNS):
+            raise PoisonEntryError(_bad_row("before", before))
+        key = self._key(raw_key)
+        if before is None and key is None:
+            raise PoisonEntryError("delete carries neither 'before' nor a key")
+        if schema is not None:
+            _, before = self._convert(schema, None, before)
+        if key is not None:
+            # decoded anyway: the before-image's key columns must agree with it
+            check_key(key, op, before)
+        return ChangeEvent(op, table, position, _ts_ms(source), None, before, key)
+
+    def _not_a_change(self, op: Any, value: dict[str, Any], raw_key: bytes) -> Skip:
+        """Skip.HEARTBEAT for a heartbeat; for any other entry whose ``op`` is no change,
+        PoisonEntryError saying what it is."""
+        if op is None:
+            if "ts_ms" in value and self._heartbeat_key(raw_key):
+                return Skip.HEARTBEAT
+            raise PoisonEntryError("value has no 'op': not a Debezium change event")
+        if type(op) is not str:
+            raise PoisonEntryError(f"op {excerpt(op)} is not a string")
+        name = _OP_NAMES.get(op)
+        if name:
+            raise PoisonEntryError(f"op {op!r} ({name}) is not a row change: nothing to apply")
+        raise PoisonEntryError(f"unknown op {excerpt(op)}")
 
     def _heartbeat_key(self, raw_key: bytes) -> bool:
         try:
@@ -356,6 +382,20 @@ def _bad_row(image: str, row: Any) -> str:
     return f"{image!r} has {len(row)} columns: a PostgreSQL row has at most {MAX_COLUMNS}"
 
 
+def _bad_source(source: Any) -> str:
+    if type(source) is not dict:
+        return "value has no 'source' object"
+    return "source lacks 'schema' or 'table'"
+
+
+def _bad_images(op: str, before: Any, after: Any) -> str:
+    if before is not None and (type(before) is not dict or len(before) > MAX_COLUMNS):
+        return _bad_row("before", before)
+    if type(after) is not dict:
+        return f"op {op!r} carries no 'after' row"
+    return _bad_row("after", after)
+
+
 def _load_object(raw: bytes, what: str) -> dict[str, Any]:
     try:
         obj = orjson.loads(raw)
@@ -376,8 +416,14 @@ def _ts_ms(source: dict[str, Any]) -> int | None:
 def _position(op: str, source: dict[str, Any]) -> str:
     rank = RANK_REMOVE if op in {"d", TRUNCATE} else RANK_WRITE
     lsn = source.get("lsn")
-    if type(lsn) is int and 0 <= lsn < 2**64 and source.get("connector") == "postgresql":
-        return f"{lsn:020d}{rank}"
+    if type(lsn) is int and 0 <= lsn <= MAX_LSN and source.get("connector") == "postgresql":
+        if op == "r":
+            return _read_position(source, lsn)
+        sequence = source.get("sequence")
+        match = _SEQUENCE.fullmatch(sequence) if type(sequence) is str else None
+        if match is not None and (len(last := match[1]) < _LSN_DIGITS or int(last) <= MAX_LSN):
+            return streamed(last, lsn, rank)
+        return _sequence_position(sequence, lsn, rank)
     connector = source.get("connector")
     if connector != "postgresql":
         raise PoisonEntryError(
@@ -389,6 +435,60 @@ def _position(op: str, source: dict[str, Any]) -> str:
         if op == "r":
             return NO_POSITION
         raise PoisonEntryError(f"op {op!r} has no source.lsn")
-    if not isinstance(lsn, int) or isinstance(lsn, bool) or not 0 <= lsn < 2**64:
+    if not isinstance(lsn, int) or isinstance(lsn, bool) or not 0 <= lsn <= MAX_LSN:
         raise PoisonEntryError(f"source.lsn {excerpt(lsn)} is not a 64-bit unsigned integer")
-    return f"{lsn:020d}{rank}"
+    if op == "r":
+        return _read_position(source, lsn)
+    return _sequence_position(source.get("sequence"), lsn, rank)
+
+
+# ``source.sequence``'s usual text, ``["<lastCommitLsn>","<lsn>"]``: matched, it costs less than
+# parsing the JSON. Anything else (a null element, other spacing) goes through the parser.
+_SEQUENCE = re.compile(r'\["(0|[1-9][0-9]{0,19})","(?:0|[1-9][0-9]{0,19})"\]')
+_LSN_DIGITS = len(str(MAX_LSN))
+
+
+def _read_position(source: dict[str, Any], lsn: int) -> str:
+    # an incremental snapshot's read is not a read of the snapshot at an LSN: it only fills
+    # rows never seen
+    if source.get("snapshot") == "incremental":
+        return NO_POSITION
+    return snapshot_read(lsn)
+
+
+def _sequence_position(sequence: Any, lsn: int, rank: str) -> str:
+    """The position of a streamed change from its ``source.sequence``, any valid spelling."""
+    if sequence is None:
+        raise PoisonEntryError(
+            "source.sequence is missing: a streamed change's position needs its lastCommitLsn"
+        )
+    if type(sequence) is not str:
+        raise PoisonEntryError(f"source.sequence {excerpt(sequence)} is not a string")
+    try:
+        parsed = orjson.loads(sequence)
+    except orjson.JSONDecodeError:
+        raise PoisonEntryError(f"source.sequence {excerpt(sequence)} is not JSON") from None
+    if type(parsed) is not list or len(parsed) != 2:
+        raise PoisonEntryError(
+            f"source.sequence {excerpt(sequence)} is not a [lastCommitLsn, lsn] pair"
+        )
+    for element in parsed:
+        if element is not None and not _is_lsn_text(element):
+            raise PoisonEntryError(
+                f"source.sequence {excerpt(sequence)}: {excerpt(element)} is not an LSN string"
+            )
+    last_commit = parsed[0]
+    if last_commit is None:
+        # the first transaction after a snapshot: which one, only the stream's order says
+        return unplaced(lsn, rank)
+    return streamed(int(last_commit), lsn, rank)
+
+
+def _is_lsn_text(value: Any) -> bool:
+    return (
+        type(value) is str
+        and 0 < len(value) <= _LSN_DIGITS
+        and value.isascii()
+        and value.isdigit()
+        and int(value) <= MAX_LSN
+    )

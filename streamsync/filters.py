@@ -526,33 +526,45 @@ def _compile(node: Node, source: str) -> _Evaluator:
     if isinstance(node, InList):
         return _compile_in(node, source)
     if isinstance(node, IsNull):
-        column = node.column
-        if node.negated:
-            return lambda row: row[column] is not None
-        return lambda row: row[column] is None
+        return _compile_is_null(node)
     if isinstance(node, Not):
-        operand = _compile(node.operand, source)
-
-        def not_(row: Mapping[str, Any]) -> bool | None:
-            result = operand(row)
-            return None if result is None else not result
-
-        return not_
+        return _compile_not(_compile(node.operand, source))
     operands = tuple(_compile(o, source) for o in node.operands)
     if isinstance(node, And):
+        return _compile_and(operands)
+    return _compile_or(operands)
 
-        def and_(row: Mapping[str, Any]) -> bool | None:
-            result: bool | None = True
-            for operand in operands:
-                value = operand(row)
-                if value is False:
-                    return False
-                if value is None:
-                    result = None
-            return result
 
-        return and_
+def _compile_is_null(node: IsNull) -> _Evaluator:
+    column = node.column
+    if node.negated:
+        return lambda row: row[column] is not None
+    return lambda row: row[column] is None
 
+
+def _compile_not(operand: _Evaluator) -> _Evaluator:
+    def not_(row: Mapping[str, Any]) -> bool | None:
+        result = operand(row)
+        return None if result is None else not result
+
+    return not_
+
+
+def _compile_and(operands: tuple[_Evaluator, ...]) -> _Evaluator:
+    def and_(row: Mapping[str, Any]) -> bool | None:
+        result: bool | None = True
+        for operand in operands:
+            value = operand(row)
+            if value is False:
+                return False
+            if value is None:
+                result = None
+        return result
+
+    return and_
+
+
+def _compile_or(operands: tuple[_Evaluator, ...]) -> _Evaluator:
     def or_(row: Mapping[str, Any]) -> bool | None:
         result: bool | None = False
         for operand in operands:
@@ -567,38 +579,48 @@ def _compile(node: Node, source: str) -> _Evaluator:
 
 
 def _compile_comparison(node: Comparison, source: str) -> _Evaluator:
-    column, op, literal = node.column, node.op, node.value
-    compare = _COMPARE[op]
-
+    literal = node.value
     if isinstance(literal, bool):
-        wanted = literal if op == "=" else not literal
-        what = _render_literal(literal)
-
-        def boolean(row: Mapping[str, Any]) -> bool | None:
-            value = row[column]
-            if value is True or value is False:
-                return value is wanted
-            if value is None:
-                return None
-            raise _mismatch(source, column, value, what)
-
-        return boolean
-
+        return _compare_boolean(node.column, node.op, literal, source)
     if isinstance(literal, str):
-        what = f"the string {_render_literal(literal)}"
+        return _compare_string(node.column, node.op, literal, source)
+    return _compare_number(node.column, node.op, literal, source)
 
-        def string(row: Mapping[str, Any]) -> bool | None:
-            value = row[column]
-            if type(value) is str:
-                return compare(value, literal)
-            if value is None:
-                return None
-            if isinstance(value, str):
-                return compare(str(value), literal)
-            raise _mismatch(source, column, value, what)
 
-        return string
+def _compare_boolean(column: str, op: str, literal: bool, source: str) -> _Evaluator:
+    wanted = literal if op == "=" else not literal
+    what = _render_literal(literal)
 
+    def boolean(row: Mapping[str, Any]) -> bool | None:
+        value = row[column]
+        if value is True or value is False:
+            return value is wanted
+        if value is None:
+            return None
+        raise _mismatch(source, column, value, what)
+
+    return boolean
+
+
+def _compare_string(column: str, op: str, literal: str, source: str) -> _Evaluator:
+    compare = _COMPARE[op]
+    what = f"the string {_render_literal(literal)}"
+
+    def string(row: Mapping[str, Any]) -> bool | None:
+        value = row[column]
+        if type(value) is str:
+            return compare(value, literal)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return compare(str(value), literal)
+        raise _mismatch(source, column, value, what)
+
+    return string
+
+
+def _compare_number(column: str, op: str, literal: Decimal, source: str) -> _Evaluator:
+    compare = _COMPARE[op]
     what = f"the number {literal}"
     # ints compare exactly with ints and with Decimals; an int literal is the faster of the two
     fast: int | Decimal = literal
@@ -621,7 +643,7 @@ def _compile_comparison(node: Comparison, source: str) -> _Evaluator:
 
 
 def _compile_in(node: InList, source: str) -> _Evaluator:
-    column, negated = node.column, node.negated
+    negated = node.negated
     # hashing agrees with equality across int and Decimal, so one set serves both
     members = frozenset(node.values)
     first = node.values[0]
@@ -630,31 +652,47 @@ def _compile_in(node: InList, source: str) -> _Evaluator:
         return result is not negated
 
     if isinstance(first, bool):
-        what = "a list of booleans"
-
-        def booleans(row: Mapping[str, Any]) -> bool | None:
-            value = row[column]
-            if value is True or value is False:
-                return found(value in members)
-            if value is None:
-                return None
-            raise _mismatch(source, column, value, what)
-
-        return booleans
-
+        return _in_booleans(node.column, members, found, source)
     if isinstance(first, str):
-        what = "a list of strings"
+        return _in_strings(node.column, members, found, source)
+    return _in_numbers(node.column, members, found, source)
 
-        def strings(row: Mapping[str, Any]) -> bool | None:
-            value = row[column]
-            if isinstance(value, str):
-                return found(value in members)
-            if value is None:
-                return None
-            raise _mismatch(source, column, value, what)
 
-        return strings
+def _in_booleans(
+    column: str, members: frozenset[Scalar], found: Callable[[bool], bool], source: str
+) -> _Evaluator:
+    what = "a list of booleans"
 
+    def booleans(row: Mapping[str, Any]) -> bool | None:
+        value = row[column]
+        if value is True or value is False:
+            return found(value in members)
+        if value is None:
+            return None
+        raise _mismatch(source, column, value, what)
+
+    return booleans
+
+
+def _in_strings(
+    column: str, members: frozenset[Scalar], found: Callable[[bool], bool], source: str
+) -> _Evaluator:
+    what = "a list of strings"
+
+    def strings(row: Mapping[str, Any]) -> bool | None:
+        value = row[column]
+        if isinstance(value, str):
+            return found(value in members)
+        if value is None:
+            return None
+        raise _mismatch(source, column, value, what)
+
+    return strings
+
+
+def _in_numbers(
+    column: str, members: frozenset[Scalar], found: Callable[[bool], bool], source: str
+) -> _Evaluator:
     what = "a list of numbers"
 
     def numbers(row: Mapping[str, Any]) -> bool | None:

@@ -13,7 +13,7 @@ import enum
 import functools
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -34,6 +34,8 @@ FN_EXPIRE = "streamsync_expire"
 FN_TRIM = "streamsync_trim"
 FN_PRUNE_CONSUMER = "streamsync_prune_consumer"
 FN_MARK_EPOCH = "streamsync_mark_epoch"
+FN_RAISE_HWM = "streamsync_raise_hwm"
+FN_MARK_SNAPSHOT = "streamsync_mark_snapshot"
 
 _VERSION_RE = re.compile(r"^local VERSION = '(\d+)\.(\d+)\.(\d+)'$", re.MULTILINE)
 
@@ -144,6 +146,25 @@ def changes_reply(reply: Sequence[Any], tables: Sequence[Table]) -> ChangesReply
     return ChangesReply(
         [RowStatus(item) if isinstance(item, int) else _text(item) for item in statuses], seen
     )
+
+
+def raise_hwm_command(hwm_key: str, marks: Iterable[tuple[str, str]]) -> Command:
+    """The ``streamsync_raise_hwm`` call raising each (rule name, position) pair's mark in the
+    hash ``hwm_key`` (``StateKeys.hwm``) to at least the position, atomically."""
+    args = [item for pair in marks for item in pair]
+    return ("FCALL", FN_RAISE_HWM, 1, hwm_key, *args)
+
+
+def hwm_reply(marks: Iterable[tuple[str, str]], reply: Sequence[Any]) -> dict[str, str]:
+    """A ``streamsync_raise_hwm`` reply as {rule name: its mark after the call}."""
+    return {rule: _text(mark) for (rule, _), mark in zip(marks, reply, strict=True)}
+
+
+def mark_snapshot_command(snapshots_key: str, stream: str, lsn: int, entry_id: bytes) -> Command:
+    """The ``streamsync_mark_snapshot`` call recording that the reads of the snapshot at ``lsn``
+    start at or before entry ``entry_id`` of ``stream``; it replies the stream's marks (see
+    ``streamsync.snapshots``)."""
+    return ("FCALL", FN_MARK_SNAPSHOT, 1, snapshots_key, stream, str(lsn), entry_id)
 
 
 def is_missing_library(message: str) -> bool:
@@ -304,6 +325,15 @@ class Library:
         """``streamsync_prune_consumer``: delete ``consumer`` from ``group`` if it holds nothing
         and has been idle ``min_idle_ms``, atomically; True when deleted."""
         return bool(self._call(FN_PRUNE_CONSUMER, [stream], group, consumer, min_idle_ms))
+
+    def raise_hwm(self, hwm_key: str, marks: Iterable[tuple[str, str]]) -> dict[str, str]:
+        """``streamsync_raise_hwm``: raise each (rule name, position) pair's high-water mark to
+        at least the position, atomically; returns every named rule's mark after the call."""
+        pairs = list(marks)
+        if not pairs:
+            return {}
+        command = raise_hwm_command(hwm_key, pairs)
+        return hwm_reply(pairs, self._call(FN_RAISE_HWM, [hwm_key], *command[4:]))
 
     def mark_epoch(self, epochs_key: str, stream: str) -> tuple[int, str]:
         """``streamsync_mark_epoch``: start a new resync epoch for ``stream``; returns the epoch

@@ -1,9 +1,10 @@
 """Every key name streamsync owns, and the Redis Cluster hash-slot arithmetic behind them.
 
 streamsync keeps records beside the cache: a position record per target key, placement records
-and indexes per rule, list order and reserve records, resync epochs, status counters, worker
-liveness marks, and a dead-letter stream per source stream. Their names are built here and only
-here; the Functions library never builds a key name (every key arrives in KEYS).
+and indexes per rule, list order and reserve records, resync epochs, snapshot marks, status
+counters, worker liveness marks, and a dead-letter stream per source stream. Their names are
+built here and only here; the Functions library never builds a key name (every key arrives in
+KEYS).
 """
 
 from __future__ import annotations
@@ -201,6 +202,18 @@ class StateKeys:
     def epochs(self) -> str:
         """The hash holding every stream's resync epoch marks."""
         return self.state_prefix + "epochs"
+
+    @property
+    def hwm(self) -> str:
+        """The hash of the per-rule high-water marks (field: the rule's ``state_name``; value:
+        the newest position a batch of that rule was sent with), kept in the streams' Redis:
+        the floor of a record a target under ``allkeys-*`` evicted."""
+        return self.state_prefix + "hwm"
+
+    @property
+    def snapshots(self) -> str:
+        """The hash holding every stream's snapshot marks (``streamsync.snapshots``)."""
+        return self.state_prefix + "snaps"
 
     def stats(self, group: str, stream: str) -> str:
         """The hash where the workers of ``group`` count what they did with ``stream``'s

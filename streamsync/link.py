@@ -46,9 +46,6 @@ def _read(conn: Connection) -> Any:
 class SingleLink:
     """A pipelined connection to one Redis server."""
 
-    #: One XREADGROUP may read every stream and block.
-    multi_stream_reads = True
-
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._sent = 0
@@ -74,8 +71,6 @@ class SingleLink:
 
 class ClusterLink:
     """Pipelined connections to every primary of a Redis Cluster, routed by hash slot."""
-
-    multi_stream_reads = False
 
     def __init__(self, cluster: redis.RedisCluster, **connection_kwargs: Any) -> None:
         self._cluster = cluster

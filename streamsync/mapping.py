@@ -1,7 +1,8 @@
 """Change event + mapping rules -> the rows handed to the Functions library.
 
-Pure: no I/O. Each `RowWrite` is one row of one registered function's batch call: a target key,
-its position record and the row's ARGV segment (layouts in lua/streamsync.lua).
+Pure: no I/O. Each ``RowWrite`` is one row of a ``streamsync_batch`` call: its KEYS (the rule's
+index, then the row kind's own keys: target key, position record, placement record...) and its
+ARGV segment (kind, index member, then the kind's items; layouts in lua/streamsync.lua).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@ queried at scrape time), and the HTTP endpoint serving both (``serve``).
 
 Every metric is defined in this module, in a registry of the caller's (never the global one), with
 the ``streamsync_`` prefix, ``_total`` counters and durations in seconds. Labels are ``stream``,
-``table``, ``op`` and ``outcome`` only: never an entry id, a key or a consumer name, so the number
-of series stays bounded by the configuration.
+``table``, ``op``, ``outcome`` and ``redis`` (which Redis a server-wide figure is of: ``streams``,
+or ``target`` for the cache's own Redis) only: never an entry id, a key or a consumer name, so the
+number of series stays bounded by the configuration.
 
 Every worker replica serves the Redis gauges, so several replicas report the same values under
 different ``instance`` labels: aggregate them with ``max``, not ``sum``.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -34,7 +35,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from streamsync import __version__, connection
-from streamsync.config import Settings
+from streamsync.config import RedisSettings, Settings
 from streamsync.discovery import find_streams
 from streamsync.functions import library_version, loaded_version
 from streamsync.keys import dead_letter_stream
@@ -95,6 +96,11 @@ LAG_BUCKETS = (
 #: Outcomes with a counter of their own besides streamsync_events_total.
 CLAIMED = "claimed"
 DEAD_LETTERED = "dead_lettered"
+
+#: The ``redis`` label's values: the Redis of ``redis.url`` (the streams, and the cache too
+#: without a ``target`` section), and the cache's own Redis.
+STREAMS = "streams"
+TARGET = "target"
 
 
 def _version(version: tuple[int, int, int]) -> str:
@@ -198,7 +204,9 @@ class _Families:
 
     up: GaugeMetricFamily = field(
         default_factory=lambda: GaugeMetricFamily(
-            PREFIX + "redis_up", "1 if the last scrape of Redis answered, else 0"
+            PREFIX + "redis_up",
+            "1 if the last scrape of this Redis answered, else 0",
+            labels=["redis"],
         )
     )
     stream_length: GaugeMetricFamily = field(
@@ -238,85 +246,131 @@ class _Families:
     )
     used_memory: GaugeMetricFamily = field(
         default_factory=lambda: GaugeMetricFamily(
-            PREFIX + "redis_used_memory_bytes", "Memory Redis uses (INFO memory used_memory)"
+            PREFIX + "redis_used_memory_bytes",
+            "Memory Redis uses (INFO memory used_memory)",
+            labels=["redis"],
         )
     )
     maxmemory: GaugeMetricFamily = field(
         default_factory=lambda: GaugeMetricFamily(
             PREFIX + "redis_maxmemory_bytes",
             "Redis's memory limit (INFO memory maxmemory; 0 means no limit)",
+            labels=["redis"],
         )
     )
     keyspace_hits: CounterMetricFamily = field(
         default_factory=lambda: CounterMetricFamily(
             PREFIX + "redis_keyspace_hits",
             "Key lookups that found the key, server-wide (INFO stats keyspace_hits)",
+            labels=["redis"],
         )
     )
     keyspace_misses: CounterMetricFamily = field(
         default_factory=lambda: CounterMetricFamily(
             PREFIX + "redis_keyspace_misses",
             "Key lookups that missed, server-wide (INFO stats keyspace_misses)",
+            labels=["redis"],
+        )
+    )
+    evicted_keys: CounterMetricFamily = field(
+        default_factory=lambda: CounterMetricFamily(
+            PREFIX + "redis_evicted_keys",
+            "Keys Redis evicted under its maxmemory-policy, server-wide (INFO stats"
+            " evicted_keys); on the streams' Redis beside a target, any is a problem",
+            labels=["redis"],
         )
     )
     library: InfoMetricFamily = field(
         default_factory=lambda: InfoMetricFamily(
             PREFIX + "library_loaded",
             "The streamsync Functions library loaded in Redis (absent when none is)",
+            labels=["redis"],
         )
     )
 
     def __iter__(self) -> Iterator[Metric]:
         return iter(vars(self).values())
 
+    def add(self, other: _Families) -> None:
+        """Take ``other``'s samples (but its ``up``) into these families."""
+        for mine, theirs in zip(self, other, strict=True):
+            if mine is not self.up:
+                mine.samples.extend(theirs.samples)
+
+
+def _scrape_client(settings: RedisSettings, timeout_s: float) -> redis.Redis:
+    return connection.client(
+        settings,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        client_name="streamsync:metrics",
+        protocol=2,
+    )
+
 
 class RedisCollector(Collector):
-    """Gauges of what Redis holds, queried when Prometheus scrapes, on a client of its own with
-    a short timeout and no retries. A scrape never raises: when Redis does not answer, it
-    reports ``streamsync_redis_up 0`` and nothing else."""
+    """Gauges of what Redis holds, queried when Prometheus scrapes, on clients of its own with
+    a short timeout and no retries: the streams' Redis, and the cache's own (``target``) when
+    the configuration names one. A scrape never raises: a Redis that does not answer is
+    reported as ``streamsync_redis_up{redis=...} 0``, and nothing else of it."""
 
     def __init__(self, settings: Settings, *, timeout_s: float = SCRAPE_TIMEOUT_S) -> None:
         self.settings = settings
-        self.client = connection.client(
-            settings.redis,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            client_name="streamsync:metrics",
-            protocol=2,
-        )
+        self.client = _scrape_client(settings.redis, timeout_s)
+        self.target = None
+        if settings.target is not None:
+            self.target = _scrape_client(settings.target, timeout_s)
         self._lock = threading.Lock()
         self._discovered: list[str] = []
         self._next_discover = 0.0
-        self._was_up = True
+        self._was_up = {STREAMS: True, TARGET: True}
 
     def close(self) -> None:
         """Close the collector's connections."""
         self.client.close()
+        if self.target is not None:
+            self.target.close()
 
     def describe(self) -> Iterable[Metric]:
         """The families, without samples: registering the collector queries nothing."""
         return list(_Families())
 
     def collect(self) -> Iterable[Metric]:
-        """Query Redis and return the families; never raises."""
+        """Query each Redis and return the families; never raises."""
         families = _Families()
+        sides: list[tuple[str, Callable[[_Families], None]]] = [(STREAMS, self._fill)]
+        if self.target is not None:
+            target = self.target
+            sides.append((TARGET, lambda f: _fill_server(target, TARGET, f)))
+        every = True
+        for name, fill in sides:
+            side = self._scrape(name, fill)
+            families.up.add_metric([name], 0 if side is None else 1)
+            if side is None:
+                every = False
+            else:
+                families.add(side)
+        # a Redis that did not answer leaves out the families only it fills
+        return list(families) if every else [f for f in families if f.samples]
+
+    def _scrape(self, name: str, fill: Callable[[_Families], None]) -> _Families | None:
+        side = _Families()
         try:
-            self._fill(families)
+            fill(side)
         except Exception as exc:
             # whatever went wrong (Redis down or slow, a refusal, an unexpected reply), the
             # scrape reports it as a value, never as an error of the endpoint
-            up = _Families().up
-            up.add_metric([], 0)
-            if self._was_up:
-                log.warning("metrics: cannot query redis: %s: %s", type(exc).__name__, exc)
-            self._was_up = False
-            return [up]
-        families.up.add_metric([], 1)
-        if not self._was_up:
-            log.info("metrics: redis answers again")
-        self._was_up = True
-        return list(families)
+            if self._was_up[name]:
+                log.warning(
+                    "metrics: cannot query the %s redis: %s: %s", name, type(exc).__name__, exc
+                )
+            self._was_up[name] = False
+            return None
+        if not self._was_up[name]:
+            log.info("metrics: the %s redis answers again", name)
+        self._was_up[name] = True
+        return side
 
     def streams(self) -> list[str]:
         """The configured streams, or those found under the prefix (cached for the worker's
@@ -336,8 +390,6 @@ class RedisCollector(Collector):
         group = self.settings.source.group
         pipe = self.client.pipeline(transaction=False)
         pipe.time()
-        pipe.info("memory")
-        pipe.info("stats")
         for stream in streams:
             pipe.xlen(stream)
             pipe.xinfo_groups(stream)
@@ -346,40 +398,58 @@ class RedisCollector(Collector):
         # a refused command (ACL, a key of the wrong type, no group yet) leaves its metric out;
         # a connection error or timeout raises and fails the whole scrape
         replies: list[Any] = pipe.execute(raise_on_error=False)
-        now_s, memory, stats = replies[:3]
+        now_s = replies[0]
         now_ms = now_s[0] * 1000 + now_s[1] / 1000 if _ok(now_s) else time.time() * 1000
-        if _ok(memory):
-            f.used_memory.add_metric([], float(memory["used_memory"]))
-            f.maxmemory.add_metric([], float(memory["maxmemory"]))
-        if _ok(stats):
-            f.keyspace_hits.add_metric([], float(stats["keyspace_hits"]))
-            f.keyspace_misses.add_metric([], float(stats["keyspace_misses"]))
         for i, stream in enumerate(streams):
-            length, groups, summary, dlq = replies[3 + 4 * i : 7 + 4 * i]
-            if _ok(length):
-                f.stream_length.add_metric([stream], float(length))
-            if _ok(dlq):
-                f.dlq_length.add_metric([stream], float(dlq))
-            ours = next(
-                (g for g in groups if _text(g["name"]) == group) if _ok(groups) else iter(()),
-                None,
-            )
-            if ours is not None:
-                f.pending.add_metric([stream], float(ours["pending"]))
-                if ours.get("lag") is not None:
-                    f.group_lag.add_metric([stream], float(ours["lag"]))
-            if _ok(summary):
-                oldest = summary["min"]
-                age_ms = 0.0
-                if summary["pending"] and oldest is not None:
-                    age_ms = max(0.0, now_ms - int(_text(oldest).partition("-")[0]))
-                f.oldest_pending_age.add_metric([stream], age_ms / 1000)
-        try:
-            loaded = loaded_version(self.client)
-        except redis.ResponseError:
-            loaded = None
-        if loaded is not None:
-            f.library.add_metric([], {"version": _version(loaded)})
+            _add_stream(f, stream, group, now_ms, replies[1 + 4 * i : 5 + 4 * i])
+        _fill_server(self.client, STREAMS, f)
+
+
+def _fill_server(client: redis.Redis, name: str, f: _Families) -> None:
+    """The server-wide figures of one Redis: memory, lookups, evictions, library."""
+    pipe = client.pipeline(transaction=False)
+    pipe.info("memory")
+    pipe.info("stats")
+    memory, stats = pipe.execute(raise_on_error=False)
+    if _ok(memory):
+        f.used_memory.add_metric([name], float(memory["used_memory"]))
+        f.maxmemory.add_metric([name], float(memory["maxmemory"]))
+    if _ok(stats):
+        f.keyspace_hits.add_metric([name], float(stats["keyspace_hits"]))
+        f.keyspace_misses.add_metric([name], float(stats["keyspace_misses"]))
+        f.evicted_keys.add_metric([name], float(stats["evicted_keys"]))
+    try:
+        loaded = loaded_version(client)
+    except redis.ResponseError:
+        loaded = None
+    if loaded is not None:
+        f.library.add_metric([name], {"version": _version(loaded)})
+
+
+def _add_stream(
+    f: _Families, stream: str, group: str, now_ms: float, replies: Sequence[Any]
+) -> None:
+    """One stream's samples, from its replies to XLEN, XINFO GROUPS, XPENDING and the XLEN of
+    its dead-letter stream."""
+    length, groups, summary, dlq = replies
+    if _ok(length):
+        f.stream_length.add_metric([stream], float(length))
+    if _ok(dlq):
+        f.dlq_length.add_metric([stream], float(dlq))
+    ours = next(
+        (g for g in groups if _text(g["name"]) == group) if _ok(groups) else iter(()),
+        None,
+    )
+    if ours is not None:
+        f.pending.add_metric([stream], float(ours["pending"]))
+        if ours.get("lag") is not None:
+            f.group_lag.add_metric([stream], float(ours["lag"]))
+    if _ok(summary):
+        oldest = summary["min"]
+        age_ms = 0.0
+        if summary["pending"] and oldest is not None:
+            age_ms = max(0.0, now_ms - int(_text(oldest).partition("-")[0]))
+        f.oldest_pending_age.add_metric([stream], age_ms / 1000)
 
 
 def _ok(reply: Any) -> bool:

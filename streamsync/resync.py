@@ -171,10 +171,18 @@ def check_dead_letters(
 
 
 def finish(
-    client: redis.Redis, settings: Settings, table: str, timeout_s: float, *, force: bool = False
+    client: redis.Redis,
+    settings: Settings,
+    table: str,
+    timeout_s: float,
+    *,
+    force: bool = False,
+    target: redis.Redis | None = None,
 ) -> int:
     """Once the workers applied everything captured so far, remove the table's rows that the
-    current epoch did not rewrite. Returns the number of rows removed.
+    current epoch did not rewrite. Returns the number of rows removed. ``client`` is the
+    streams' Redis (epochs, streams, dead letters); ``target`` the cache's, where the rows are
+    swept (default: ``client``, when the configuration has no ``target`` section).
 
     Unless ``force``, it refuses (ResyncError) when the new epoch rewrote nothing: when no entry
     was added to a stream of the table since its epoch started (capture did not start over), or
@@ -184,7 +192,8 @@ def finish(
     were acknowledged too, so the stream's last generated id, not its current content, tells
     whether anything was added.
     """
-    Library(client).ensure()
+    cache = client if target is None else target
+    Library(cache).ensure()
     epochs = Epochs()
     epochs.load(client.hgetall(StateKeys.from_settings(settings.worker).epochs))
     marks: dict[str, tuple[int, tuple[int, int]]] = {}
@@ -200,7 +209,7 @@ def finish(
         if not force:
             check_dead_letters(client, table, stream, *mark)
     epoch = max(epoch for epoch, _ in marks.values())
-    sweeper = Sweeper(client, Planner.from_settings(settings), settings.worker.tombstone_ttl_s)
+    sweeper = Sweeper(cache, Planner.from_settings(settings), settings.worker.tombstone_ttl_s)
     removed = sweeper.remove_older(table, epoch_floor(epoch))
     log.info("%s: resync epoch %d finished, %d stale row(s) removed", table, epoch, removed)
     return removed

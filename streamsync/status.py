@@ -29,6 +29,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from streamsync import eviction
 from streamsync.config import Settings, redact_url
 from streamsync.discovery import source_streams
 from streamsync.errors import PoisonEntryError
@@ -58,8 +59,8 @@ OUTCOMES = (
 #: op (tombstones, heartbeats, claims, vanished or undecodable entries).
 OPS = ("c", "u", "d", "r", "t", "none")
 NO_OP = "none"
-#: Memory policies that never evict a key.
-SAFE_POLICY = "noeviction"
+#: The memory policy that never evicts a key.
+SAFE_POLICY = eviction.NO_EVICTION
 
 LAG_NULL_NOTE = (
     "Redis cannot count the unread entries of this group (entries deleted inside the unread"
@@ -161,7 +162,7 @@ class StreamStatus:
 
 @dataclass(frozen=True, slots=True)
 class MemoryStatus:
-    """INFO memory."""
+    """INFO memory, and the keys evicted (INFO stats)."""
 
     used_memory_bytes: int
     #: 0 means no limit.
@@ -169,6 +170,8 @@ class MemoryStatus:
     maxmemory_policy: str
     #: used / max; null without a limit.
     used_ratio: float | None
+    #: Keys evicted since the server started (or CONFIG RESETSTAT).
+    evicted_keys: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +205,25 @@ class RedisStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class TargetStatus:
+    """The cache's own Redis (the ``target`` section)."""
+
+    #: target.url without credentials.
+    url: str
+    #: Why it could not be read (then every figure below is null); null when fine.
+    error: str | None
+    #: False when target.url reaches the streams' Redis itself (the same ``run_id``): the
+    #: eviction rules of one Redis apply then.
+    separate: bool
+    #: null when INFO is not permitted.
+    version: str | None
+    memory: MemoryStatus | None
+    keyspace: KeyspaceStatus | None
+    #: null when it could not be read.
+    library: LibraryStatus | None
+
+
+@dataclass(frozen=True, slots=True)
 class StatusReport:
     """Everything ``streamsync status`` shows, read from Redis at ``generated_at_ms``."""
 
@@ -220,6 +242,13 @@ class StatusReport:
     library: LibraryStatus
     #: What could not be read, and why.
     notes: tuple[str, ...] = ()
+    #: The cache's own Redis; null without a ``target`` section (the cache is in ``redis``).
+    target: TargetStatus | None = None
+
+    @property
+    def separate_target(self) -> bool:
+        """Whether the cache lives in a Redis of its own."""
+        return self.target is not None and self.target.separate
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,24 +387,10 @@ def collect_stream(
     counters go in one round trip (a pipeline, not a MULTI: a monitoring user needs read
     commands only)."""
     group = settings.source.group
-    claim_idle_ms = settings.worker.claim_idle_ms
     dlq = dead_letter_stream(stream)
-    pipe = client.pipeline(transaction=False)
-    pipe.type(stream)
-    pipe.xlen(stream)
-    pipe.xrevrange(stream, count=1)
-    pipe.xinfo_groups(stream)
-    pipe.xinfo_consumers(stream, group)
-    pipe.xpending(stream, group)
-    pipe.xpending_range(stream, group, "-", "+", 1)
-    pipe.xlen(dlq)
-    pipe.hgetall(StateKeys.from_settings(settings.worker).stats(group, stream))
-    replies = pipe.execute(raise_on_error=False)
-    for reply in replies:
-        # a missing key or group reads as such; a refused command must not
-        if isinstance(reply, redis.exceptions.NoPermissionError):
-            raise reply
-    (kind, length, last, groups, consumers, summary, oldest, dlq_len, stats) = replies
+    (kind, length, last, groups, consumers, summary, oldest, dlq_len, stats) = _read_stream(
+        client, settings, stream, dlq
+    )
     kind = _str(kind)
     stats = stats if isinstance(stats, dict) else {}
     counts, totals = _parse_counts(stats)
@@ -432,42 +447,9 @@ def collect_stream(
             waiting_lag_s=None,
         )
 
-    idle_by_name: dict[str, int] = {}
-    consumer_list: list[ConsumerStatus] = []
     listed = consumers if isinstance(consumers, list) else []
-    marks = _liveness_marks(client, settings, [_str(c["name"]) for c in listed])
-    for c in listed:
-        name = _str(c["name"])
-        pending_n, idle_ms = int(c["pending"]), int(c["idle"])
-        inactive = c.get("inactive")
-        dead, state = _consumer_state(pending_n, idle_ms, claim_idle_ms, marks[name])
-        idle_by_name[name] = idle_ms
-        consumer_list.append(
-            ConsumerStatus(
-                name=name,
-                pending=pending_n,
-                idle_s=_secs(idle_ms),
-                inactive_s=None if inactive is None or int(inactive) < 0 else _secs(inactive),
-                alive=marks[name],
-                dead=dead,
-                state=state,
-            )
-        )
-    consumer_list.sort(key=lambda c: c.name)
-
-    oldest_pending = None
-    if isinstance(oldest, list) and oldest:
-        o = oldest[0]
-        pid, owner = _str(o["message_id"]), _str(o["consumer"])
-        owner_idle = idle_by_name.get(owner)
-        oldest_pending = OldestPending(
-            id=pid,
-            age_s=_age_s(now_ms, id_ms(pid)) or 0.0,
-            consumer=owner,
-            idle_s=_secs(int(o["time_since_delivered"])),
-            deliveries=int(o["times_delivered"]),
-            consumer_idle_s=None if owner_idle is None else _secs(owner_idle),
-        )
+    consumer_list = _consumers(client, settings, listed)
+    oldest_pending = _oldest_pending(oldest, consumer_list, now_ms)
     pending = int(summary["pending"]) if isinstance(summary, dict) else 0
 
     last_delivered = _str(info["last-delivered-id"])
@@ -478,19 +460,6 @@ def collect_stream(
     unread = lag > 0 if lag is not None else first_unread is not None
     if not unread:
         first_unread = None
-
-    # how far behind the cache is: the commit time of the oldest change still waiting
-    waiting_lag_s = None
-    oldest_waiting: tuple[str, Mapping[bytes, bytes] | None] | None = None
-    if oldest_pending is not None:
-        oldest_waiting = _first_entry(
-            client.xrange(stream, min=oldest_pending.id, max=oldest_pending.id, count=1)
-        ) or (oldest_pending.id, None)
-    elif first_unread is not None:
-        oldest_waiting = first_unread
-    if oldest_waiting is not None:
-        ts_ms = _change_ts_ms(decoder, oldest_waiting[1])
-        waiting_lag_s = _age_s(now_ms, ts_ms if ts_ms is not None else id_ms(oldest_waiting[0]))
 
     return StreamStatus(
         **common,
@@ -504,9 +473,110 @@ def collect_stream(
         oldest_unread_age_s=_age_s(now_ms, id_ms(first_unread[0])) if first_unread else None,
         pending=pending,
         oldest_pending=oldest_pending,
-        consumers=tuple(consumer_list),
-        waiting_lag_s=waiting_lag_s,
+        consumers=consumer_list,
+        waiting_lag_s=_waiting_lag_s(
+            client,
+            stream,
+            now_ms,
+            decoder,
+            oldest_pending=oldest_pending,
+            first_unread=first_unread,
+        ),
     )
+
+
+def _read_stream(client: redis.Redis, settings: Settings, stream: str, dlq: str) -> list[Any]:
+    """The replies to TYPE, XLEN, XREVRANGE + - COUNT 1, XINFO GROUPS, XINFO CONSUMERS,
+    XPENDING, XPENDING - + 1, the dead letters' XLEN and the workers' stats HGETALL; a refused
+    command raises, other errors are replies."""
+    group = settings.source.group
+    pipe = client.pipeline(transaction=False)
+    pipe.type(stream)
+    pipe.xlen(stream)
+    pipe.xrevrange(stream, count=1)
+    pipe.xinfo_groups(stream)
+    pipe.xinfo_consumers(stream, group)
+    pipe.xpending(stream, group)
+    pipe.xpending_range(stream, group, "-", "+", 1)
+    pipe.xlen(dlq)
+    pipe.hgetall(StateKeys.from_settings(settings.worker).stats(group, stream))
+    replies: list[Any] = pipe.execute(raise_on_error=False)
+    for reply in replies:
+        # a missing key or group reads as such; a refused command must not
+        if isinstance(reply, redis.exceptions.NoPermissionError):
+            raise reply
+    return replies
+
+
+def _consumers(
+    client: redis.Redis, settings: Settings, listed: Sequence[Any]
+) -> tuple[ConsumerStatus, ...]:
+    """The group's consumers as XINFO CONSUMERS ``listed`` them, with their liveness marks,
+    sorted by name."""
+    claim_idle_ms = settings.worker.claim_idle_ms
+    marks = _liveness_marks(client, settings, [_str(c["name"]) for c in listed])
+    consumer_list: list[ConsumerStatus] = []
+    for c in listed:
+        name = _str(c["name"])
+        pending_n, idle_ms = int(c["pending"]), int(c["idle"])
+        inactive = c.get("inactive")
+        dead, state = _consumer_state(pending_n, idle_ms, claim_idle_ms, marks[name])
+        consumer_list.append(
+            ConsumerStatus(
+                name=name,
+                pending=pending_n,
+                idle_s=_secs(idle_ms),
+                inactive_s=None if inactive is None or int(inactive) < 0 else _secs(inactive),
+                alive=marks[name],
+                dead=dead,
+                state=state,
+            )
+        )
+    consumer_list.sort(key=lambda c: c.name)
+    return tuple(consumer_list)
+
+
+def _oldest_pending(
+    reply: Any, consumers: Sequence[ConsumerStatus], now_ms: int
+) -> OldestPending | None:
+    """The oldest pending entry from the reply to XPENDING - + 1; None when nothing is
+    pending."""
+    if not isinstance(reply, list) or not reply:
+        return None
+    o = reply[0]
+    pid, owner = _str(o["message_id"]), _str(o["consumer"])
+    owner_idle_s = next((c.idle_s for c in consumers if c.name == owner), None)
+    return OldestPending(
+        id=pid,
+        age_s=_age_s(now_ms, id_ms(pid)) or 0.0,
+        consumer=owner,
+        idle_s=_secs(int(o["time_since_delivered"])),
+        deliveries=int(o["times_delivered"]),
+        consumer_idle_s=owner_idle_s,
+    )
+
+
+def _waiting_lag_s(
+    client: redis.Redis,
+    stream: str,
+    now_ms: int,
+    decoder: Decoder,
+    *,
+    oldest_pending: OldestPending | None,
+    first_unread: tuple[str, Mapping[bytes, bytes] | None] | None,
+) -> float | None:
+    """How far behind the cache is: the age of the commit time of the oldest change still
+    waiting (pending, else unread), or of its entry when it carries none; None when nothing
+    waits."""
+    oldest_waiting: tuple[str, Mapping[bytes, bytes] | None] | None = first_unread
+    if oldest_pending is not None:
+        oldest_waiting = _first_entry(
+            client.xrange(stream, min=oldest_pending.id, max=oldest_pending.id, count=1)
+        ) or (oldest_pending.id, None)
+    if oldest_waiting is None:
+        return None
+    ts_ms = _change_ts_ms(decoder, oldest_waiting[1])
+    return _age_s(now_ms, ts_ms if ts_ms is not None else id_ms(oldest_waiting[0]))
 
 
 def redis_now_ms(client: redis.Redis) -> int | None:
@@ -526,9 +596,67 @@ def _info(client: redis.Redis) -> dict[str, Any] | None:
         return None
 
 
-def collect(client: redis.Redis, settings: Settings, now_ms: int | None = None) -> StatusReport:
+def _memory(info: Mapping[str, Any]) -> tuple[MemoryStatus, KeyspaceStatus]:
+    used, maxmemory = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+    hits, misses = int(info.get("keyspace_hits", 0)), int(info.get("keyspace_misses", 0))
+    memory = MemoryStatus(
+        used_memory_bytes=used,
+        maxmemory_bytes=maxmemory,
+        maxmemory_policy=str(info.get("maxmemory_policy", "?")),
+        used_ratio=round(used / maxmemory, 4) if maxmemory else None,
+        evicted_keys=int(info.get("evicted_keys", 0)),
+    )
+    keyspace = KeyspaceStatus(
+        hits=hits,
+        misses=misses,
+        hit_rate=round(hits / (hits + misses), 4) if hits + misses else None,
+    )
+    return memory, keyspace
+
+
+def _library(client: redis.Redis) -> LibraryStatus:
+    return LibraryStatus(
+        loaded=fmt_version(loaded_version(client)), shipped=fmt_version(library_version()) or ""
+    )
+
+
+def collect_target(
+    target: redis.Redis, settings: Settings, streams_info: Mapping[str, Any] | None
+) -> TargetStatus:
+    """Read the cache's own Redis: its memory, eviction policy, evictions, hit rate and
+    library (INFO and FCALL_RO only: it holds no stream). A Redis that cannot be read is
+    reported, not raised: the streams' report stands without it."""
+    assert settings.target is not None
+    url = redact_url(settings.target.url)
+    try:
+        info = _info(target)
+        library = _library(target)
+    except redis.RedisError as exc:
+        error = " ".join(str(exc).split()) or type(exc).__name__
+        return TargetStatus(url, error, True, None, None, None, None)
+    memory = keyspace = None
+    if info is not None:
+        memory, keyspace = _memory(info)
+    same = (
+        info is not None
+        and streams_info is not None
+        and info.get("run_id") is not None
+        and info.get("run_id") == streams_info.get("run_id")
+    )
+    version = None if info is None else str(info.get("redis_version", "?"))
+    return TargetStatus(url, None, not same, version, memory, keyspace, library)
+
+
+def collect(
+    client: redis.Redis,
+    settings: Settings,
+    now_ms: int | None = None,
+    target: redis.Redis | None = None,
+) -> StatusReport:
     """Read everything the status shows. ``now_ms`` is the instant ages are measured from
-    (default: Redis's clock, which stamps the entry ids). Raises redis.RedisError.
+    (default: Redis's clock, which stamps the entry ids); ``target`` is a client of the
+    cache's Redis when the configuration has a ``target`` section. Raises redis.RedisError
+    when the streams' Redis cannot be read.
 
     It runs read-only commands only; a monitoring user lacking TIME or INFO still gets a report
     (this machine's clock; no memory and keyspace figures), with a note saying so."""
@@ -550,19 +678,23 @@ def collect(client: redis.Redis, settings: Settings, now_ms: int | None = None) 
             "INFO not permitted for this user: memory, eviction policy and hit rate not checked"
         )
     else:
-        used, maxmemory = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
-        hits, misses = int(info.get("keyspace_hits", 0)), int(info.get("keyspace_misses", 0))
-        memory = MemoryStatus(
-            used_memory_bytes=used,
-            maxmemory_bytes=maxmemory,
-            maxmemory_policy=str(info.get("maxmemory_policy", "?")),
-            used_ratio=round(used / maxmemory, 4) if maxmemory else None,
-        )
-        keyspace = KeyspaceStatus(
-            hits=hits,
-            misses=misses,
-            hit_rate=round(hits / (hits + misses), 4) if hits + misses else None,
-        )
+        memory, keyspace = _memory(info)
+    target_status = None
+    if settings.target is not None:
+        if target is None:
+            notes.append("the target (the cache's Redis) was not read")
+        else:
+            target_status = collect_target(target, settings, info)
+            if target_status.error is None and not target_status.separate:
+                notes.append(
+                    "target.url reaches the streams' Redis itself: the cache is not in a Redis"
+                    " of its own"
+                )
+            if target_status.error is None and target_status.memory is None:
+                notes.append(
+                    "INFO not permitted on the target: its memory, eviction policy and hit rate"
+                    " not checked"
+                )
     return StatusReport(
         generated_at_ms=now_ms,
         redis=RedisStatus(
@@ -575,10 +707,9 @@ def collect(client: redis.Redis, settings: Settings, now_ms: int | None = None) 
         streams=streams,
         memory=memory,
         keyspace=keyspace,
-        library=LibraryStatus(
-            loaded=fmt_version(loaded_version(client)), shipped=fmt_version(library_version()) or ""
-        ),
+        library=_library(client),
         notes=tuple(notes),
+        target=target_status,
     )
 
 
@@ -601,21 +732,44 @@ def _what_waits(s: StreamStatus) -> str:
     return " and ".join(parts)
 
 
-def _policy_reason(policy: str, maxmemory: int) -> str:
-    if policy.startswith("allkeys-"):
-        why = (
-            "can evict any key: unread stream entries (lost changes), position records (a replay"
-            " then rolls rows back) and placement records (rows left behind in old keys)"
+def _library_problem(lib: LibraryStatus, where: str = "") -> str | None:
+    if lib.loaded is None:
+        return (
+            f"{where}Functions library streamsync not loaded in Redis (a worker loads"
+            f" {lib.shipped} when it starts)"
         )
-    elif policy.startswith("volatile-"):
-        why = (
-            "can evict keys with a TTL: cached rows with ttl_s, and the position and placement"
-            " records of deleted rows (a late replay then brings a deleted row back)"
+    if int(lib.loaded.split(".")[0]) < int(lib.shipped.split(".")[0]):
+        return (
+            f"{where}Functions library {lib.loaded} loaded, an older major version than"
+            f" {lib.shipped} (start a worker of this version to upgrade it)"
         )
-    else:
-        why = "can evict keys streamsync relies on"
-    limit = " (no maxmemory set yet: it applies once one is)" if not maxmemory else ""
-    return f"maxmemory-policy {policy} {why}{limit}; use noeviction"
+    return None
+
+
+def _server_problems(report: StatusReport) -> list[str]:
+    """The problems of the Redis servers themselves: libraries, eviction policies, a target
+    that cannot be read."""
+    found: list[str] = []
+    target = report.target
+    where = "streams' redis: " if report.separate_target else ""
+    lib = _library_problem(report.library, where)
+    if lib is not None:
+        found.append(lib)
+    if target is not None:
+        if target.error is not None:
+            found.append(f"target redis at {target.url}: cannot read it: {target.error}")
+        elif target.library is not None and target.separate:
+            lib = _library_problem(target.library, "target redis: ")
+            if lib is not None:
+                found.append(lib)
+    mem = report.memory
+    if mem is not None:
+        policy = eviction.problem(
+            mem.maxmemory_policy, mem.maxmemory_bytes, separate=report.separate_target
+        )
+        if policy is not None:
+            found.append(policy)
+    return found
 
 
 def problems(report: StatusReport, thresholds: Thresholds) -> list[str]:
@@ -623,73 +777,77 @@ def problems(report: StatusReport, thresholds: Thresholds) -> list[str]:
     found: list[str] = []
     max_pending_age = thresholds.pending_age_limit_s(report)
     for s in report.streams:
-        if s.error is not None:
-            found.append(f"{s.name}: {s.error}")
-            continue
-        if not s.group_exists:
-            if s.length:
-                found.append(
-                    f"{s.name}: {_n(s.length, 'entry', 'entries')} but no consumer group"
-                    f" {report.group!r} (no worker ever started on this stream)"
-                )
-        elif s.waiting:
-            live = [c for c in s.consumers if c.state == "active"]
-            if not live:
-                others = "; ".join(
-                    f"{c.name}: {c.state}, idle {_fmt_s(c.idle_s)}, {c.pending} pending"
-                    for c in s.consumers
-                )
-                found.append(
-                    f"{s.name}: no live consumer while {_what_waits(s)}"
-                    f" ({others or 'the group has no consumers'})"
-                )
-            # behind for longer than the limit: both the last applied change and the oldest
-            # change still waiting were committed more than max_lag_s ago (so a system that was
-            # idle for an hour is not "behind" the instant a new entry arrives)
-            sync, wait = s.sync_lag_s, s.waiting_lag_s
-            lags = [x for x in (sync, wait) if x is not None]
-            if lags and min(lags) > thresholds.max_lag_s:
-                parts = ["nothing applied yet" if sync is None else f"sync lag {_fmt_s(sync)}"]
-                if wait is not None:
-                    parts.append(f"oldest waiting change committed {_fmt_s(wait)} ago")
-                found.append(
-                    f"{s.name}: behind: {', '.join(parts)} (over --max-lag-s"
-                    f" {thresholds.max_lag_s:g}), {_what_waits(s)}"
-                )
-        op = s.oldest_pending
-        if op is not None and op.age_s > max_pending_age:
+        found.extend(_stream_problems(s, report.group, thresholds, max_pending_age))
+    return found + _server_problems(report)
+
+
+def _stream_problems(
+    s: StreamStatus, group: str, thresholds: Thresholds, max_pending_age: float
+) -> list[str]:
+    """What is wrong with one stream, its group and its dead letters."""
+    if s.error is not None:
+        return [f"{s.name}: {s.error}"]
+    found: list[str] = []
+    if not s.group_exists:
+        if s.length:
             found.append(
-                f"{s.name}: oldest pending entry {op.id} is {_fmt_s(op.age_s)} old (over"
-                f" {max_pending_age:g}s), held by {op.consumer}, delivered"
-                f" {_n(op.deliveries, 'time')}, idle {_fmt_s(op.idle_s)}"
+                f"{s.name}: {_n(s.length, 'entry', 'entries')} but no consumer group"
+                f" {group!r} (no worker ever started on this stream)"
             )
-        if s.dlq_length:
-            found.append(
-                f"{s.name}: {_n(s.dlq_length, 'dead letter')} in {s.dlq_stream}"
-                f" (read them: XRANGE {s.dlq_stream} - +)"
-            )
-    lib = report.library
-    if lib.loaded is None:
+    elif s.waiting:
+        found.extend(_waiting_problems(s, thresholds))
+    op = s.oldest_pending
+    if op is not None and op.age_s > max_pending_age:
         found.append(
-            f"Functions library streamsync not loaded in Redis (a worker loads {lib.shipped}"
-            " when it starts)"
+            f"{s.name}: oldest pending entry {op.id} is {_fmt_s(op.age_s)} old (over"
+            f" {max_pending_age:g}s), held by {op.consumer}, delivered"
+            f" {_n(op.deliveries, 'time')}, idle {_fmt_s(op.idle_s)}"
         )
-    elif int(lib.loaded.split(".")[0]) < int(lib.shipped.split(".")[0]):
+    if s.dlq_length:
         found.append(
-            f"Functions library {lib.loaded} loaded, an older major version than {lib.shipped}"
-            " (start a worker of this version to upgrade it)"
+            f"{s.name}: {_n(s.dlq_length, 'dead letter')} in {s.dlq_stream}"
+            f" (read them: XRANGE {s.dlq_stream} - +)"
         )
-    mem = report.memory
-    if mem is not None and mem.maxmemory_policy != SAFE_POLICY:
-        found.append(_policy_reason(mem.maxmemory_policy, mem.maxmemory_bytes))
+    return found
+
+
+def _waiting_problems(s: StreamStatus, thresholds: Thresholds) -> list[str]:
+    """For a stream with entries waiting: no live consumer to take them, or behind."""
+    found: list[str] = []
+    live = [c for c in s.consumers if c.state == "active"]
+    if not live:
+        others = "; ".join(
+            f"{c.name}: {c.state}, idle {_fmt_s(c.idle_s)}, {c.pending} pending"
+            for c in s.consumers
+        )
+        found.append(
+            f"{s.name}: no live consumer while {_what_waits(s)}"
+            f" ({others or 'the group has no consumers'})"
+        )
+    # behind for longer than the limit: both the last applied change and the oldest change
+    # still waiting were committed more than max_lag_s ago (so a system that was idle for an
+    # hour is not "behind" the instant a new entry arrives)
+    sync, wait = s.sync_lag_s, s.waiting_lag_s
+    lags = [x for x in (sync, wait) if x is not None]
+    if lags and min(lags) > thresholds.max_lag_s:
+        parts = ["nothing applied yet" if sync is None else f"sync lag {_fmt_s(sync)}"]
+        if wait is not None:
+            parts.append(f"oldest waiting change committed {_fmt_s(wait)} ago")
+        found.append(
+            f"{s.name}: behind: {', '.join(parts)} (over --max-lag-s"
+            f" {thresholds.max_lag_s:g}), {_what_waits(s)}"
+        )
     return found
 
 
 def run_once(
-    client: redis.Redis, settings: Settings, thresholds: Thresholds
+    client: redis.Redis,
+    settings: Settings,
+    thresholds: Thresholds,
+    target: redis.Redis | None = None,
 ) -> tuple[StatusReport, list[str]]:
-    """Collect and judge one report."""
-    report = collect(client, settings)
+    """Collect and judge one report (``target``: a client of the cache's own Redis)."""
+    report = collect(client, settings, target=target)
     return report, problems(report, thresholds)
 
 
@@ -842,26 +1000,70 @@ def _consumers_table(report: StatusReport) -> Table | None:
     return table
 
 
-def _global_line(report: StatusReport) -> Text:
+def _server_line(
+    name: str,
+    url: str,
+    *,
+    version: str | None,
+    memory: MemoryStatus | None,
+    keyspace: KeyspaceStatus | None,
+    library: LibraryStatus | None,
+    policy_safe: bool,
+) -> Text:
     line = Text()
-    version = f" {report.redis.version}" if report.redis.version else ""
-    line.append(f"redis{version} at {report.redis.url}")
-    mem = report.memory
-    if mem is not None:
+    line.append(f"{name}{f' {version}' if version else ''} at {url}")
+    if memory is not None:
+        mem = memory
         limit = _fmt_bytes(mem.maxmemory_bytes) if mem.maxmemory_bytes else "no limit"
         ratio = f" ({mem.used_ratio:.0%})" if mem.used_ratio is not None else ""
         line.append(f" · memory {_fmt_bytes(mem.used_memory_bytes)} of {limit}{ratio}, policy ")
-        line.append(
-            mem.maxmemory_policy, style="" if mem.maxmemory_policy == SAFE_POLICY else "red"
-        )
-    if report.keyspace is not None:
-        rate = report.keyspace.hit_rate
+        line.append(mem.maxmemory_policy, style="" if policy_safe else "red")
+        line.append(", ")
+        evicted = f"{mem.evicted_keys} evicted"
+        line.append(evicted, style="yellow" if mem.evicted_keys else "")
+    if keyspace is not None:
+        rate = keyspace.hit_rate
         line.append(f" · keyspace hit rate {'-' if rate is None else format(rate, '.1%')}")
-    lib = report.library
-    line.append(" · library ")
-    line.append(lib.loaded or "not loaded", style="" if lib.loaded == lib.shipped else "yellow")
-    line.append(f" (shipped {lib.shipped})")
+    if library is not None:
+        line.append(" · library ")
+        loaded = library.loaded
+        line.append(loaded or "not loaded", style="" if loaded == library.shipped else "yellow")
+        line.append(f" (shipped {library.shipped})")
     return line
+
+
+def _global_lines(report: StatusReport) -> list[Text]:
+    separate = report.separate_target
+    mem = report.memory
+    safe = mem is None or eviction.problem(mem.maxmemory_policy, 1, separate=separate) is None
+    r = report.redis
+    lines = [
+        _server_line(
+            "redis" if report.target is None else "streams' redis",
+            r.url,
+            version=r.version,
+            memory=report.memory,
+            keyspace=report.keyspace,
+            library=report.library,
+            policy_safe=safe,
+        )
+    ]
+    t = report.target
+    if t is not None and t.error is not None:
+        lines.append(Text(f"target redis at {t.url}: {t.error}", style="red"))
+    elif t is not None:
+        line = _server_line(
+            "target redis",
+            t.url,
+            version=t.version,
+            memory=t.memory,
+            keyspace=t.keyspace,
+            library=t.library,
+            # a target of its own may evict (docs/bookkeeping.md); the same server may not
+            policy_safe=separate or safe,
+        )
+        lines.append(line)
+    return lines
 
 
 def render(report: StatusReport, found: Sequence[str]) -> RenderableType:
@@ -873,7 +1075,7 @@ def render(report: StatusReport, found: Sequence[str]) -> RenderableType:
     consumers = _consumers_table(report)
     if consumers is not None:
         parts.append(consumers)
-    parts.append(_global_line(report))
+    parts.extend(_global_lines(report))
     notes = {s.lag_note for s in report.streams if s.lag_note and s.group_exists}
     for note in sorted(notes):
         parts.append(Text(f"lag ?: {note}", style="dim"))
@@ -895,6 +1097,7 @@ __all__ = [
     "RedisStatus",
     "StatusReport",
     "StreamStatus",
+    "TargetStatus",
     "Thresholds",
     "collect",
     "problems",

@@ -8,6 +8,9 @@ written by a newer change (after the TRUNCATE, or refreshed by the resync's re-s
 and a late replay of an older change finds a tombstone and cannot bring a row back. Nothing scans
 the keyspace, except for invalidate rules, whose keys the application writes: those are found
 with a non-blocking SCAN over the key template's pattern.
+
+Stream rules keep what they appended: a TRUNCATE appends a truncate event to those whose key is
+fixed instead.
 """
 
 from __future__ import annotations

@@ -33,25 +33,55 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    """URL of the session server, emptied of keys and Functions libraries for this test."""
-    if not redis_server.running:
+def _flushed(server: RedisServer) -> str:
+    if not server.running:
         # A test killed the shared server; bring it back rather than fail every later test.
-        redis_server.restart()
-    cleaner = redis.Redis.from_url(redis_server.url)
+        server.restart()
+    cleaner = redis.Redis.from_url(server.url)
     try:
         cleaner.flushall()
         cleaner.function_flush()
+        cleaner.config_set("maxmemory-policy", "noeviction")
+        cleaner.config_set("maxmemory", "0")
+        cleaner.config_resetstat()
     finally:
         cleaner.close()
-    return redis_server.url
+    return server.url
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """URL of the session server, emptied of keys and Functions libraries for this test."""
+    return _flushed(redis_server)
 
 
 @pytest.fixture
 def r(redis_url: str) -> Iterator[redis.Redis]:
     """A bytes-returning client to the freshly flushed session server."""
     client = redis.Redis.from_url(redis_url, decode_responses=False)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def target_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A second redis-server for the whole session: the cache's own Redis (``target:``)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-target"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def target_url(target_server: RedisServer) -> str:
+    """URL of the session's second server, emptied like ``redis_url``'s."""
+    return _flushed(target_server)
+
+
+@pytest.fixture
+def t(target_url: str) -> Iterator[redis.Redis]:
+    """A bytes-returning client to the freshly flushed target server."""
+    client = redis.Redis.from_url(target_url, decode_responses=False)
     yield client
     client.close()
 

@@ -27,10 +27,19 @@ def envelope(
     snapshot: str = "false",
     ts_ms: int | None = None,
     connector: str = "postgresql",
+    sequence: tuple[int | None, int | None] | None = None,
 ) -> dict[str, Any]:
-    """A Debezium change-event value (schemas disabled) for ``schema.table``."""
+    """A Debezium change-event value (schemas disabled) for ``schema.table``.
+
+    ``source.sequence`` is ``[lastCommitLsn, lsn]``: by default ``[null, lsn]`` for a snapshot
+    read, and ``[lsn, lsn]`` for a streamed change, as if each change were a transaction of its
+    own whose record directly follows the previous commit (so changes order by ``lsn``). Pass
+    ``(None, lsn)`` for a change of the first transaction after a snapshot.
+    """
     schema, name = table.split(".", 1)
     now = ts_ms if ts_ms is not None else int(time.time() * 1000)
+    if sequence is None:
+        sequence = (None, lsn) if op == "r" else (lsn, lsn)
     return {
         "before": dict(before) if before is not None else None,
         "after": dict(after) if after is not None else None,
@@ -41,7 +50,9 @@ def envelope(
             "ts_ms": now,
             "snapshot": snapshot,
             "db": "app",
-            "sequence": json.dumps([None, str(lsn)]),
+            "sequence": json.dumps(
+                [None if n is None else str(n) for n in sequence], separators=(",", ":")
+            ),
             "ts_us": now * 1000,
             "ts_ns": now * 1_000_000,
             "schema": schema,

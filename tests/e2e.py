@@ -658,13 +658,14 @@ def assert_no_placeholder(r: redis.Redis) -> int:
     return seen
 
 
-def positions(r: redis.Redis, keys: Iterable[str]) -> dict[str, int | None]:
-    """The source position (LSN) each key's position record holds, None if it has none."""
+def positions(r: redis.Redis, keys: Iterable[str]) -> dict[str, str | None]:
+    """The source position each key's position record holds (``streamsync.positions``: they
+    compare as strings), None if it has none."""
     keys = list(keys)
     names = [f"{POSITION_PREFIX}{{{key}}}" for key in keys]
     records = cast(list[bytes | None], r.mget(names) if keys else [])
     return {
-        key: None if record is None else int(record.split(b"|", 1)[0])
+        key: None if record is None else record.split(b"|", 1)[0].decode()
         for key, record in zip(keys, records, strict=True)
     }
 

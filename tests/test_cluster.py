@@ -14,13 +14,14 @@ from typing import Any
 
 import pytest
 import redis
+import yaml
 
 from streamsync.config import load_settings, parse_settings
 from streamsync.errors import ConfigError
 from streamsync.mapping import Planner
 from streamsync.worker import Worker
 from tests.debezium import entry_fields, envelope, write_config
-from tests.replies import as_str, xadd, zscores
+from tests.replies import Client, as_str, xadd, zscores
 from tests.servers import RedisServer, free_port, wait_until
 
 STREAM = "app.public.users"
@@ -127,7 +128,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 class Source:
     """Writes Debezium entries for a users table and remembers the newest row per id."""
 
-    def __init__(self, rc: redis.RedisCluster, seed: int) -> None:
+    def __init__(self, rc: Client, seed: int) -> None:
         self.rc = rc
         self.rng = random.Random(seed)
         self.lsn = 1_000
@@ -183,7 +184,7 @@ def expected_state(rows: dict[int, dict[str, Any] | None]) -> dict[str, Any]:
     return state
 
 
-def actual_state(rc: redis.RedisCluster) -> dict[str, Any]:
+def actual_state(rc: Client) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for raw in rc.scan_iter(count=1000):
         key = as_str(raw)
@@ -212,7 +213,7 @@ def run_workers(cfg: Path, names: list[str]) -> list[Worker]:
     return workers
 
 
-def drained(rc: redis.RedisCluster) -> bool:
+def drained(rc: Client) -> bool:
     """Every entry read by the group and acknowledged (trimming leaves XINFO's lag unknown)."""
     groups = rc.xinfo_groups(STREAM)
     last = rc.xinfo_stream(STREAM)["last-generated-id"]
@@ -284,6 +285,55 @@ def test_a_primary_restarted_and_a_library_lost_mid_run(cluster: Cluster, tmp_pa
     assert actual_state(rc) == expected_state(source.rows)
     assert not rc.exists(STREAM + ":dlq")
     assert sum(w.reconnects for w in workers) >= 1
+
+
+def with_target(cfg: Path, url: str) -> Path:
+    data = yaml.safe_load(cfg.read_text())
+    data["target"] = {"url": url}
+    cfg.write_text(yaml.safe_dump(data))
+    return cfg
+
+
+def test_the_cache_in_a_cluster_and_the_streams_in_a_server(
+    cluster: Cluster, r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    rc = cluster.client()
+    cfg = write_config(tmp_path / "c.yaml", redis_url, streams=[STREAM], rules=RULES)
+    with_target(cfg, cluster.url)
+    source = Source(r, seed=5)
+    source.run(1500)
+    source.replay(300)
+    run_workers(cfg, ["w1", "w2"])
+    assert drained(r)
+    expected = expected_state(source.rows)
+    assert actual_state(rc) == expected
+    assert len({rc.nodes_manager.get_node_from_slot(rc.keyslot(k)).name for k in expected}) == 3
+    assert not any(as_str(k).startswith(("user:", "streamsync:pos:")) for k in r.keys("*"))
+    # a TRUNCATE sweeps the cluster's per-slot indexes
+    source.lsn += 8
+    xadd(r, STREAM, entry_fields(None, envelope("t", "public.users", source.lsn)))
+    source.rows = {}
+    source.run(50)
+    run_workers(cfg, ["w1"])
+    assert actual_state(rc) == expected_state(source.rows)
+
+
+def test_the_streams_in_a_cluster_and_the_cache_in_a_server(
+    cluster: Cluster, r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    rc = cluster.client()
+    rules = [RULES[0], RULES[1] | {"key": "plan:{plan}:users"}, RULES[2]]
+    cfg = write_config(tmp_path / "c.yaml", cluster.url, streams=[STREAM], rules=rules)
+    with_target(cfg, redis_url)
+    source = Source(rc, seed=9)
+    source.run(1500)
+    source.replay(300)
+    run_workers(cfg, ["w1", "w2"])
+    assert drained(rc)
+    expected = {k.replace("{plans}:", ""): v for k, v in expected_state(source.rows).items()}
+    assert actual_state(r) == expected
+    assert rc.xlen(STREAM) < 1800  # trimmed in the cluster, by the library loaded there
+    assert not any(as_str(k).startswith(("user:", "streamsync:pos:")) for k in rc.keys("*"))
 
 
 def test_a_set_rule_must_pin_its_slot_in_a_cluster() -> None:

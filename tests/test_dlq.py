@@ -16,6 +16,7 @@ from streamsync import resync
 from streamsync.cli import cli
 from streamsync.config import load_settings
 from streamsync.errors import ExitCode
+from streamsync.positions import RANK_WRITE, after_snapshot
 from tests.debezium import add_change, entry_fields, envelope, write_config
 from tests.replies import as_bytes, raw_range, xadd
 from tests.servers import free_port
@@ -378,6 +379,38 @@ def test_replay_through_the_stream_refuses_entries_older_than_a_resync_epoch(
     assert r.hgetall("order:9") == {b"id": b"9", b"total": b"5.00"}
     position = as_bytes(r.get("streamsync:pos:{order:9}"))
     assert not position.startswith(b"e")
+
+
+def test_replay_through_the_stream_refuses_entries_of_an_older_snapshot(
+    r: redis.Redis, dead: Setup
+) -> None:
+    def order(op: str, lsn: int, total: str, sequence: tuple[int | None, int]) -> bytes:
+        row = {"id": 7, "total": total}
+        snapshot = "true" if op == "r" else "false"
+        value = envelope(op, "public.orders", lsn, after=row, snapshot=snapshot, sequence=sequence)
+        return xadd(r, ORDERS, entry_fields({"id": 7}, value))
+
+    # a snapshot at 700, the change in flight during it (LSN 650, no lastCommitLsn), and a
+    # snapshot at 800: no rule maps the table yet, all three are dead-lettered
+    order("r", 700, "1.00", (None, 700))
+    order("u", 650, "2.00", (None, 650))
+    order("r", 800, "3.00", (None, 800))
+    drain(dead.cfg)
+    *_, read_700, change, read_800 = dlq_ids(r, ORDERS_DLQ)
+    fixed = str(dead.fixed())
+    # re-added after the snapshot at 800, the first two would be taken for that one's
+    result = invoke("replay", "-c", fixed, "--stream", ORDERS, read_700, change, read_800)
+    assert result.exit_code == ExitCode.UNHEALTHY, result.output
+    assert result.stdout.count("belongs to an older snapshot than the stream's latest") == 2
+    assert dlq_ids(r, ORDERS_DLQ)[-2:] == [read_700, change]
+    # --direct applies them where they were: the change after the snapshot at 700
+    result = invoke("replay", "-c", fixed, "--stream", ORDERS, read_700, change, "--direct")
+    assert result.exit_code == 0, result.output
+    assert r.hget("order:7", "total") == b"2.00"
+    position = as_bytes(r.get("streamsync:pos:{order:7}")).split(b"|")[0]
+    assert position == after_snapshot(700, 650, RANK_WRITE).encode()
+    drain(Path(fixed))  # the read at 800, re-added
+    assert r.hget("order:7", "total") == b"3.00"
 
 
 def test_a_dead_lettered_truncate_is_replayed_through_the_stream(

@@ -146,48 +146,81 @@ def user_keys(r: redis.Redis) -> dict[str, bytes]:
 
 def mismatches(p: Pipeline) -> list[str]:
     """Every difference between the database, queried now, and the cache."""
-    r = p.r
-    problems: list[str] = []
+    # each check adds the keys it expects, with their types, to want_types
     want_types: dict[str, bytes] = {}
+    return [
+        *hash_mismatches(p, want_types),
+        *set_mismatches(p, want_types),
+        *zset_mismatches(p, want_types),
+        *feed_mismatches(p, want_types),
+        *key_mismatches(p.r, want_types),
+    ]
 
+
+def hash_mismatches(p: Pipeline, want_types: dict[str, bytes]) -> list[str]:
+    """The users' hashes."""
+    problems: list[str] = []
     hashes = {k: json.loads(v) if isinstance(v, str) else v for k, v in p.sql(USER_HASHES)}
     for key, row in hashes.items():
         want_types[key] = b"hash"
         want = {c: v for c, v in row.items() if v is not None}
-        got = {f.decode(): v.decode() for f, v in cast(dict[bytes, bytes], r.hgetall(key)).items()}
+        got = {
+            f.decode(): v.decode() for f, v in cast(dict[bytes, bytes], p.r.hgetall(key)).items()
+        }
         if got != want:
             problems.append(f"{key}: HGETALL {got} != {want}")
+    return problems
 
+
+def set_mismatches(p: Pipeline, want_types: dict[str, bytes]) -> list[str]:
+    """The plan and role sets."""
+    problems: list[str] = []
     for sql in (PLAN_SETS, ROLE_SETS):
         for key, members in query(p, sql).items():
             want_types[key] = b"set"
-            got_members = {m.decode() for m in cast(set[bytes], r.smembers(key))}
+            got_members = {m.decode() for m in cast(set[bytes], p.r.smembers(key))}
             if got_members != set(members):
                 problems.append(f"{key}: SMEMBERS {sorted(got_members)} != {sorted(members)}")
+    return problems
 
+
+def zset_mismatches(p: Pipeline, want_types: dict[str, bytes]) -> list[str]:
+    """The product prices: members, scores and their order."""
     prices = query(p, PRICES)
     if prices:
         want_types["product_prices"] = b"zset"
-    got_scores = cast(list[tuple[bytes, float]], r.zrange("product_prices", 0, -1, withscores=True))
+    got_scores = cast(
+        list[tuple[bytes, float]], p.r.zrange("product_prices", 0, -1, withscores=True)
+    )
     got_prices = {m.decode(): s for m, s in got_scores}
     want_prices = {m: float(cast(Decimal, price)) for m, price in prices.items()}
     if got_prices != want_prices:
-        problems.append(f"product_prices: ZRANGE WITHSCORES {got_prices} != {want_prices}")
-    elif [m.decode() for m, _ in got_scores] != sorted(
+        return [f"product_prices: ZRANGE WITHSCORES {got_prices} != {want_prices}"]
+    if [m.decode() for m, _ in got_scores] != sorted(
         want_prices, key=lambda m: (want_prices[m], m.encode())
     ):
-        problems.append(f"product_prices: members out of score order: {got_scores}")
+        return [f"product_prices: members out of score order: {got_scores}"]
+    return []
 
+
+def feed_mismatches(p: Pipeline, want_types: dict[str, bytes]) -> list[str]:
+    """The feeds: the newest rows as JSON documents, in order."""
+    problems: list[str] = []
     for key, docs in query(p, FEEDS).items():
         want_types[key] = b"list"
-        got_docs = [json.loads(v) for v in cast(list[bytes], r.lrange(key, 0, -1))]
+        got_docs = [json.loads(v) for v in cast(list[bytes], p.r.lrange(key, 0, -1))]
         if [canonical(d) for d in got_docs] != [canonical(d) for d in docs]:
             problems.append(
                 f"{key}: LRANGE ids {[d.get('id') for d in got_docs]} != "
                 f"{[d['id'] for d in docs]} (newest {FEED_LEN} rows, id desc)\n"
                 f"    got  {got_docs}\n    want {docs}"
             )
+    return problems
 
+
+def key_mismatches(r: redis.Redis, want_types: dict[str, bytes]) -> list[str]:
+    """Keys present that nothing expects, expected keys missing, keys of another type."""
+    problems: list[str] = []
     present = user_keys(r)
     for key in sorted(set(present) - set(want_types)):
         problems.append(f"{key}: a {present[key].decode()} the database would not produce")

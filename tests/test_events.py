@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 
+from streamsync import positions
 from streamsync.config import StreamFormat
 from streamsync.errors import PoisonEntryError
-from streamsync.events import NO_POSITION, RANK_REMOVE, ChangeEvent, Decoder, Skip
+from streamsync.events import ChangeEvent, Decoder, Skip
+from streamsync.positions import NO_POSITION, RANK_REMOVE, RANK_WRITE
 from tests.debezium import PLACEHOLDER, entry_fields, envelope, fixture_records
 
 FILES = ["schemas-off.jsonl", "schemas-on.jsonl", "decimal-string.jsonl", "decimal-numeric.jsonl"]
@@ -60,16 +62,24 @@ def test_every_fixture_event_decodes(name: str, extended: bool) -> None:
             assert isinstance(event, ChangeEvent), (i, event)
             assert event.op == op
             assert event.table == "public.users"
-            assert len(event.position) == 21 and event.position.isdigit()
+            # the first change after the snapshot is placed by the worker
+            assert event.position.isdigit() or (i == 2 and positions.is_unplaced(event.position))
             assert event.ts_ms is not None and event.ts_ms > 1_700_000_000_000
 
 
 def test_fixture_positions_and_rows() -> None:
     events = [e for e in decode_file("decimal-string.jsonl") if isinstance(e, ChangeEvent)]
     snapshot = events[:2]
-    # all snapshot reads share the snapshot's LSN; streamed changes come later
-    assert snapshot[0].position == snapshot[1].position
-    assert all(e.position > snapshot[0].position for e in events[2:])
+    # all snapshot reads share the snapshot's LSN; streamed changes come later, the first one
+    # (its transaction's lastCommitLsn is null) once placed after the snapshot
+    records = fixture_records("decimal-string.jsonl")
+    snapshot_lsn, first_lsn = (json.loads(r["value"])["source"]["lsn"] for r in records[1:3])
+    assert snapshot[0].position == snapshot[1].position == positions.snapshot_read(snapshot_lsn)
+    first_change = positions.place(events[2].position, snapshot_lsn)
+    assert first_change == positions.after_snapshot(snapshot_lsn, first_lsn, RANK_WRITE)
+    later = [first_change] + [e.position for e in events[3:]]
+    assert all(p > snapshot[0].position for p in later)
+    assert later == sorted(later)
     first = snapshot[0].after
     assert first is not None
     assert first == {
@@ -197,10 +207,90 @@ def test_forced_compact_format_rejects_extended_entries() -> None:
 def test_positions_order_like_lsns() -> None:
     decoder = Decoder()
     lsns = [0, 9, 10, 99, 2**53 + 1, 2**53 + 2, 2**64 - 1]
-    positions = []
+    found = []
     for lsn in lsns:
         event = decoder.decode(fields_of(envelope("u", "public.users", lsn, after={"id": 1})))
         assert isinstance(event, ChangeEvent)
-        positions.append(event.position)
-    assert positions == sorted(positions)
-    assert len(set(positions)) == len(lsns)
+        found.append(event.position)
+    assert found == sorted(found)
+    assert len(set(found)) == len(lsns)
+
+
+def decoded_position(value: Mapping[str, Any]) -> str:
+    event = Decoder().decode(fields_of(value))
+    assert isinstance(event, ChangeEvent)
+    return event.position
+
+
+def with_sequence(sequence: Any, op: str = "u", lsn: int = 500) -> dict[str, Any]:
+    value = envelope(op, "public.users", lsn, after=None if op == "t" else {"id": 1})
+    if op == "t":
+        value["before"] = None
+    if sequence is ...:
+        del value["source"]["sequence"]
+    else:
+        value["source"]["sequence"] = sequence
+    return value
+
+
+@pytest.mark.parametrize(
+    "sequence",
+    ['["480","500"]', '[ "480" , "500" ]', '["0480","500"]', '["480",null]', '["480","0500"]'],
+)
+def test_a_streamed_change_is_positioned_by_its_last_commit(sequence: str) -> None:
+    assert decoded_position(with_sequence(sequence)) == positions.streamed(480, 500, RANK_WRITE)
+
+
+def test_a_truncate_is_positioned_like_a_removal() -> None:
+    truncate = with_sequence('["480","500"]', op="t")
+    assert decoded_position(truncate) == positions.streamed(480, 500, RANK_REMOVE)
+    first = decoded_position(with_sequence('[null,"500"]', op="t"))
+    assert positions.place(first, 490) == positions.after_snapshot(490, 500, RANK_REMOVE)
+    # Debezium sets no 'snapshot' on a TRUNCATE (null, not "false")
+    truncate["source"]["snapshot"] = None
+    assert decoded_position(truncate) == positions.streamed(480, 500, RANK_REMOVE)
+
+
+def test_the_first_transaction_after_a_snapshot_is_placed_later() -> None:
+    position = decoded_position(with_sequence('[null,"500"]'))
+    assert positions.is_unplaced(position)
+    assert positions.place(position, 600) == positions.after_snapshot(600, 500, RANK_WRITE)
+
+
+def test_snapshot_reads_ignore_the_sequence_and_incremental_reads_have_no_position() -> None:
+    read = envelope("r", "public.users", 700, after={"id": 1}, snapshot="last")
+    read["source"]["sequence"] = "garbage"
+    assert decoded_position(read) == positions.snapshot_read(700)
+    read["source"]["snapshot"] = "incremental"
+    assert decoded_position(read) == NO_POSITION
+
+
+@pytest.mark.parametrize(
+    ("sequence", "reason"),
+    [
+        (..., "source.sequence is missing"),
+        (None, "source.sequence is missing"),
+        (["480", "500"], "is not a string"),
+        (480, "is not a string"),
+        ("[480", "is not JSON"),
+        ('["480"]', r"is not a \[lastCommitLsn, lsn\] pair"),
+        ('{"a":1}', "pair"),
+        ('["480","500","1"]', "pair"),
+        ("[480,500]", "480 is not an LSN string"),
+        ('["x","500"]', "'x' is not an LSN string"),
+        ('["-1","500"]', "is not an LSN string"),
+        ('["","500"]', "is not an LSN string"),
+        ('["\u0664\u0668\u0660","500"]', "is not an LSN string"),
+        ('["18446744073709551616","500"]', "is not an LSN string"),
+        ('["480",true]', "True is not an LSN string"),
+    ],
+)
+def test_a_malformed_sequence_is_named(sequence: Any, reason: str) -> None:
+    with pytest.raises(PoisonEntryError, match=reason):
+        Decoder().decode(fields_of(with_sequence(sequence)))
+
+
+def test_the_largest_lsn_fits() -> None:
+    top = str(2**64 - 1)
+    value = with_sequence(f'["{top}","{top}"]', lsn=2**64 - 1)
+    assert decoded_position(value) == positions.streamed(top, top, RANK_WRITE)

@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from streamsync.keys import StateKeys
+from streamsync.positions import RANK_REMOVE, RANK_WRITE, streamed
 from tests.debezium import change_fields, entry_fields, envelope, write_config
 from tests.replies import (
     as_bytes,
@@ -176,7 +177,8 @@ def assert_rows(r: redis.Redis, changes: Iterable[Change], keys: Iterable[str]) 
             continue
         want_kind = b"none" if change.op == "d" else b"hash"
         want_fields = {} if change.op == "d" else expected_hash(change)
-        want_position = f"{change.lsn:020d}{0 if change.op == 'd' else 1}".encode()
+        rank = RANK_REMOVE if change.op == "d" else RANK_WRITE
+        want_position = streamed(change.lsn, change.lsn, rank).encode()
         if kind != want_kind or fields != want_fields:
             wrong.append(
                 f"{key}: want {change.op} at lsn {change.lsn} {want_fields}, got {kind!r} "

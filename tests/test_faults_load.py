@@ -38,6 +38,7 @@ from redis.retry import Retry
 from streamsync.config import Rule
 from streamsync.functions import loaded_version
 from streamsync.mapping import hash_value
+from streamsync.positions import RANK_REMOVE, RANK_WRITE, streamed
 from tests.debezium import entry_fields, envelope, write_config
 from tests.replies import as_bytes, entry_fields_dict, xrange, zscores
 from tests.servers import RedisServer, wait_until
@@ -467,6 +468,15 @@ def _scan(r: redis.Redis, pattern: str) -> set[bytes]:
     return set(r.scan_iter(match=pattern, count=1000))
 
 
+@dataclass
+class Tally:
+    """What a comparison found so far: rows or members lost or stale, and what differed."""
+
+    lost: int = 0
+    stale: int = 0
+    wrong: list[str] = field(default_factory=list)
+
+
 def compare(r: redis.Redis, sent: list[Sent], report: Report) -> None:
     """Fill ``report``'s counts: every hash, set and sorted set against the newest change of
     every row; also the hash position records and the rules' indexes."""
@@ -485,78 +495,98 @@ def compare(r: redis.Redis, sent: list[Sent], report: Report) -> None:
         want_sets.setdefault(f"plan:{row['plan']}:users".encode(), set()).add(str(i).encode())
         if row["active"] is True and row["balance"] is not None:
             want_zset[f"user:{i}".encode()] = float(row["balance"])
-    wrong: list[str] = []
-    lost = stale = 0
+    tally = Tally()
+    check_hashes(r, want_hashes, tally)
+    check_positions(r, state, tally)
+    check_sets(r, want_sets, tally)
+    check_zset(r, want_zset, tally)
+    index_errors = check_indexes(
+        r,
+        {
+            HASH_INDEX: set(want_hashes),
+            SET_INDEX: {str(i).encode() for i in live},
+            ZSET_INDEX: {m.removeprefix(b"user:") for m in want_zset},
+        },
+        tally.wrong,
+    )
+    report.rows = len(state)
+    report.hashes = len(want_hashes)
+    report.set_members = sum(len(m) for m in want_sets.values())
+    report.zset_members = len(want_zset)
+    report.lost, report.stale, report.index_errors = tally.lost, tally.stale, index_errors
+    report.examples = tally.wrong[:10]
 
-    # hashes: every key that is there, every key that should be
-    have_keys = _scan(r, "user:*")
-    keys = sorted(have_keys | set(want_hashes))
+
+def check_hashes(
+    r: redis.Redis, want_hashes: dict[bytes, dict[bytes, bytes]], tally: Tally
+) -> None:
+    """Every hash that is there, every hash that should be."""
+    keys = sorted(_scan(r, "user:*") | set(want_hashes))
     pipe = r.pipeline(transaction=False)
     for key in keys:
         pipe.hgetall(key)
     for key, have in zip(keys, pipe.execute(), strict=True):
         want = want_hashes.get(key)
         if want is None:
-            stale += 1
-            wrong.append(f"stale hash {key!r}: {have}")
+            tally.stale += 1
+            tally.wrong.append(f"stale hash {key!r}: {have}")
         elif have != want:
-            lost += 1
-            wrong.append(f"hash {key!r}: want {want}, got {have or 'absent'}")
+            tally.lost += 1
+            tally.wrong.append(f"hash {key!r}: want {want}, got {have or 'absent'}")
 
-    # position records: the newest LSN of every row, deleted ones included (rank 0)
+
+def check_positions(r: redis.Redis, state: dict[int, Sent], tally: Tally) -> None:
+    """The newest LSN of every row in its position record, deleted rows included (rank 0)."""
     pipe = r.pipeline(transaction=False)
     for i in state:
         pipe.get(position_key(f"user:{i}"))
     for (i, s), position in zip(state.items(), pipe.execute(), strict=True):
-        want_pos = f"{s.lsn:020d}{0 if s.op == 'd' else 1}".encode()
+        rank = RANK_REMOVE if s.op == "d" else RANK_WRITE
+        want_pos = streamed(s.lsn, s.lsn, rank).encode()
         if position is None or position.split(b"|")[0] != want_pos:
-            lost += 1
-            wrong.append(f"position of user:{i}: want {want_pos!r}, got {position!r}")
+            tally.lost += 1
+            tally.wrong.append(f"position of user:{i}: want {want_pos!r}, got {position!r}")
 
-    # sets: a member in a set it left is stale, one missing from its set is lost
-    have_set_keys = _scan(r, "plan:*:users")
-    set_keys = sorted(have_set_keys | set(want_sets))
+
+def check_sets(r: redis.Redis, want_sets: dict[bytes, set[bytes]], tally: Tally) -> None:
+    """A member in a set it left is stale, one missing from its set is lost."""
+    set_keys = sorted(_scan(r, "plan:*:users") | set(want_sets))
     pipe = r.pipeline(transaction=False)
     for key in set_keys:
         pipe.smembers(key)
     for key, have_members in zip(set_keys, pipe.execute(), strict=True):
         want_members = want_sets.get(key, set())
         extra, missing = have_members - want_members, want_members - have_members
-        stale += len(extra)
-        lost += len(missing)
+        tally.stale += len(extra)
+        tally.lost += len(missing)
         if extra or missing:
-            wrong.append(f"set {key!r}: extra {sorted(extra)[:5]}, missing {sorted(missing)[:5]}")
+            tally.wrong.append(
+                f"set {key!r}: extra {sorted(extra)[:5]}, missing {sorted(missing)[:5]}"
+            )
 
-    # the sorted set: members and scores
+
+def check_zset(r: redis.Redis, want_zset: dict[bytes, float], tally: Tally) -> None:
+    """The sorted set's members and scores."""
     have_zset = zscores(r, ZSET_KEY)
     for member in set(have_zset) - set(want_zset):
-        stale += 1
-        wrong.append(f"stale zset member {member!r} (score {have_zset[member]})")
+        tally.stale += 1
+        tally.wrong.append(f"stale zset member {member!r} (score {have_zset[member]})")
     for member, score in want_zset.items():
         if have_zset.get(member) != score:
-            lost += 1
-            wrong.append(f"zset member {member!r}: want {score}, got {have_zset.get(member)}")
+            tally.lost += 1
+            tally.wrong.append(f"zset member {member!r}: want {score}, got {have_zset.get(member)}")
 
-    # the rules' indexes hold exactly what is placed
+
+def check_indexes(r: redis.Redis, expected: dict[str, set[bytes]], wrong: list[str]) -> int:
+    """How many members differ from what the rules' indexes should hold (what is placed)."""
     index_errors = 0
-    expected_indexes = {
-        HASH_INDEX: set(want_hashes),
-        SET_INDEX: {str(i).encode() for i in live},
-        ZSET_INDEX: {m.removeprefix(b"user:") for m in want_zset},
-    }
-    for index, want_index in expected_indexes.items():
+    for index, want_index in expected.items():
         have_index = r.smembers(index)
         diff = have_index ^ want_index
         index_errors += len(diff)
         if diff:
             wrong.append(f"index {index}: {len(diff)} differences, e.g. {sorted(diff)[:5]}")
-
-    report.rows = len(state)
-    report.hashes = len(want_hashes)
-    report.set_members = sum(len(m) for m in want_sets.values())
-    report.zset_members = len(want_zset)
-    report.lost, report.stale, report.index_errors = lost, stale, index_errors
-    report.examples = wrong[:10]
+    return index_errors
 
 
 def _as_bytes(value: str | bytes) -> bytes:

@@ -8,22 +8,29 @@ from typing import Any
 import orjson
 import pytest
 import redis
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot as redis_py_key_slot
 
+from streamsync import positions
 from streamsync.config import Rule
+from streamsync.epochs import epoch_prefix
 from streamsync.errors import LibraryIncompatibleError
 from streamsync.events import ChangeEvent
 from streamsync.functions import (
     FN_BATCH,
+    FN_RAISE_HWM,
+    Library,
     ensure_library,
+    hwm_reply,
     library_source,
     library_version,
     loaded_version,
+    raise_hwm_command,
 )
 from streamsync.keys import StateKeys, guarded_key, key_slot
 from streamsync.mapping import Planner
+from streamsync.positions import RANK_REMOVE, RANK_WRITE, streamed
 from tests.debezium import PLACEHOLDER
 from tests.replies import as_bytes, as_int, as_str, xadd, xrange
 
@@ -40,12 +47,17 @@ def lib(r: redis.Redis) -> redis.Redis:
     return r
 
 
+def pos(lsn: int, op: str = "u") -> str:
+    """The position of a change of ``lsn``, a transaction of its own."""
+    return streamed(lsn, lsn, RANK_REMOVE if op == "d" else RANK_WRITE)
+
+
 def change(op: str, lsn: int, row: dict[str, Any]) -> ChangeEvent:
     unchanged = frozenset(c for c, v in row.items() if v == PLACEHOLDER)
     return ChangeEvent(
         op=op,
         table="public.users",
-        position=f"{lsn:020d}",
+        position=pos(lsn, op),
         ts_ms=None,
         after=None if op == "d" else row,
         before=row if op == "d" else None,
@@ -79,7 +91,7 @@ def test_hash_write_applies_only_newer_positions(lib: redis.Redis) -> None:
     assert apply(lib, HASH_RULE, change("u", 150, {"id": 1, "name": "old"})) == [STALE]
     assert hash_of(lib, "user:1") == {"id": "1", "name": "b"}  # null column: no field
     # the position, then the shape of the field set written
-    assert as_bytes(lib.get("streamsync:pos:{user:1}")).split(b"|")[0] == f"{200:020d}".encode()
+    assert as_bytes(lib.get("streamsync:pos:{user:1}")).split(b"|")[0] == pos(200).encode()
     assert lib.pttl("streamsync:pos:{user:1}") == -1  # a live row's position never expires
 
 
@@ -198,19 +210,19 @@ def test_invalidate_deletes_and_remembers(lib: redis.Redis) -> None:
 
 
 def test_one_call_applies_many_rows_independently(lib: redis.Redis) -> None:
-    pos = "streamsync:pos:"
+    prefix = "streamsync:pos:"
     lib.hset("streamsync:pos:{user:2}", "x", "y")  # a broken position record: WRONGTYPE
     reply = lib.fcall(
         "streamsync_delete",
         6,
         "user:1",
-        pos + "{user:1}",
+        prefix + "{user:1}",
         "user:2",
-        pos + "{user:2}",
+        prefix + "{user:2}",
         "user:3",
-        pos + "{user:3}",
+        prefix + "{user:3}",
         TOMBSTONE_MS,
-        *["D", "1".zfill(20)] * 3,
+        *["D", pos(1, "d")] * 3,
     )
     assert reply[0] == APPLIED and reply[2] == APPLIED
     assert isinstance(reply[1], bytes) and b"WRONGTYPE" in reply[1]
@@ -339,19 +351,19 @@ def test_prune_consumer_keeps_one_with_pending_entries(lib: redis.Redis) -> None
 
 
 def test_per_operation_functions_accept_only_their_rows(lib: redis.Redis) -> None:
-    pos = "1".zfill(20)
+    first = pos(1)
     args = ("user:1", "streamsync:pos:{user:1}", TOMBSTONE_MS)
-    assert lib.fcall("streamsync_invalidate", 2, *args, "I", pos) == [APPLIED]
+    assert lib.fcall("streamsync_invalidate", 2, *args, "I", first) == [APPLIED]
     for function, row in [
-        ("streamsync_write_hash", ["J", pos, "0", "{}"]),
-        ("streamsync_write_json", ["D", pos]),
-        ("streamsync_delete", ["I", pos]),
-        ("streamsync_invalidate", ["H", pos, "0", "s", "0"]),
+        ("streamsync_write_hash", ["J", first, "0", "{}"]),
+        ("streamsync_write_json", ["D", first]),
+        ("streamsync_delete", ["I", first]),
+        ("streamsync_invalidate", ["H", first, "0", "s", "0"]),
     ]:
         with pytest.raises(redis.ResponseError, match="unexpected row kind"):
             lib.fcall(function, 2, *args, *row)
-    assert lib.fcall("streamsync_write_json", 2, *args, "J", "2".zfill(20), "0", "{}") == [APPLIED]
-    assert lib.fcall("streamsync_delete", 2, *args, "D", "3".zfill(20)) == [APPLIED]
+    assert lib.fcall("streamsync_write_json", 2, *args, "J", pos(2), "0", "{}") == [APPLIED]
+    assert lib.fcall("streamsync_delete", 2, *args, "D", pos(3, "d")) == [APPLIED]
 
 
 def test_full_hash_write_keeps_shape_and_drops_vanished_fields(lib: redis.Redis) -> None:
@@ -363,3 +375,103 @@ def test_full_hash_write_keeps_shape_and_drops_vanished_fields(lib: redis.Redis)
     # a column became null, another was dropped from the table: neither lingers
     apply(lib, HASH_RULE, change("u", 3, {"id": 1, "a": None}))
     assert hash_of(lib, "user:1") == {"id": "1"}
+
+
+# -- the per-rule high-water marks (streamsync_raise_hwm) ----------------------------------------
+
+HWM = StateKeys("streamsync:pos:").hwm
+
+
+def test_raise_hwm_raises_only_upwards_and_replies_the_marks(lib: redis.Redis) -> None:
+    library = Library(lib)
+    low, mid, high = (positions.streamed(100, n, positions.RANK_WRITE) for n in (101, 150, 199))
+    assert library.raise_hwm(HWM, [("users", mid), ("plans", low)]) == {"users": mid, "plans": low}
+    # a lower position leaves a mark where it is; a higher one raises it
+    assert library.raise_hwm(HWM, [("users", low), ("plans", high)]) == {
+        "users": mid,
+        "plans": high,
+    }
+    assert lib.hgetall(HWM) == {b"users": mid.encode(), b"plans": high.encode()}
+    # a rule named twice in one call ends at the higher of the two, whatever their order
+    assert library.raise_hwm(HWM, [("orders", high), ("orders", low)]) == {"orders": high}
+    # a resync epoch compares newer than any position before it
+    later = epoch_prefix(1) + positions.snapshot_read(5)
+    assert library.raise_hwm(HWM, [("users", later)]) == {"users": later}
+    assert library.raise_hwm(HWM, []) == {}
+
+
+def test_raise_hwm_refuses_what_is_not_pairs_of_positions(lib: redis.Redis) -> None:
+    with pytest.raises(redis.ResponseError, match="rule, position pairs"):
+        lib.fcall(FN_RAISE_HWM, 1, HWM, "users")
+    with pytest.raises(redis.ResponseError, match="empty position for users"):
+        lib.fcall(FN_RAISE_HWM, 1, HWM, "users", "")
+    assert not lib.exists(HWM)
+
+
+def test_raise_hwm_command_is_the_round_trip_form(lib: redis.Redis) -> None:
+    marks = [("users", positions.snapshot_read(7))]
+    command = raise_hwm_command(HWM, marks)
+    assert hwm_reply(marks, lib.execute_command(*command)) == dict(marks)
+
+
+_POSITION = st.builds(
+    lambda epoch, major, kind, minor, rank: (
+        epoch_prefix(epoch) + positions.encode(major, kind, minor, rank)
+    ),
+    st.integers(0, 2),
+    st.integers(0, 2**64 - 1),
+    st.sampled_from(
+        [positions.KIND_SNAPSHOT, positions.KIND_AFTER_SNAPSHOT, positions.KIND_STREAMED]
+    ),
+    st.none() | st.integers(0, 2**64 - 1),
+    st.sampled_from([positions.RANK_REMOVE, positions.RANK_WRITE]),
+)
+
+
+# the fixture's server is shared by the examples: each starts by deleting the marks
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=60)
+@given(
+    calls=st.lists(
+        st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), _POSITION), max_size=6), max_size=5
+    )
+)
+def test_a_mark_is_the_newest_position_ever_raised_to(
+    lib: redis.Redis, calls: list[list[tuple[str, str]]]
+) -> None:
+    lib.delete(HWM)
+    library = Library(lib)
+    newest: dict[str, str] = {}
+    for marks in calls:
+        replied = library.raise_hwm(HWM, marks)
+        for rule, position in marks:
+            newest[rule] = max(newest.get(rule, position), position)
+        # every reply holds the mark after the call: the newest position so far
+        assert replied == {rule: newest[rule] for rule, _ in marks}
+    stored = {as_str(k): as_str(v) for k, v in lib.hgetall(HWM).items()}
+    assert stored == newest
+
+
+def test_snapshot_marks_keep_the_first_read_of_each_snapshot_in_stream_order(
+    lib: redis.Redis,
+) -> None:
+    def mark(lsn: int, entry_id: str) -> list[list[str]]:
+        reply = lib.fcall("streamsync_mark_snapshot", 1, "snaps", "s", str(lsn), entry_id)
+        value = as_bytes(lib.hget("snaps", "s"))
+        assert as_bytes(reply) == value
+        marks: list[list[str]] = orjson.loads(value)
+        return marks
+
+    assert mark(700, "10-5") == [["700", "10-5"]]
+    # a later read of the same snapshot: nothing to change; an earlier one moves the mark back
+    assert mark(700, "11-0") == [["700", "10-5"]]
+    assert mark(700, "9-0") == [["700", "9-0"]]
+    # a newer snapshot; ids compare as numbers ("100-0" after "9-0")
+    assert mark(900, "100-0") == [["700", "9-0"], ["900", "100-0"]]
+    assert mark(900, "20-0") == [["700", "9-0"], ["900", "20-0"]]
+    # LSNs beyond a double's precision stay exact; a lower LSN after a resync is a new mark
+    big = str(2**64 - 1)
+    assert mark(2**64 - 1, "200-0")[-1] == [big, "200-0"]
+    assert mark(5, "300-0")[-2:] == [[big, "200-0"], ["5", "300-0"]]
+    # the marks of other streams are apart
+    lib.fcall("streamsync_mark_snapshot", 1, "snaps", "other", "1", "1-0")
+    assert len(orjson.loads(as_bytes(lib.hget("snaps", "s")))) == 4

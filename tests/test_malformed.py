@@ -585,6 +585,16 @@ def entries(draw: st.DrawFn) -> list[bytes]:
     else:
         value = envelope(op, TABLE, draw(st.integers(0, 2**64 - 1)), after=columns)
     key: Any = {"id": columns["id"]}
+    _replace_parts(draw, op, value, key)
+    if draw(st.integers(0, 3)) == 0:
+        value, key = _in_envelopes(draw, op, value, key)
+    fields = [_serialized(key) if key is not None else b"default", _serialized(value)]
+    return _corrupted(draw, fields)
+
+
+def _replace_parts(draw: st.DrawFn, op: str, value: dict[str, Any], key: dict[str, Any]) -> None:
+    """Up to three members of the value, its source, its row or the key dropped or replaced
+    by arbitrary JSON."""
     for _ in range(draw(st.integers(0, 3))):
         target = draw(st.sampled_from(["value", "source", "row", "key"]))
         where: Any = {
@@ -600,29 +610,40 @@ def entries(draw: st.DrawFn) -> list[bytes]:
             where.pop(name, None)
         else:
             where[name] = draw(_VALUES)
-    if draw(st.integers(0, 3)) == 0:
-        logical = {c: draw(_LOGICAL) for c in draw(st.lists(st.sampled_from(_COLUMNS), max_size=3))}
-        row_schema = {
-            "type": "struct",
-            "fields": [{"field": c, **s} for c, s in logical.items()],
-        }
-        image = value.get("before" if op == "d" else "after")
-        if isinstance(image, dict):
-            for column in logical:
-                image[column] = draw(_LOGICAL_VALUES)
-        schema = draw(
-            st.sampled_from(
-                [
-                    {"type": "struct", "fields": [row_schema | {"field": "after"},
-                                                  row_schema | {"field": "before"}]},
-                    None, 5, {"fields": "x"}, {"fields": [5, {"field": []}]},
-                ]
-            )
-        )  # fmt: skip
-        value = {"schema": schema, "payload": value}
-        if draw(st.booleans()):
-            key = {"schema": {"type": "struct", "fields": row_schema["fields"]}, "payload": key}
-    fields = [_serialized(key) if key is not None else b"default", _serialized(value)]
+
+
+def _in_envelopes(
+    draw: st.DrawFn, op: str, value: dict[str, Any], key: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The value, and maybe the key, in a schema/payload envelope (the schema possibly wrong)
+    giving some columns logical types, their values drawn for those types."""
+    logical = {c: draw(_LOGICAL) for c in draw(st.lists(st.sampled_from(_COLUMNS), max_size=3))}
+    row_schema = {
+        "type": "struct",
+        "fields": [{"field": c, **s} for c, s in logical.items()],
+    }
+    image = value.get("before" if op == "d" else "after")
+    if isinstance(image, dict):
+        for column in logical:
+            image[column] = draw(_LOGICAL_VALUES)
+    schema = draw(
+        st.sampled_from(
+            [
+                {"type": "struct", "fields": [row_schema | {"field": "after"},
+                                              row_schema | {"field": "before"}]},
+                None, 5, {"fields": "x"}, {"fields": [5, {"field": []}]},
+            ]
+        )
+    )  # fmt: skip
+    value = {"schema": schema, "payload": value}
+    if draw(st.booleans()):
+        key = {"schema": {"type": "struct", "fields": row_schema["fields"]}, "payload": key}
+    return value, key
+
+
+def _corrupted(draw: st.DrawFn, fields: list[bytes]) -> list[bytes]:
+    """Mostly ``fields`` as they are; else the value cut short, one byte of it changed, or
+    the whole entry random bytes."""
     corruption = draw(st.sampled_from(["none"] * 17 + ["cut", "byte", "random"]))
     if corruption == "cut":
         cut = draw(st.integers(0, len(fields[1])))

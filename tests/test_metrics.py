@@ -59,8 +59,10 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 
 STREAM = "app.public.users"
 GROUP = "streamsync"
-LABELS = {"stream", "table", "op", "outcome"}
-INFO_LABELS = {"version", "library_version"}
+LABELS = {"stream", "table", "op", "outcome", "redis"}
+INFO_LABELS = {"version", "library_version", "redis"}
+#: The label of the server-wide figures of the Redis of redis.url.
+STREAMS = {"redis": "streams"}
 INSTALL_HINT = "apt-get install -y --no-install-recommends prometheus"
 #: Seconds a started Prometheus has to answer, and then to have scraped the endpoint.
 PROMETHEUS_DEADLINE_S = 60.0
@@ -354,6 +356,7 @@ def test_metric_names_and_labels_follow_the_conventions() -> None:
         "streamsync_redis_maxmemory_bytes",
         "streamsync_redis_keyspace_hits_total",
         "streamsync_redis_keyspace_misses_total",
+        "streamsync_redis_evicted_keys_total",
         "streamsync_library_loaded_info",
     ):
         assert name in exposed, name
@@ -387,7 +390,7 @@ def test_collector_reports_what_redis_holds(
         r.config_set("maxmemory", maxmemory or "0")
         collector.close()
     stream = {"stream": STREAM}
-    assert value(found, "streamsync_redis_up") == 1
+    assert value(found, "streamsync_redis_up", **STREAMS) == 1
     assert value(found, "streamsync_stream_length", **stream) == r.xlen(STREAM)
     assert value(found, "streamsync_pending_entries", **stream) == 2
     assert value(found, "streamsync_group_lag_entries", **stream) == 1
@@ -396,15 +399,15 @@ def test_collector_reports_what_redis_holds(
     age = value(found, "streamsync_oldest_pending_age_seconds", **stream)
     assert age is not None
     assert 0 <= age <= (seconds * 1000 + micros / 1000 - oldest_ms) / 1000 + 0.001
-    used = value(found, "streamsync_redis_used_memory_bytes")
+    used = value(found, "streamsync_redis_used_memory_bytes", **STREAMS)
     assert used is not None and used > 0
-    assert value(found, "streamsync_redis_maxmemory_bytes") == 256 * 1024 * 1024
+    assert value(found, "streamsync_redis_maxmemory_bytes", **STREAMS) == 256 * 1024 * 1024
     for counter in ("hits", "misses"):
-        got = value(found, f"streamsync_redis_keyspace_{counter}_total")
+        got = value(found, f"streamsync_redis_keyspace_{counter}_total", **STREAMS)
         assert got is not None
         assert before[f"keyspace_{counter}"] <= got <= after[f"keyspace_{counter}"]
     version = ".".join(map(str, library_version()))
-    assert value(found, "streamsync_library_loaded_info", version=version) == 1
+    assert value(found, "streamsync_library_loaded_info", version=version, **STREAMS) == 1
 
 
 def test_collector_without_a_group_library_or_lag(
@@ -412,7 +415,7 @@ def test_collector_without_a_group_library_or_lag(
 ) -> None:
     # nothing yet: the stream, its group and the library are all absent
     found = scrape(collector)
-    assert value(found, "streamsync_redis_up") == 1
+    assert value(found, "streamsync_redis_up", **STREAMS) == 1
     assert value(found, "streamsync_stream_length", stream=STREAM) == 0
     assert value(found, "streamsync_dlq_length", stream=STREAM) == 0
     assert value(found, "streamsync_pending_entries", stream=STREAM) is None
@@ -472,7 +475,7 @@ def test_scrape_of_a_hung_redis_times_out(tmp_path: Path) -> None:
         try:
             start = time.monotonic()
             found = scrape(collector)
-            assert value(found, "streamsync_redis_up") == 0
+            assert value(found, "streamsync_redis_up", **STREAMS) == 0
             assert time.monotonic() - start < 3
         finally:
             collector.close()
@@ -482,10 +485,10 @@ def test_scrape_recovers_when_redis_comes_back(
     r: redis.Redis, redis_url: str, collector: RedisCollector
 ) -> None:
     registry = live(collector)
-    assert value(registry, "streamsync_redis_up") == 1
+    assert value(registry, "streamsync_redis_up", **STREAMS) == 1
     r.client_kill_filter(_type="normal", skipme=True)  # the collector's connection too
-    assert value(registry, "streamsync_redis_up") in (0, 1)
-    assert value(registry, "streamsync_redis_up") == 1
+    assert value(registry, "streamsync_redis_up", **STREAMS) in (0, 1)
+    assert value(registry, "streamsync_redis_up", **STREAMS) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,7 +520,7 @@ def test_endpoint_serves_what_promtool_accepts(
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "streamsync_redis_up 1.0" in text
+    assert 'streamsync_redis_up{redis="streams"} 1.0' in text
     applied = worker.counts[(STREAM, "public.users", "c", "applied")]
     assert (
         'streamsync_events_total{op="c",outcome="applied",stream="app.public.users",'
@@ -544,13 +547,13 @@ def test_close_stops_the_endpoint_and_drops_the_collector(
 ) -> None:
     registry = metrics.registry
     server = serve(settings_for(tmp_path, redis_url), registry, port=0)
-    assert value(registry, "streamsync_redis_up") == 1
+    assert value(registry, "streamsync_redis_up", **STREAMS) == 1
     server.close()
     server.close()  # idempotent
     assert not server.thread.is_alive()
     with pytest.raises(urllib.error.URLError):
         fetch(server.url, timeout=2)
-    assert value(registry, "streamsync_redis_up") is None
+    assert value(registry, "streamsync_redis_up", **STREAMS) is None
     assert value(registry, "streamsync_reconnects_total") == 0
 
 
@@ -565,7 +568,7 @@ def test_a_port_in_use_raises_and_leaves_the_registry_clean(
             serve(settings, metrics.registry, port=taken.getsockname()[1])
     # the collector was unregistered: serving again registers it anew
     with serve(settings, metrics.registry, port=0) as server:
-        assert "streamsync_redis_up 1.0" in fetch(server.url)
+        assert 'streamsync_redis_up{redis="streams"} 1.0' in fetch(server.url)
 
 
 def test_prometheus_scrapes_the_endpoint_and_evaluates_the_dashboard(
@@ -790,6 +793,7 @@ def test_dashboard_queries_only_metrics_metrics_py_defines() -> None:
         "reconnects",
         "redis memory",
         "keyspace hit ratio",
+        "evicted keys",
     ):
         assert wanted in titles, wanted
     exprs = " ".join(dashboard_exprs())
@@ -806,6 +810,7 @@ def test_dashboard_queries_only_metrics_metrics_py_defines() -> None:
         "streamsync_redis_maxmemory_bytes",
         "streamsync_redis_keyspace_hits_total",
         "streamsync_redis_keyspace_misses_total",
+        "streamsync_redis_evicted_keys_total",
     } <= used
 
 
@@ -918,7 +923,7 @@ def test_run_serves_metrics_on_the_port_the_environment_names(
             if proc.poll() is not None:
                 raise AssertionError(f"the worker exited {proc.returncode}:\n{log.read_text()}")
             try:
-                return "streamsync_redis_up 1.0" in fetch(url, timeout=2)
+                return 'streamsync_redis_up{redis="streams"} 1.0' in fetch(url, timeout=2)
             except (urllib.error.URLError, ConnectionError):
                 return False
 

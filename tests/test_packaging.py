@@ -43,13 +43,16 @@ def test_ci_runs_the_readme_test_command() -> None:
 def test_readme_lists_what_the_tests_need_and_ci_installs_it() -> None:
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    section = readme[readme.index("## Development and tests") :]
+    start = readme.index("## Development and tests")
+    section = readme[start : readme.index("### Code map", start)]
     for needed in ("redis-server", "PostgreSQL server binaries", "Java 17", "docker-compose"):
         assert needed in section, needed
     assert "`promtool` and `prometheus`" in section
+    # the table whose last column names the package (the code map above it is another table)
+    table = section[section.index("| what | for | Debian package |") :].split("\n\n", 1)[0]
     packages = [
         line.rsplit("|", 2)[1].strip(" `")
-        for line in section.splitlines()
+        for line in table.splitlines()
         if line.startswith("| ") and line.rstrip().endswith("` |")
     ]
     assert packages == [

@@ -15,10 +15,17 @@ import redis
 from click.testing import CliRunner, Result
 
 from streamsync.cli import cli
-from streamsync.config import load_settings
+from streamsync.config import RedisSettings, load_settings, parse_settings
+from streamsync.epochs import Epochs
 from streamsync.errors import ExitCode
+from streamsync.events import Decoder
 from streamsync.keys import StateKeys
+from streamsync.mapping import Planner
 from streamsync.worker import Worker
+from streamsync.worker.barrier import StreamBarrier
+from streamsync.worker.core import BatchCore
+from streamsync.worker.entry import from_read
+from streamsync.worker.session import open_session
 from tests.debezium import add_change, entry_fields, envelope, write_config
 from tests.replies import xadd
 from tests.servers import wait_until
@@ -56,6 +63,78 @@ def test_truncate_waits_for_older_entries_held_by_another_consumer(
     assert not r.exists(STREAM + ":dlq")
     counts = {o: n for (_, _, op, o), n in worker.counts.items() if op == "t"}
     assert counts == {"applied": 1}
+
+
+def test_a_first_transaction_change_waits_for_its_snapshot_reads_held_by_another_consumer(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path / "c.yaml", redis_url, streams=[STREAM], claim_idle_ms=300)
+    r.xgroup_create(STREAM, "streamsync", id="0", mkstream=True)
+    add_change(r, STREAM, "r", {"id": 1, "name": "read by the snapshot"}, 700)
+    # in flight while the snapshot was taken: an LSN below the snapshot's, no lastCommitLsn
+    value = envelope("u", "public.users", 650, after={"id": 1, "name": "in flight"})
+    value["source"]["sequence"] = '[null,"650"]'
+    xadd(r, STREAM, entry_fields({"id": 1}, value))
+    # a consumer takes the read and dies without applying it
+    r.xreadgroup("streamsync", "crashed", {STREAM: ">"}, count=1)
+    worker = Worker(load_settings(cfg, environ={}), consumer="w1", drain=True)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        # placed at once, the change would know no snapshot and lose to the read applied later
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    finally:
+        worker.request_stop()
+        thread.join()
+    assert r.hget("user:1", "name") == b"in flight"
+    assert r.xpending(STREAM, "streamsync")["pending"] == 0
+    assert not r.exists(STREAM + ":dlq")
+
+
+def test_the_barrier_releases_a_first_transaction_at_once_and_a_truncate_after_it(
+    r: redis.Redis, redis_url: str
+) -> None:
+    r.xgroup_create(STREAM, "streamsync", id="0", mkstream=True)
+    read_id = add_change(r, STREAM, "r", {"id": 1}, 700)
+    r.xreadgroup("streamsync", "crashed", {STREAM: ">"}, count=1)
+    first: list[bytes] = []
+    for i in range(2, 6):
+        value = envelope("u", "public.users", 700 + i, after={"id": i}, sequence=(None, 700 + i))
+        first.append(xadd(r, STREAM, entry_fields({"id": i}, value)))
+    add_truncate(r, 900)
+    value = envelope("u", "public.users", 950, after={"id": 9}, sequence=(None, 950))
+    xadd(r, STREAM, entry_fields({"id": 9}, value))
+    settings = parse_settings(
+        {
+            "source": {"streams": [STREAM]},
+            "rules": [{"table": "public.users", "key": "u:{id}", "type": "hash"}],
+        }
+    )
+    core = BatchCore(
+        Decoder(), Planner.from_settings(settings), Epochs(), tombstone_ms=1, max_deliveries=1
+    )
+    session = open_session(RedisSettings(url=redis_url), client_name="test", timeout_s=5)
+    try:
+        read = session.call("XREADGROUP", "GROUP", "streamsync", "w1", "STREAMS", STREAM, ">")
+        barrier = StreamBarrier("streamsync", "w1", claim_every_s=1)
+        barrier.waiting += core.prepare(from_read(read)).held
+        assert len(barrier.waiting) == 6
+
+        def released(*settled: bytes) -> list[bytes]:
+            return [h.entry.id for h in barrier.release(session, {STREAM: settled}, 0.0)]
+
+        # the snapshot's read, pending elsewhere, holds everything
+        assert released() == []
+        # once it is settled, the whole first transaction goes, not the TRUNCATE: it waits for
+        # those changes to be applied
+        assert released(read_id) == first
+        assert released(read_id, *first[:3]) == []
+        # then the TRUNCATE, and the change after it (a change needs no TRUNCATE applied first)
+        truncate_and_after = released(read_id, *first)
+        assert len(truncate_and_after) == 2 and not barrier
+    finally:
+        session.close()
 
 
 def test_truncate_waits_for_a_failed_entry_beyond_the_first_hundred_pending(

@@ -28,6 +28,7 @@ from streamsync.status import (
     RedisStatus,
     StatusReport,
     StreamStatus,
+    TargetStatus,
     Thresholds,
     collect,
     id_ms,
@@ -374,9 +375,10 @@ def test_missing_library_and_evicting_policy_are_problems(
     assert doc["library"]["loaded"] is None
     assert any(p.startswith("Functions library streamsync not loaded") for p in doc["problems"])
     assert any(
-        p.startswith("maxmemory-policy allkeys-lru can evict") and "noeviction" in p
+        p.startswith("maxmemory-policy allkeys-lru can evict") and "target:" in p
         for p in doc["problems"]
     )
+    assert doc["memory"]["evicted_keys"] == r.info("stats")["evicted_keys"]
     (s,) = doc["streams"]
     assert s["exists"] is False and s["length"] == 0 and s["group_exists"] is False
 
@@ -396,11 +398,18 @@ EXPECTED_KEYS = {
         "schema_version",
         "stream_prefix",
         "streams",
+        "target",
         "thresholds",
     },
     "keyspace": {"hit_rate", "hits", "misses"},
     "library": {"loaded", "shipped"},
-    "memory": {"maxmemory_bytes", "maxmemory_policy", "used_memory_bytes", "used_ratio"},
+    "memory": {
+        "evicted_keys",
+        "maxmemory_bytes",
+        "maxmemory_policy",
+        "used_memory_bytes",
+        "used_ratio",
+    },
     "redis": {"url", "version"},
     "thresholds": {"max_lag_s", "max_pending_age_s"},
     "stream": {
@@ -450,6 +459,7 @@ def test_json_document_keys_are_stable_and_sorted(
     assert result.stdout.strip() == json.dumps(doc, sort_keys=True, indent=2)
     assert doc["schema_version"] == 1
     assert set(doc) == EXPECTED_KEYS[""]
+    assert doc["target"] is None  # no target section: the cache is in this Redis
     for name in ("keyspace", "library", "memory", "redis", "thresholds"):
         assert set(doc[name]) == EXPECTED_KEYS[name], name
     s = stream_doc(doc)
@@ -745,24 +755,81 @@ def test_problems_library_versions() -> None:
     assert p.startswith("Functions library 0.9.0 loaded, an older major version than 1.1.0")
 
 
-@pytest.mark.parametrize(
-    ("policy", "reason"),
-    [
-        ("allkeys-lru", "can evict any key: unread stream entries"),
-        ("allkeys-random", "position records"),
-        ("volatile-ttl", "can evict keys with a TTL"),
-        ("volatile-lfu", "deleted row back"),
-    ],
-)
-def test_problems_evicting_memory_policy(policy: str, reason: str) -> None:
-    mem = MemoryStatus(
-        used_memory_bytes=1, maxmemory_bytes=1 << 30, maxmemory_policy=policy, used_ratio=0.0
+def memory(policy: str, evicted_keys: int = 0) -> MemoryStatus:
+    return MemoryStatus(
+        used_memory_bytes=1,
+        maxmemory_bytes=1 << 30,
+        maxmemory_policy=policy,
+        used_ratio=0.0,
+        evicted_keys=evicted_keys,
     )
-    (p,) = problems(report(memory=mem), Thresholds())
-    assert p.startswith(f"maxmemory-policy {policy} ") and reason in p and "use noeviction" in p
-    unlimited = dataclasses.replace(mem, maxmemory_bytes=0, used_ratio=None)
+
+
+def target(policy: str = "noeviction", *, separate: bool = True, **overrides: Any) -> TargetStatus:
+    base = TargetStatus(
+        url="redis://10.0.0.2:6379/0",
+        error=None,
+        separate=separate,
+        version="7.0.15",
+        memory=memory(policy, evicted_keys=12),
+        keyspace=KeyspaceStatus(hits=9, misses=1, hit_rate=0.9),
+        library=LibraryStatus(loaded="1.1.0", shipped="1.1.0"),
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "allkeys-lfu", "allkeys-random", "newpolicy"])
+def test_problems_one_redis_evicting_any_key(policy: str) -> None:
+    (p,) = problems(report(memory=memory(policy)), Thresholds())
+    assert p.startswith(f"maxmemory-policy {policy} can evict any key: unread stream entries")
+    assert "use noeviction or a volatile-* policy" in p
+    assert "move the cache to a Redis of its own (target:)" in p
+    unlimited = dataclasses.replace(memory(policy), maxmemory_bytes=0, used_ratio=None)
     (p,) = problems(report(memory=unlimited), Thresholds())
     assert "no maxmemory set yet" in p
+
+
+@pytest.mark.parametrize("policy", ["volatile-lru", "volatile-lfu", "volatile-ttl", "noeviction"])
+def test_problems_one_redis_evicting_keys_with_a_ttl_is_safe(policy: str) -> None:
+    # buckets, streams and marks have no TTL: only cached rows with ttl_s go, as misses
+    assert problems(report(memory=memory(policy, evicted_keys=7)), Thresholds()) == []
+
+
+@pytest.mark.parametrize("policy", ["volatile-lru", "allkeys-lru", "volatile-ttl"])
+def test_problems_streams_redis_beside_a_target_must_not_evict(policy: str) -> None:
+    (p,) = problems(report(memory=memory(policy), target=target()), Thresholds())
+    assert p.startswith(f"streams' redis: maxmemory-policy {policy} can evict stream entries")
+    assert "use noeviction" in p
+    assert problems(report(memory=memory("noeviction"), target=target()), Thresholds()) == []
+
+
+@pytest.mark.parametrize("policy", ["noeviction", "volatile-lru", "allkeys-lru", "allkeys-random"])
+def test_problems_a_target_of_its_own_may_evict(policy: str) -> None:
+    assert problems(report(target=target(policy)), Thresholds()) == []
+
+
+def test_problems_a_target_that_is_the_streams_redis_follows_the_one_redis_rules() -> None:
+    same = target("allkeys-lru", separate=False)
+    (p,) = problems(report(memory=memory("allkeys-lru"), target=same), Thresholds())
+    assert p.startswith("maxmemory-policy allkeys-lru can evict any key")
+    assert problems(report(memory=memory("volatile-lru"), target=same), Thresholds()) == []
+    # its library is the streams' one: said once
+    none = LibraryStatus(None, "1.1.0")
+    found = problems(
+        report(library=none, target=dataclasses.replace(same, library=none)), Thresholds()
+    )
+    assert [p[:40] for p in found] == ["Functions library streamsync not loaded "]
+
+
+def test_problems_of_the_target_redis() -> None:
+    missing = target(library=LibraryStatus(None, "1.1.0"))
+    (p,) = problems(report(target=missing), Thresholds())
+    assert p.startswith("target redis: Functions library streamsync not loaded")
+    down = target(error="Connection refused", memory=None, keyspace=None, library=None)
+    (p,) = problems(report(target=down), Thresholds())
+    assert p == "target redis at redis://10.0.0.2:6379/0: cannot read it: Connection refused"
+    (p,) = problems(report(library=LibraryStatus(None, "1.1.0"), target=target()), Thresholds())
+    assert p.startswith("streams' redis: Functions library streamsync not loaded")
 
 
 def test_problems_stream_errors_and_missing_group() -> None:

@@ -23,6 +23,14 @@ from streamsync.events import ChangeEvent
 from streamsync.functions import Library, ensure_library
 from streamsync.keys import StateKeys
 from streamsync.mapping import Planner
+from streamsync.positions import (
+    MAX_LSN,
+    NO_POSITION,
+    RANK_REMOVE,
+    RANK_WRITE,
+    snapshot_read,
+    streamed,
+)
 from streamsync.sweep import Sweeper
 from tests.replies import as_bytes, as_str, xrange, zscores
 
@@ -66,8 +74,11 @@ V2 = {"id": 1, "name": "bob", "plan": "pro", "price": 12, "active": True, "email
 
 
 def pos(lsn: int, op: str) -> str:
-    """A position: the 20-digit LSN and its rank (deletes and truncates before writes)."""
-    return f"{lsn:020d}{'0' if op in ('d', 't') else '1'}"
+    """The position of a change of ``lsn`` (a snapshot read at ``lsn``, or a transaction of its
+    own), ranked as the decoder ranks it (deletes and truncates before writes)."""
+    if op == "r":
+        return snapshot_read(lsn)
+    return streamed(lsn, lsn, RANK_REMOVE if op in ("d", "t") else RANK_WRITE)
 
 
 def change(op: str, lsn: int, row: dict[str, Any]) -> ChangeEvent:
@@ -970,10 +981,9 @@ def test_remove_older_than_the_epoch_floor_sweeps_rows_not_rewritten(lib: redis.
 
 
 def test_epoch_floor_orders_between_epochs() -> None:
-    highest_epoch0 = "9" * 20 + "1"
-    lowest_epoch1 = epoch_prefix(1) + "0" * 20 + "0"
-    assert highest_epoch0 < epoch_floor(1) < lowest_epoch1
-    assert epoch_prefix(1) + "9" * 21 < epoch_floor(2)
+    highest = streamed(MAX_LSN, MAX_LSN, RANK_WRITE)
+    assert highest < epoch_floor(1) < epoch_prefix(1) + NO_POSITION
+    assert epoch_prefix(1) + highest < epoch_floor(2) < epoch_prefix(2) + NO_POSITION
 
 
 # -- validation ----------------------------------------------------------------------------

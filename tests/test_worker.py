@@ -81,7 +81,9 @@ def test_fixture_stream_lands_as_hashes(
             assert r.hgetall(f"user:{row_id}") == as_hash(row)
     assert r.hget("user:1", "balance") in (b"-0.05", b"10.51", b"10.50")
     counts = outcomes(worker)
-    assert counts["applied"] == 11 and counts["tombstone"] == 3
+    # the first change after the snapshot (insert of row 3) waits for the snapshot's mark: when
+    # the delete of row 3 was applied first, it is stale
+    assert counts["applied"] + counts.get("stale", 0) == 11 and counts["tombstone"] == 3
     assert pending(r) == 0 and not r.exists(STREAM + ":dlq")
     # the fixture's TRUNCATE, then a replay of the whole fixture: nothing comes back
     add_fixture(r, fixture)

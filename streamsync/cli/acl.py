@@ -18,13 +18,23 @@ from streamsync.cli.options import config_option, load_or_exit
     is_flag=True,
     help="The monitoring user `streamsync status` needs instead of the worker's.",
 )
-def acl_command(config_path: Path, user: str | None, read_only: bool) -> None:
+@click.option(
+    "--target",
+    is_flag=True,
+    help="The user of the cache's own Redis (the target section) instead of the streams'.",
+)
+def acl_command(config_path: Path, user: str | None, read_only: bool, target: bool) -> None:
     """Print the least-privilege Redis ACL for this configuration (ACL SETUSER ...).
 
     The worker's user may read and write only the configured streams, their dead letters,
     streamsync's own records and the rules' keys, with only the commands the worker and its
-    Functions library send. Replace <password> before running it in redis-cli.
+    Functions library send. With a target section each Redis gets its own user: the streams'
+    by default, the target's with --target. Replace <password> before running it in redis-cli.
     """
     settings = load_or_exit(config_path)
+    if target and settings.target is None:
+        raise click.UsageError(
+            f"--target: {config_path} has no target section (the cache is in redis)"
+        )
     default = "streamsync-status" if read_only else "streamsync"
-    click.echo(acl_setuser(settings, user or default, read_only=read_only))
+    click.echo(acl_setuser(settings, user or default, read_only=read_only, target=target))

@@ -19,6 +19,10 @@ def check_config_command(config_path: Path) -> None:
     streams = ", ".join(source.streams) if source.streams else f"prefix {source.stream_prefix!r}"
     click.echo(f"{config_path}: ok")
     click.echo(f"  redis: {redact_url(settings.redis.url)}")
+    if settings.target is None:
+        click.echo("  target: none (the cache is in redis)")
+    else:
+        click.echo(f"  target: {redact_url(settings.target.url)} (the cache)")
     click.echo(f"  streams: {streams} (group {source.group}, format {source.format.value})")
     for rule in settings.rules:
         detail = f"{rule.type.value} " if rule.type else ""

@@ -37,8 +37,11 @@ def _session(config_path: Path, command: str) -> Iterator[DeadLetters]:
     line and exit code 1."""
     settings = load_or_exit(config_path)
     client = connection.client(settings.redis, decode_responses=False, protocol=2)
+    target = None
+    if settings.target is not None:
+        target = connection.client(settings.target, decode_responses=False, protocol=2)
     try:
-        yield DeadLetters(client, settings)
+        yield DeadLetters(client, settings, target)
     except DlqError as exc:
         _fail(f"dlq {command}: {exc}")
     except LibraryIncompatibleError as exc:
@@ -47,6 +50,8 @@ def _session(config_path: Path, command: str) -> Iterator[DeadLetters]:
         _fail(f"dlq {command}: redis: {' '.join(str(exc).split())}")
     finally:
         client.close()
+        if target is not None:
+            target.close()
 
 
 def _check_ids(

@@ -64,10 +64,12 @@ def resync_command(  # noqa: PLR0917 (click passes every option)
         raise click.UsageError("--force applies to --finish")
     chosen = list(settings.rules_by_table) if all_tables else list(tables)
     client = connection.client(settings.redis)
+    # the rows to sweep live in the target, when the cache has a Redis of its own
+    target = None if settings.target is None else connection.client(settings.target)
     try:
         if finish:
             for table in chosen:
-                removed = resync.finish(client, settings, table, wait_s, force=force)
+                removed = resync.finish(client, settings, table, wait_s, force=force, target=target)
                 click.echo(f"{table}: finished, {removed} row(s) not in the re-snapshot removed")
         else:
             for mark in resync.start(client, settings, chosen):
@@ -87,3 +89,5 @@ def resync_command(  # noqa: PLR0917 (click passes every option)
         sys.exit(ExitCode.FAILURE)
     finally:
         client.close()
+        if target is not None:
+            target.close()

@@ -27,11 +27,12 @@ CONNECT_TIMEOUT_S = 5.0
 
 
 def _scrub(text: str, settings: Settings) -> str:
-    """``text`` with the password masked, should an error message ever echo it (the URL never
+    """``text`` with the passwords masked, should an error message ever echo one (the URL never
     holds it: RedisSettings moves it to ``password``)."""
-    password = settings.redis.password
-    if password is not None and password.get_secret_value():
-        text = text.replace(password.get_secret_value(), "***")
+    for section in (settings.redis, settings.target):
+        password = None if section is None else section.password
+        if password is not None and password.get_secret_value():
+            text = text.replace(password.get_secret_value(), "***")
     return text
 
 
@@ -89,11 +90,18 @@ def status_command(
         settings.redis,
         socket_connect_timeout=min(CONNECT_TIMEOUT_S, settings.redis.socket_timeout_s),
     )
+    target = None
+    if settings.target is not None:
+        target = connection.client(
+            settings.target,
+            socket_connect_timeout=min(CONNECT_TIMEOUT_S, settings.target.socket_timeout_s),
+        )
     try:
         if watch:
             sys.exit(
                 _watch(
                     client,
+                    target,
                     settings,
                     thresholds=thresholds,
                     as_json=as_json,
@@ -101,9 +109,11 @@ def status_command(
                     iterations=iterations,
                 )
             )
-        sys.exit(_once(client, settings, thresholds, as_json))
+        sys.exit(_once(client, target, settings, thresholds, as_json))
     finally:
         client.close()
+        if target is not None:
+            target.close()
 
 
 def _unreachable(settings: Settings, exc: redis.RedisError) -> str:
@@ -112,9 +122,15 @@ def _unreachable(settings: Settings, exc: redis.RedisError) -> str:
     return _scrub(f"status: cannot read redis at {where}: {message}", settings)
 
 
-def _once(client: redis.Redis, settings: Settings, thresholds: Thresholds, as_json: bool) -> int:
+def _once(
+    client: redis.Redis,
+    target: redis.Redis | None,
+    settings: Settings,
+    thresholds: Thresholds,
+    as_json: bool,
+) -> int:
     try:
-        report, found = run_once(client, settings, thresholds)
+        report, found = run_once(client, settings, thresholds, target)
     except redis.RedisError as exc:
         click.echo(_unreachable(settings, exc), err=True)
         return ExitCode.FAILURE
@@ -127,6 +143,7 @@ def _once(client: redis.Redis, settings: Settings, thresholds: Thresholds, as_js
 
 def _watch(
     client: redis.Redis,
+    target: redis.Redis | None,
     settings: Settings,
     *,
     thresholds: Thresholds,
@@ -145,7 +162,7 @@ def _watch(
                 stack.enter_context(live)
             while True:
                 try:
-                    report, found = run_once(client, settings, thresholds)
+                    report, found = run_once(client, settings, thresholds, target)
                 except redis.RedisError as exc:
                     # keep watching through a Redis restart
                     code = ExitCode.FAILURE

@@ -284,6 +284,33 @@ def build_plan(props: Mapping[str, str], capture: CaptureSettings) -> CapturePla
         for key, value in props.items()
         if key.startswith(SOURCE_PREFIX)
     }
+    prefix = _topic_prefix(engine, where)
+    sink_type = props.get(f"{SINK_PREFIX}type", "redis")
+    if sink_type != "redis":
+        log.warning(
+            "%s: debezium.sink.type is %s; capture writes to Redis Streams regardless",
+            where,
+            sink_type,
+        )
+    engine.update(_passed_through(props))
+    engine.update(_converter_properties(props, where))
+    offsets_file = capture.offsets_file.absolute()
+    replaced = _use_file_stores(engine, offsets_file)
+    engine["name"] = prefix
+    return CapturePlan(
+        engine_properties=engine,
+        sink=_sink_format(props, engine, where),
+        database=_database(engine, where),
+        topic_prefix=prefix,
+        offsets_file=offsets_file,
+        jvm_options=_jvm_options(capture.jvm_options),
+        replaced=tuple(replaced),
+    )
+
+
+def _topic_prefix(engine: Mapping[str, str], where: str) -> str:
+    """The engine's ``topic.prefix``, once the source is known to be a usable PostgreSQL
+    connector; ConfigError otherwise."""
     connector = engine.get("connector.class")
     if not connector:
         raise ConfigError(f"{where}: debezium.source.connector.class is not set")
@@ -298,24 +325,23 @@ def build_plan(props: Mapping[str, str], capture: CaptureSettings) -> CapturePla
     for required in ("database.hostname", "database.user", "database.dbname"):
         if not engine.get(required):
             raise ConfigError(f"{where}: {SOURCE_PREFIX}{required} is not set")
+    return prefix
 
-    sink_type = props.get(f"{SINK_PREFIX}type", "redis")
-    if sink_type != "redis":
-        log.warning(
-            "%s: debezium.sink.type is %s; capture writes to Redis Streams regardless",
-            where,
-            sink_type,
-        )
 
-    # Transformations and predicates pass through as Debezium Server passes them.
+def _passed_through(props: Mapping[str, str]) -> dict[str, str]:
+    """Transformations and predicates, for the engine as Debezium Server passes them."""
+    out: dict[str, str] = {}
     for server_prefix in (TRANSFORMS_PREFIX, PREDICATES_PREFIX):
         for key, value in props.items():
             if key.startswith(server_prefix) or key == server_prefix.rstrip("."):
-                engine[key.removeprefix("debezium.")] = value
-    engine.update(_converter_properties(props, where))
+                out[key.removeprefix("debezium.")] = value
+    return out
 
+
+def _use_file_stores(engine: dict[str, str], offsets_file: Path) -> list[str]:
+    """Point ``engine``'s offset store, and a Redis schema history, at files (the embedded
+    engine cannot use the Redis ones); what was replaced, and why."""
     replaced: list[str] = []
-    offsets_file = capture.offsets_file.absolute()
     if engine.get("offset.storage", FILE_OFFSET_STORE) != FILE_OFFSET_STORE:
         replaced.append(
             f"offsets go to {offsets_file} (FileOffsetBackingStore), not to "
@@ -337,15 +363,18 @@ def build_plan(props: Mapping[str, str], capture: CaptureSettings) -> CapturePla
             f"schema history goes to {history_file} (FileSchemaHistory), not to "
             f"{history.rsplit('.', 1)[-1]}: the embedded engine cannot use it"
         )
-    engine["name"] = prefix
+    return replaced
 
+
+def _sink_format(props: Mapping[str, str], engine: Mapping[str, str], where: str) -> SinkFormat:
+    """How the Redis sink would lay entries out (``debezium.sink.redis.*``)."""
     message_format = props.get(f"{REDIS_SINK_PREFIX}message.format", "compact").strip().lower()
     if message_format not in MESSAGE_FORMATS:
         raise ConfigError(
             f"{where}: {REDIS_SINK_PREFIX}message.format is {message_format!r}; "
             f"expected one of {', '.join(MESSAGE_FORMATS)}"
         )
-    sink = SinkFormat(
+    return SinkFormat(
         message_format=message_format,
         null_key=props.get(f"{REDIS_SINK_PREFIX}null.key", DEFAULT_NULL_MARKER),
         null_value=props.get(f"{REDIS_SINK_PREFIX}null.value", DEFAULT_NULL_MARKER),
@@ -353,6 +382,8 @@ def build_plan(props: Mapping[str, str], capture: CaptureSettings) -> CapturePla
         heartbeat_prefix=engine.get("topic.heartbeat.prefix") or DEFAULT_HEARTBEAT_PREFIX,
     )
 
+
+def _database(engine: Mapping[str, str], where: str) -> Database:
     port_text = engine.get("database.port") or "5432"
     try:
         port = int(port_text)
@@ -360,21 +391,12 @@ def build_plan(props: Mapping[str, str], capture: CaptureSettings) -> CapturePla
         raise ConfigError(
             f"{where}: debezium.source.database.port {port_text!r} is not a number"
         ) from None
-    database = Database(
+    return Database(
         host=engine["database.hostname"],
         port=port,
         user=engine["database.user"],
         password=engine.get("database.password"),
         dbname=engine["database.dbname"],
-    )
-    return CapturePlan(
-        engine_properties=engine,
-        sink=sink,
-        database=database,
-        topic_prefix=prefix,
-        offsets_file=offsets_file,
-        jvm_options=_jvm_options(capture.jvm_options),
-        replaced=tuple(replaced),
     )
 
 

@@ -433,6 +433,24 @@ def _children_alive_or_fail(stack: _Stack) -> None:
 
 
 def _cleanup(stack: _Stack, options: DemoOptions, console: Console) -> None:
+    _stop_children(stack)
+    if stack.external_db:
+        _drop_demo_objects(stack, console)
+    if stack.external_redis and stack.redis_url:
+        with contextlib.suppress(Exception):
+            _delete_demo_keys(stack)
+    if stack.postgres is not None:
+        stack.postgres.stop()
+    if stack.redis_server is not None:
+        stack.redis_server.stop()
+    if options.keep:
+        console.print(f"kept {stack.workdir} (logs, configuration)")
+    else:
+        shutil.rmtree(stack.workdir, ignore_errors=True)
+
+
+def _stop_children(stack: _Stack) -> None:
+    """SIGTERM to every child still running, then wait for each (killed after 20 s)."""
     for proc in stack.children:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -442,38 +460,35 @@ def _cleanup(stack: _Stack, options: DemoOptions, console: Console) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    if stack.external_db:
-        for sql in (
-            f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-            f" WHERE slot_name = '{stack.slot}'",
-            f"DROP PUBLICATION IF EXISTS {stack.slot}",
-            f"DROP SCHEMA IF EXISTS {stack.schema} CASCADE",
-        ):
-            try:
-                _execute(stack, sql)
-            except Exception as exc:  # clean up what can be, say what could not
-                console.print(f"[yellow]could not clean up ({sql}): {exc}")
-    if stack.external_redis and stack.redis_url:
-        with contextlib.suppress(Exception):
-            client = redis.Redis.from_url(stack.redis_url)
-            doomed = [
-                *client.scan_iter("demo:user:*"),
-                *client.scan_iter("streamsync:pos:{demo:user:*"),
-                *client.scan_iter(glob_escape(_state_prefix(stack)) + "*"),
-                _stream(stack),
-                _stream(stack) + ":dlq",
-            ]
-            for i in range(0, len(doomed), 500):
-                client.delete(*doomed[i : i + 500])
-            client.close()
-    if stack.postgres is not None:
-        stack.postgres.stop()
-    if stack.redis_server is not None:
-        stack.redis_server.stop()
-    if options.keep:
-        console.print(f"kept {stack.workdir} (logs, configuration)")
-    else:
-        shutil.rmtree(stack.workdir, ignore_errors=True)
+
+
+def _drop_demo_objects(stack: _Stack, console: Console) -> None:
+    """The replication slot, publication and schema the demo made in a database it was given."""
+    for sql in (
+        f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+        f" WHERE slot_name = '{stack.slot}'",
+        f"DROP PUBLICATION IF EXISTS {stack.slot}",
+        f"DROP SCHEMA IF EXISTS {stack.schema} CASCADE",
+    ):
+        try:
+            _execute(stack, sql)
+        except Exception as exc:  # clean up what can be, say what could not
+            console.print(f"[yellow]could not clean up ({sql}): {exc}")
+
+
+def _delete_demo_keys(stack: _Stack) -> None:
+    """The keys the demo wrote to a Redis it was given: its cache, records, state, streams."""
+    client = redis.Redis.from_url(stack.redis_url)
+    doomed = [
+        *client.scan_iter("demo:user:*"),
+        *client.scan_iter("streamsync:pos:{demo:user:*"),
+        *client.scan_iter(glob_escape(_state_prefix(stack)) + "*"),
+        _stream(stack),
+        _stream(stack) + ":dlq",
+    ]
+    for i in range(0, len(doomed), 500):
+        client.delete(*doomed[i : i + 500])
+    client.close()
 
 
 def _print_logs(stack: _Stack, console: Console) -> None:

@@ -3,8 +3,9 @@
 A batch goes through three steps, each a method here:
 
 1. ``prepare``: decode and plan each entry (``streamsync.events``, ``streamsync.mapping``) into
-   the rows to apply, or settle it at once (nothing to apply, a TRUNCATE for the barrier, a
-   malformed or unmappable entry for the dead letters);
+   the rows to apply, or settle it at once (nothing to apply, a malformed or unmappable entry
+   for the dead letters), or hold it for the barrier (a TRUNCATE, a change of the first
+   transaction after a snapshot: ``Held``); and note the snapshot marks its reads need;
 2. ``calls``: pack the rows into ``streamsync_batch`` calls (bounded in size, one hash slot
    each on a Redis Cluster, one row each for an entry whose batch call failed as a whole);
 3. ``settle``: read the calls' replies into acknowledgements, retries, dead letters and
@@ -23,7 +24,7 @@ from typing import Any
 import redis
 
 from streamsync.buckets import Table
-from streamsync.epochs import Epochs
+from streamsync.epochs import Epochs, parse_id
 from streamsync.errors import PoisonEntryError, excerpt
 from streamsync.events import TRUNCATE, ChangeEvent, Decoder, Skip
 from streamsync.functions import (
@@ -36,7 +37,9 @@ from streamsync.functions import (
 )
 from streamsync.keys import key_slot
 from streamsync.mapping import Planner
+from streamsync.positions import is_unplaced, place, snapshot_of
 from streamsync.retry import is_transient
+from streamsync.snapshots import Snapshots
 from streamsync.worker.entry import Entry
 
 log = logging.getLogger(__name__)
@@ -55,18 +58,35 @@ class Plan:
     event: ChangeEvent | Skip
     #: The rows to apply (a row change).
     rows: list[RowWrite] = field(default_factory=list)
-    #: The position a TRUNCATE removes older rows at (epoch prefix included).
-    truncate_at: str | None = None
+    #: Held until every older entry of its stream is settled (see Held); planned then.
+    held: bool = False
 
 
 @dataclass(slots=True)
-class Truncate:
-    """A TRUNCATE, applied on its own once every older entry of its stream is settled: run
-    before a change it follows, it would let that change bring a row back."""
+class Held:
+    """An entry that needs every older entry of its stream settled first (the barrier,
+    ``streamsync.worker.barrier``): a TRUNCATE, which run before a change it follows would let
+    that change bring a row back; or a change of the first transaction after a snapshot, whose
+    position needs the mark of that snapshot (``streamsync.snapshots``), made by whichever
+    worker applies one of its reads, all older than the change."""
 
     entry: Entry
-    table: str
-    position: str
+    event: ChangeEvent
+
+    @property
+    def truncate(self) -> bool:
+        """Whether it is a TRUNCATE (applied by a sweep, not by a batch call)."""
+        return self.event.op == TRUNCATE
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotMark:
+    """A snapshot mark to record (``streamsync_mark_snapshot``): the reads of the snapshot at
+    ``lsn`` start at or before entry ``entry_id`` of ``stream``."""
+
+    stream: str
+    lsn: int
+    entry_id: bytes
 
 
 @dataclass(slots=True)
@@ -80,8 +100,8 @@ class Prepared:
     settled: list[Entry] = field(default_factory=list)
     #: Entries that can never be applied (``error`` says why): dead-lettered at once.
     dead: list[Entry] = field(default_factory=list)
-    #: TRUNCATEs, for the barrier.
-    truncates: list[Truncate] = field(default_factory=list)
+    #: Entries for the barrier.
+    held: list[Held] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -124,31 +144,85 @@ class BatchCore:
         tombstone_s: int,
         max_deliveries: int,
         max_rows_per_call: int = MAX_ROWS_PER_CALL,
+        snapshots: Snapshots | None = None,
     ) -> None:
         self.decoder = decoder
         self.planner = planner
         self.epochs = epochs
+        self.snapshots = snapshots if snapshots is not None else Snapshots()
         self.tombstone_s = tombstone_s
         self.max_deliveries = max_deliveries
         self.max_rows_per_call = max_rows_per_call
+        #: Whether the target may evict the cache's bookkeeping (a Redis of its own under an
+        #: ``allkeys-*`` policy; the worker reads it, ``streamsync.worker.policy``). Then each
+        #: batch's rules need their high-water marks raised before the batch is applied
+        #: (``streamsync.functions.raise_hwm_command``); not wired into the batches yet.
+        self.bookkeeping_evictable = False
+        # (stream, snapshot LSN) -> the oldest entry id of a read planned since take_marks()
+        self._marks: dict[tuple[str, int], bytes] = {}
 
     # -- 1. decode and plan ----------------------------------------------------------------
 
     def plan(self, stream: str, entry_id: bytes, fields: Sequence[bytes]) -> Plan:
         """Decode and plan one entry of ``stream``; PoisonEntryError says why it can never be
-        applied."""
+        applied. A snapshot read's mark is noted (``take_marks``) before its rows are planned."""
         event = self.decoder.decode(fields)
         if isinstance(event, Skip):
             return Plan(event)
-        epoch = self.epochs.prefix(stream, entry_id)
-        if event.op == TRUNCATE:
+        if event.op == TRUNCATE or is_unplaced(event.position):
             if event.table not in self.planner.rules_by_table:
                 raise PoisonEntryError(f"no rule maps table {excerpt(event.table)}")
-            return Plan(event, truncate_at=epoch + event.position)
-        return Plan(event, rows=self.planner.plan(event, epoch))
+            return Plan(event, held=True)
+        if event.op == "r":
+            self._note_read(stream, entry_id, event.position)
+        return Plan(event, rows=self.planner.plan(event, self.epochs.prefix(stream, entry_id)))
+
+    def _note_read(self, stream: str, entry_id: bytes, position: str) -> None:
+        lsn = snapshot_of(position)
+        if lsn is not None and self.snapshots.at(stream, entry_id) != lsn:
+            self.note_mark(SnapshotMark(stream, lsn, entry_id))
+
+    def note_mark(self, mark: SnapshotMark) -> None:
+        """Note ``mark`` for ``take_marks`` (the oldest entry of each snapshot is kept)."""
+        noted = self._marks.get((mark.stream, mark.lsn))
+        if noted is None or parse_id(mark.entry_id) < parse_id(noted):
+            self._marks[(mark.stream, mark.lsn)] = mark.entry_id
+
+    def take_marks(self) -> list[SnapshotMark]:
+        """The snapshot marks the reads planned since the last call need: to record before
+        the calls applying them (and before acknowledging them)."""
+        marks = [SnapshotMark(stream, lsn, eid) for (stream, lsn), eid in self._marks.items()]
+        self._marks.clear()
+        return marks
+
+    def truncate_position(self, held: Held) -> str:
+        """The position a held TRUNCATE sweeps at, epoch prefix included (see ``_place``)."""
+        self._place(held)
+        return self.epochs.prefix(held.entry.stream, held.entry.id) + held.event.position
+
+    def plan_held(self, held: Held) -> list[RowWrite]:
+        """The rows of a held change (see ``_place``); PoisonEntryError as ``plan``."""
+        self._place(held)
+        entry = held.entry
+        return self.planner.plan(held.event, self.epochs.prefix(entry.stream, entry.id))
+
+    def _place(self, held: Held) -> None:
+        # the snapshot marks must be loaded once every older entry of the stream is settled
+        entry, event = held.entry, held.event
+        if not is_unplaced(event.position):
+            return
+        snapshot = self.snapshots.at(entry.stream, entry.id)
+        if snapshot is None:
+            log.warning(
+                "%s: no snapshot mark precedes this change of the first transaction after a"
+                " snapshot: ordered by its own LSN",
+                entry.label,
+            )
+        event.position = place(event.position, snapshot)
 
     def prepare(self, entries: Sequence[Entry]) -> Prepared:
-        """Sort ``entries`` into what to apply, acknowledge, dead-letter or hold for a barrier."""
+        """Sort ``entries`` into what to apply, acknowledge, dead-letter or hold for the
+        barrier."""
         prepared = Prepared()
         for entry in entries:
             if entry.fields is None:
@@ -174,8 +248,8 @@ class BatchCore:
                 prepared.settled.append(entry)
                 continue
             entry.table, entry.op, entry.ts_ms = event.table, event.op, event.ts_ms
-            if plan.truncate_at is not None:
-                prepared.truncates.append(Truncate(entry, event.table, plan.truncate_at))
+            if plan.held:
+                prepared.held.append(Held(entry, event))
                 continue
             entry.rows = plan.rows
             prepared.apply.append(entry)
@@ -236,6 +310,14 @@ class BatchCore:
             else:
                 settlement.failed.append(entry)
         return settlement
+
+    @staticmethod
+    def retry_all(batch: Sequence[Entry], reason: str) -> Settlement:
+        """Send ``batch`` again whatever its calls replied (``reason`` says why)."""
+        for entry in batch:
+            entry.outcome = entry.error = None
+            entry.solo = False
+        return Settlement(retry=True, reason=reason)
 
     def exhausted(self, entry: Entry) -> bool:
         """Whether a failed ``entry`` had its last allowed delivery (it is dead-lettered)."""

@@ -1,12 +1,15 @@
 """The consumer-group loop: connect, read, apply, acknowledge, and stop cleanly.
 
-Every cycle is one round trip to Redis (``RoundTrip``), built from named groups of commands:
-the batch calls applying batch N, the dead letters and acknowledgements settled so far, the
-status counters, the XREADGROUP fetching batch N+1, and the resync epochs. While Redis works on
-it, the worker decodes and plans the entries the previous round trip read (``BatchCore``); then
-it settles batch N from the replies. So batch N's acknowledgements ride with the round trip
-after the one that applied it, once its per-row results are known. The read blocks only when
-nothing awaits an acknowledgement, so an acknowledgement is never held behind an idle stream.
+Every cycle is one round trip to Redis (``RoundTrip``), built from named groups of commands: the
+snapshot marks of batch N's reads, the batch calls applying batch N, the dead letters and
+acknowledgements settled so far, the status counters, the XREADGROUP fetching batch N+1, and the
+resync epochs. The batch calls go to the Redis holding the cache (``target``), everything else to
+the streams' Redis; with a target of its own, both get their commands before either reply is read.
+While Redis works on it, the worker decodes and plans the entries the previous round trip read
+(``BatchCore``); then it settles batch N from the replies. So batch N's acknowledgements ride with
+the round trip after the one that applied it, once its per-row results are known. The read blocks
+only when nothing awaits an acknowledgement, so an acknowledgement is never held behind an idle
+stream; on a Redis Cluster it never blocks (one read per stream) and an idle worker polls instead.
 """
 
 from __future__ import annotations
@@ -19,27 +22,30 @@ import threading
 import time
 from collections import Counter
 from types import FrameType
+from typing import Any
 
 import redis
 
 from streamsync.config import Settings
 from streamsync.epochs import Epochs
-from streamsync.errors import ExitCode, LibraryIncompatibleError
+from streamsync.errors import ExitCode, LibraryIncompatibleError, PoisonEntryError
 from streamsync.events import Decoder
-from streamsync.functions import Command
+from streamsync.functions import Command, mark_snapshot_command
 from streamsync.keys import StateKeys
 from streamsync.latency import LatencySamples
 from streamsync.mapping import Planner
 from streamsync.retry import backoff
+from streamsync.snapshots import Snapshots
 from streamsync.sweep import Sweeper
 from streamsync.worker import deadletters
-from streamsync.worker.core import BatchCore, Prepared, Settlement
+from streamsync.worker.barrier import StreamBarrier, sweep_truncate
+from streamsync.worker.core import BatchCore, Prepared, Settlement, SnapshotMark
 from streamsync.worker.counters import Counters, CountKey, WorkerObserver
 from streamsync.worker.entry import Entry, from_read
 from streamsync.worker.housekeeping import Housekeeper
+from streamsync.worker.policy import TargetPolicy
 from streamsync.worker.roundtrip import Replies, RoundTrip
-from streamsync.worker.session import Session, open_session
-from streamsync.worker.truncate import TruncateBarrier
+from streamsync.worker.session import Session, Sessions, open_sessions
 from streamsync.worker.upkeep import Upkeep
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,8 @@ FINISH_BUDGET_S = 2.0
 CLUSTER_POLL_MS = 50
 #: The socket timeout's margin over a blocking read.
 READ_TIMEOUT_MARGIN_S = 5.0
+#: How many times per ``claim_idle_ms`` the entries the barrier holds are claimed again.
+BARRIER_CLAIMS_PER_IDLE = 4
 
 
 def default_consumer_name() -> str:
@@ -78,22 +86,29 @@ class Worker:
         self._keys = StateKeys.from_settings(settings.worker)
         self.counters = Counters(self._keys, self._group, observer)
         self._epochs = Epochs()
+        self._snapshots = Snapshots()
         self._core = BatchCore(
             Decoder(settings.source.format, settings.source.null_marker),
             Planner.from_settings(settings),
             self._epochs,
             tombstone_s=settings.worker.tombstone_ttl_s,
             max_deliveries=settings.worker.max_deliveries,
+            snapshots=self._snapshots,
         )
         self._streams: list[str] = list(settings.source.streams or ())
         self._housekeeper = Housekeeper(
             settings, self.consumer, self._streams, self._keys, self.counters
         )
-        self._barrier = TruncateBarrier(self._group, self.consumer)
+        self._barrier = StreamBarrier(
+            self._group,
+            self.consumer,
+            claim_every_s=settings.worker.claim_idle_ms / 1000 / BARRIER_CLAIMS_PER_IDLE,
+        )
+        self._policy = TargetPolicy()
         self._upkeep = Upkeep(settings, self.consumer, self._keys)
         self._stop = threading.Event()
         self._signals = 0
-        self._session: Session | None = None
+        self._sessions: Sessions | None = None
         # Work in hand: entries to apply next, entries read last time (decoded during the next
         # round trip), reclaimed entries, and settled entries whose dead letter or XACK is
         # still to be sent.
@@ -118,6 +133,12 @@ class Worker:
     def stream_lag(self) -> LatencySamples:
         """Stream entry added to applied in Redis, per entry (milliseconds)."""
         return self.counters.stream_lag
+
+    @property
+    def target_policy(self) -> TargetPolicy:
+        """The target's eviction policy as last read (``bookkeeping_evictable`` is what the
+        batch core is told)."""
+        return self._policy
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -153,7 +174,7 @@ class Worker:
         attempt = 0
         while True:
             try:
-                if self._session is None:
+                if self._sessions is None:
                     self._connect()
                     attempt = 0
                 if self._stop.is_set():
@@ -193,28 +214,48 @@ class Worker:
             self.settings.redis.socket_timeout_s,
             self.settings.worker.block_ms / 1000 + READ_TIMEOUT_MARGIN_S,
         )
-        session = open_session(
-            self.settings.redis, client_name=f"streamsync:{self.consumer}", timeout_s=timeout
+        sessions = open_sessions(
+            self.settings, client_name=f"streamsync:{self.consumer}", streams_timeout_s=timeout
         )
-        self._session = session
-        if self._core.planner.cluster != session.cluster:
-            self._core.planner = Planner.from_settings(self.settings, cluster=session.cluster)
-        session.library.ensure()
+        self._sessions = sessions
+        session, target = sessions.streams, sessions.target
+        # the rules' keys and records live in the target: its kind decides how calls are packed
+        if self._core.planner.cluster != target.cluster:
+            self._core.planner = Planner.from_settings(self.settings, cluster=target.cluster)
+        target.library.ensure()
+        if target is not session:
+            # the streams' Redis runs the library's stream functions (trim, epochs)
+            session.library.ensure()
+        self._read_policy(sessions, time.monotonic(), force=True)
         self._housekeeper.ensure_groups(session)
         # whatever was in hand is in this consumer's pending list: re-read it from there
         self._batch.clear()
         self._unread.clear()
         self._barrier.clear()
+        self._snapshots.clear()
         self._retry_attempt = 0
         self._backlog = self._housekeeper.recover_own_pending(session)
         self._refresh_epochs(session)
         self._housekeeper.heartbeat(session)
-        log.info("connected to redis; %d stream(s)", len(self._streams))
+        where = " and to the target" if target is not session else ""
+        log.info("connected to redis%s; %d stream(s)", where, len(self._streams))
 
     def _disconnect(self) -> None:
-        if self._session is not None:
-            self._session.close()
-        self._session = None
+        if self._sessions is not None:
+            self._sessions.close()
+        self._sessions = None
+
+    def _read_policy(self, sessions: Sessions, now: float, *, force: bool = False) -> None:
+        if force:
+            self._policy.read(sessions, now)
+        else:
+            self._policy.run_due(sessions, now)
+        self._core.bookkeeping_evictable = self._policy.bookkeeping_evictable
+
+    @property
+    def _streams_session(self) -> Session:
+        assert self._sessions is not None
+        return self._sessions.streams
 
     def _refresh_epochs(self, session: Session) -> None:
         self._epochs.load(session.call("HGETALL", self._keys.epochs))
@@ -222,18 +263,20 @@ class Worker:
     # -- the loop ------------------------------------------------------------------------
 
     def _cycle(self) -> None:
-        session = self._session
-        assert session is not None
+        sessions = self._sessions
+        assert sessions is not None
+        session = sessions.streams
         # housekeeping runs on its own clock even under a steady flow: reclaiming a crashed
         # worker's entries and trimming must not wait for the streams to go quiet
         backlog = len(self._backlog)
         now = time.monotonic()
         self._housekeeper.run_due(session, now, self._backlog)
-        self._keep_tables(session, now)
+        self._read_policy(sessions, now)
+        self._keep_tables(sessions.target, now)
         if len(self._backlog) > backlog:
             self._refresh_epochs(session)
         if self._barrier:
-            self._run_barrier(session)
+            self._run_barrier(sessions)
         if not self._batch and not self._unread and self._backlog:
             self._take_backlog()
         read = not self._backlog and self._retry_attempt == 0 and bool(self._streams)
@@ -278,8 +321,7 @@ class Worker:
         """Apply and settle what is in hand without reading more; used when stopping. Reclaimed
         entries are applied too, within a short budget: left pending, they would wait another
         claim_idle_ms for a taker. Then leave the group where nothing is pending to us."""
-        session = self._session
-        assert session is not None
+        session = self._streams_session
         deadline = time.monotonic() + FINISH_BUDGET_S
         while time.monotonic() < deadline and self._in_hand():
             if not self._batch and not self._unread and self._backlog:
@@ -310,8 +352,9 @@ class Worker:
         """Send the batch's calls, the dead letters and acks due, the counters and optionally
         a read; prepare the entries read last time while Redis works; then settle what the
         replies say. Returns the entries read."""
-        session = self._session
-        assert session is not None
+        sessions = self._sessions
+        assert sessions is not None
+        session, target = sessions.streams, sessions.target
         batch, acks = self._batch, self._acks
         dead = [
             e
@@ -319,28 +362,41 @@ class Worker:
             if e.deliveries <= 1 or deadletters.still_ours(session, self._group, self.consumer, e)
         ]
         calls = self._core.calls(batch)
+        # the marks of the reads about to be applied or dead-lettered: durable before any of
+        # them is acknowledged
+        marks = self._core.take_marks()
         trip = RoundTrip()
-        trip.add("apply", [call.command for call in calls])
+        trip.add(
+            "marks",
+            [
+                mark_snapshot_command(self._keys.snapshots, m.stream, m.lsn, m.entry_id)
+                for m in marks
+            ],
+            session.link,
+        )
+        trip.add("apply", [call.command for call in calls], target.link)
         trip.add(
             "dead",
             deadletters.commands(
                 dead, self.consumer, self.settings.worker.dlq_max_len, int(time.time() * 1000)
             ),
+            session.link,
         )
-        trip.add("ack", [("XACK", stream, self._group, *ids) for stream, ids in acks.items()])
-        trip.add("stats", self.counters.publish())
-        trip.add("read", self._read_commands(block) if read else [])
+        acks_sent = [("XACK", stream, self._group, *ids) for stream, ids in acks.items()]
+        trip.add("ack", acks_sent, session.link)
+        trip.add("stats", self.counters.publish(), session.link)
+        trip.add("read", self._read_commands(block) if read else [], session.link)
         # after the read: an entry it returns that belongs to a new resync epoch was added
         # after the epoch was marked, so this reply knows that epoch
-        trip.add("epochs", [("HGETALL", self._keys.epochs)])
-        trip.send(session.link)
+        trip.add("epochs", [("HGETALL", self._keys.epochs)], session.link)
+        trip.send()
         sent_at = time.monotonic()
         # From here on, what the replies settle is gone from the lists; an entry lost with a
         # dropped connection is still pending in Redis and comes back to this consumer.
         self._batch, self._dead, self._acks = [], [], {}
         unread, self._unread = self._unread, []
         prepared = self._take_prepared(self._core.prepare(unread))
-        replies = trip.receive(session.link)
+        replies = trip.receive()
         epochs = replies.one("epochs")
         if not isinstance(epochs, redis.ResponseError):
             self._epochs.load(epochs)
@@ -348,9 +404,13 @@ class Worker:
             self.counters.count(entry, "dead_lettered")
             self._ack(entry)
         entries = self._read_entries(session, replies)
-        settlement = self._core.settle(batch, calls, replies["apply"])
+        refused = self._marked(marks, replies["marks"])
+        if refused is None:
+            settlement = self._core.settle(batch, calls, replies["apply"])
+        else:
+            settlement = self._core.retry_all(batch, refused)
         if settlement.retry:
-            self._retry(session, settlement)
+            self._retry(target, settlement)
             self._batch = batch + prepared.apply
         else:
             self._retry_attempt = 0
@@ -365,12 +425,24 @@ class Worker:
             self.counters.count(entry, entry.outcome or "")
             self._ack(entry)
         self._dead += prepared.dead
-        self._barrier.waiting += prepared.truncates
+        self._barrier.waiting += prepared.held
         return prepared
 
-    def _retry(self, session: Session, settlement: Settlement) -> None:
+    def _marked(self, marks: list[SnapshotMark], replies: list[Any]) -> str | None:
+        """Read the snapshot marks' replies into the marks cache. On a refusal the marks are
+        noted again and the reason returned: the batch goes again, with them."""
+        refused = None
+        for mark, reply in zip(marks, replies, strict=True):
+            if isinstance(reply, redis.ResponseError):
+                refused = f"redis refused a snapshot mark ({reply})"
+                self._core.note_mark(mark)
+            else:
+                self._snapshots.update(mark.stream, reply)
+        return refused
+
+    def _retry(self, target: Session, settlement: Settlement) -> None:
         if settlement.reload_library:
-            session.library.ensure()
+            target.library.ensure()
         log.warning("%s; sending the batch again", settlement.reason)
         self._retry_attempt += 1
         self._stop.wait(backoff(self._retry_attempt))
@@ -411,9 +483,7 @@ class Worker:
         worker = self.settings.worker
         head: Command = ("XREADGROUP", "GROUP", self._group, self.consumer)
         head += ("COUNT", worker.batch_size)
-        session = self._session
-        assert session is not None
-        if session.cluster:
+        if self._streams_session.cluster:
             # a cluster keeps streams in different slots: one read each, none blocking
             return [(*head, "STREAMS", s, ">") for s in self._streams]
         if block is not None:
@@ -435,21 +505,42 @@ class Worker:
                 raise redis.ConnectionError(f"XREADGROUP failed: {reply}")
         return entries
 
-    # -- the TRUNCATE barrier ------------------------------------------------------------
+    # -- the stream barrier --------------------------------------------------------------
 
-    def _run_barrier(self, session: Session) -> None:
+    def _run_barrier(self, sessions: Sessions) -> None:
+        released = self._barrier.release(sessions.streams, self._acks, time.monotonic())
+        if not released:
+            return
+        # every read older than what was released is settled, so its snapshot's mark is there
+        self._snapshots.load(sessions.streams.call("HGETALL", self._keys.snapshots))
+
         def sweeper() -> Sweeper:
-            return Sweeper(session.client, self._core.planner, self._core.tombstone_s)
+            # the rows to sweep live in the target; the stream's pending list in the streams'
+            return Sweeper(sessions.target.client, self._core.planner, self._core.tombstone_s)
 
-        result = self._barrier.run(session, sweeper, self._acks)
-        for entry in result.applied:
-            self.counters.count(entry, "applied")
-            self._ack(entry)
-        for entry in result.failed:
-            if self._core.exhausted(entry):
+        for held in released:
+            entry = held.entry
+            if held.truncate:
+                if sweep_truncate(sweeper, held, self._core.truncate_position(held)):
+                    self.counters.count(entry, "applied")
+                    self._ack(entry)
+                elif self._core.exhausted(entry):
+                    self._dead.append(entry)
+                else:
+                    self.counters.count(entry, "failed")
+                continue
+            try:
+                entry.rows = self._core.plan_held(held)
+            except PoisonEntryError as exc:
+                entry.error = str(exc)
                 self._dead.append(entry)
-            else:
-                self.counters.count(entry, "failed")
+                continue
+            except Exception as exc:
+                log.exception("%s: cannot map", entry.label)
+                entry.error = f"internal error: {type(exc).__name__}: {exc}"
+                self._dead.append(entry)
+                continue
+            self._batch.append(entry)
 
 
 def run_worker(

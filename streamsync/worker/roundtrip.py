@@ -1,5 +1,9 @@
-"""One round trip to Redis: named groups of commands sent as one pipeline, their replies handed
-back by group name, never by position."""
+"""One round trip to Redis: named groups of commands, each on the link of the Redis it is for,
+sent as one pipeline per link, their replies handed back by group name, never by position.
+
+With two Redis (the streams' and a ``target`` holding the cache), every link gets its write
+before any reply is read, so both servers work at the same time and the round trip costs the
+slower of the two, not their sum."""
 
 from __future__ import annotations
 
@@ -34,32 +38,54 @@ class Replies:
 
 
 class RoundTrip:
-    """Commands gathered in named groups, sent together, answered by group."""
+    """Commands gathered in named groups, each for one link, sent together, answered by
+    group."""
 
     def __init__(self) -> None:
-        self._groups: dict[str, list[Command]] = {}
+        self._groups: dict[str, tuple[Link, list[Command]]] = {}
+        self._sent: list[tuple[Link, list[str]]] = []
 
-    def add(self, name: str, commands: Sequence[Command]) -> None:
-        """Add a group (sent in the order groups are added); a name is used once."""
+    def add(self, name: str, commands: Sequence[Command], link: Link) -> None:
+        """Add a group for ``link`` (a link's groups are sent in the order they are added); a
+        name is used once."""
         if name in self._groups:
             raise ValueError(f"round trip group {name!r} added twice")
-        self._groups[name] = list(commands)
+        self._groups[name] = (link, list(commands))
 
     def __len__(self) -> int:
-        return sum(len(commands) for commands in self._groups.values())
+        return sum(len(commands) for _, commands in self._groups.values())
 
-    def send(self, link: Link) -> None:
-        """Send every group's commands in one write."""
-        link.send([command for commands in self._groups.values() for command in commands])
+    def _by_link(self) -> list[tuple[Link, list[str]]]:
+        links: list[tuple[Link, list[str]]] = []
+        for name, (link, _) in self._groups.items():
+            for known, names in links:
+                if known is link:
+                    names.append(name)
+                    break
+            else:
+                links.append((link, [name]))
+        return links
 
-    def receive(self, link: Link) -> Replies:
-        """Read the replies of what ``send`` sent, grouped by name."""
-        replies = link.receive()
-        if len(replies) != len(self):
-            raise RuntimeError(f"round trip: {len(replies)} replies to {len(self)} commands")
-        grouped: dict[str, list[Any]] = {}
-        start = 0
-        for name, commands in self._groups.items():
-            grouped[name] = replies[start : start + len(commands)]
-            start += len(commands)
+    def send(self) -> None:
+        """Send each link's commands in one write (links without commands are left alone)."""
+        self._sent = []
+        for link, names in self._by_link():
+            commands = [c for name in names for c in self._groups[name][1]]
+            if commands:
+                link.send(commands)
+                self._sent.append((link, names))
+
+    def receive(self) -> Replies:
+        """Read the replies of what ``send`` sent, link by link, grouped by name."""
+        grouped: dict[str, list[Any]] = {name: [] for name in self._groups}
+        for link, names in self._sent:
+            replies = link.receive()
+            expected = sum(len(self._groups[name][1]) for name in names)
+            if len(replies) != expected:
+                raise RuntimeError(f"round trip: {len(replies)} replies to {expected} commands")
+            start = 0
+            for name in names:
+                n = len(self._groups[name][1])
+                grouped[name] = replies[start : start + n]
+                start += n
         return Replies(grouped)

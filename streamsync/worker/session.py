@@ -1,5 +1,7 @@
-"""A worker's connection to Redis, built anew on every (re)connect: the client for single
-commands, the raw pipelined link for round trips, and the Functions library on that client."""
+"""A worker's connections to Redis, built anew on every (re)connect: per Redis, the client for
+single commands, the raw pipelined link for round trips, and the Functions library on that
+client; and the pair a worker holds, the streams' Redis and the cache's (``target``), which are
+one and the same session when the configuration has no ``target`` section."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Any
 import redis
 
 from streamsync import connection
-from streamsync.config import RedisSettings
+from streamsync.config import RedisSettings, Settings
 from streamsync.functions import Library
 from streamsync.link import ClusterLink, SingleLink
 
@@ -23,6 +25,8 @@ class Session:
     link: SingleLink | ClusterLink
     pool: redis.ConnectionPool
     library: Library
+    #: ``run_id`` of the server the URL names: tells whether two URLs reach the same Redis.
+    run_id: str = ""
 
     @property
     def cluster(self) -> bool:
@@ -55,7 +59,8 @@ def open_session(settings: RedisSettings, *, client_name: str, timeout_s: float)
     client: redis.Redis | redis.RedisCluster
     link: SingleLink | ClusterLink
     try:
-        if plain.info("cluster").get("cluster_enabled"):
+        info = plain.info("server", "cluster")
+        if info.get("cluster_enabled"):
             cluster = connection.cluster(settings, **options)
             client, link = cluster, ClusterLink(cluster)
         else:
@@ -63,4 +68,44 @@ def open_session(settings: RedisSettings, *, client_name: str, timeout_s: float)
     except BaseException:
         pool.disconnect()
         raise
-    return Session(client, link, pool, Library(client))
+    return Session(client, link, pool, Library(client), str(info.get("run_id", "")))
+
+
+@dataclass(slots=True)
+class Sessions:
+    """The worker's two Redis: ``streams`` (reads, acknowledgements, dead letters, counters,
+    epochs, liveness marks, trimming) and ``target`` (the batch calls, sweeps, the library the
+    batch calls run). Without a ``target`` section both name one session."""
+
+    streams: Session
+    target: Session
+
+    @property
+    def separate(self) -> bool:
+        """Whether the cache lives in a Redis of its own (another server than the streams')."""
+        return self.target is not self.streams and self.target.run_id != self.streams.run_id
+
+    def close(self) -> None:
+        """Drop every connection of both (safe on broken ones)."""
+        self.streams.close()
+        if self.target is not self.streams:
+            self.target.close()
+
+
+def open_sessions(settings: Settings, *, client_name: str, streams_timeout_s: float) -> Sessions:
+    """Connect to the streams' Redis (with ``streams_timeout_s``, above a blocking read) and,
+    when the configuration names one, the target (with its own ``socket_timeout_s``: nothing
+    blocks there)."""
+    streams = open_session(settings.redis, client_name=client_name, timeout_s=streams_timeout_s)
+    if settings.target is None:
+        return Sessions(streams, streams)
+    try:
+        target = open_session(
+            settings.target,
+            client_name=client_name + ":target",
+            timeout_s=settings.target.socket_timeout_s,
+        )
+    except BaseException:
+        streams.close()
+        raise
+    return Sessions(streams, target)

@@ -1,4 +1,4 @@
-"""Unit and property tests for streamsync.logical."""
+"""Unit and property tests for streamsync.logical_types."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamsync.logical import (
+from streamsync.logical_types import (
     UNAVAILABLE,
     ConverterCache,
     RowConverter,
