@@ -15,22 +15,9 @@ from typing import Any
 
 import orjson
 
-#: Width of the epoch number in a position prefix.
-EPOCH_WIDTH = 6
+from streamsync.positions import EPOCH_WIDTH, epoch_floor, epoch_prefix
 
-
-def epoch_prefix(epoch: int) -> str:
-    """The text a position of ``epoch`` starts with: none for epoch 0, ``e000001`` for 1.
-
-    ``e`` sorts after every digit, so any position of epoch 1 or later is newer than every
-    position of epoch 0; among later epochs the fixed width keeps the order.
-    """
-    return f"e{epoch:0{EPOCH_WIDTH}d}" if epoch else ""
-
-
-def epoch_floor(epoch: int) -> str:
-    """A position older than every position of ``epoch`` and newer than all earlier ones."""
-    return epoch_prefix(epoch) + "0"
+__all__ = ["EPOCH_WIDTH", "Epochs", "epoch_floor", "epoch_prefix", "parse_id"]
 
 
 def parse_id(entry_id: bytes | str) -> tuple[int, int]:

@@ -35,8 +35,6 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from streamsync.epochs import EPOCH_WIDTH
-
 #: The kinds of position, in the order they rank at one major.
 KIND_SNAPSHOT: Final = "0"
 KIND_AFTER_SNAPSHOT: Final = "1"
@@ -96,6 +94,13 @@ def after_snapshot(snapshot_lsn: int | None, lsn: int, rank: str) -> str:
 #: than every real position, so such a read only fills a row never seen before.
 NO_POSITION: Final = "00" + KIND_SNAPSHOT + "00" + RANK_WRITE
 
+#: Width of the epoch number in a position's resync-epoch prefix (streamsync.epochs).
+EPOCH_WIDTH: Final = 6
+
+#: Older than every position, NO_POSITION included; a whole position (never the start of another
+#: one), so a record holding it with a suffix still compares as itself.
+FLOOR: Final = "00" + KIND_SNAPSHOT + "00" + RANK_REMOVE
+
 
 def unplaced(lsn: int, rank: str) -> str:
     """A change of LSN ``lsn`` of the first transaction after a snapshot, before its snapshot is
@@ -154,3 +159,17 @@ def from_v1(old: str) -> str:
     # LSN 0 is 1.x's position of a change that carries none
     converted = NO_POSITION[:-1] + rank if lsn == 0 else encode(lsn, KIND_SNAPSHOT, None, rank)
     return (prefix or "") + converted
+
+
+def epoch_prefix(epoch: int) -> str:
+    """The text a position of resync ``epoch`` starts with: none for epoch 0, ``e000001`` for 1.
+
+    ``e`` sorts after every digit, so any position of epoch 1 or later is newer than every
+    position of epoch 0; among later epochs the fixed width keeps the order.
+    """
+    return f"e{epoch:0{EPOCH_WIDTH}d}" if epoch else ""
+
+
+def epoch_floor(epoch: int) -> str:
+    """A position older than every position of ``epoch`` and newer than all earlier ones."""
+    return epoch_prefix(epoch) + FLOOR
