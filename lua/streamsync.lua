@@ -1000,14 +1000,15 @@ above; positions compare as strings, like every position the library keeps. Atom
 pair. A worker raises the marks of a batch's rules before it sends the batch to a target Redis
 that may evict (allkeys-*): a record evicted there is rebuilt with its rule's mark as the floor,
 so no change older than one applied can be applied over it (docs/bookkeeping.md).
-Reply: the mark of each pair's rule after the call, in ARGV order.
+Reply: per pair, in ARGV order, the mark of its rule after the call, and before it ('' when the
+rule had none: a table no batch was ever sent for).
 --]]
 local function raise_hwm(keys, argv)
     local hwm = keys[1]
     if #argv % 2 ~= 0 then
         return redis.error_reply('streamsync_raise_hwm: ARGV must be rule, position pairs')
     end
-    local marks, raised = {}, {}
+    local marks, raised, before = {}, {}, {}
     for i = 1, #argv, 2 do
         local rule, position = argv[i], argv[i + 1]
         if position == '' then
@@ -1016,6 +1017,7 @@ local function raise_hwm(keys, argv)
         local mark = marks[rule]
         if mark == nil then
             mark = redis.call('HGET', hwm, rule)
+            before[rule] = mark or ''
         end
         if not mark or mark < position then
             mark = position
@@ -1034,6 +1036,7 @@ local function raise_hwm(keys, argv)
     local reply = {}
     for i = 1, #argv, 2 do
         reply[#reply + 1] = marks[argv[i]]
+        reply[#reply + 1] = before[argv[i]]
     end
     return reply
 end

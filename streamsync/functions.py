@@ -155,9 +155,21 @@ def raise_hwm_command(hwm_key: str, marks: Iterable[tuple[str, str]]) -> Command
     return ("FCALL", FN_RAISE_HWM, 1, hwm_key, *args)
 
 
-def hwm_reply(marks: Iterable[tuple[str, str]], reply: Sequence[Any]) -> dict[str, str]:
-    """A ``streamsync_raise_hwm`` reply as {rule name: its mark after the call}."""
-    return {rule: _text(mark) for (rule, _), mark in zip(marks, reply, strict=True)}
+@dataclass(frozen=True, slots=True)
+class Marks:
+    """A ``streamsync_raise_hwm`` reply: each named rule table's mark after the call, and which
+    of them had none before it (no batch was ever sent for them)."""
+
+    after: dict[str, str]
+    first: frozenset[str]
+
+
+def hwm_reply(marks: Iterable[tuple[str, str]], reply: Sequence[Any]) -> Marks:
+    """A ``streamsync_raise_hwm`` reply, read."""
+    pairs = list(marks)
+    after = {rule: _text(reply[2 * i]) for i, (rule, _) in enumerate(pairs)}
+    first = frozenset(rule for i, (rule, _) in enumerate(pairs) if not reply[2 * i + 1])
+    return Marks(after, first)
 
 
 def mark_snapshot_command(snapshots_key: str, stream: str, lsn: int, entry_id: bytes) -> Command:
@@ -326,12 +338,13 @@ class Library:
         and has been idle ``min_idle_ms``, atomically; True when deleted."""
         return bool(self._call(FN_PRUNE_CONSUMER, [stream], group, consumer, min_idle_ms))
 
-    def raise_hwm(self, hwm_key: str, marks: Iterable[tuple[str, str]]) -> dict[str, str]:
-        """``streamsync_raise_hwm``: raise each (rule name, position) pair's high-water mark to
-        at least the position, atomically; returns every named rule's mark after the call."""
+    def raise_hwm(self, hwm_key: str, marks: Iterable[tuple[str, str]]) -> Marks:
+        """``streamsync_raise_hwm``: raise each (rule table, position) pair's high-water mark to
+        at least the position, atomically; returns the marks after the call, and which tables
+        had none before it."""
         pairs = list(marks)
         if not pairs:
-            return {}
+            return Marks({}, frozenset())
         command = raise_hwm_command(hwm_key, pairs)
         return hwm_reply(pairs, self._call(FN_RAISE_HWM, [hwm_key], *command[4:]))
 

@@ -385,19 +385,20 @@ HWM = StateKeys("streamsync:pos:").hwm
 def test_raise_hwm_raises_only_upwards_and_replies_the_marks(lib: redis.Redis) -> None:
     library = Library(lib)
     low, mid, high = (positions.streamed(100, n, positions.RANK_WRITE) for n in (101, 150, 199))
-    assert library.raise_hwm(HWM, [("users", mid), ("plans", low)]) == {"users": mid, "plans": low}
+    first = library.raise_hwm(HWM, [("users", mid), ("plans", low)])
+    assert first.after == {"users": mid, "plans": low}
+    assert first.first == {"users", "plans"}  # no batch was sent for them before
     # a lower position leaves a mark where it is; a higher one raises it
-    assert library.raise_hwm(HWM, [("users", low), ("plans", high)]) == {
-        "users": mid,
-        "plans": high,
-    }
+    again = library.raise_hwm(HWM, [("users", low), ("plans", high)])
+    assert again.after == {"users": mid, "plans": high} and not again.first
     assert lib.hgetall(HWM) == {b"users": mid.encode(), b"plans": high.encode()}
     # a rule named twice in one call ends at the higher of the two, whatever their order
-    assert library.raise_hwm(HWM, [("orders", high), ("orders", low)]) == {"orders": high}
+    twice = library.raise_hwm(HWM, [("orders", high), ("orders", low)])
+    assert twice.after == {"orders": high} and twice.first == {"orders"}
     # a resync epoch compares newer than any position before it
     later = epoch_prefix(1) + positions.snapshot_read(5)
-    assert library.raise_hwm(HWM, [("users", later)]) == {"users": later}
-    assert library.raise_hwm(HWM, []) == {}
+    assert library.raise_hwm(HWM, [("users", later)]).after == {"users": later}
+    assert library.raise_hwm(HWM, []).after == {}
 
 
 def test_raise_hwm_refuses_what_is_not_pairs_of_positions(lib: redis.Redis) -> None:
@@ -411,7 +412,7 @@ def test_raise_hwm_refuses_what_is_not_pairs_of_positions(lib: redis.Redis) -> N
 def test_raise_hwm_command_is_the_round_trip_form(lib: redis.Redis) -> None:
     marks = [("users", positions.snapshot_read(7))]
     command = raise_hwm_command(HWM, marks)
-    assert hwm_reply(marks, lib.execute_command(*command)) == dict(marks)
+    assert hwm_reply(marks, lib.execute_command(*command)).after == dict(marks)
 
 
 _POSITION = st.builds(
@@ -446,7 +447,7 @@ def test_a_mark_is_the_newest_position_ever_raised_to(
         for rule, position in marks:
             newest[rule] = max(newest.get(rule, position), position)
         # every reply holds the mark after the call: the newest position so far
-        assert replied == {rule: newest[rule] for rule, _ in marks}
+        assert replied.after == {rule: newest[rule] for rule, _ in marks}
     stored = {as_str(k): as_str(v) for k, v in lib.hgetall(HWM).items()}
     assert stored == newest
 
