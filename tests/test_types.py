@@ -15,8 +15,8 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamsync.buckets import is_meta, record_name
-from streamsync.config import Rule
+from streamsync.buckets import MOVING_ROW, Table, is_meta, record_name
+from streamsync.config import SINGLE_VALUE_TYPES, Mode, Rule, TargetType
 from streamsync.epochs import epoch_floor, epoch_prefix
 from streamsync.errors import PoisonEntryError
 from streamsync.events import ChangeEvent
@@ -24,7 +24,8 @@ from streamsync.functions import Library, ensure_library
 from streamsync.keys import StateKeys
 from streamsync.mapping import Planner
 from streamsync.sweep import Sweeper
-from tests.replies import as_bytes, as_str, xrange, zscores
+from tests.records import Placement, dangling, placement, records
+from tests.replies import as_int, as_str, xrange, zscores
 
 TABLE = "public.users"
 TOMBSTONE_MS = 60_000
@@ -123,8 +124,38 @@ class Cache:
         }
         return {k for k in keys if self.r.exists(k)}
 
+    def records_table(self, rule: Rule) -> Table:
+        """The table holding ``rule``'s records of rows (not of keys)."""
+        if rule.type in SINGLE_VALUE_TYPES:
+            return self.planner.tables.moving(rule)
+        return self.planner.tables.table(rule)
+
+    def placed(self, rule: Rule) -> dict[str, Placement]:
+        """Where the rule's records say its rows are, by row identity."""
+        table = self.records_table(rule)
+        out = {}
+        for field, record in records(self.r, table).items():
+            name = field.decode()
+            if rule.type in SINGLE_VALUE_TYPES:
+                if not name.startswith(MOVING_ROW):
+                    continue
+                name = name[len(MOVING_ROW) :]
+            where = placement(table, field, record)
+            if where is not None:
+                out[record_name(name)] = where
+        return out
+
     def row_index(self, kind: str) -> set[str]:
-        return {as_str(m) for m in self.r.smembers(self.planner.keys.row_index(RULES[kind]))}
+        """The rows the rule's records say are placed somewhere."""
+        return set(self.placed(RULES[kind]))
+
+    def dangling(self) -> list[str]:
+        """Records of the cache's rules naming what Redis does not hold."""
+        problems = []
+        for rule in self.rules:
+            if rule.type is not TargetType.STREAM and rule.mode is Mode.WRITE_THROUGH:
+                problems += dangling(self.r, self.records_table(rule))
+        return problems
 
 
 @pytest.fixture
@@ -163,66 +194,12 @@ def visible(r: redis.Redis) -> dict[str, Any]:
     return out
 
 
-def _unpack(data: bytes, i: int = 0) -> tuple[Any, int]:
-    """The msgpack subset Lua's cmsgpack writes for placement records: arrays of strings."""
-    b = data[i]
-    if 0x90 <= b <= 0x9F or b in (0xDC, 0xDD):
-        if b <= 0x9F:
-            n, i = b & 0x0F, i + 1
-        else:
-            width = 2 if b == 0xDC else 4
-            n, i = int.from_bytes(data[i + 1 : i + 1 + width], "big"), i + 1 + width
-        items = []
-        for _ in range(n):
-            item, i = _unpack(data, i)
-            items.append(item)
-        return items, i
-    if 0xA0 <= b <= 0xBF:
-        n, i = b & 0x1F, i + 1
-    elif b in (0xD9, 0xDA, 0xDB):
-        width = {0xD9: 1, 0xDA: 2, 0xDB: 4}[b]
-        n, i = int.from_bytes(data[i + 1 : i + 1 + width], "big"), i + 1 + width
-    else:
-        raise AssertionError(f"unexpected msgpack byte {b:#x}")
-    return data[i : i + n].decode(), i + n
-
-
-def placements(r: redis.Redis) -> dict[str, tuple[str, str | None, Any]]:
-    """Every placement record: name -> (position, kind or None for a tombstone, data)."""
-    out: dict[str, tuple[str, str | None, Any]] = {}
-    for raw in r.scan_iter(match="streamsync:pl:*"):
-        position, _, rest = as_bytes(r.get(raw)).partition(b"|")
-        if not rest:
-            out[as_str(raw)] = (position.decode(), None, None)
-        else:
-            data, end = _unpack(rest, 1)
-            assert end == len(rest)
-            out[as_str(raw)] = (position.decode(), rest[:1].decode(), data)
-    return out
-
-
 def listed(r: redis.Redis, list_key: str) -> int:
-    """The entries a list rule's order record says its list holds."""
-    return int(r.zcount(f"streamsync:ord:{{{list_key}}}", 0, 0))
-
-
-def dangling_placements(r: redis.Redis) -> list[str]:
-    """Placement records naming a member, key or list entry that Redis does not hold."""
-    problems = []
-    for name, (_, kind, data) in placements(r).items():
-        if kind == "T" and not r.sismember(data[0], data[1]):
-            problems.append(f"{name}: set member {data}")
-        elif kind == "Z" and r.zscore(data[0], data[1]) is None:
-            problems.append(f"{name}: sorted-set member {data}")
-        elif kind == "M" and not (r.exists(data[0]) and r.exists(data[1])):
-            problems.append(f"{name}: key {data}")
-        elif kind == "L":
-            # {list, order key, ..., [entries]}: the entries are order members; the order
-            # members scored 0 are the list's (a capped list keeps trimmed ones apart)
-            order = {as_str(m) for m in r.zrange(data[1], 0, -1)}
-            if not set(data[-1]) <= order or r.llen(data[0]) != listed(r, data[0]):
-                problems.append(f"{name}: list entries {data}")
-    return problems
+    """The entries a list rule's order record says its list holds (it holds the reserve's
+    after them)."""
+    order = StateKeys("streamsync:pos:").order(list_key)
+    reserve = StateKeys("streamsync:pos:").reserve(list_key)
+    return int(r.llen(order)) - int(r.llen(reserve))
 
 
 # -- the reference model -------------------------------------------------------------------
@@ -329,7 +306,7 @@ def test_replay_is_stale_and_changes_nothing(lib: redis.Redis, kind: str) -> Non
     assert cache.apply(*events) == [STALE, STALE]
     assert cache.apply(*reversed(events)) == [STALE, STALE]
     assert visible(lib) == state
-    assert not dangling_placements(lib)
+    assert not cache.dangling()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -339,7 +316,7 @@ def test_older_change_after_newer_is_stale(lib: redis.Redis, kind: str) -> None:
     assert cache.apply(newer) == [APPLIED]
     assert cache.apply(older) == [STALE]
     assert visible(lib) == expected(kind, [newer])
-    assert not dangling_placements(lib)
+    assert not cache.dangling()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -358,7 +335,7 @@ def test_delete_removes_and_older_replays_stay_deleted(lib: redis.Redis, kind: s
     again = change("c", 40, V2)
     assert cache.apply(again) == [APPLIED]
     assert visible(lib) == expected(kind, [create, delete, again])
-    assert not dangling_placements(lib)
+    assert not cache.dangling()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -368,7 +345,7 @@ def test_duplicate_delivery_in_one_batch_applies_once(lib: redis.Redis, kind: st
     statuses = cache.apply_batch([e1, e1, e2, e2, e1])
     assert statuses == [APPLIED, STALE, APPLIED, STALE, STALE]
     assert visible(lib) == expected(kind, [e1, e2])
-    assert not dangling_placements(lib)
+    assert not cache.dangling()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -392,9 +369,10 @@ def test_set_member_moves_when_plan_changes(lib: redis.Redis, order: str) -> Non
         events.reverse()
     cache.apply(*events)
     assert visible(lib) == {"plan:pro:users": {"1"}}
-    (record,) = placements(lib).values()
-    assert record == (pos(20, "u"), "T", ["plan:pro:users", "1"])
-    assert cache.row_index("set") == {"1"}
+    (record,) = records(lib, cache.planner.tables.table(RULES["set"])).values()
+    # the key's middle only: the member is the row
+    assert (record.position, record.kind, record.data) == (pos(20, "u"), "T", b"pro")
+    assert cache.placed(RULES["set"]) == {"1": Placement("T", "plan:pro:users", "1")}
 
 
 def test_set_member_moves_when_member_changes_within_one_key(lib: redis.Redis) -> None:
@@ -511,7 +489,7 @@ def test_unique_value_changing_hands(lib: redis.Redis, kind: str, order: Sequenc
     ]
     cache.apply(*(events[i] for i in order))
     assert visible(lib) == snapshot(kind, {1: a_y, 2: b_x})
-    assert not dangling_placements(lib)
+    assert not cache.dangling()
     assert cache.row_index(kind) == {"1", "2"}
 
 
@@ -586,7 +564,7 @@ def test_primary_key_change_in_either_order(lib: redis.Redis, kind: str, order: 
     assert visible(lib) == expected(kind, [first, *pair])
     if kind in SNAPSHOT_KINDS:
         assert visible(lib) == snapshot(kind, {100: new})
-    assert not dangling_placements(lib)
+    assert not cache.dangling()
     # a replay of the pair changes nothing
     assert cache.apply(*pair) == [STALE, STALE]
     assert visible(lib) == expected(kind, [first, *pair])
@@ -603,8 +581,9 @@ def test_primary_key_change_keeps_a_shared_string_key(lib: redis.Redis, order: s
     cache.apply(change("c", 5, old), *pair)
     assert visible(lib) == {"email:shared@x.io": "100"}
     assert cache.row_index("string_by_email") == {"100"}
-    record = as_bytes(lib.get("streamsync:pos:{email:shared@x.io}"))
-    assert record.split(b"|")[0] == pos(50, "c").encode()
+    table = cache.planner.tables.moving(RULES["string_by_email"])
+    # the key's own record: the create wrote it last
+    assert records(lib, table)[b"kshared@x.io"].position == pos(50, "c")
 
 
 # -- lists ---------------------------------------------------------------------------------
@@ -623,7 +602,7 @@ def test_list_push_mode_pushes_one_entry_per_newer_change(lib: redis.Redis) -> N
     assert cache.apply(*reversed(events)) == [STALE] * 3
     assert cache.apply_batch(events * 2) == [STALE] * 6
     assert visible(lib) == {"feed": ["1:cy", "1:bob", "1:ann"]}
-    assert not dangling_placements(lib)
+    assert not cache.dangling()
 
 
 def test_list_replace_mode_rewrites_the_rows_entry_in_place(lib: redis.Redis) -> None:
@@ -636,7 +615,7 @@ def test_list_replace_mode_rewrites_the_rows_entry_in_place(lib: redis.Redis) ->
     assert cache.apply(change("u", 12, {**V1, "name": "old"})) == [STALE]
     assert visible(lib) == {"feedr": ["2:bob", "1:annie"]}
     assert listed(lib, "feedr") == 2
-    assert not dangling_placements(lib)
+    assert not cache.dangling()
 
 
 def test_list_max_len_keeps_the_newest(lib: redis.Redis) -> None:
@@ -703,8 +682,8 @@ def test_list_on_delete(lib: redis.Redis, on_delete: str) -> None:
     else:
         assert visible(lib) == {"feed": ["1:annie", "2:bob", "1:ann"]}
     # kept entries stay indexed, so a TRUNCATE or a resync still finds them
-    expected = {b"2"} if on_delete == "remove" else {b"1", b"2"}
-    assert lib.smembers(cache.planner.keys.row_index(rule)) == expected
+    expected = {"2"} if on_delete == "remove" else {"1", "2"}
+    assert set(cache.placed(rule)) == expected
     cache.apply(change("c", 40, {**V1, "name": "new"}))
     assert visible(lib)["feed"][0] == "1:new"
 
@@ -832,10 +811,14 @@ def test_ttl_on_collections_and_their_records(lib: redis.Redis, kind: str) -> No
     cache.apply(change("c", 10, V1))
     (key,) = visible(lib)
     assert 99_000 < lib.pttl(key) <= 100_000
-    (record,) = (k for k in lib.keys("streamsync:pl:*"))
-    assert 100_000 + TOMBSTONE_MS - 1_000 < lib.pttl(record) <= 100_000 + TOMBSTONE_MS
+    # the row's record (a moving row's key has one too, which lives as long)
+    (record,) = (r for r in records(lib, cache.records_table(rule)).values() if r.kind)
+    assert record.expires is not None
+    now = as_int(lib.time()[0])
+    # the record outlives the row by the tombstone window
+    assert now + 100 + TOMBSTONE_S - 1 <= record.expires <= now + 100 + TOMBSTONE_S
     if kind == "list":
-        assert 99_000 < lib.pttl("streamsync:ord:{feed}") <= 100_000
+        assert 99_000 < lib.pttl(cache.planner.keys.order("feed")) <= 100_000
     # a later change refreshes the TTL
     lib.pexpire(key, 5_000)
     cache.apply(change("u", 20, {**V1, "name": "b"}))
@@ -876,7 +859,7 @@ def test_truncate_removes_everything_every_rule_derived(lib: redis.Redis) -> Non
             assert (cache.key_index(kind), cache.row_index(kind)) == ({key}, set()), kind
         else:
             assert (cache.key_index(kind), cache.row_index(kind)) == (set(), {"4"}), kind
-    assert not dangling_placements(lib)
+    assert not cache.dangling()
     # a replay of everything from before the truncate brings nothing back
     n_rules = len(KINDS)
     assert cache.apply(*before) == [STALE] * (len(before) * n_rules)
@@ -961,7 +944,7 @@ def test_remove_older_than_the_epoch_floor_sweeps_rows_not_rewritten(lib: redis.
             assert cache.key_index(kind) == set(snapshot(kind, {1: ROW[1], 3: ROW[3]})), kind
         else:
             assert cache.row_index(kind) == {"1", "3"}, kind
-    assert not dangling_placements(lib)
+    assert not cache.dangling()
     # a late epoch-0 change of the removed row stays out; an epoch-1 one gets in
     assert set(cache.apply(change("u", 2000, ROW[2]))) == {STALE}
     assert visible(lib) == want
@@ -1107,7 +1090,7 @@ def test_any_delivery_order_builds_what_the_final_table_builds(
         got["feedr"] = sorted(got["feedr"])
     rows = final_rows(history)
     assert got == property_snapshot(rows)
-    assert not dangling_placements(r)
+    assert not cache.dangling()
     assert cache.key_index("hash") == {f"user:{i}" for i in rows}
     for kind in ("set", "string_by_email", "hash_by_email"):
         assert cache.row_index(kind) == {str(i) for i in rows}, kind
