@@ -5,11 +5,14 @@ it says exactly where each row is."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import redis
 
-from streamsync.buckets import Table, is_meta
+from streamsync.buckets import Table, Tables, is_meta
+from streamsync.config import Rule
+from streamsync.keys import StateKeys
 from tests.replies import as_bytes
 
 _RECORD = re.compile(rb"([^~A-Z]*)(?:~([0-9]+))?(?:([A-Z])(.*))?", re.DOTALL)
@@ -123,3 +126,21 @@ def dangling(r: redis.Redis, table: Table) -> list[str]:
             if not {e.encode() for e in where.entries} <= order:
                 problems.append(f"{field!r}: list entries {where}")
     return problems
+
+
+def key_records(
+    r: redis.Redis, rule: Rule, keys: Iterable[str], state_prefix: str = "streamsync:"
+) -> dict[str, Record | None]:
+    """The records of ``keys``, keys of ``rule`` (keyed by primary key) off a Cluster."""
+    keys = list(keys)
+    table = Tables(StateKeys("", state_prefix)).table(rule)
+    table.buckets = int(r.hget(table.meta, "#n") or 1)
+    prefix = len(rule.template.literals[0])
+    located = [table.locate(key[prefix:]) for key in keys]
+    pipe = r.pipeline(transaction=False)
+    for bucket, field in located:
+        pipe.hget(bucket, field)
+    return {
+        key: None if value is None else decode(as_bytes(value))
+        for key, value in zip(keys, pipe.execute(), strict=True)
+    }

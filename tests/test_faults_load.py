@@ -13,10 +13,10 @@ The producer keeps its own record of every entry that landed in the stream (it c
 ids itself, so a pipeline cut by a fault is re-sent without doubt about what landed), and the
 expected Redis state is computed from that record alone: the newest change (highest LSN) of every
 row. Each test waits until the producer is done and the group has read and acknowledged every
-entry, then compares every hash, set and sorted set (and the hash position records and the rules'
-indexes) with it, and prints one summary line: the faults injected, the entries, and ``lost``
-(an expected key, field set or member missing or older) and ``stale`` (a key or member that should
-not be there), both asserted to be 0.
+entry, then compares every hash, set and sorted set (and the hash rule's records of positions and
+the other rules' records of where each row is) with it, and prints one summary line: the faults
+injected, the entries, and ``lost`` (an expected key, field set or member missing or older) and
+``stale`` (a key or member that should not be there), both asserted to be 0.
 """
 
 from __future__ import annotations
@@ -35,10 +35,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from streamsync.buckets import Tables
 from streamsync.config import Rule
 from streamsync.functions import loaded_version
+from streamsync.keys import StateKeys
 from streamsync.mapping import hash_value
 from tests.debezium import entry_fields, envelope, write_config
+from tests.records import placement, records
 from tests.replies import as_bytes, entry_fields_dict, xrange, zscores
 from tests.servers import RedisServer, wait_until
 from tests.test_faults import (
@@ -48,7 +51,7 @@ from tests.test_faults import (
     _dlq_entries,
     consumer_names,
     group_info,
-    position_key,
+    positions,
     settled,
 )
 from tests.workers import WorkerProcess
@@ -68,12 +71,7 @@ RULES: list[dict[str, Any]] = [
         "where": "active = true",
     },
 ]
-#: The index sets the rules keep (streamsync.mapping.Planner.key_index / row_index).
-HASH_INDEX, SET_INDEX, ZSET_INDEX = (
-    f"streamsync:idx:{Rule.model_validate(RULES[0]).state_name}:keys",
-    f"streamsync:idx:{Rule.model_validate(RULES[1]).state_name}:rows",
-    f"streamsync:idx:{Rule.model_validate(RULES[2]).state_name}:rows",
-)
+HASH_RULE, SET_RULE, ZSET_RULE = (Rule.model_validate(rule) for rule in RULES)
 
 LSN_START = 0x2_0000_0000
 #: How long the group may take to catch up once the producer is done.
@@ -469,7 +467,8 @@ def _scan(r: redis.Redis, pattern: str) -> set[bytes]:
 
 def compare(r: redis.Redis, sent: list[Sent], report: Report) -> None:
     """Fill ``report``'s counts: every hash, set and sorted set against the newest change of
-    every row; also the hash position records and the rules' indexes."""
+    every row; also the hash rule's records of positions, and where the set and sorted-set
+    rules' records say each row is."""
     state = newest(sent)
     live = {i: s for i, s in state.items() if s.op != "d"}
     want_hashes = {
@@ -503,15 +502,13 @@ def compare(r: redis.Redis, sent: list[Sent], report: Report) -> None:
             lost += 1
             wrong.append(f"hash {key!r}: want {want}, got {have or 'absent'}")
 
-    # position records: the newest LSN of every row, deleted ones included (rank 0)
-    pipe = r.pipeline(transaction=False)
-    for i in state:
-        pipe.get(position_key(f"user:{i}"))
-    for (i, s), position in zip(state.items(), pipe.execute(), strict=True):
-        want_pos = f"{s.lsn:020d}{0 if s.op == 'd' else 1}".encode()
-        if position is None or position.split(b"|")[0] != want_pos:
+    # the hash rule's records: the newest LSN of every row, deleted ones included (rank 0)
+    recorded = positions(r, [f"user:{i}" for i in state])
+    for i, s in state.items():
+        want_pos = f"{s.lsn:020d}{0 if s.op == 'd' else 1}"
+        if recorded[f"user:{i}"] != want_pos:
             lost += 1
-            wrong.append(f"position of user:{i}: want {want_pos!r}, got {position!r}")
+            wrong.append(f"position of user:{i}: want {want_pos!r}, got {recorded[f'user:{i}']}")
 
     # sets: a member in a set it left is stale, one missing from its set is lost
     have_set_keys = _scan(r, "plan:*:users")
@@ -537,19 +534,24 @@ def compare(r: redis.Redis, sent: list[Sent], report: Report) -> None:
             lost += 1
             wrong.append(f"zset member {member!r}: want {score}, got {have_zset.get(member)}")
 
-    # the rules' indexes hold exactly what is placed
+    # the set and sorted-set rules' records say exactly which rows are placed, and where
     index_errors = 0
-    expected_indexes = {
-        HASH_INDEX: set(want_hashes),
-        SET_INDEX: {str(i).encode() for i in live},
-        ZSET_INDEX: {m.removeprefix(b"user:") for m in want_zset},
+    tables = Tables(StateKeys("", "streamsync:"))
+    expected_placed = {
+        SET_RULE: {str(i).encode(): f"plan:{(s.row or {})['plan']}:users" for i, s in live.items()},
+        ZSET_RULE: {m.removeprefix(b"user:"): ZSET_KEY for m in want_zset},
     }
-    for index, want_index in expected_indexes.items():
-        have_index = r.smembers(index)
-        diff = have_index ^ want_index
+    for rule, want_placed in expected_placed.items():
+        table = tables.table(rule)
+        have_placed = {
+            field: where.key
+            for field, record in records(r, table).items()
+            if (where := placement(table, field, record)) is not None
+        }
+        diff = set(have_placed.items()) ^ set(want_placed.items())
         index_errors += len(diff)
         if diff:
-            wrong.append(f"index {index}: {len(diff)} differences, e.g. {sorted(diff)[:5]}")
+            wrong.append(f"{rule.key} records: {len(diff)} differences, e.g. {sorted(diff)[:5]}")
 
     report.rows = len(state)
     report.hashes = len(want_hashes)
