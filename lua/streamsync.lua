@@ -623,7 +623,11 @@ local function unplace(ctx, field, placed_at, kind, data, list_entries)
             kind = KIND_OF_NAMED[kind]
         end
         local key, member = shape[1] .. key_mid .. shape[2], shape[3] .. member_mid .. shape[4]
-        redis.call(kind == 'T' and 'SREM' or 'ZREM', key, member)
+        if kind == 'T' then
+            redis.call('SREM', key, member)
+        else
+            redis.call('ZREM', key, member)
+        end
     elseif kind == 'M' then
         unplace_key(ctx, data, placed_at)
     elseif kind == 'L' and list_entries then
