@@ -87,7 +87,7 @@ class Upkeep:
     def _tables(self, tables: Tables) -> list[Table]:
         # off a cluster every rule has one table, and a single-value rule a second one if its
         # key is over non-key columns; in a cluster, those this worker has met
-        if not self.keys.cluster:
+        if not tables.keys.cluster:
             for rule in self.settings.rules:
                 tables.table(rule)
                 if rule.mode is Mode.WRITE_THROUGH and rule.type in SINGLE_VALUE_TYPES:
