@@ -112,12 +112,17 @@ def measure(
     calls = client.info("commandstats").get("cmdstat_fcall", {"usec": 0})
     grown = int(client.info("memory")["used_memory"]) - before
     data = buckets = 0
-    for key in client.scan_iter(count=1000):
-        size = int(client.memory_usage(key, samples=0) or 0)
-        if key.startswith(b"streamsync:b:"):
-            buckets += size
-        elif not key.startswith(b"streamsync:"):
-            data += size
+    keys = list(client.scan_iter(count=1000))
+    for start in range(0, len(keys), 1000):
+        chunk = keys[start : start + 1000]
+        pipe = client.pipeline(transaction=False)
+        for key in chunk:
+            pipe.memory_usage(key, samples=0)
+        for key, size in zip(chunk, pipe.execute(), strict=True):
+            if key.startswith(b"streamsync:b:"):
+                buckets += int(size or 0)
+            elif not key.startswith(b"streamsync:"):
+                data += int(size or 0)
     return Measure(data / rows, (grown - data) / rows, buckets / rows, calls["usec"] / rows)
 
 
