@@ -316,7 +316,7 @@ local function record_parts(value)
 end
 
 -- The record of `field`: position, placement kind and data, and whether it overflowed.
-local function read_record(bucket, overflow, field)
+local function read_record(ctx, bucket, field)
     local value = redis.call('HGET', bucket, field)
     if not value then
         return nil, nil, nil, false
@@ -325,7 +325,7 @@ local function read_record(bucket, overflow, field)
     if kind ~= OVERFLOW then
         return pos, kind, data, false
     end
-    local placed = redis.call('HGET', overflow, field)
+    local placed = redis.call('HGET', ctx.overflow, field)
     if not placed then
         return pos, nil, nil, true
     end
@@ -334,7 +334,7 @@ end
 
 -- Write the record of `field`: a row placed nowhere (placed nil) goes after the tombstone
 -- window; a placed row of a rule with a TTL after its TTL and the window.
-local function store(ctx, bucket, overflow, field, pos, placed, overflowed)
+local function store(ctx, bucket, field, pos, placed, overflowed)
     local value = pos
     if not placed then
         value = pos .. EXPIRES .. (ctx.now + ctx.tombstone_s)
@@ -343,13 +343,13 @@ local function store(ctx, bucket, overflow, field, pos, placed, overflowed)
     end
     if placed then
         if #value + #placed > VALUE_MAX then
-            redis.call('HSET', overflow, field, placed)
+            redis.call('HSET', ctx.overflow, field, placed)
             placed, overflowed = OVERFLOW, false
         end
         value = value .. placed
     end
     if overflowed then
-        redis.call('HDEL', overflow, field)
+        redis.call('HDEL', ctx.overflow, field)
     end
     redis.call('HSET', bucket, field, value)
 end
@@ -389,11 +389,15 @@ local function sort_token(field)
     return field
 end
 
+-- The list's length, once it is consistent with its order record.
 local function list_consistent(list, order, reserve)
-    if redis.call('LLEN', order) ~= redis.call('LLEN', list) + redis.call('LLEN', reserve) then
+    local listed = redis.call('LLEN', list)
+    if redis.call('LLEN', order) ~= listed + redis.call('LLEN', reserve) then
         -- edited or expired outside streamsync: its order is unknown, start it over
         redis.call('DEL', list, order, reserve)
+        return 0
     end
+    return listed
 end
 
 -- How many sort keys of the order record are newer than `key`: the head first, then further
@@ -450,10 +454,10 @@ local function reserve_cap(order, reserve, max_len)
 end
 
 -- Insert an entry at the place of its sort key (into the reserve if a full list keeps only
--- newer entries). Returns false when it is older than everything a full reserve keeps.
-local function list_insert(list, order, reserve, key, value, max_len)
+-- newer entries) in a list of `listed` entries. Returns false when it is older than everything
+-- a full reserve keeps.
+local function list_insert(list, order, reserve, key, value, max_len, listed)
     local index = rank(order, key)
-    local listed = redis.call('LLEN', list)
     if max_len > 0 and index >= max_len then
         -- a full list (its reserve is refilled into it whenever it has room)
         if index - listed >= max_len then
@@ -640,14 +644,14 @@ end
 
 --[[ The placement row kinds. Each gets the table's context, KEYS from k and ARGV items from i,
 and returns its status and whether it made a record.
-'T' set member: KEYS set, bucket, overflow; items: field, position, member.
-'Z' sorted-set member: KEYS sorted set, bucket, overflow; items: field, position, member, score.
+'T' set member: KEYS set, bucket; items: field, position, member.
+'Z' sorted-set member: KEYS sorted set, bucket; items: field, position, member, score.
 The row's previous member (another key, or another member) is removed. --]]
 local function member_row(kind)
     return function(ctx, keys, k, argv, i)
-        local target, bucket, overflow = keys[k], keys[k + 1], keys[k + 2]
+        local target, bucket = keys[k], keys[k + 1]
         local field, pos, member = argv[i], argv[i + 1], argv[i + 2]
-        local current, old_kind, old, overflowed = read_record(bucket, overflow, field)
+        local current, old_kind, old, overflowed = read_record(ctx, bucket, field)
         if current and current >= pos then
             return STALE
         end
@@ -667,30 +671,29 @@ local function member_row(kind)
             redis.call('ZADD', target, argv[i + 3], member)
         end
         expire_target(target, ctx.ttl_ms)
-        store(ctx, bucket, overflow, field, pos, placed, overflowed)
+        store(ctx, bucket, field, pos, placed, overflowed)
         return APPLIED, not current
     end
 end
 
---[[ 'L' list entry: KEYS list, bucket, overflow, the list's order record, its reserve; items:
+--[[ 'L' list entry: KEYS list, bucket, the list's order record, its reserve; items:
 field, position, max_len (0 = unbounded), mode ('p' push one entry per change | 'r' replace the
 row's entry in place), value. --]]
 local function list_row(ctx, keys, k, argv, i)
-    local list, bucket, overflow, order, reserve = keys[k], keys[k + 1], keys[k + 2], keys[k + 3],
-        keys[k + 4]
+    local list, bucket, order, reserve = keys[k], keys[k + 1], keys[k + 2], keys[k + 3]
     local field, pos, max_len = argv[i], argv[i + 1], tonumber(argv[i + 2])
     local mode, value = argv[i + 3], argv[i + 4]
-    local current, old_kind, old, overflowed = read_record(bucket, overflow, field)
+    local current, old_kind, old, overflowed = read_record(ctx, bucket, field)
     if current and current >= pos then
         return STALE
     end
-    list_consistent(list, order, reserve)
+    local listed = list_consistent(list, order, reserve)
     local key_mid = middle(list, ctx.shape[1], ctx.shape[2])
     local entries = {}
     if old_kind == 'L' then
-        local old_mid, listed = sized(old)
+        local old_mid, named = sized(old)
         if old_mid == key_mid then
-            entries = entry_positions(listed, current)
+            entries = entry_positions(named, current)
         else
             unplace(ctx, field, current, old_kind, old, true)
         end
@@ -712,7 +715,9 @@ local function list_row(ctx, keys, k, argv, i)
         end
         entries = kept
     end
-    if not replaced and list_insert(list, order, reserve, pos .. token, value, max_len) then
+    local inserted = not replaced
+        and list_insert(list, order, reserve, pos .. token, value, max_len, listed)
+    if inserted then
         entries[#entries + 1] = pos
         if max_len > 0 and #entries > 2 * max_len then
             -- older than max_len newer entries of the row itself: trimmed for good
@@ -726,7 +731,7 @@ local function list_row(ctx, keys, k, argv, i)
     if #entries > 0 then
         placed = list_placement(key_mid, entries, pos)
     end
-    store(ctx, bucket, overflow, field, pos, placed, overflowed)
+    store(ctx, bucket, field, pos, placed, overflowed)
     return APPLIED, not current
 end
 
@@ -751,12 +756,12 @@ local function stream_row(ctx, keys, k, argv, i)
 end
 
 --[[ 'R' remove a row's placement (a delete, the row leaving the rule's filter, a TRUNCATE):
-KEYS overflow, bucket; items: field, position, list entries ('1' removed | '0' kept: the record
+KEYS bucket; items: field, position, list entries ('1' removed | '0' kept: the record
 keeps naming them, for a TRUNCATE or a resync to find). --]]
 local function remove_row(ctx, keys, k, argv, i)
-    local overflow, bucket = keys[k], keys[k + 1]
+    local bucket = keys[k]
     local field, pos = argv[i], argv[i + 1]
-    local current, old_kind, old, overflowed = read_record(bucket, overflow, field)
+    local current, old_kind, old, overflowed = read_record(ctx, bucket, field)
     if current and current >= pos then
         return STALE
     end
@@ -767,19 +772,19 @@ local function remove_row(ctx, keys, k, argv, i)
     elseif old_kind then
         unplace(ctx, field, current, old_kind, old, true)
     end
-    store(ctx, bucket, overflow, field, pos, placed, overflowed)
+    store(ctx, bucket, field, pos, placed, overflowed)
     return APPLIED, not current
 end
 
---[[ 'M' a single-value row whose key may move: KEYS target, bucket, overflow, the bucket of the
-key's record; items: field, position, the key's record field, then an H, h, J or j row's kind and
+--[[ 'M' a single-value row whose key may move: KEYS target, bucket, the bucket of the key's
+record; items: field, position, the key's record field, then an H, h, J or j row's kind and
 items. The row's record decides whether the change is new; the key's record then decides whether
 it may write the key (another row may have written it later: a unique column changing hands).
 The key the row held before, if another, is deleted unless a newer change wrote it since. --]]
 local function moving_row(ctx, keys, k, argv, i)
-    local target, bucket, overflow, key_bucket = keys[k], keys[k + 1], keys[k + 2], keys[k + 3]
+    local target, bucket, key_bucket = keys[k], keys[k + 1], keys[k + 2]
     local field, pos, key_field, inner = argv[i], argv[i + 1], argv[i + 2], argv[i + 3]
-    local current, old_kind, old, overflowed = read_record(bucket, overflow, field)
+    local current, old_kind, old, overflowed = read_record(ctx, bucket, field)
     if current and current >= pos then
         return STALE
     end
@@ -797,25 +802,26 @@ local function moving_row(ctx, keys, k, argv, i)
     if status == APPLIED then
         placed = 'M' .. key_mid
     end
-    store(ctx, bucket, overflow, field, pos, placed, overflowed)
+    store(ctx, bucket, field, pos, placed, overflowed)
     return status, not current
 end
 
 -- placement row kinds: the function applying one, its number of KEYS, and the number of ARGV
 -- items it spans (given the index of its first item)
 local PLACEMENTS = {
-    T = {member_row('T'), 3, function() return 3 end},
-    Z = {member_row('Z'), 3, function() return 4 end},
-    L = {list_row, 5, function() return 5 end},
+    T = {member_row('T'), 2, function() return 3 end},
+    Z = {member_row('Z'), 2, function() return 4 end},
+    L = {list_row, 4, function() return 5 end},
     X = {stream_row, 2, function(argv, i) return 4 + 2 * tonumber(argv[i + 3]) end},
-    R = {remove_row, 2, function() return 3 end},
-    M = {moving_row, 4, function(argv, i) return 4 + SINGLE[argv[i + 3]][2](argv, i + 4) end},
+    R = {remove_row, 1, function() return 3 end},
+    M = {moving_row, 3, function(argv, i) return 4 + SINGLE[argv[i + 3]][2](argv, i + 4) end},
 }
 
 --[[ streamsync_changes: the batch entry point (library 2.0).
-KEYS: per rule table of the call, its bucket 0; then per row the row's keys:
+KEYS: per rule table of the call, its bucket 0; per table, its overflow hash; then per row the
+row's keys:
   single-value kinds (H h J j D I): the target, the bucket holding the row's record;
-  placement kinds (T Z L X R M): the kind's keys (see above), the record's bucket second.
+  placement kinds (T Z L X R M): the kind's keys (see above).
 ARGV: tombstone_s, the number of tables, per table: its bucket count as the worker knows it, and
 its rule's ttl_ms (0 = none); per table: the number of items of its shape, then those items (see
 the placement records); then per row: its table (1-based), its kind, the record field, the
@@ -843,11 +849,12 @@ local function changes(keys, argv)
     for t = 1, ntables do
         local n = tonumber(argv[i])
         contexts[t] = {shape = {unpack(argv, i + 1, i + n)}, ttl_ms = ttls[t],
-            n = tables[2 * t - 1], now = now, tombstone_s = tombstone_s, added = 0}
+            n = tables[2 * t - 1], overflow = keys[ntables + t], now = now,
+            tombstone_s = tombstone_s, added = 0}
         i = i + 1 + n
     end
     local replies = {}
-    local k, r = ntables + 1, 0
+    local k, r = 2 * ntables + 1, 0
     while k <= #keys do
         local t, kind = tonumber(argv[i]), argv[i + 1]
         r = r + 1

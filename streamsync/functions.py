@@ -73,10 +73,10 @@ class RowWrite:
     """One row of a ``streamsync_changes`` call: its KEYS and its ARGV items (layouts in
     lua/streamsync.lua, built by ``streamsync.mapping``).
 
-    Every row keeps its record in a bucket of ``table``: the bucket is its second key, and its
-    items are the kind, the record field, the position and the kind's items. A row keeping a
-    second record in the same table (a moving row: its key's) names where that one's bucket and
-    field are in ``also``.
+    Every row keeps its record in a bucket of ``table`` (its key ``at``), and its items are the
+    kind, the record field, the position and the kind's items. A row keeping a second record in
+    the same table (a moving row: its key's) names where that one's bucket and field are in
+    ``also``.
     """
 
     keys: list[str]
@@ -84,6 +84,8 @@ class RowWrite:
     table: Table
     #: The table's bucket count the row was addressed with.
     buckets: int = 1
+    #: The index of the record's bucket in ``keys``.
+    at: int = 1
     #: A second record: the index of its bucket in ``keys`` and of its field in ``args``.
     also: tuple[int, int] | None = None
 
@@ -99,7 +101,7 @@ class ChangesReply:
 
 def _readdress(row: RowWrite, table: Table) -> None:
     # the table was split since the row was planned: its records may live in other buckets
-    row.keys[1] = table.bucket_of(as_bytes(row.args[1]))
+    row.keys[row.at] = table.bucket_of(as_bytes(row.args[1]))
     if row.also is not None:
         key_at, field_at = row.also
         row.keys[key_at] = table.bucket_of(as_bytes(row.args[field_at]))
@@ -113,7 +115,7 @@ def _changes_arguments(
     for row in rows:
         if row.table not in tables:
             tables[row.table] = str(len(tables) + 1)
-    keys = [table.meta for table in tables]
+    keys = [table.meta for table in tables] + [table.overflow for table in tables]
     args: ArgV = [str(tombstone_s), str(len(tables))]
     for table in tables:
         args += (str(table.buckets), str(table.ttl_ms))

@@ -352,17 +352,17 @@ class Planner:
                 MOVING_KEY + target[len(before) : len(target) - len(after)]
             )
             return RowWrite(
-                [target, bucket, table.overflow, key_bucket],
+                [target, bucket, key_bucket],
                 [ROW_MOVING, field, position, key_field, *body],
                 table,
                 table.buckets,
-                also=(3, 3),
+                also=(2, 3),
             )
         if kind is TargetType.SET:
             assert rule.member_template is not None
             member = rule.member_template.render(row)
             return RowWrite(
-                [target, bucket, table.overflow],
+                [target, bucket],
                 [ROW_SET, field, position, member],
                 table,
                 table.buckets,
@@ -375,7 +375,7 @@ class Planner:
                 return self.removal(table, field, position)
             member = rule.member_template.render(row)
             return RowWrite(
-                [target, bucket, table.overflow],
+                [target, bucket],
                 [ROW_ZSET, field, position, member, score],
                 table,
                 table.buckets,
@@ -383,7 +383,7 @@ class Planner:
         assert kind is TargetType.LIST
         mode = "r" if rule.on_update is ListUpdate.REPLACE else "p"
         return RowWrite(
-            [target, bucket, table.overflow, self.keys.order(target), self.keys.reserve(target)],
+            [target, bucket, self.keys.order(target), self.keys.reserve(target)],
             [ROW_LIST, field, position, str(rule.max_len or 0), mode, self._value(rule, row)],
             table,
             table.buckets,
@@ -519,10 +519,11 @@ class Planner:
         ``table``, unless a change newer than ``position`` wrote it (a delete, a row leaving
         the rule, TRUNCATE, resync); ``keep``: a list's entries stay (``on_delete: ignore``)."""
         return RowWrite(
-            [table.overflow, table.bucket_of(as_bytes(field))],
+            [table.bucket_of(as_bytes(field))],
             [ROW_REMOVE, field, position, "0" if keep else "1"],
             table,
             table.buckets,
+            at=0,
         )
 
     def key_removal(self, rule: Rule, target: str, position: str) -> RowWrite:
