@@ -389,15 +389,15 @@ local function sort_token(field)
     return field
 end
 
--- The list's length, once it is consistent with its order record.
+-- The lengths of the list and of its reserve, once they are consistent with the order record.
 local function list_consistent(list, order, reserve)
-    local listed = redis.call('LLEN', list)
-    if redis.call('LLEN', order) ~= listed + redis.call('LLEN', reserve) then
+    local listed, reserved = redis.call('LLEN', list), redis.call('LLEN', reserve)
+    if redis.call('LLEN', order) ~= listed + reserved then
         -- edited or expired outside streamsync: its order is unknown, start it over
         redis.call('DEL', list, order, reserve)
-        return 0
+        return 0, 0
     end
-    return listed
+    return listed, reserved
 end
 
 -- How many sort keys of the order record are newer than `key`: the head first, then further
@@ -445,35 +445,47 @@ local function remove_at(list, index)
     redis.call('LREM', list, 1, REMOVED)
 end
 
--- Drop the oldest reserve entry when the reserve holds more than max_len.
-local function reserve_cap(order, reserve, max_len)
-    if redis.call('LLEN', reserve) > max_len then
-        redis.call('RPOP', reserve)
-        redis.call('RPOP', order)
+-- Keep a capped list at max_len entries, its reserve behind it at max_len at most: the list's
+-- oldest entries become the reserve's newest, or the other way round (the order record stays as
+-- it is); the reserve's oldest go. More than one entry moves only when max_len was changed.
+local function list_cap(list, order, reserve, max_len, listed)
+    while listed > max_len do
+        redis.call('LPUSH', reserve, redis.call('RPOP', list))
+        listed = listed - 1
+    end
+    while listed < max_len do
+        local refill = redis.call('LPOP', reserve)
+        if not refill then
+            break
+        end
+        redis.call('RPUSH', list, refill)
+        listed = listed + 1
+    end
+    local excess = redis.call('LLEN', reserve) - max_len
+    if excess > 0 then
+        redis.call('RPOP', reserve, excess)
+        redis.call('RPOP', order, excess)
     end
 end
 
--- Insert an entry at the place of its sort key (into the reserve if a full list keeps only
--- newer entries) in a list of `listed` entries. Returns false when it is older than everything
--- a full reserve keeps.
+-- Insert an entry at the place of its sort key in a list of `listed` entries (into the reserve
+-- if it is older than all the list keeps). Returns false when it is older than everything a
+-- capped list keeps.
 local function list_insert(list, order, reserve, key, value, max_len, listed)
     local index = rank(order, key)
-    if max_len > 0 and index >= max_len then
-        -- a full list (its reserve is refilled into it whenever it has room)
-        if index - listed >= max_len then
-            return false
-        end
-        insert_at(order, index, key)
-        insert_at(reserve, index - listed, value)
-        reserve_cap(order, reserve, max_len)
-        return true
+    local in_list = index <= listed and (max_len == 0 or index < max_len)
+    if not in_list and index - listed >= max_len then
+        return false
     end
     insert_at(order, index, key)
-    insert_at(list, index, value)
-    if max_len > 0 and listed >= max_len then
-        -- the list's oldest entry becomes the reserve's newest: the order record stays as it is
-        redis.call('LPUSH', reserve, redis.call('RPOP', list))
-        reserve_cap(order, reserve, max_len)
+    if in_list then
+        insert_at(list, index, value)
+        listed = listed + 1
+    else
+        insert_at(reserve, index - listed, value)
+    end
+    if max_len > 0 then
+        list_cap(list, order, reserve, max_len, listed)
     end
     return true
 end
@@ -687,7 +699,12 @@ local function list_row(ctx, keys, k, argv, i)
     if current and current >= pos then
         return STALE
     end
-    local listed = list_consistent(list, order, reserve)
+    local listed, reserved = list_consistent(list, order, reserve)
+    if max_len == 0 and reserved > 0 then
+        -- max_len was taken off: the reserve goes back into the list
+        list_cap(list, order, reserve, math.huge, listed)
+        listed = listed + reserved
+    end
     local key_mid = middle(list, ctx.shape[1], ctx.shape[2])
     local entries = {}
     if old_kind == 'L' then

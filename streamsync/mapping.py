@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from streamsync.buckets import MOVING_KEY, MOVING_ROW, Table, Tables, as_bytes
+from streamsync.buckets import MOVING_KEY, MOVING_ROW, Table, Tables, as_bytes, record_field
 from streamsync.config import (
     JSON_VALUE,
     SINGLE_VALUE_TYPES,
@@ -322,13 +322,13 @@ class Planner:
         field = MOVING_ROW + identity if moving else identity
         keep = rule.on_delete is ListDelete.IGNORE
         if not present:
-            return self.removal(table, table.locate(field)[1], position, keep=keep)
+            return self.removal(table, record_field(field), position, keep=keep)
         self._check_available(rule, event)
         try:
             return self._place(rule, table, field, event=event, row=row, position=position)
         except NullColumnError:
             # a null key, member or value column: the row is in no structure of this rule
-            return self.removal(table, table.locate(field)[1], position, keep=keep)
+            return self.removal(table, record_field(field), position, keep=keep)
 
     def _place(
         self,
@@ -485,7 +485,7 @@ class Planner:
             shaped = self._shaped(rule, row)
         else:
             # a row that does not match the filter is not published
-            return self.removal(table, table.locate(identity)[1], position)
+            return self.removal(table, record_field(identity), position)
         for name, value in shaped.items():
             if value is not None and name not in event.unchanged:
                 pairs += (name, hash_value(value))

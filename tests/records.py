@@ -108,7 +108,8 @@ def placement(table: Table, field: bytes, record: Record) -> Placement | None:
 
 
 def dangling(r: redis.Redis, table: Table) -> list[str]:
-    """The records of ``table`` naming a member, key or list entry that Redis does not hold."""
+    """The records of ``table`` naming a member, key or list entry that Redis does not hold (a
+    capped list's records may name entries it no longer keeps: do not ask for those)."""
     problems = []
     for field, record in records(r, table).items():
         where = placement(table, field, record)

@@ -411,6 +411,24 @@ def test_capped_list_reserve_refills_the_list(lib: redis.Redis) -> None:
     assert lib.lrange("feed", 0, -1) == [b"4", b"3"]
 
 
+@pytest.mark.parametrize("later", [1, 3, 6, None])
+def test_a_changed_max_len_keeps_list_and_reserve_in_order(
+    lib: redis.Redis, later: int | None
+) -> None:
+    rule = _rule(key="feed", type="list", value="{id}", max_len=3)
+    Cache(lib, rule).apply(*(change("c", 10 * i, {"id": i}) for i in range(1, 8)))
+    assert lib.lrange("feed", 0, -1) == [b"7", b"6", b"5"]
+    cache = Cache(lib, rule.model_copy(update={"max_len": later}))
+    cache.apply(change("c", 35, {"id": 35}), change("c", 75, {"id": 75}))
+    kept = [75, 7, 6, 5, 4, 35, 3, 2]  # row 1 was dropped from the reserve for good
+    listed = len(kept) if later is None else later
+    assert [int(v) for v in lib.lrange("feed", 0, -1)] == kept[:listed]
+    reserve = cache.planner.keys.reserve("feed")
+    assert [int(v) for v in lib.lrange(reserve, 0, -1)] == kept[listed : 2 * listed]
+    order = cache.planner.keys.order("feed")
+    assert lib.llen(order) == lib.llen("feed") + lib.llen(reserve)
+
+
 def test_list_entry_far_below_the_head_finds_its_place(lib: redis.Redis) -> None:
     rule = _rule(key="feed", type="list", value="{id}")
     cache = Cache(lib, rule)
