@@ -96,7 +96,7 @@ def measure(
     client.flushall()
     ensure_library(client)
     library = Library(client)
-    planner = Planner({TABLE: (rule,)}, StateKeys("streamsync:pos:"))
+    planner = Planner({TABLE: (rule,)}, StateKeys())
     before = int(client.info("memory")["used_memory"])
     client.config_resetstat()
     for start in range(1, rows + 1, BATCH):

@@ -113,7 +113,7 @@ def guarded_key(prefix: str, target: str) -> str:
 
 
 class StateKeys:
-    """The names of streamsync's own records, under the configured prefixes.
+    """The names of streamsync's own records, under the configured prefix.
 
     A rule's records are fields of its buckets (``streamsync.buckets``). In a Redis Cluster
     every function call keeps to one hash slot: a rule keyed by primary key has a table per
@@ -121,17 +121,14 @@ class StateKeys:
     lists' companions, in the slot its key template pins.
     """
 
-    def __init__(
-        self, position_prefix: str, state_prefix: str = "streamsync:", *, cluster: bool = False
-    ) -> None:
-        self.position_prefix = position_prefix
+    def __init__(self, state_prefix: str = "streamsync:", *, cluster: bool = False) -> None:
         self.state_prefix = state_prefix
         self.cluster = cluster
 
     @classmethod
     def from_settings(cls, worker: WorkerSettings, *, cluster: bool = False) -> StateKeys:
-        """The keys under ``worker.position_prefix`` and ``worker.state_prefix``."""
-        return cls(worker.position_prefix, worker.state_prefix, cluster=cluster)
+        """The keys under ``worker.state_prefix``."""
+        return cls(worker.state_prefix, cluster=cluster)
 
     # -- per list key ----------------------------------------------------------------------
 

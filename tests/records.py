@@ -134,7 +134,7 @@ def key_records(
 ) -> dict[str, Record | None]:
     """The records of ``keys``, keys of ``rule`` (keyed by primary key) off a Cluster."""
     keys = list(keys)
-    table = Tables(StateKeys("", state_prefix)).table(rule)
+    table = Tables(StateKeys(state_prefix)).table(rule)
     table.buckets = int(r.hget(table.meta, "#n") or 1)
     prefix = len(rule.template.literals[0])
     located = [table.locate(key[prefix:]) for key in keys]

@@ -263,7 +263,7 @@ def test_workload_across_slots_with_two_workers_replays_and_a_truncate(
     assert drained(rc)
     expected = source.expected()
     assert actual_state(rc) == expected
-    keys = StateKeys("streamsync:pos:", cluster=True)
+    keys = StateKeys(cluster=True)
     for feed in (k for k in expected if k.startswith("{feeds}:")):
         # the order record parallels the list, in the list's slot
         assert rc.llen(keys.order(feed)) == rc.llen(feed) > 0

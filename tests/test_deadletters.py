@@ -59,7 +59,7 @@ def deliveries(r: redis.Redis, entry_id: bytes) -> int:
 
 @pytest.mark.parametrize("max_deliveries", [1, 2, 5])
 def test_exhausted_on_exactly_the_last_allowed_delivery(max_deliveries: int) -> None:
-    planner = Planner({}, StateKeys("streamsync:pos:"))
+    planner = Planner({}, StateKeys())
     core = BatchCore(Decoder(), planner, Epochs(), tombstone_s=1, max_deliveries=max_deliveries)
     exhausted = [
         core.exhausted(Entry(STREAM, b"1-0", [], deliveries=n))

@@ -536,7 +536,7 @@ def compare(r: redis.Redis, sent: list[Sent], report: Report) -> None:
 
     # the set and sorted-set rules' records say exactly which rows are placed, and where
     index_errors = 0
-    tables = Tables(StateKeys("", "streamsync:"))
+    tables = Tables(StateKeys())
     expected_placed = {
         SET_RULE: {str(i).encode(): f"plan:{(s.row or {})['plan']}:users" for i, s in live.items()},
         ZSET_RULE: {m.removeprefix(b"user:"): ZSET_KEY for m in want_zset},

@@ -75,7 +75,7 @@ class Cache:
 
     def __init__(self, r: redis.Redis, *rules: Rule, tombstone_s: int = TOMBSTONE_S) -> None:
         self.r = r
-        self.planner = Planner({TABLE: rules}, StateKeys("streamsync:pos:"))
+        self.planner = Planner({TABLE: rules}, StateKeys())
         self.library = Library(r)
         self.tombstone_s = tombstone_s
 

@@ -93,7 +93,7 @@ class Cache:
     def __init__(self, r: redis.Redis, *kinds: str, rules: Sequence[Rule] = ()) -> None:
         self.r = r
         self.rules = tuple(rules) or tuple(RULES[k] for k in kinds)
-        self.planner = Planner({TABLE: self.rules}, StateKeys("streamsync:pos:"))
+        self.planner = Planner({TABLE: self.rules}, StateKeys())
 
     def apply(self, *events: ChangeEvent, epoch: str = "") -> list[Any]:
         statuses: list[Any] = []
@@ -197,8 +197,8 @@ def visible(r: redis.Redis) -> dict[str, Any]:
 def listed(r: redis.Redis, list_key: str) -> int:
     """The entries a list rule's order record says its list holds (it holds the reserve's
     after them)."""
-    order = StateKeys("streamsync:pos:").order(list_key)
-    reserve = StateKeys("streamsync:pos:").reserve(list_key)
+    order = StateKeys().order(list_key)
+    reserve = StateKeys().reserve(list_key)
     return int(r.llen(order)) - int(r.llen(reserve))
 
 
@@ -963,21 +963,21 @@ def test_epoch_floor_orders_between_epochs() -> None:
 
 
 def test_non_numeric_zset_score_is_poison() -> None:
-    planner = Planner({TABLE: (RULES["zset"],)}, StateKeys("streamsync:pos:"))
+    planner = Planner({TABLE: (RULES["zset"],)}, StateKeys())
     with pytest.raises(PoisonEntryError, match="not numeric"):
         planner.plan(change("c", 10, {**V1, "price": "abc"}))
 
 
 def test_where_naming_an_absent_column_is_poison() -> None:
     rule = _rule(key="s", type="set", member="{id}", where="missing = 1")
-    planner = Planner({TABLE: (rule,)}, StateKeys("streamsync:pos:"))
+    planner = Planner({TABLE: (rule,)}, StateKeys())
     with pytest.raises(PoisonEntryError, match="missing"):
         planner.plan(change("c", 10, V1))
 
 
 @pytest.mark.parametrize("kind", ["set", "zset", "list", "list_replace", "stream"])
 def test_rule_needing_a_primary_key_refuses_a_table_without_one(kind: str) -> None:
-    planner = Planner({TABLE: (RULES[kind],)}, StateKeys("streamsync:pos:"))
+    planner = Planner({TABLE: (RULES[kind],)}, StateKeys())
     event = change("c", 10, V1)
     event.key = None
     with pytest.raises(PoisonEntryError, match="primary key"):
