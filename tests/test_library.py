@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 import redis
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot as redis_py_key_slot
 
@@ -26,6 +26,7 @@ from streamsync.functions import (
 )
 from streamsync.keys import StateKeys, guarded_key, key_slot
 from streamsync.mapping import Planner
+from streamsync.positions import snapshot_read, streamed
 from tests.debezium import PLACEHOLDER
 from tests.records import Placement, Record, dangling, placement, records
 from tests.replies import as_bytes, as_int, as_str, xadd, xrange
@@ -427,6 +428,55 @@ def test_a_changed_max_len_keeps_list_and_reserve_in_order(
     assert [int(v) for v in lib.lrange(reserve, 0, -1)] == kept[listed : 2 * listed]
     order = cache.planner.keys.order("feed")
     assert lib.llen(order) == lib.llen("feed") + lib.llen(reserve)
+
+
+#: Positions as streamsync.positions writes them: numbers of any length, their length first.
+POSITIONS = st.one_of(
+    st.builds(snapshot_read, st.integers(0, 2**64 - 1)),
+    st.builds(
+        streamed, st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.sampled_from("01")
+    ),
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(0, 10**12), POSITIONS),
+        min_size=1,
+        max_size=12,
+        unique_by=lambda r: r[0],
+    )
+)
+def test_list_entries_sort_by_positions_of_any_length_then_rows(
+    r: redis.Redis, rows: list[tuple[int, str]]
+) -> None:
+    """A sort key is the position, then the row: positions never are a prefix of one another,
+    so positions of different lengths, and rows of different lengths at one position, sort as
+    their numbers do."""
+    r.flushdb()
+    ensure_library(r)
+    rule = _rule(key="feed", type="list", value="{id}")
+    cache = Cache(r, rule)
+    for ident, position in rows:
+        event = change("c", 0, {"id": ident})
+        event.position = position
+        assert cache.apply(event) == [APPLIED]
+
+    def parsed(position: str) -> tuple[int, ...]:
+        # major, kind, minor, rank (streamsync.positions.encode)
+        def number(at: int) -> tuple[int, int]:
+            n = int(position[at : at + 2])
+            return int(position[at + 2 : at + 2 + n] or 0), at + 2 + n
+
+        major, at = number(0)
+        minor, end = number(at + 1)
+        return major, int(position[at]), minor, int(position[end])
+
+    want = [ident for ident, _ in sorted(rows, key=lambda r: (parsed(r[1]), r[0]), reverse=True)]
+    assert [int(v) for v in r.lrange("feed", 0, -1)] == want
 
 
 def test_list_entry_far_below_the_head_finds_its_place(lib: redis.Redis) -> None:
