@@ -55,7 +55,7 @@ RULES: dict[str, Rule] = {
 KINDS = list(RULES)
 #: Kinds whose contents are a pure function of the final table (no history, no entry order).
 SNAPSHOT_KINDS = [k for k in KINDS if k not in ("list", "list_replace", "stream")]
-#: Kinds keyed by the primary key: their keys are in the rule's key index, not its row index.
+#: Kinds keyed by the primary key: their records are of keys, not of rows.
 PK_KEYED = {"hash", "json", "string"}
 MOVING = ["hash_by_email", "json_by_email", "string_by_email"]
 
@@ -145,7 +145,7 @@ class Cache:
                 out[record_name(name)] = where
         return out
 
-    def row_index(self, kind: str) -> set[str]:
+    def placed_rows(self, kind: str) -> set[str]:
         """The rows the rule's records say are placed somewhere."""
         return set(self.placed(RULES[kind]))
 
@@ -388,7 +388,7 @@ def test_set_delete_of_a_moved_row_removes_its_current_member(lib: redis.Redis) 
     cache = Cache(lib, "set")
     cache.apply(change("c", 10, V1), change("u", 20, V2), change("d", 30, V1))
     assert visible(lib) == {}
-    assert cache.row_index("set") == set()
+    assert cache.placed_rows("set") == set()
 
 
 def test_zset_score_change_updates_the_member(lib: redis.Redis) -> None:
@@ -406,13 +406,13 @@ def test_zset_member_leaves_when_where_stops_matching_and_returns(lib: redis.Red
     cache.apply(change("c", 10, V1))
     assert cache.apply(change("u", 20, {**V1, "active": False})) == [APPLIED]
     assert visible(lib) == {}
-    assert cache.row_index("zset") == set()
+    assert cache.placed_rows("zset") == set()
     # the older, matching change cannot bring it back
     assert cache.apply(change("c", 10, V1)) == [STALE]
     assert visible(lib) == {}
     cache.apply(change("u", 30, {**V1, "price": 7}))
     assert visible(lib) == {"prices": {"1": 7.0}}
-    assert cache.row_index("zset") == {"1"}
+    assert cache.placed_rows("zset") == {"1"}
 
 
 def test_zset_exit_applied_before_the_older_entry_never_shows_it(lib: redis.Redis) -> None:
@@ -432,7 +432,7 @@ def test_zset_member_leaves_on_null_score(lib: redis.Redis, order: str) -> None:
         events.reverse()
     cache.apply(*events)
     assert visible(lib) == {"prices": {"2": 10.0}}
-    assert cache.row_index("zset") == {"2"}
+    assert cache.placed_rows("zset") == {"2"}
 
 
 def test_zset_member_moves_between_keys(lib: redis.Redis) -> None:
@@ -454,11 +454,11 @@ def test_key_on_a_non_key_column_moves_when_it_changes(
     cache.apply(*events)
     assert visible(lib) == snapshot(kind, {1: V2})
     assert len(visible(lib)) == 1  # the old key is gone
-    assert cache.row_index(kind) == {"1"}
+    assert cache.placed_rows(kind) == {"1"}
     assert cache.key_index(kind) == set()
     assert cache.apply(change("d", 30, V1)) == [APPLIED]
     assert visible(lib) == {}
-    assert cache.row_index(kind) == set()
+    assert cache.placed_rows(kind) == set()
 
 
 @pytest.mark.parametrize("kind", MOVING)
@@ -490,7 +490,7 @@ def test_unique_value_changing_hands(lib: redis.Redis, kind: str, order: Sequenc
     cache.apply(*(events[i] for i in order))
     assert visible(lib) == snapshot(kind, {1: a_y, 2: b_x})
     assert not cache.dangling()
-    assert cache.row_index(kind) == {"1", "2"}
+    assert cache.placed_rows(kind) == {"1", "2"}
 
 
 UNIQUE_MEMBER_RULES = {
@@ -580,7 +580,7 @@ def test_primary_key_change_keeps_a_shared_string_key(lib: redis.Redis, order: s
         pair.reverse()
     cache.apply(change("c", 5, old), *pair)
     assert visible(lib) == {"email:shared@x.io": "100"}
-    assert cache.row_index("string_by_email") == {"100"}
+    assert cache.placed_rows("string_by_email") == {"100"}
     table = cache.planner.tables.moving(RULES["string_by_email"])
     # the key's own record: the create wrote it last
     assert records(lib, table)[b"kshared@x.io"].position == pos(50, "c")
@@ -681,7 +681,7 @@ def test_list_on_delete(lib: redis.Redis, on_delete: str) -> None:
         assert visible(lib) == {"feed": ["2:bob"]}
     else:
         assert visible(lib) == {"feed": ["1:annie", "2:bob", "1:ann"]}
-    # kept entries stay indexed, so a TRUNCATE or a resync still finds them
+    # kept entries stay recorded, so a TRUNCATE or a resync still finds them
     expected = {"2"} if on_delete == "remove" else {"1", "2"}
     assert set(cache.placed(rule)) == expected
     cache.apply(change("c", 40, {**V1, "name": "new"}))
@@ -850,15 +850,15 @@ def test_truncate_removes_everything_every_rule_derived(lib: redis.Redis) -> Non
         want |= snapshot(kind, {4: ROW[4]})
     want |= {"feed": ["4:n4"], "feedr": ["4:n4"]}
     assert visible(lib) == want
-    # the indexes hold the surviving row only
+    # the records say only the surviving row is cached
     for kind in KINDS:
         if kind == "stream":
             continue
         if kind in PK_KEYED:
             (key,) = snapshot(kind, {4: ROW[4]})
-            assert (cache.key_index(kind), cache.row_index(kind)) == ({key}, set()), kind
+            assert (cache.key_index(kind), cache.placed_rows(kind)) == ({key}, set()), kind
         else:
-            assert (cache.key_index(kind), cache.row_index(kind)) == (set(), {"4"}), kind
+            assert (cache.key_index(kind), cache.placed_rows(kind)) == (set(), {"4"}), kind
     assert not cache.dangling()
     # a replay of everything from before the truncate brings nothing back
     n_rules = len(KINDS)
@@ -943,7 +943,7 @@ def test_remove_older_than_the_epoch_floor_sweeps_rows_not_rewritten(lib: redis.
         if kind in PK_KEYED:
             assert cache.key_index(kind) == set(snapshot(kind, {1: ROW[1], 3: ROW[3]})), kind
         else:
-            assert cache.row_index(kind) == {"1", "3"}, kind
+            assert cache.placed_rows(kind) == {"1", "3"}, kind
     assert not cache.dangling()
     # a late epoch-0 change of the removed row stays out; an epoch-1 one gets in
     assert set(cache.apply(change("u", 2000, ROW[2]))) == {STALE}
@@ -1093,11 +1093,11 @@ def test_any_delivery_order_builds_what_the_final_table_builds(
     assert not cache.dangling()
     assert cache.key_index("hash") == {f"user:{i}" for i in rows}
     for kind in ("set", "string_by_email", "hash_by_email"):
-        assert cache.row_index(kind) == {str(i) for i in rows}, kind
+        assert cache.placed_rows(kind) == {str(i) for i in rows}, kind
     placed = {
         str(i) for i, row in rows.items() if row["active"] is True and row["price"] is not None
     }
-    assert cache.row_index("zset") == placed
+    assert cache.placed_rows("zset") == placed
     # replaying the whole history again changes nothing
     assert set(cache.apply(*history)) == {STALE}
     got_again = visible(r)
