@@ -57,7 +57,7 @@ RULES: list[tuple[str, dict[str, Any]]] = [
             "type": "list",
             "value": "json",
             "fields": ["id", "name"],
-            "max_len": 50,
+            "max_len": 10,
         },
     ),
     ("stream event", {"key": "changes", "type": "stream", "max_len": 1000}),

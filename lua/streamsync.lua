@@ -445,33 +445,30 @@ local function remove_at(list, index)
     redis.call('LREM', list, 1, REMOVED)
 end
 
--- Keep a capped list at max_len entries, its reserve behind it at max_len at most: the list's
--- oldest entries become the reserve's newest, or the other way round (the order record stays as
--- it is); the reserve's oldest go. More than one entry moves only when max_len was changed.
-local function list_cap(list, order, reserve, max_len, listed)
+-- Keep a capped list of `listed` entries at max_len, its reserve of `reserved` behind it at
+-- max_len at most: the list's oldest entries become the reserve's newest, or the other way round
+-- (the order record stays as it is); the reserve's oldest go. More than one entry moves only
+-- when max_len was changed.
+local function list_cap(list, order, reserve, max_len, listed, reserved)
     while listed > max_len do
-        redis.call('LPUSH', reserve, redis.call('RPOP', list))
+        reserved = redis.call('LPUSH', reserve, redis.call('RPOP', list))
         listed = listed - 1
     end
-    while listed < max_len do
-        local refill = redis.call('LPOP', reserve)
-        if not refill then
-            break
-        end
-        redis.call('RPUSH', list, refill)
-        listed = listed + 1
+    while listed < max_len and reserved > 0 do
+        redis.call('RPUSH', list, redis.call('LPOP', reserve))
+        listed, reserved = listed + 1, reserved - 1
     end
-    local excess = redis.call('LLEN', reserve) - max_len
-    if excess > 0 then
-        redis.call('RPOP', reserve, excess)
-        redis.call('RPOP', order, excess)
+    if reserved > max_len then
+        redis.call('RPOP', reserve, reserved - max_len)
+        redis.call('RPOP', order, reserved - max_len)
     end
 end
 
--- Insert an entry at the place of its sort key in a list of `listed` entries (into the reserve
--- if it is older than all the list keeps). Returns false when it is older than everything a
--- capped list keeps.
-local function list_insert(list, order, reserve, key, value, max_len, listed)
+-- Insert an entry at the place of its sort key in a list of `listed` entries and a reserve of
+-- `reserved` (into the reserve if it is older than all the list keeps). Returns false when it
+-- is older than everything a capped list keeps.
+local function list_insert(list, order, reserve, entry, max_len, listed, reserved)
+    local key, value = entry[1], entry[2]
     local index = rank(order, key)
     local in_list = index <= listed and (max_len == 0 or index < max_len)
     if not in_list and index - listed >= max_len then
@@ -483,9 +480,10 @@ local function list_insert(list, order, reserve, key, value, max_len, listed)
         listed = listed + 1
     else
         insert_at(reserve, index - listed, value)
+        reserved = reserved + 1
     end
     if max_len > 0 then
-        list_cap(list, order, reserve, max_len, listed)
+        list_cap(list, order, reserve, max_len, listed, reserved)
     end
     return true
 end
@@ -702,8 +700,8 @@ local function list_row(ctx, keys, k, argv, i)
     local listed, reserved = list_consistent(list, order, reserve)
     if max_len == 0 and reserved > 0 then
         -- max_len was taken off: the reserve goes back into the list
-        list_cap(list, order, reserve, math.huge, listed)
-        listed = listed + reserved
+        list_cap(list, order, reserve, math.huge, listed, reserved)
+        listed, reserved = listed + reserved, 0
     end
     local key_mid = middle(list, ctx.shape[1], ctx.shape[2])
     local entries = {}
@@ -733,7 +731,7 @@ local function list_row(ctx, keys, k, argv, i)
         entries = kept
     end
     local inserted = not replaced
-        and list_insert(list, order, reserve, pos .. token, value, max_len, listed)
+        and list_insert(list, order, reserve, {pos .. token, value}, max_len, listed, reserved)
     if inserted then
         entries[#entries + 1] = pos
         if max_len > 0 and #entries > 2 * max_len then
