@@ -51,7 +51,7 @@ RULES: list[tuple[str, dict[str, Any]]] = [
         {"key": "feed:{uid}", "type": "list", "value": "json", "fields": ["id", "name"]},
     ),
     (
-        "list entry, max_len 50",
+        "list entry, max_len 10",
         {
             "key": "feed:{uid}",
             "type": "list",
