@@ -537,11 +537,14 @@ def compare(r: redis.Redis, sent: list[Sent], report: Report) -> None:
     # the set and sorted-set rules' records say exactly which rows are placed, and where
     index_errors = 0
     tables = Tables(StateKeys())
-    expected_placed = {
-        SET_RULE: {str(i).encode(): f"plan:{(s.row or {})['plan']}:users" for i, s in live.items()},
-        ZSET_RULE: {m.removeprefix(b"user:"): ZSET_KEY for m in want_zset},
-    }
-    for rule, want_placed in expected_placed.items():
+    expected_placed = [
+        (
+            SET_RULE,
+            {str(i).encode(): f"plan:{(s.row or {})['plan']}:users" for i, s in live.items()},
+        ),
+        (ZSET_RULE, {m.removeprefix(b"user:"): ZSET_KEY for m in want_zset}),
+    ]
+    for rule, want_placed in expected_placed:
         table = tables.table(rule)
         have_placed = {
             field: where.key
