@@ -626,9 +626,8 @@ local function unplace_key(ctx, key_mid, placed_at)
     end
 end
 
--- Remove what a placement (made at position placed_at) says the row holds; a list's entries
--- only if list_entries.
-local function unplace(ctx, field, placed_at, kind, data, list_entries)
+-- Remove what a placement (made at position placed_at) says the row holds.
+local function unplace(ctx, field, placed_at, kind, data)
     local shape = ctx.shape
     if kind == 'T' or kind == 'Z' or kind == 'S' or kind == 'Y' then
         local key_mid, member_mid = data, field
@@ -644,7 +643,7 @@ local function unplace(ctx, field, placed_at, kind, data, list_entries)
         end
     elseif kind == 'M' then
         unplace_key(ctx, data, placed_at)
-    elseif kind == 'L' and list_entries then
+    elseif kind == 'L' then
         local key_mid, listed = sized(data)
         local list, order, reserve = list_keys(shape, key_mid)
         list_consistent(list, order, reserve)
@@ -673,7 +672,7 @@ local function member_row(kind)
             placed = NAMED[kind] .. #key_mid .. ':' .. key_mid .. member_mid
         end
         if old_kind and old_kind .. old ~= placed then
-            unplace(ctx, field, current, old_kind, old, true)
+            unplace(ctx, field, current, old_kind, old)
         end
         if kind == 'T' then
             redis.call('SADD', target, member)
@@ -710,10 +709,10 @@ local function list_row(ctx, keys, k, argv, i)
         if old_mid == key_mid then
             entries = entry_positions(named, current)
         else
-            unplace(ctx, field, current, old_kind, old, true)
+            unplace(ctx, field, current, old_kind, old)
         end
     elseif old_kind then
-        unplace(ctx, field, current, old_kind, old, true)
+        unplace(ctx, field, current, old_kind, old)
     end
     local token = sort_token(field)
     local replaced = false
@@ -785,7 +784,7 @@ local function remove_row(ctx, keys, k, argv, i)
         local key_mid, listed = sized(old)
         placed = list_placement(key_mid, entry_positions(listed, current), pos)
     elseif old_kind then
-        unplace(ctx, field, current, old_kind, old, true)
+        unplace(ctx, field, current, old_kind, old)
     end
     store(ctx, bucket, field, pos, placed, overflowed)
     return APPLIED, not current
@@ -811,7 +810,7 @@ local function moving_row(ctx, keys, k, argv, i)
     end
     local key_mid = string.sub(key_field, #MOVING_KEY + 1)
     if old_kind and not (old_kind == 'M' and old == key_mid) then
-        unplace(ctx, field, current, old_kind, old, true)
+        unplace(ctx, field, current, old_kind, old)
     end
     local placed = nil
     if status == APPLIED then
