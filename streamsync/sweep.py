@@ -104,12 +104,8 @@ class Sweeper:
     def _sweep_table(self, rule: Rule, table: Table, position: str) -> int:
         prefix = rule.template.literals[0]
         removed = 0
-        for index in range(table.buckets):
-            names = [
-                prefix + record_name(as_text(f))
-                for f in self.client.hkeys(table.bucket(index))
-                if not is_meta(f)
-            ]
+        for fields in self._fields(table):
+            names = [prefix + record_name(as_text(f)) for f in fields]
             for chunk in _chunks(names, SWEEP_CHUNK):
                 removed += self._apply([self.planner.key_removal(rule, k, position) for k in chunk])
         if removed:
@@ -121,13 +117,9 @@ class Sweeper:
         starts with ``prefix``)."""
         removed = 0
         start = prefix.encode()
-        for index in range(table.buckets):
-            fields = [
-                f
-                for f in self.client.hkeys(table.bucket(index))
-                if not is_meta(f) and as_bytes(f).startswith(start)
-            ]
-            for chunk in _chunks(fields, SWEEP_CHUNK):
+        for fields in self._fields(table):
+            rows = [f for f in fields if f.startswith(start)]
+            for chunk in _chunks(rows, SWEEP_CHUNK):
                 removed += self._apply([self.planner.removal(table, f, position) for f in chunk])
         if removed:
             log.info("%s: removed %d row(s) placed before %s", table.name, removed, position)
@@ -141,12 +133,30 @@ class Sweeper:
             removed += self._apply([self.planner.key_removal(rule, k, position) for k in chunk])
         return removed
 
+    def _fields(self, table: Table) -> Iterator[list[bytes]]:
+        """The record fields of each bucket of ``table``, the buckets that workers' splits add
+        meanwhile included (a split moves records into the new last bucket only)."""
+        swept = 0
+        while True:
+            count = int(self.client.hget(table.meta, META_BUCKETS) or 1)
+            if swept >= count:
+                return
+            for index in range(swept, count):
+                fields = self.client.hkeys(table.bucket(index))
+                yield [as_bytes(f) for f in fields if not is_meta(f)]
+            swept = count
+
     def _apply(self, rows: list[RowWrite]) -> int:
-        replies = self.library.changes(rows, self.tombstone_s).rows
-        errors = [r for r in replies if isinstance(r, str)]
-        if errors:
-            raise redis.ResponseError(f"sweep failed for {len(errors)} row(s): {errors[0]}")
-        return sum(1 for r in replies if r is RowStatus.APPLIED)
+        removed = 0
+        while rows:
+            replies = self.library.changes(rows, self.tombstone_s).rows
+            errors = [r for r in replies if isinstance(r, str)]
+            if errors:
+                raise redis.ResponseError(f"sweep failed for {len(errors)} row(s): {errors[0]}")
+            removed += sum(1 for r in replies if r is RowStatus.APPLIED)
+            # a worker split the table meanwhile: those rows go again, readdressed
+            rows = [row for row, r in zip(rows, replies, strict=True) if r is RowStatus.REBUCKETED]
+        return removed
 
 
 def _template_pattern(rule: Rule) -> tuple[str, re.Pattern[str]]:

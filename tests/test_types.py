@@ -6,7 +6,7 @@ the final table would build."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -895,6 +895,34 @@ def test_truncate_removes_list_entries_of_rows_deleted_under_on_delete_ignore(
     assert visible(lib) == {"feed": ["2:n2", "1:n1"]}
     cache.sweeper().truncate(TABLE, pos(50, "t"))
     assert visible(lib) == {}
+
+
+@pytest.mark.parametrize("kind", ["hash", "set", "list", "string_by_email"])
+def test_truncate_finds_every_row_while_another_worker_splits_the_table(
+    lib: redis.Redis, kind: str
+) -> None:
+    """A split moves records into a new last bucket, and refuses rows addressed before it:
+    the sweep walks the buckets added meanwhile, and sends refused rows again."""
+    rows = {i: {**V1, "id": i, "email": f"u{i}@x.io"} for i in range(300)}
+    cache = Cache(lib, kind)
+    cache.apply_batch(change("c", 10 + i, row) for i, row in rows.items())
+    rule = RULES[kind]
+    # another worker, with its own view of the tables, has split the table once already
+    other = Cache(lib, kind)
+    table = other.records_table(rule) if kind in MOVING else other.planner.tables.table(rule)
+    assert Library(lib).split(table)
+
+    class Meanwhile(Sweeper):
+        def _fields(self, swept: Table) -> Iterator[list[bytes]]:
+            for n, fields in enumerate(Sweeper._fields(self, swept)):
+                if n == 0 and swept.name == table.name:
+                    # after bucket 0 is read: bucket 0 goes into bucket 2, bucket 1 into 3
+                    assert Library(lib).split(table) and Library(lib).split(table)
+                yield fields
+
+    Meanwhile(lib, cache.planner, TOMBSTONE_S).truncate(TABLE, pos(5000, "t"))
+    assert visible(lib) == {}
+    assert cache.apply(change("u", 20, rows[1])) == [STALE]
 
 
 def test_truncate_with_a_stream_rule_keyed_by_a_column(lib: redis.Redis) -> None:
