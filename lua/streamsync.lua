@@ -12,7 +12,8 @@ Positions compare as strings (the server's collation orders digit strings numeri
 Records (library 2.0, docs/bookkeeping.md) are fields of small hashes, the rule's buckets: the
 worker computes a record's bucket (linear hashing over crc32 of the field) and names it in KEYS;
 bucket 0 of each rule table holds the table's meta fields. Every key the library touches arrives
-in KEYS; it never builds key names or scans the keyspace.
+in KEYS, but for the keys a placement record says a row was in (see there); it never scans the
+keyspace.
 
 Row functions reply with one status per row:
   1 applied, 0 stale (position not newer), 2 skipped (an update with unchanged TOAST columns for a
@@ -37,9 +38,10 @@ local META_FLOOR = '#f'   -- in a bucket rebuilt after an eviction: the position
 local META_LOSSY = '#l'   -- in bucket 0: records of the table were evicted (rows may be unrecorded)
 
 -- A record value: '<position>' while its row is cached without a TTL, else
--- '<position>~<unix seconds after which the record may go>'. A position never holds '~' and never
--- is a proper prefix of another, so comparing the whole value with a position compares positions
--- (an equal position with a suffix compares greater: stale, as it should).
+-- '<position>~<unix seconds after which the record may go>' (a placement record then says where
+-- the row is). A position never holds '~' and never is a proper prefix of another, so comparing
+-- the whole value with a position compares positions (an equal position with a suffix compares
+-- greater: stale, as it should).
 local EXPIRES = '~'
 
 local function is_meta(field)
@@ -245,388 +247,6 @@ local SINGLE = {
     I = {remove, function() return 0 end, true},
 }
 
---[[ A position record kept as a string key of its own (library 1.x layout, still used by the
-rows of single-value rules whose key may move: kind 'M' below, until placements move to
-buckets). Its value is the position; it expires with the row (PX). --]]
-local function stored(pos_key)
-    local value = redis.call('GET', pos_key)
-    if not value then
-        return nil
-    end
-    local bar = string.find(value, '|', 1, true)
-    if bar then
-        return string.sub(value, 1, bar - 1)
-    end
-    return value
-end
-
--- the 1.x row function of a single-value kind: KEYS target, position record; items: position,
--- ttl_ms, then the kind's items
-local function single_v1(kind)
-    local body, span, removes = SINGLE[kind][1], SINGLE[kind][2], SINGLE[kind][3]
-    return function(keys, k, argv, i, tombstone_ms)
-        local target, pos_key = keys[k], keys[k + 1]
-        local pos, ttl_ms = argv[i], tonumber(argv[i + 1])
-        local current = stored(pos_key)
-        if current and current >= pos then
-            return STALE
-        end
-        local status = body(target, argv, i + 2, ttl_ms)
-        if status ~= APPLIED or removes then
-            redis.call('SET', pos_key, pos, 'PX', tombstone_ms)
-            return status, false
-        elseif ttl_ms > 0 then
-            redis.call('SET', pos_key, pos, 'PX', ttl_ms + tombstone_ms)
-        else
-            redis.call('SET', pos_key, pos)
-        end
-        return status, true
-    end, function(argv, i) return 2 + span(argv, i + 2) end
-end
-
---[[ Placement records (library 1.1). A rule whose structure gathers many rows (set, sorted set,
-list, stream), or whose key may move when a non-key column changes, keeps one record per (rule,
-source row): "<position>|" for a row placed nowhere (a tombstone, kept for the tombstone window),
-or "<position>|<kind><msgpack array>" saying where the row is, by kind:
-  T set member        {key, member}
-  Z sorted-set member {key, member}
-  M single-value key  {key, its position record}
-  L list entries      {key, order key, reserve key, {entry order members...}}
-Events carry no before-image under PostgreSQL's default REPLICA IDENTITY, so this record is the
-only way to learn where a row was: the old member or key is removed when the row moves, is
-deleted, or leaves the rule's filter. It carries the row's position, so placement changes are
-exactly as idempotent and order-safe as plain writes. The keys named inside a record are not in
-KEYS (they cannot be known before reading it); in a Redis Cluster a rule whose keys can move must
-pin them to one slot with a hash tag.
---]]
-local function placement(p_key)
-    local value = redis.call('GET', p_key)
-    if not value then
-        return nil, nil, nil
-    end
-    local bar = string.find(value, '|', 1, true)
-    local pos = string.sub(value, 1, bar - 1)
-    if bar == #value then
-        return pos, nil, nil
-    end
-    return pos, string.sub(value, bar + 1, bar + 1), cmsgpack.unpack(string.sub(value, bar + 2))
-end
-
-local function store_placement(p_key, pos, kind, data, ttl_ms, tombstone_ms)
-    if not kind then
-        redis.call('SET', p_key, pos .. '|', 'PX', tombstone_ms)
-    elseif ttl_ms > 0 then
-        redis.call('SET', p_key, pos .. '|' .. kind .. cmsgpack.pack(data), 'PX', ttl_ms + tombstone_ms)
-    else
-        redis.call('SET', p_key, pos .. '|' .. kind .. cmsgpack.pack(data))
-    end
-end
-
--- A list entry being removed is first overwritten with this value, then LREM'd: removal by index
--- even when several entries hold the same text.
-local REMOVED = '\0streamsync:removed\0'
-
---[[ A list rule keeps its entries ordered by source position, newest first, whatever the
-delivery order: the order key, a sorted set whose members "<position>|<row>" sort like the
-entries, gives each entry's index (ZREVRANK among the score-0 members). Lists have no
-insert-at-index, so an entry that belongs below the head pops the newer entries above it and
-pushes them back; out-of-order entries land near the head, so this stays short.
-A capped list (max_len) keeps the entries it trims in a reserve, up to max_len of them: order
-members with score -1, their values in the reserve hash. When an entry of the list is removed
-(a delete), the newest reserve entry takes the freed place at the tail, so the list holds the
-newest max_len rows in any delivery order, as long as no more than max_len of them are deleted.
---]]
-local IN_LIST, IN_RESERVE = 0, -1
-
-local function list_consistent(list, order, reserve)
-    if redis.call('LLEN', list) ~= redis.call('ZCOUNT', order, IN_LIST, IN_LIST) then
-        -- edited or expired outside streamsync: its order is unknown, start it over
-        redis.call('DEL', list, order, reserve)
-    end
-end
-
-local function reserve_add(order, reserve, entry, value, max_len)
-    redis.call('ZADD', order, IN_RESERVE, entry)
-    redis.call('HSET', reserve, entry, value)
-    local excess = redis.call('ZCOUNT', order, IN_RESERVE, IN_RESERVE) - max_len
-    if excess > 0 then
-        local oldest = redis.call('ZRANGE', order, IN_RESERVE, IN_RESERVE, 'BYSCORE', 'LIMIT', 0,
-            excess)
-        redis.call('ZREM', order, unpack(oldest))
-        redis.call('HDEL', reserve, unpack(oldest))
-    end
-end
-
--- Move the newest reserve entries to the tail while the list has room.
-local function list_refill(list, order, reserve, room)
-    for _ = 1, room do
-        local newest = redis.call('ZRANGE', order, IN_RESERVE, IN_RESERVE, 'BYSCORE', 'REV',
-            'LIMIT', 0, 1)[1]
-        if not newest then
-            return
-        end
-        redis.call('RPUSH', list, redis.call('HGET', reserve, newest))
-        redis.call('HDEL', reserve, newest)
-        redis.call('ZADD', order, IN_LIST, newest)
-    end
-end
-
-local function list_remove(list, order, reserve, entries)
-    list_consistent(list, order, reserve)
-    local removed = 0
-    for _, entry in ipairs(entries) do
-        local score = redis.call('ZSCORE', order, entry)
-        if score and tonumber(score) == IN_LIST then
-            redis.call('LSET', list, redis.call('ZREVRANK', order, entry), REMOVED)
-            redis.call('ZREM', order, entry)
-            removed = removed + 1
-        elseif score then
-            redis.call('ZREM', order, entry)
-            redis.call('HDEL', reserve, entry)
-        end
-    end
-    if removed > 0 then
-        redis.call('LREM', list, removed, REMOVED)
-        list_refill(list, order, reserve, removed)
-    end
-end
-
--- Insert value at the place of its order member (into the reserve if a full list keeps only
--- newer entries).
-local function list_insert(list, order, reserve, entry, value, max_len)
-    redis.call('ZADD', order, IN_LIST, entry)
-    local index = redis.call('ZREVRANK', order, entry)
-    if max_len > 0 and index >= max_len then
-        reserve_add(order, reserve, entry, value, max_len)
-        return
-    end
-    if index == 0 then
-        redis.call('LPUSH', list, value)
-    else
-        local above = redis.call('LPOP', list, index)
-        redis.call('LPUSH', list, value)
-        local back = {}
-        for n = #above, 1, -1 do
-            back[#back + 1] = above[n]
-        end
-        redis.call('LPUSH', list, unpack(back))
-    end
-    if max_len > 0 then
-        local excess = redis.call('LLEN', list) - max_len
-        if excess > 0 then
-            local oldest = redis.call('ZRANGE', order, IN_LIST, IN_LIST, 'BYSCORE', 'LIMIT', 0,
-                excess)
-            local values = redis.call('RPOP', list, excess)
-            for n = 1, excess do
-                reserve_add(order, reserve, oldest[n], values[n], max_len)
-            end
-        end
-    end
-end
-
--- Rewrite an entry's value where it is (list or reserve).
-local function list_set(list, order, reserve, entry, value)
-    local score = tonumber(redis.call('ZSCORE', order, entry))
-    if score == IN_LIST then
-        redis.call('LSET', list, redis.call('ZREVRANK', order, entry), value)
-    else
-        redis.call('HSET', reserve, entry, value)
-    end
-end
-
--- Remove what a placement record (made at position placed_at) says the row holds. A
--- single-value key is deleted only if no other row wrote it since (a unique value that changed
--- hands); its tombstone keeps the row's own position, so the new holder's write, newer than
--- that, still applies whatever the order.
-local function unplace(kind, data, placed_at, tombstone_ms, list_entries)
-    if kind == 'T' then
-        redis.call('SREM', data[1], data[2])
-    elseif kind == 'Z' then
-        redis.call('ZREM', data[1], data[2])
-    elseif kind == 'M' then
-        local written = stored(data[2])
-        if not written or written <= placed_at then
-            redis.call('DEL', data[1])
-            redis.call('SET', data[2], placed_at, 'PX', tombstone_ms)
-        end
-    elseif kind == 'L' and list_entries then
-        list_remove(data[1], data[2], data[3], data[4])
-    end
-end
-
---[[ 'T' set member: KEYS placement record, set; items: position, ttl_ms, member.
-     'Z' sorted-set member: KEYS placement record, sorted set; items: position, ttl_ms, member,
-score. The row's previous member (another key, or another member) is removed. --]]
-local function member_row(kind)
-    return function(keys, k, argv, i, tombstone_ms)
-        local p_key, target = keys[k], keys[k + 1]
-        local pos, ttl_ms, member = argv[i], tonumber(argv[i + 1]), argv[i + 2]
-        local current, old_kind, old = placement(p_key)
-        if current and current >= pos then
-            return STALE
-        end
-        if old and (old_kind ~= kind or old[1] ~= target or old[2] ~= member) then
-            unplace(old_kind, old, current, tombstone_ms, true)
-        end
-        if kind == 'T' then
-            redis.call('SADD', target, member)
-        else
-            redis.call('ZADD', target, argv[i + 3], member)
-        end
-        expire_target(target, ttl_ms)
-        store_placement(p_key, pos, kind, {target, member}, ttl_ms, tombstone_ms)
-        if old then
-            return APPLIED
-        end
-        return APPLIED, true
-    end
-end
-
---[[ 'L' list entry: KEYS placement record, list, its order key, its reserve; items: position,
-ttl_ms, max_len (0 = unbounded), mode ('p' push one entry per change | 'r' replace the row's entry
-in place), order member ("<position>|<row>"), value. --]]
-local function list_row(keys, k, argv, i, tombstone_ms)
-    local p_key, list, order, reserve = keys[k], keys[k + 1], keys[k + 2], keys[k + 3]
-    local pos, ttl_ms, max_len = argv[i], tonumber(argv[i + 1]), tonumber(argv[i + 2])
-    local mode, entry, value = argv[i + 3], argv[i + 4], argv[i + 5]
-    local current, old_kind, old = placement(p_key)
-    if current and current >= pos then
-        return STALE
-    end
-    list_consistent(list, order, reserve)
-    local entries = {}
-    if old and old_kind == 'L' and old[1] == list then
-        -- entries dropped from the reserve since are forgotten
-        for _, e in ipairs(old[4]) do
-            if redis.call('ZSCORE', order, e) then
-                entries[#entries + 1] = e
-            end
-        end
-    elseif old then
-        unplace(old_kind, old, current, tombstone_ms, true)
-    end
-    if mode == 'r' and #entries > 0 then
-        list_set(list, order, reserve, entries[1], value)
-        if #entries > 1 then
-            list_remove(list, order, reserve, {unpack(entries, 2)})
-        end
-        entries = {entries[1]}
-    else
-        list_insert(list, order, reserve, entry, value, max_len)
-        if redis.call('ZSCORE', order, entry) then
-            entries[#entries + 1] = entry
-        end
-        if max_len > 0 and #entries > 2 * max_len then
-            table.remove(entries, 1)
-        end
-    end
-    expire_target(list, ttl_ms)
-    expire_target(order, ttl_ms)
-    expire_target(reserve, ttl_ms)
-    if #entries == 0 then
-        store_placement(p_key, pos, nil, nil, ttl_ms, tombstone_ms)
-        return APPLIED, false
-    end
-    store_placement(p_key, pos, 'L', {list, order, reserve, entries}, ttl_ms, tombstone_ms)
-    if old then
-        return APPLIED
-    end
-    return APPLIED, true
-end
-
---[[ 'X' stream event: KEYS the row's record, stream; items: position, max_len (0 = unbounded),
-n, n field/value pairs. Published once per strictly newer position of the row: a replay within the
-tombstone window publishes nothing. --]]
-local function stream_row(keys, k, argv, i, tombstone_ms)
-    local p_key, stream = keys[k], keys[k + 1]
-    local pos, max_len, n = argv[i], tonumber(argv[i + 1]), tonumber(argv[i + 2])
-    local current = placement(p_key)
-    if current and current >= pos then
-        return STALE
-    end
-    if max_len > 0 then
-        redis.call('XADD', stream, 'MAXLEN', max_len, '*', unpack(argv, i + 3, i + 2 + 2 * n))
-    else
-        redis.call('XADD', stream, '*', unpack(argv, i + 3, i + 2 + 2 * n))
-    end
-    store_placement(p_key, pos, nil, nil, 0, tombstone_ms)
-    return APPLIED
-end
-
---[[ 'R' remove a row's placement (a delete, the row leaving the rule's filter, a TRUNCATE):
-KEYS placement record; items: position, list entries ('1' removed | '0' kept). --]]
-local function remove_row(keys, k, argv, i, tombstone_ms)
-    local p_key, pos = keys[k], argv[i]
-    local current, old_kind, old = placement(p_key)
-    if current and current >= pos then
-        return STALE
-    end
-    if old and old_kind == 'L' and argv[i + 1] ~= '1' then
-        -- on_delete ignore: the entries stay, and so does the record of them (and the row in
-        -- its index), for a TRUNCATE or a resync to find
-        store_placement(p_key, pos, 'L', old, 0, tombstone_ms)
-        return APPLIED
-    end
-    if old then
-        unplace(old_kind, old, current, tombstone_ms, true)
-    end
-    store_placement(p_key, pos, nil, nil, 0, tombstone_ms)
-    return APPLIED, false
-end
-
--- The 1.x row functions a moving row ('M') calls for its target: see single_v1.
-local INNER = {}
-local function inner(kind)
-    local fn, span = single_v1(kind)
-    INNER[kind] = {fn, span}
-end
-inner('H')
-inner('h')
-inner('J')
-inner('j')
-
--- placement row kinds (1.x layout): the function applying one, its number of KEYS after the
--- rule's index, and the number of ARGV items it spans (given the index of its first item)
-local ROWS = {
-    T = {member_row('T'), 2, function() return 3 end},
-    Z = {member_row('Z'), 2, function() return 4 end},
-    L = {list_row, 4, function() return 6 end},
-    X = {stream_row, 2, function(argv, i) return 3 + 2 * tonumber(argv[i + 2]) end},
-    R = {remove_row, 1, function() return 2 end},
-}
-
---[[ 'M' a single-value row whose key may move: KEYS placement record, target, its position
-record; items: position, then an H, h, J or j row's kind and items (position, ttl_ms, the kind's
-items). The row-level position decides whether the change is new; the target's own position record
-then decides whether it may write the key (another row may have taken the key over later: a
-unique column changing hands). The key the row held before, if another, is deleted unless a newer
-change wrote it since. --]]
-local function moving_row(keys, k, argv, i, tombstone_ms)
-    local p_key, target, t_pos = keys[k], keys[k + 1], keys[k + 2]
-    local pos, inner = argv[i], argv[i + 1]
-    local current, old_kind, old = placement(p_key)
-    if current and current >= pos then
-        return STALE
-    end
-    local status = INNER[inner][1](keys, k + 1, argv, i + 2, tombstone_ms)
-    if old and (old_kind ~= 'M' or old[1] ~= target) then
-        unplace(old_kind, old, current, tombstone_ms, true)
-    end
-    local ttl_ms = tonumber(argv[i + 3])
-    if status == APPLIED then
-        store_placement(p_key, pos, 'M', {target, t_pos}, ttl_ms, tombstone_ms)
-        if old then
-            return APPLIED
-        end
-        return APPLIED, true
-    end
-    store_placement(p_key, pos, nil, nil, ttl_ms, tombstone_ms)
-    return status, false
-end
-ROWS.M = {moving_row, 3, function(argv, i)
-    return 2 + INNER[argv[i + 1]][2](argv, i + 2)
-end}
-
 local function row_error(result)
     if type(result) == 'table' and result.err then
         return result.err
@@ -692,34 +312,578 @@ local function single_row(body, removes, target, bucket, field, pos, argv, i, tt
     return status, not current or at_floor
 end
 
--- A placement row (1.x layout): its rule's index first, the index member, then the kind's keys
--- and items. An applied row that places a row not placed before adds it to the index; one that
--- leaves the row placed nowhere removes it.
-local function placement_row(row, keys, k, argv, i, tombstone_ms)
-    local ok, status, placed = pcall(row[1], keys, k + 1, argv, i + 1, tombstone_ms)
-    if not ok then
-        return row_error(status)
+--[[ Placement records. A rule whose structure gathers many rows (set, sorted set, list, stream),
+or whose key may move when a non-key column changes ('M' below), keeps one record per source row
+in its buckets: the field is the row identity, the value the row's position (and '~' with the
+time it may go, as above), then where the row is placed, if anywhere:
+  T set member, the member is the row    the key's middle
+  S set member                           <n>:<the key's middle, n bytes><the member's middle>
+  Z, Y sorted-set member                 as T, S
+  L list entries                         <n>:<the key's middle><its entries' positions>
+  M single-value key                     the key's middle
+  O the placement is too long for a bucket: it is in the table's overflow hash, under the field
+A middle is a key or member without what its template fixes before and after it (the table's
+shape, sent by the worker per table): 'plan:{plan}:users' keeps 'free', a member equal to the row
+identity keeps nothing. A list's entries are the positions that placed them, oldest first, ','
+between, and '' for the record's own position. Positions hold digits and 'e' only, so the first
+'~' or capital letter ends one.
+Events carry no before-image under PostgreSQL's default REPLICA IDENTITY, so this record is the
+only way to learn where a row was: the old member, key or entry is removed when the row moves, is
+deleted, or leaves the rule's filter, and only for a change newer than the record. The keys a
+record names are not in KEYS (they cannot be known before reading it): they are put together from
+the table's shape, which names them as streamsync.keys does. In a Redis Cluster such a rule pins
+its keys, its buckets and its lists' companions to one slot with a hash tag.
+--]]
+
+-- A placement longer than this would make its bucket a hashtable (hash-max-listpack-value).
+local VALUE_MAX = 64
+local OVERFLOW = 'O'
+-- the member of a T or Z placement is the row; S and Y name it
+local NAMED = {T = 'S', Z = 'Y'}
+local KIND_OF_NAMED = {S = 'T', Y = 'Z'}
+
+-- A record value -> the position, and the placement's kind and data (nil: placed nowhere).
+local function record_parts(value)
+    local mark = string.find(value, '[~A-Z]')
+    if not mark then
+        return value, nil, nil
     end
-    local member = argv[i]
-    if member ~= '' then
-        if placed == true then
-            redis.call('SADD', keys[k], member)
-        elseif placed == false then
-            redis.call('SREM', keys[k], member)
+    local pos = string.sub(value, 1, mark - 1)
+    if string.byte(value, mark) == 126 then -- '~'
+        mark = string.find(value, '%D', mark + 1)
+        if not mark then
+            return pos, nil, nil
         end
     end
-    return status
+    return pos, string.sub(value, mark, mark), string.sub(value, mark + 1)
 end
 
+-- The record of `field`: position, placement kind and data, and whether it overflowed.
+local function read_record(ctx, bucket, field)
+    local value = redis.call('HGET', bucket, field)
+    if not value then
+        return nil, nil, nil, false
+    end
+    local pos, kind, data = record_parts(value)
+    if kind ~= OVERFLOW then
+        return pos, kind, data, false
+    end
+    local placed = redis.call('HGET', ctx.overflow, field)
+    if not placed then
+        return pos, nil, nil, true
+    end
+    return pos, string.sub(placed, 1, 1), string.sub(placed, 2), true
+end
+
+-- Write the record of `field`: a row placed nowhere (placed nil) goes after the tombstone
+-- window; a placed row of a rule with a TTL after its TTL and the window.
+local function store(ctx, bucket, field, pos, placed, overflowed)
+    local value = pos
+    if not placed then
+        value = pos .. EXPIRES .. (ctx.now + ctx.tombstone_s)
+    elseif ctx.ttl_ms > 0 then
+        value = pos .. EXPIRES .. (ctx.now + math.ceil(ctx.ttl_ms / 1000) + ctx.tombstone_s)
+    end
+    if placed then
+        if #value + #placed > VALUE_MAX then
+            redis.call('HSET', ctx.overflow, field, placed)
+            placed, overflowed = OVERFLOW, false
+        end
+        value = value .. placed
+    end
+    if overflowed then
+        redis.call('HDEL', ctx.overflow, field)
+    end
+    redis.call('HSET', bucket, field, value)
+end
+
+local function middle(text, before, after)
+    return string.sub(text, #before + 1, #text - #after)
+end
+
+-- '<n>:<n bytes><rest>' -> the n bytes, the rest
+local function sized(data)
+    local colon = string.find(data, ':', 1, true)
+    local n = tonumber(string.sub(data, 1, colon - 1))
+    return string.sub(data, colon + 1, colon + n), string.sub(data, colon + n + 1)
+end
+
+--[[ Lists. A list rule keeps its entries ordered by source position, newest first, whatever the
+delivery order, with an order record: a list of the entries' sort keys ("<position><row token>":
+positions never are a prefix of one another, so these sort like the positions, then the rows),
+in the same order as the list, then those of the reserve's entries. An entry is found by its sort
+key (LPOS), and a new one's place by comparing sort keys (it is the head's most of the time).
+Lists have no insert-at-index: the entry at the place is swapped for a marker to insert before.
+A capped list (max_len) keeps the entries it trims in a reserve, up to max_len of them, newest
+first: when an entry of the list is removed (a delete), the newest reserve entry takes the freed
+place at the tail, so the list holds the newest max_len rows in any delivery order, as long as no
+more than max_len of them are deleted.
+--]]
+
+-- A list entry being removed or inserted before is first overwritten with this value: removal
+-- and insertion by index even when several entries hold the same text.
+local REMOVED = '\0streamsync:removed\0'
+
+-- entries sharing a position (one snapshot) sort by row: integers by value, not as text
+local function sort_token(field)
+    if string.find(field, '^%d+$') then
+        return string.format('%02d', #field) .. field
+    end
+    return field
+end
+
+-- The lengths of the list and of its reserve, once they are consistent with the order record.
+local function list_consistent(list, order, reserve)
+    local listed, reserved = redis.call('LLEN', list), redis.call('LLEN', reserve)
+    if redis.call('LLEN', order) ~= listed + reserved then
+        -- edited or expired outside streamsync: its order is unknown, start it over
+        redis.call('DEL', list, order, reserve)
+        return 0, 0
+    end
+    return listed, reserved
+end
+
+-- How many sort keys of the order record are newer than `key`: the head first, then further
+-- and further down, then by halves.
+local function rank(order, key)
+    local head = redis.call('LINDEX', order, 0)
+    if not head or head < key then
+        return 0
+    end
+    local above, below = 0, 1
+    while true do
+        local probe = redis.call('LINDEX', order, below)
+        if not probe or probe < key then
+            break
+        end
+        above, below = below, below * 2
+    end
+    while below - above > 1 do
+        local mid = math.floor((above + below) / 2)
+        local probe = redis.call('LINDEX', order, mid)
+        if probe and probe > key then
+            above = mid
+        else
+            below = mid
+        end
+    end
+    return below
+end
+
+local function insert_at(list, index, value)
+    if index == 0 then
+        redis.call('LPUSH', list, value)
+    elseif index >= redis.call('LLEN', list) then
+        redis.call('RPUSH', list, value)
+    else
+        local there = redis.call('LINDEX', list, index)
+        redis.call('LSET', list, index, REMOVED)
+        redis.call('LINSERT', list, 'BEFORE', REMOVED, value)
+        redis.call('LSET', list, index + 1, there)
+    end
+end
+
+local function remove_at(list, index)
+    redis.call('LSET', list, index, REMOVED)
+    redis.call('LREM', list, 1, REMOVED)
+end
+
+-- Keep a capped list of `listed` entries at max_len, its reserve of `reserved` behind it at
+-- max_len at most: the list's oldest entries become the reserve's newest, or the other way round
+-- (the order record stays as it is); the reserve's oldest go. More than one entry moves only
+-- when max_len was changed.
+local function list_cap(list, order, reserve, max_len, listed, reserved)
+    while listed > max_len do
+        reserved = redis.call('LPUSH', reserve, redis.call('RPOP', list))
+        listed = listed - 1
+    end
+    while listed < max_len and reserved > 0 do
+        redis.call('RPUSH', list, redis.call('LPOP', reserve))
+        listed, reserved = listed + 1, reserved - 1
+    end
+    if reserved > max_len then
+        redis.call('RPOP', reserve, reserved - max_len)
+        redis.call('RPOP', order, reserved - max_len)
+    end
+end
+
+-- Insert an entry at the place of its sort key in a list of `listed` entries and a reserve of
+-- `reserved` (into the reserve if it is older than all the list keeps). Returns false when it
+-- is older than everything a capped list keeps.
+local function list_insert(list, order, reserve, entry, max_len, listed, reserved)
+    local key, value = entry[1], entry[2]
+    local index = rank(order, key)
+    local in_list = index <= listed and (max_len == 0 or index < max_len)
+    if not in_list and index - listed >= max_len then
+        return false
+    end
+    insert_at(order, index, key)
+    if in_list then
+        insert_at(list, index, value)
+        listed = listed + 1
+    else
+        insert_at(reserve, index - listed, value)
+        reserved = reserved + 1
+    end
+    if max_len > 0 then
+        list_cap(list, order, reserve, max_len, listed, reserved)
+    end
+    return true
+end
+
+local function list_remove(list, order, reserve, sort_keys)
+    for _, key in ipairs(sort_keys) do
+        local index = redis.call('LPOS', order, key)
+        if index then
+            local listed = redis.call('LLEN', list)
+            redis.call('LREM', order, 1, key)
+            if index < listed then
+                remove_at(list, index)
+                local refill = redis.call('LPOP', reserve)
+                if refill then
+                    redis.call('RPUSH', list, refill)
+                end
+            else
+                remove_at(reserve, index - listed)
+            end
+        end
+    end
+end
+
+-- Rewrite an entry's value where it is (list or reserve); false when it is gone.
+local function list_set(list, order, reserve, key, value)
+    local index = redis.call('LPOS', order, key)
+    if not index then
+        return false
+    end
+    local listed = redis.call('LLEN', list)
+    if index < listed then
+        redis.call('LSET', list, index, value)
+    else
+        redis.call('LSET', reserve, index - listed, value)
+    end
+    return true
+end
+
+-- An L placement's entries, as positions (the record's own position for '').
+local function entry_positions(listed, record_pos)
+    local out = {}
+    for p in string.gmatch(listed .. ',', '([^,]*),') do
+        out[#out + 1] = p == '' and record_pos or p
+    end
+    return out
+end
+
+local function list_placement(key_mid, entries, record_pos)
+    local listed = {}
+    for n, p in ipairs(entries) do
+        listed[n] = p == record_pos and '' or p
+    end
+    return 'L' .. #key_mid .. ':' .. key_mid .. table.concat(listed, ',')
+end
+
+local function list_keys(shape, key_mid)
+    return shape[1] .. key_mid .. shape[2], shape[3] .. key_mid .. shape[4],
+        shape[5] .. key_mid .. shape[6]
+end
+
+local function sort_keys(entries, field)
+    local token, out = sort_token(field), {}
+    for n, p in ipairs(entries) do
+        out[n] = p .. token
+    end
+    return out
+end
+
+--[[ Single-value keys that move (kind 'M'): the moving table holds, beside each row's record
+('r' + identity), each key's own record ('k' + the key's middle): the position of the last change
+that wrote or removed the key, whichever row it came from. A row leaving a key deletes it only if
+no newer change wrote it since (a unique value that changed hands), and leaves its own position
+there. The worker cannot address the record of a key the row held before (it learns it only from
+the row's record): the library finds its bucket as streamsync.buckets does, crc32 and linear
+hashing over the table's bucket count, and names it from the bucket names' prefix in the shape.
+--]]
+
+-- built on first use: the bit library is not there while the library loads
+local CRC_TABLE = nil
+
+local function crc_table()
+    local crcs = {}
+    for n = 0, 255 do
+        local c = n
+        for _ = 1, 8 do
+            if bit.band(c, 1) == 1 then
+                c = bit.bxor(bit.rshift(c, 1), 0xEDB88320)
+            else
+                c = bit.rshift(c, 1)
+            end
+        end
+        crcs[n] = c
+    end
+    return crcs
+end
+
+-- crc32 (zlib's) of text, as an unsigned number
+local function crc32(text)
+    CRC_TABLE = CRC_TABLE or crc_table()
+    local crc = bit.bnot(0)
+    for n = 1, #text do
+        local low = bit.band(bit.bxor(crc, string.byte(text, n)), 255)
+        crc = bit.bxor(bit.rshift(crc, 8), CRC_TABLE[low])
+    end
+    crc = bit.bnot(crc)
+    if crc < 0 then
+        crc = crc + 4294967296
+    end
+    return crc
+end
+
+-- streamsync.buckets.bucket_index
+local function bucket_index(crc, n)
+    local size = 1
+    while size * 2 <= n do
+        size = size * 2
+    end
+    local index = crc % (2 * size)
+    if index >= n then
+        index = crc % size
+    end
+    return index
+end
+
+local MOVING_KEY = 'k'
+
+local function unplace_key(ctx, key_mid, placed_at)
+    local field = MOVING_KEY .. key_mid
+    local bucket = ctx.shape[3] .. bucket_index(crc32(field), ctx.n)
+    local written = redis.call('HGET', bucket, field)
+    if written then
+        written = record_parts(written)
+    end
+    if not written or written <= placed_at then
+        redis.call('DEL', ctx.shape[1] .. key_mid .. ctx.shape[2])
+        redis.call('HSET', bucket, field, placed_at .. EXPIRES .. (ctx.now + ctx.tombstone_s))
+        if not written then
+            ctx.added = ctx.added + 1
+        end
+    end
+end
+
+-- Remove what a placement (made at position placed_at) says the row holds.
+local function unplace(ctx, field, placed_at, kind, data)
+    local shape = ctx.shape
+    if kind == 'T' or kind == 'Z' or kind == 'S' or kind == 'Y' then
+        local key_mid, member_mid = data, field
+        if KIND_OF_NAMED[kind] then
+            key_mid, member_mid = sized(data)
+            kind = KIND_OF_NAMED[kind]
+        end
+        local key, member = shape[1] .. key_mid .. shape[2], shape[3] .. member_mid .. shape[4]
+        if kind == 'T' then
+            redis.call('SREM', key, member)
+        else
+            redis.call('ZREM', key, member)
+        end
+    elseif kind == 'M' then
+        unplace_key(ctx, data, placed_at)
+    elseif kind == 'L' then
+        local key_mid, listed = sized(data)
+        local list, order, reserve = list_keys(shape, key_mid)
+        list_consistent(list, order, reserve)
+        list_remove(list, order, reserve, sort_keys(entry_positions(listed, placed_at), field))
+    end
+end
+
+--[[ The placement row kinds. Each gets the table's context, KEYS from k and ARGV items from i,
+and returns its status and whether it made a record.
+'T' set member: KEYS set, bucket; items: field, position, member.
+'Z' sorted-set member: KEYS sorted set, bucket; items: field, position, member, score.
+The row's previous member (another key, or another member) is removed. --]]
+local function member_row(kind)
+    return function(ctx, keys, k, argv, i)
+        local target, bucket = keys[k], keys[k + 1]
+        local field, pos, member = argv[i], argv[i + 1], argv[i + 2]
+        local current, old_kind, old, overflowed = read_record(ctx, bucket, field)
+        if current and current >= pos then
+            return STALE
+        end
+        local shape = ctx.shape
+        local key_mid, member_mid = middle(target, shape[1], shape[2]), middle(member, shape[3],
+            shape[4])
+        local placed = kind .. key_mid
+        if member_mid ~= field then
+            placed = NAMED[kind] .. #key_mid .. ':' .. key_mid .. member_mid
+        end
+        if old_kind and old_kind .. old ~= placed then
+            unplace(ctx, field, current, old_kind, old)
+        end
+        if kind == 'T' then
+            redis.call('SADD', target, member)
+        else
+            redis.call('ZADD', target, argv[i + 3], member)
+        end
+        expire_target(target, ctx.ttl_ms)
+        store(ctx, bucket, field, pos, placed, overflowed)
+        return APPLIED, not current
+    end
+end
+
+--[[ 'L' list entry: KEYS list, bucket, the list's order record, its reserve; items:
+field, position, max_len (0 = unbounded), mode ('p' push one entry per change | 'r' replace the
+row's entry in place), value. --]]
+local function list_row(ctx, keys, k, argv, i)
+    local list, bucket, order, reserve = keys[k], keys[k + 1], keys[k + 2], keys[k + 3]
+    local field, pos, max_len = argv[i], argv[i + 1], tonumber(argv[i + 2])
+    local mode, value = argv[i + 3], argv[i + 4]
+    local current, old_kind, old, overflowed = read_record(ctx, bucket, field)
+    if current and current >= pos then
+        return STALE
+    end
+    local listed, reserved = list_consistent(list, order, reserve)
+    if max_len == 0 and reserved > 0 then
+        -- max_len was taken off: the reserve goes back into the list
+        list_cap(list, order, reserve, math.huge, listed, reserved)
+        listed, reserved = listed + reserved, 0
+    end
+    local key_mid = middle(list, ctx.shape[1], ctx.shape[2])
+    local entries = {}
+    if old_kind == 'L' then
+        local old_mid, named = sized(old)
+        if old_mid == key_mid then
+            entries = entry_positions(named, current)
+        else
+            unplace(ctx, field, current, old_kind, old)
+        end
+    elseif old_kind then
+        unplace(ctx, field, current, old_kind, old)
+    end
+    local token = sort_token(field)
+    local replaced = false
+    if mode == 'r' then
+        -- the row's entry is rewritten where it stands (the first of them still there)
+        local kept = {}
+        for _, p in ipairs(entries) do
+            if not replaced and list_set(list, order, reserve, p .. token, value) then
+                replaced = true
+                kept[1] = p
+            elseif replaced then
+                list_remove(list, order, reserve, {p .. token})
+            end
+        end
+        entries = kept
+    end
+    local inserted = not replaced
+        and list_insert(list, order, reserve, {pos .. token, value}, max_len, listed, reserved)
+    if inserted then
+        entries[#entries + 1] = pos
+        if max_len > 0 and #entries > 2 * max_len then
+            -- older than max_len newer entries of the row itself: trimmed for good
+            table.remove(entries, 1)
+        end
+    end
+    expire_target(list, ctx.ttl_ms)
+    expire_target(order, ctx.ttl_ms)
+    expire_target(reserve, ctx.ttl_ms)
+    local placed = nil
+    if #entries > 0 then
+        placed = list_placement(key_mid, entries, pos)
+    end
+    store(ctx, bucket, field, pos, placed, overflowed)
+    return APPLIED, not current
+end
+
+--[[ 'X' stream event: KEYS stream, bucket; items: field, position, max_len (0 = unbounded), n,
+n field/value pairs. Published once per strictly newer position of the row: a replay within the
+tombstone window publishes nothing. --]]
+local function stream_row(ctx, keys, k, argv, i)
+    local stream, bucket = keys[k], keys[k + 1]
+    local field, pos = argv[i], argv[i + 1]
+    local max_len, n = tonumber(argv[i + 2]), tonumber(argv[i + 3])
+    local current = redis.call('HGET', bucket, field)
+    if current and record_parts(current) >= pos then
+        return STALE
+    end
+    if max_len > 0 then
+        redis.call('XADD', stream, 'MAXLEN', max_len, '*', unpack(argv, i + 4, i + 3 + 2 * n))
+    else
+        redis.call('XADD', stream, '*', unpack(argv, i + 4, i + 3 + 2 * n))
+    end
+    redis.call('HSET', bucket, field, pos .. EXPIRES .. (ctx.now + ctx.tombstone_s))
+    return APPLIED, not current
+end
+
+--[[ 'R' remove a row's placement (a delete, the row leaving the rule's filter, a TRUNCATE):
+KEYS bucket; items: field, position, list entries ('1' removed | '0' kept: the record
+keeps naming them, for a TRUNCATE or a resync to find). --]]
+local function remove_row(ctx, keys, k, argv, i)
+    local bucket = keys[k]
+    local field, pos = argv[i], argv[i + 1]
+    local current, old_kind, old, overflowed = read_record(ctx, bucket, field)
+    if current and current >= pos then
+        return STALE
+    end
+    local placed = nil
+    if old_kind == 'L' and argv[i + 2] ~= '1' then
+        local key_mid, listed = sized(old)
+        placed = list_placement(key_mid, entry_positions(listed, current), pos)
+    elseif old_kind then
+        unplace(ctx, field, current, old_kind, old)
+    end
+    store(ctx, bucket, field, pos, placed, overflowed)
+    return APPLIED, not current
+end
+
+--[[ 'M' a single-value row whose key may move: KEYS target, bucket, the bucket of the key's
+record; items: field, position, the key's record field, then an H, h, J or j row's kind and
+items. The row's record decides whether the change is new; the key's record then decides whether
+it may write the key (another row may have written it later: a unique column changing hands).
+The key the row held before, if another, is deleted unless a newer change wrote it since. --]]
+local function moving_row(ctx, keys, k, argv, i)
+    local target, bucket, key_bucket = keys[k], keys[k + 1], keys[k + 2]
+    local field, pos, key_field, inner = argv[i], argv[i + 1], argv[i + 2], argv[i + 3]
+    local current, old_kind, old, overflowed = read_record(ctx, bucket, field)
+    if current and current >= pos then
+        return STALE
+    end
+    local single = SINGLE[inner]
+    local status, key_new = single_row(single[1], single[3], target, key_bucket, key_field, pos,
+        argv, i + 4, ctx.ttl_ms, ctx.now, ctx.tombstone_s)
+    if key_new then
+        ctx.added = ctx.added + 1
+    end
+    local key_mid = string.sub(key_field, #MOVING_KEY + 1)
+    if old_kind and not (old_kind == 'M' and old == key_mid) then
+        unplace(ctx, field, current, old_kind, old)
+    end
+    local placed = nil
+    if status == APPLIED then
+        placed = 'M' .. key_mid
+    end
+    store(ctx, bucket, field, pos, placed, overflowed)
+    return status, not current
+end
+
+-- placement row kinds: the function applying one, its number of KEYS, and the number of ARGV
+-- items it spans (given the index of its first item)
+local PLACEMENTS = {
+    T = {member_row('T'), 2, function() return 3 end},
+    Z = {member_row('Z'), 2, function() return 4 end},
+    L = {list_row, 4, function() return 5 end},
+    X = {stream_row, 2, function(argv, i) return 4 + 2 * tonumber(argv[i + 3]) end},
+    R = {remove_row, 1, function() return 3 end},
+    M = {moving_row, 3, function(argv, i) return 4 + SINGLE[argv[i + 3]][2](argv, i + 4) end},
+}
+
 --[[ streamsync_changes: the batch entry point (library 2.0).
-KEYS: per rule table of the call, its bucket 0; then per row the row's keys:
+KEYS: per rule table of the call, its bucket 0; per table, its overflow hash; then per row the
+row's keys:
   single-value kinds (H h J j D I): the target, the bucket holding the row's record;
-  placement kinds (T Z L X R M, 1.x layout): the rule's index, then the kind's keys (see above).
+  placement kinds (T Z L X R M): the kind's keys (see above).
 ARGV: tombstone_s, the number of tables, per table: its bucket count as the worker knows it, its
-rule's ttl_ms (0 = none) and its guard ('' = the target does not evict its records; see
-"Guarded tables" above); then per row: its table (1-based; 0 for placement rows), its kind,
-then for a single-value kind the record field, the position and the kind's items; for a
-placement kind the index member ('' = not indexed) and the kind's items (position first).
+rule's ttl_ms (0 = none) and its guard ('' = the target does not evict its records; see "Guarded
+tables" above); per table: the number of items of its shape, then those items (see the placement
+records); then per row: its table (1-based), its kind, the record field, the position and the
+kind's items.
 A table whose bucket count is not the one the worker knows (another worker split a bucket) has
 none of its rows applied: each replies 4 (rebucketed), for the worker to send again.
 Reply: one status per row (see the header), then one array: per table, its bucket count and the
@@ -727,7 +891,6 @@ records it holds.
 --]]
 local function changes(keys, argv)
     local tombstone_s, ntables = tonumber(argv[1]), tonumber(argv[2])
-    local tombstone_ms = tombstone_s * 1000
     local now = tonumber(redis.call('TIME')[1])
     local current, ttls, guards, added, tables = {}, {}, {}, {}, {}
     local i = 3
@@ -753,8 +916,16 @@ local function changes(keys, argv)
         tables[2 * t - 1], tables[2 * t] = n, tonumber(meta[2]) or 0
         i = i + 3
     end
+    local contexts = {}
+    for t = 1, ntables do
+        local n = tonumber(argv[i])
+        contexts[t] = {shape = {unpack(argv, i + 1, i + n)}, ttl_ms = ttls[t],
+            n = tables[2 * t - 1], overflow = keys[ntables + t], now = now,
+            tombstone_s = tombstone_s, added = 0}
+        i = i + 1 + n
+    end
     local replies = {}
-    local k, r = ntables + 1, 0
+    local k, r = 2 * ntables + 1, 0
     while k <= #keys do
         local t, kind = tonumber(argv[i]), argv[i + 1]
         r = r + 1
@@ -779,18 +950,31 @@ local function changes(keys, argv)
             i = i + 4 + span
             k = k + 2
         else
-            local row = ROWS[kind]
+            local row = PLACEMENTS[kind]
             if not row then
                 return redis.error_reply('row ' .. r .. ': unexpected row kind ' .. tostring(kind))
             end
-            replies[r] = placement_row(row, keys, k, argv, i + 2, tombstone_ms)
-            i = i + 3 + row[3](argv, i + 3)
-            k = k + 1 + row[2]
+            if not current[t] then
+                replies[r] = REBUCKETED
+            else
+                local ok, status, new = pcall(row[1], contexts[t], keys, k, argv, i + 2)
+                if ok then
+                    replies[r] = status
+                    if new then
+                        added[t] = added[t] + 1
+                    end
+                else
+                    replies[r] = row_error(status)
+                end
+            end
+            i = i + 2 + row[3](argv, i + 2)
+            k = k + row[2]
         end
     end
     for t = 1, ntables do
-        if added[t] > 0 then
-            tables[2 * t] = redis.call('HINCRBY', keys[t], META_COUNT, added[t])
+        local more = added[t] + contexts[t].added
+        if more > 0 then
+            tables[2 * t] = redis.call('HINCRBY', keys[t], META_COUNT, more)
         end
     end
     replies[r + 1] = tables
@@ -852,27 +1036,37 @@ local function split(keys, argv)
 end
 
 --[[ streamsync_expire
-KEYS: a table's bucket 0, then buckets of that table
+KEYS: a table's bucket 0, its overflow hash, then buckets of that table
 ARGV: none
 Removes the records whose time has passed (tombstones past tombstone_s, rows of a rule with a TTL
 unwritten for their TTL and the tombstone window). Reply: the number of records removed.
 --]]
 local function expire(keys, argv)
     local now = tonumber(redis.call('TIME')[1])
+    local overflow = keys[2]
     local removed = 0
-    for k = 2, #keys do
+    for k = 3, #keys do
         local flat = redis.call('HGETALL', keys[k])
-        local gone = {}
+        local gone, spilled = {}, {}
         for j = 1, #flat, 2 do
-            local value = flat[j + 1]
-            local mark = string.find(value, EXPIRES, 1, true)
-            if mark and tonumber(string.sub(value, mark + 1)) < now and not is_meta(flat[j]) then
-                gone[#gone + 1] = flat[j]
+            local field, value = flat[j], flat[j + 1]
+            local mark = string.find(value, '[~A-Z]')
+            if mark and string.byte(value, mark) == 126 and not is_meta(field) then
+                local seconds, kind = string.match(value, '^(%d+)(.?)', mark + 1)
+                if tonumber(seconds) < now then
+                    gone[#gone + 1] = field
+                    if kind == OVERFLOW then
+                        spilled[#spilled + 1] = field
+                    end
+                end
             end
         end
         if #gone > 0 then
             redis.call('HDEL', keys[k], unpack(gone))
             removed = removed + #gone
+        end
+        if #spilled > 0 then
+            redis.call('HDEL', overflow, unpack(spilled))
         end
     end
     if removed > 0 then

@@ -34,11 +34,15 @@ WORKER_COMMANDS: tuple[str, ...] = (
     "xinfo|consumers",
     "exists",
     "scan",  # stream_prefix discovery; TRUNCATE of invalidate rules (keys the app writes)
-    "sscan",  # TRUNCATE and resync walk the rules' indexes
+    "hkeys",  # TRUNCATE, resync and splits read the rules' buckets
+    "hget",
+    "hmget",
     "hgetall",  # resync epochs, snapshot marks
     "hincrby",  # status counters
     "hset",
-    "set",  # the worker's liveness mark (with a TTL)
+    "set",  # the worker's liveness mark (with a TTL); the expiry lease
+    "get",  # the expiry lease
+    "pexpire",
     "del",  # the liveness mark, when the worker stops
     "fcall",
     "fcall_ro",
@@ -54,19 +58,24 @@ LIBRARY_COMMANDS: tuple[str, ...] = (
     "exists",
     "type",
     "pexpire",
+    "time",  # records' expiry times
     "hget",
+    "hmget",
     "hset",
     "hdel",
     "hexists",
+    "hlen",
+    "hkeys",
+    "hgetall",
+    "hincrby",
     "sadd",
     "srem",
     "zadd",
     "zrem",
-    "zscore",
-    "zcount",
-    "zrange",
-    "zrevrank",
     "llen",
+    "lindex",
+    "lpos",
+    "linsert",
     "lpush",
     "rpush",
     "lpop",

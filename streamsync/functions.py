@@ -78,17 +78,21 @@ class RowWrite:
     """One row of a ``streamsync_changes`` call: its KEYS and its ARGV items (layouts in
     lua/streamsync.lua, built by ``streamsync.mapping``).
 
-    A single-value row (kinds H h J j D I) keeps its record in a table's bucket: its KEYS are the
-    target and that bucket, its items the kind, the record field, the position and the kind's
-    items, and ``table`` is set. A placement row (1.x layout: its rule's index first, then the
-    kind's keys; the kind, the index member, then the kind's items) has no ``table``.
+    Every row keeps its record in a bucket of ``table`` (its key ``at``), and its items are the
+    kind, the record field, the position and the kind's items. A row keeping a second record in
+    the same table (a moving row: its key's) names where that one's bucket and field are in
+    ``also``.
     """
 
     keys: list[str]
     args: ArgV
-    table: Table | None = None
+    table: Table
     #: The table's bucket count the row was addressed with.
     buckets: int = 1
+    #: The index of the record's bucket in ``keys``.
+    at: int = 1
+    #: A second record: the index of its bucket in ``keys`` and of its field in ``args``.
+    also: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -101,8 +105,11 @@ class ChangesReply:
 
 
 def _readdress(row: RowWrite, table: Table) -> None:
-    # the table was split since the row was planned: its record may live in another bucket
-    row.keys[1] = table.bucket_of(as_bytes(row.args[1]))
+    # the table was split since the row was planned: its records may live in other buckets
+    row.keys[row.at] = table.bucket_of(as_bytes(row.args[1]))
+    if row.also is not None:
+        key_at, field_at = row.also
+        row.keys[key_at] = table.bucket_of(as_bytes(row.args[field_at]))
     row.buckets = table.buckets
 
 
@@ -111,20 +118,19 @@ def _changes_arguments(
 ) -> tuple[list[str], ArgV, list[Table]]:
     tables: dict[Table, str] = {}
     for row in rows:
-        if row.table is not None and row.table not in tables:
+        if row.table not in tables:
             tables[row.table] = str(len(tables) + 1)
-    keys = [table.meta for table in tables]
+    keys = [table.meta for table in tables] + [table.overflow for table in tables]
     args: ArgV = [str(tombstone_s), str(len(tables))]
     for table in tables:
         args += (str(table.buckets), str(table.ttl_ms), table.guard)
+    for table in tables:
+        args += (str(len(table.shape)), *table.shape)
     for row in rows:
         held = row.table
-        if held is None:
-            args.append("0")
-        else:
-            if row.buckets != held.buckets:
-                _readdress(row, held)
-            args.append(tables[held])
+        if row.buckets != held.buckets:
+            _readdress(row, held)
+        args.append(tables[held])
         keys += row.keys
         args += row.args
     return keys, args, list(tables)
@@ -326,7 +332,8 @@ class Library:
 
     def expire(self, table: Table, buckets: Sequence[int]) -> int:
         """``streamsync_expire``: remove the expired records of the table's ``buckets``."""
-        return int(self._call(FN_EXPIRE, [table.meta, *(table.bucket(b) for b in buckets)]))
+        named = [table.meta, table.overflow, *(table.bucket(b) for b in buckets)]
+        return int(self._call(FN_EXPIRE, named))
 
     def trim(self, stream: str) -> int:
         """``streamsync_trim``: remove entries of ``stream`` every group acknowledged; returns

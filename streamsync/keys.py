@@ -1,10 +1,12 @@
 """Every key name streamsync owns, and the Redis Cluster hash-slot arithmetic behind them.
 
-streamsync keeps records beside the cache: a position record per target key, placement records
-and indexes per rule, list order and reserve records, resync epochs, snapshot marks, status
-counters, worker liveness marks, and a dead-letter stream per source stream. Their names are
-built here and only here; the Functions library never builds a key name (every key arrives in
-KEYS).
+streamsync keeps records beside the cache: per rule, buckets of records and an overflow hash;
+per list, its order and reserve records; resync epochs, snapshot marks, the per-table high-water
+marks, status counters, worker liveness marks, and a dead-letter stream per source stream. Their
+names are built here and only here. Every key a library call touches arrives in KEYS, but for the
+keys of where a row *was* (known only once its record is read): the library puts those together
+from the pieces of their names the worker sends (``Table.shape``), following the rules written
+here.
 """
 
 from __future__ import annotations
@@ -112,89 +114,70 @@ def guarded_key(prefix: str, target: str) -> str:
 
 
 class StateKeys:
-    """The names of streamsync's own records, under the configured prefixes.
+    """The names of streamsync's own records, under the configured prefix.
 
-    In a Redis Cluster every function call keeps to one hash slot, so a rule's key index is
-    kept per slot and the records of a rule whose keys gather many rows (placements, row index)
-    share the slot its key template pins.
+    A rule's records are fields of its buckets (``streamsync.buckets``). In a Redis Cluster
+    every function call keeps to one hash slot: a rule keyed by primary key has a table per
+    slot, and a rule whose keys gather many rows or move (placements) keeps its table, and its
+    lists' companions, in the slot its key template pins.
     """
 
-    def __init__(
-        self, position_prefix: str, state_prefix: str = "streamsync:", *, cluster: bool = False
-    ) -> None:
-        self.position_prefix = position_prefix
+    def __init__(self, state_prefix: str = "streamsync:", *, cluster: bool = False) -> None:
         self.state_prefix = state_prefix
         self.cluster = cluster
 
     @classmethod
     def from_settings(cls, worker: WorkerSettings, *, cluster: bool = False) -> StateKeys:
-        """The keys under ``worker.position_prefix`` and ``worker.state_prefix``."""
-        return cls(worker.position_prefix, worker.state_prefix, cluster=cluster)
+        """The keys under ``worker.state_prefix``."""
+        return cls(worker.state_prefix, cluster=cluster)
 
-    # -- per target key --------------------------------------------------------------------
-
-    def position(self, target: str) -> str:
-        """The position record of ``target`` (same hash slot)."""
-        return guarded_key(self.position_prefix, target)
+    # -- per list key ----------------------------------------------------------------------
 
     def order(self, list_key: str) -> str:
-        """The order record of a list rule's list (same hash slot as the list)."""
-        return guarded_key(f"{self.state_prefix}ord:", list_key)
+        """The order record of a list rule's list: its entries' sort keys, then those of the
+        entries its reserve holds, newest first (same hash slot as the list)."""
+        return self._companion(f"{self.state_prefix}ord:", list_key)
 
     def reserve(self, list_key: str) -> str:
         """The entries a capped list trimmed, kept to refill it (same hash slot as the list)."""
-        return guarded_key(f"{self.state_prefix}rsv:", list_key)
+        return self._companion(f"{self.state_prefix}rsv:", list_key)
+
+    def _companion(self, prefix: str, list_key: str) -> str:
+        # ``prefix + list_key``: the library names a former list's companions the same way
+        # (a row that moved to another list). In a Cluster that keeps the list's slot when the
+        # key has a hash tag, as the key of every list rule whose key can change has; a fixed
+        # key without one (which never changes) is guarded.
+        if not self.cluster or _tag_of(list_key) is not None:
+            return prefix + list_key
+        return guarded_key(prefix, list_key)
 
     # -- per rule ----------------------------------------------------------------------------
 
-    def key_index(self, rule: Rule, target: str | None = None) -> str:
-        """The set of keys a rule keyed by primary key has written (for TRUNCATE and resync);
-        in a cluster, one set per hash slot: the one of ``target``'s slot."""
-        if self.cluster:
-            if target is None:
-                raise ValueError("a cluster's key index is per slot: name the target")
-            return self.key_index_shard(rule, key_slot(target))
-        return self._key_index(rule)
+    def bucket(self, table: str, index: int, slot: int | None = None) -> str:
+        """Bucket ``index`` of the records of table ``table`` (a rule's name, or
+        ``moving_table``'s) of hash slot ``slot`` in a Cluster (the bucket then hashes to that
+        slot). The name ends with the index: the library names the bucket of a moving row's
+        former key this way (``bucket_prefix``)."""
+        return f"{self.bucket_prefix(table, slot)}{index}"
 
-    def _key_index(self, rule: Rule) -> str:
-        return f"{self.state_prefix}idx:{rule.state_name}:keys"
-
-    def key_index_shard(self, rule: Rule, slot: int) -> str:
-        """A cluster's key index for the keys of one hash slot."""
-        return f"{self._key_index(rule)}:{{{slot_tag(slot)}}}"
-
-    def is_key_index(self, index: str) -> bool:
-        """Whether ``index`` lists target keys (else it lists source rows)."""
-        return ":keys" in index[len(self.state_prefix) :]
-
-    def row_index(self, rule: Rule) -> str:
-        """The set of rows a rule with placement records has placed."""
-        return f"{self.state_prefix}idx:{self._tag(rule)}{rule.state_name}:rows"
-
-    def index_keys(self, rule: Rule) -> list[str]:
-        """Every index key of ``rule`` (what a sweep walks)."""
-        if not self.cluster:
-            return [self._key_index(rule), self.row_index(rule)]
-        shards = [self.key_index_shard(rule, slot) for slot in range(CLUSTER_SLOTS)]
-        pinned = rule_pin(rule) is not None
-        return shards + ([self.row_index(rule)] if pinned else [])
-
-    def placement(self, rule: Rule, identity: str) -> str:
-        """The record of where ``rule`` placed the source row ``identity``."""
-        return f"{self.state_prefix}pl:{self._tag(rule)}{rule.state_name}:{identity}"
-
-    def _tag(self, rule: Rule) -> str:
-        # in a cluster, the rule's records share the hash slot its keys are pinned to
-        if not self.cluster:
-            return ""
-        return f"{{{rule_pin(rule)}}}:"
-
-    def bucket(self, rule_name: str, index: int, slot: int | None = None) -> str:
-        """Bucket ``index`` of the records of rule ``rule_name`` (of hash slot ``slot`` in a
-        Cluster: the bucket then hashes to that slot)."""
+    def bucket_prefix(self, table: str, slot: int | None = None) -> str:
+        """What the names of a table's buckets start with, before the bucket index."""
         if slot is None:
-            return f"{self.state_prefix}b:{rule_name}:{index}"
-        return f"{self.state_prefix}b:{rule_name}:{{{slot_tag(slot)}}}:{index}"
+            return f"{self.state_prefix}b:{table}:"
+        return f"{self.state_prefix}b:{table}:{{{slot_tag(slot)}}}:"
+
+    def overflow(self, table: str, slot: int | None = None) -> str:
+        """The hash holding the placements of a table's records too long to keep in a bucket
+        (which would turn the whole bucket into a hashtable)."""
+        if slot is None:
+            return f"{self.state_prefix}o:{table}"
+        return f"{self.state_prefix}o:{table}:{{{slot_tag(slot)}}}"
+
+    @staticmethod
+    def moving_table(rule: Rule) -> str:
+        """The table of a single-value rule keyed by non-key columns (its key moves when they
+        change): per row where it is, per key who wrote it. A rule's name never holds ``=``."""
+        return f"{rule.state_name}=m"
 
     # -- per group, stream and consumer ----------------------------------------------------------
 
@@ -238,3 +221,9 @@ _cached_hash_tag = functools.cache(template_hash_tag)
 def rule_pin(rule: Rule) -> str | None:
     """The hash tag every key of ``rule`` carries, if its key template fixes one."""
     return _cached_hash_tag(rule.template.literals)
+
+
+def rule_slot(rule: Rule) -> int | None:
+    """The hash slot every key of ``rule`` hashes to, if its key template pins one."""
+    pin = rule_pin(rule)
+    return None if pin is None else binascii.crc_hqx(pin.encode(), 0) % CLUSTER_SLOTS

@@ -1,8 +1,7 @@
 """Change event + mapping rules -> the rows handed to the Functions library.
 
-Pure: no I/O. Each ``RowWrite`` is one row of a ``streamsync_batch`` call: its KEYS (the rule's
-index, then the row kind's own keys: target key, position record, placement record...) and its
-ARGV segment (kind, index member, then the kind's items; layouts in lua/streamsync.lua).
+Pure: no I/O. Each `RowWrite` is one row of a ``streamsync_changes`` call: its keys (the target,
+the bucket holding the row's record, ...) and its ARGV segment (layouts in lua/streamsync.lua).
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from streamsync.buckets import Tables
+from streamsync.buckets import MOVING_KEY, MOVING_ROW, Table, Tables, as_bytes, record_field
 from streamsync.config import (
     JSON_VALUE,
     SINGLE_VALUE_TYPES,
@@ -146,16 +145,6 @@ def _score(rule: Rule, row: Mapping[str, Any]) -> str | None:
     )
 
 
-def _sort_token(key: Mapping[str, Any], row: Mapping[str, Any], identity: str) -> str:
-    # entries sharing a position (one snapshot) sort by row: integers by value, not as text
-    if len(key) == 1:
-        (column,) = key
-        value = row.get(column)
-        if type(value) is int and value >= 0:
-            return f"{value:020d}"
-    return identity
-
-
 def _unwritable(row: Mapping[str, Any], exc: orjson.JSONEncodeError) -> str:
     """What a JSON encoding failure of a value of ``row`` means: which column, and why (orjson
     writes at most 254 levels of nesting, though it reads 1,024)."""
@@ -175,10 +164,6 @@ def _check_pinned(rule: Rule) -> None:
             " keys and its placement records must share one hash slot: give the key a"
             " fixed hash tag, e.g. '{{plans}}:plan:{plan}:users', or a fixed name"
         )
-
-
-def _ttl_ms(rule: Rule) -> str:
-    return str(rule.ttl_s * 1000) if rule.ttl_s else "0"
 
 
 #: A rule, whether it takes the lean path, and the length of its keys' literal prefix (a record
@@ -322,84 +307,86 @@ class Planner:
                 f" {event.table} has none (set REPLICA IDENTITY and Debezium's"
                 " message.key.columns)"
             )
-        p_key = self.keys.placement(rule, identity)
         if kind is TargetType.STREAM:
             return self._stream_row(
-                rule, event=event, row=row, position=position, p_key=p_key, present=present
+                rule, event=event, row=row, position=position, identity=identity, present=present
             )
-        index = self.keys.row_index(rule)
+        moving = kind in SINGLE_VALUE_TYPES
+        if moving and self.keys.cluster and rule_pin(rule) is None:
+            raise PoisonEntryError(
+                f"rule {rule.state_name} ({rule.key!r}): its key is over non-key columns of"
+                f" {event.table}, so it moves when they change; in a Redis Cluster the keys it"
+                " leaves and takes must share one hash slot: give the key a fixed hash tag"
+            )
+        table = self.tables.moving(rule) if moving else self.tables.table(rule)
+        field = MOVING_ROW + identity if moving else identity
+        keep = rule.on_delete is ListDelete.IGNORE
         if not present:
-            keep = rule.on_delete is ListDelete.IGNORE
-            return RowWrite([index, p_key], [ROW_REMOVE, identity, position, "0" if keep else "1"])
+            return self.removal(table, record_field(field), position, keep=keep)
         self._check_available(rule, event)
         try:
-            return self._place(
-                rule,
-                event=event,
-                row=row,
-                position=position,
-                key=key,
-                identity=identity,
-                index=index,
-                p_key=p_key,
-            )
+            return self._place(rule, table, field, event=event, row=row, position=position)
         except NullColumnError:
             # a null key, member or value column: the row is in no structure of this rule
-            keep = rule.on_delete is ListDelete.IGNORE
-            return RowWrite([index, p_key], [ROW_REMOVE, identity, position, "0" if keep else "1"])
+            return self.removal(table, record_field(field), position, keep=keep)
 
     def _place(
         self,
         rule: Rule,
+        table: Table,
+        name: str,
         *,
         event: ChangeEvent,
         row: dict[str, Any],
         position: str,
-        key: dict[str, Any] | None,
-        identity: str,
-        index: str,
-        p_key: str,
     ) -> RowWrite:
         kind = rule.type
         target = rule.template.render(row)
-        ttl = _ttl_ms(rule)
+        bucket, field = table.locate(name)
         if kind in SINGLE_VALUE_TYPES:
             body = self._single_body(rule, event, row)
             if body[0] == ROW_DELETE:
-                return RowWrite([index, p_key], [ROW_REMOVE, identity, position, "1"])
+                return self.removal(table, field, position)
+            before, after = table.shape[0], table.shape[1]
+            key_bucket, key_field = table.locate(
+                MOVING_KEY + target[len(before) : len(target) - len(after)]
+            )
             return RowWrite(
-                [index, p_key, target, self.keys.position(target)],
-                [ROW_MOVING, identity, position, body[0], position, ttl, *body[1:]],
+                [target, bucket, key_bucket],
+                [ROW_MOVING, field, position, key_field, *body],
+                table,
+                table.buckets,
+                also=(2, 3),
             )
         if kind is TargetType.SET:
             assert rule.member_template is not None
             member = rule.member_template.render(row)
-            return RowWrite([index, p_key, target], [ROW_SET, identity, position, ttl, member])
+            return RowWrite(
+                [target, bucket],
+                [ROW_SET, field, position, member],
+                table,
+                table.buckets,
+            )
         if kind is TargetType.ZSET:
             assert rule.member_template is not None
             score = _score(rule, row)
             if score is None:
                 # a null score ranks nowhere: the row leaves the sorted set
-                return RowWrite([index, p_key], [ROW_REMOVE, identity, position, "1"])
+                return self.removal(table, field, position)
             member = rule.member_template.render(row)
             return RowWrite(
-                [index, p_key, target], [ROW_ZSET, identity, position, ttl, member, score]
+                [target, bucket],
+                [ROW_ZSET, field, position, member, score],
+                table,
+                table.buckets,
             )
-        assert kind is TargetType.LIST and key is not None
+        assert kind is TargetType.LIST
         mode = "r" if rule.on_update is ListUpdate.REPLACE else "p"
-        entry = f"{position}|{_sort_token(key, row, identity)}"
         return RowWrite(
-            [index, p_key, target, self.keys.order(target), self.keys.reserve(target)],
-            [
-                ROW_LIST,
-                identity,
-                position,
-                ttl,
-                str(rule.max_len or 0),
-                mode,
-                entry,
-                self._value(rule, row),
-            ],
+            [target, bucket, self.keys.order(target), self.keys.reserve(target)],
+            [ROW_LIST, field, position, str(rule.max_len or 0), mode, self._value(rule, row)],
+            table,
+            table.buckets,
         )
 
     def _fixed(self, rule: Rule, key: dict[str, Any]) -> bool:
@@ -485,10 +472,11 @@ class Planner:
         event: ChangeEvent,
         row: dict[str, Any],
         position: str,
-        p_key: str,
+        identity: str,
         present: bool,
     ) -> RowWrite:
         target = rule.template.render(row)
+        table = self.tables.table(rule, target)
         pairs: ArgV = ["op", event.op, "table", event.table, "position", position]
         if event.op == "d":
             shaped = {rule.rename.get(c, c): v for c, v in (event.primary_key() or {}).items()}
@@ -497,30 +485,45 @@ class Planner:
             shaped = self._shaped(rule, row)
         else:
             # a row that does not match the filter is not published
-            return RowWrite([p_key, p_key], [ROW_REMOVE, "", position, "0"])
+            return self.removal(table, record_field(identity), position)
         for name, value in shaped.items():
             if value is not None and name not in event.unchanged:
                 pairs += (name, hash_value(value))
+        return self._event(rule, table, target, (identity, position), pairs)
+
+    def _event(
+        self, rule: Rule, table: Table, stream: str, row: tuple[str, str], pairs: ArgV
+    ) -> RowWrite:
+        """The row publishing ``pairs`` to ``stream`` for ``row`` (its identity and position)."""
+        name, position = row
+        bucket, field = table.locate(name)
         return RowWrite(
-            [p_key, p_key, target],
-            [ROW_STREAM, "", position, str(rule.max_len or 0), str(len(pairs) // 2), *pairs],
+            [stream, bucket],
+            [ROW_STREAM, field, position, str(rule.max_len or 0), str(len(pairs) // 2), *pairs],
+            table,
+            table.buckets,
         )
 
     def truncate_event(self, rule: Rule, table: str, position: str) -> RowWrite:
         """The event a stream rule publishes for a TRUNCATE of its table."""
-        p_key = self.keys.placement(rule, "#truncate")
-        target = rule.template.render({})
+        stream = rule.template.render({})
         pairs: ArgV = ["op", "t", "table", table, "position", position]
-        return RowWrite(
-            [p_key, p_key, target],
-            [ROW_STREAM, "", position, str(rule.max_len or 0), str(len(pairs) // 2), *pairs],
+        return self._event(
+            rule, self.tables.table(rule, stream), stream, ("#truncate", position), pairs
         )
 
-    def removal(self, rule: Rule, index: str, member: str, position: str) -> RowWrite:
-        """The row removing the placement of row ``member`` of ``rule``'s row index, unless a
-        change newer than ``position`` wrote it (TRUNCATE, resync)."""
+    def removal(
+        self, table: Table, field: str | bytes, position: str, *, keep: bool = False
+    ) -> RowWrite:
+        """The row removing the placement recorded in ``field`` (as the bucket holds it) of
+        ``table``, unless a change newer than ``position`` wrote it (a delete, a row leaving
+        the rule, TRUNCATE, resync); ``keep``: a list's entries stay (``on_delete: ignore``)."""
         return RowWrite(
-            [index, self.keys.placement(rule, member)], [ROW_REMOVE, member, position, "1"]
+            [table.bucket_of(as_bytes(field))],
+            [ROW_REMOVE, field, position, "0" if keep else "1"],
+            table,
+            table.buckets,
+            at=0,
         )
 
     def key_removal(self, rule: Rule, target: str, position: str) -> RowWrite:

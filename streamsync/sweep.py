@@ -1,13 +1,13 @@
 """Remove everything rules derived from a table, up to a position: TRUNCATE, and the end of a
 resync.
 
-Rules keep an index of what they placed (see the library's ``streamsync_batch``): the keys of
-rules keyed by primary key, the rows of rules with placement records. A sweep walks those
-indexes with SSCAN and removes each entry through the library at the sweep's position, so a row
-written by a newer change (after the TRUNCATE, or refreshed by the resync's re-snapshot) stays,
-and a late replay of an older change finds a tombstone and cannot bring a row back. Nothing scans
-the keyspace, except for invalidate rules, whose keys the application writes: those are found
-with a non-blocking SCAN over the key template's pattern.
+Every rule keeps a record of each row in its buckets (``streamsync.buckets``): of each key, for
+rules keyed by primary key; of each row and where it is placed, for the others. A sweep walks the
+buckets and removes each row through the library at the sweep's position, so a row written by a
+newer change (after the TRUNCATE, or refreshed by the resync's re-snapshot) stays, and a late
+replay of an older change finds a tombstone and cannot bring a row back. Nothing scans the
+keyspace, except for invalidate rules, whose keys the application writes: those are found with a
+non-blocking SCAN over the key template's pattern.
 
 Stream rules keep what they appended: a TRUNCATE appends a truncate event to those whose key is
 fixed instead.
@@ -18,18 +18,29 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import redis
 
-from streamsync.buckets import META_BUCKETS, Table, as_text, is_meta, record_name
-from streamsync.config import Mode, Rule, TargetType
+from streamsync.buckets import (
+    META_BUCKETS,
+    MOVING_ROW,
+    Table,
+    as_bytes,
+    as_text,
+    is_meta,
+    record_name,
+)
+from streamsync.config import SINGLE_VALUE_TYPES, Mode, Rule, TargetType
 from streamsync.functions import Library, RowStatus, RowWrite
-from streamsync.keys import CLUSTER_SLOTS, glob_escape
+from streamsync.keys import CLUSTER_SLOTS, glob_escape, rule_slot
 from streamsync.mapping import Planner
 
 log = logging.getLogger(__name__)
 
-#: Index members removed per function call.
+T = TypeVar("T")
+
+#: Rows removed per function call.
 SWEEP_CHUNK = 500
 
 
@@ -61,24 +72,34 @@ class Sweeper:
         for rule in self.planner.rules_by_table.get(table, ()):
             if rule.mode is Mode.INVALIDATE:
                 removed += self._invalidate_all(rule, position)
-            elif rule.type is not TargetType.STREAM:
-                for records in self._tables(rule):
+            elif rule.type in SINGLE_VALUE_TYPES:
+                for records in self._tables(rule, moving=False):
                     removed += self._sweep_table(rule, records, position)
-                # rows placed by a placement record (collections, keys over non-key columns)
-                removed += self._sweep_index(rule, self.planner.keys.row_index(rule), position)
+                # rows whose key is over non-key columns: removed through where they are
+                for records in self._tables(rule, moving=True):
+                    removed += self._sweep_rows(records, position, MOVING_ROW)
+            elif rule.type is not TargetType.STREAM:
+                for records in self._tables(rule, moving=False):
+                    removed += self._sweep_rows(records, position)
         return removed
 
-    def _tables(self, rule: Rule) -> list[Table]:
-        """The rule's tables that hold records: one, or in a cluster one per hash slot in use."""
+    def _tables(self, rule: Rule, *, moving: bool) -> list[Table]:
+        """The rule's tables that hold records: one, or in a cluster one per hash slot in use
+        (the one its keys are pinned to, if they are)."""
         tables = self.planner.tables
-        if not self.planner.cluster:
-            found = [tables.table(rule)]
+        pinned = rule_slot(rule)
+        if moving and self.planner.cluster and pinned is None:
+            # the planner refuses a moving row of a rule that pins no slot
+            return []
+        if not self.planner.cluster or pinned is not None:
+            found = [tables.moving(rule) if moving else tables.table(rule)]
         else:
-            every = [tables.table_of_slot(rule, slot) for slot in range(CLUSTER_SLOTS)]
-            pipe = self.client.pipeline(transaction=False)
-            for table in every:
-                pipe.exists(table.meta)
-            found = [t for t, n in zip(every, pipe.execute(), strict=True) if n]
+            of_slot = tables.moving_of_slot if moving else tables.table_of_slot
+            found = [of_slot(rule, slot) for slot in range(CLUSTER_SLOTS)]
+        pipe = self.client.pipeline(transaction=False)
+        for table in found:
+            pipe.exists(table.meta)
+        found = [t for t, n in zip(found, pipe.execute(), strict=True) if n]
         for table in found:
             table.buckets = int(self.client.hget(table.meta, META_BUCKETS) or 1)
         return found
@@ -86,26 +107,25 @@ class Sweeper:
     def _sweep_table(self, rule: Rule, table: Table, position: str) -> int:
         prefix = rule.template.literals[0]
         removed = 0
-        for index in range(table.buckets):
-            names = [
-                prefix + record_name(as_text(f))
-                for f in self.client.hkeys(table.bucket(index))
-                if not is_meta(f)
-            ]
+        for fields in self._fields(table):
+            names = [prefix + record_name(as_text(f)) for f in fields]
             for chunk in _chunks(names, SWEEP_CHUNK):
                 removed += self._apply([self.planner.key_removal(rule, k, position) for k in chunk])
         if removed:
             log.info("%s: removed %d key(s) written before %s", rule.state_name, removed, position)
         return removed
 
-    def _sweep_index(self, rule: Rule, index: str, position: str) -> int:
+    def _sweep_rows(self, table: Table, position: str, prefix: str = "") -> int:
+        """Remove the placement of every row ``table`` holds a record of (those whose field
+        starts with ``prefix``)."""
         removed = 0
-        members_iter = (m.decode() for m in self.client.sscan_iter(index, count=SWEEP_CHUNK))
-        for members in _chunks(members_iter, SWEEP_CHUNK):
-            rows = [self.planner.removal(rule, index, m, position) for m in members]
-            removed += self._apply(rows)
+        start = prefix.encode()
+        for fields in self._fields(table):
+            rows = [f for f in fields if f.startswith(start)]
+            for chunk in _chunks(rows, SWEEP_CHUNK):
+                removed += self._apply([self.planner.removal(table, f, position) for f in chunk])
         if removed:
-            log.info("%s: removed %d row(s) placed before %s", rule.state_name, removed, position)
+            log.info("%s: removed %d row(s) placed before %s", table.name, removed, position)
         return removed
 
     def _invalidate_all(self, rule: Rule, position: str) -> int:
@@ -116,12 +136,30 @@ class Sweeper:
             removed += self._apply([self.planner.key_removal(rule, k, position) for k in chunk])
         return removed
 
+    def _fields(self, table: Table) -> Iterator[list[bytes]]:
+        """The record fields of each bucket of ``table``, the buckets that workers' splits add
+        meanwhile included (a split moves records into the new last bucket only)."""
+        swept = 0
+        while True:
+            count = int(self.client.hget(table.meta, META_BUCKETS) or 1)
+            if swept >= count:
+                return
+            for index in range(swept, count):
+                fields = self.client.hkeys(table.bucket(index))
+                yield [as_bytes(f) for f in fields if not is_meta(f)]
+            swept = count
+
     def _apply(self, rows: list[RowWrite]) -> int:
-        replies = self.library.changes(rows, self.tombstone_s).rows
-        errors = [r for r in replies if isinstance(r, str)]
-        if errors:
-            raise redis.ResponseError(f"sweep failed for {len(errors)} row(s): {errors[0]}")
-        return sum(1 for r in replies if r is RowStatus.APPLIED)
+        removed = 0
+        while rows:
+            replies = self.library.changes(rows, self.tombstone_s).rows
+            errors = [r for r in replies if isinstance(r, str)]
+            if errors:
+                raise redis.ResponseError(f"sweep failed for {len(errors)} row(s): {errors[0]}")
+            removed += sum(1 for r in replies if r is RowStatus.APPLIED)
+            # a worker split the table meanwhile: those rows go again, readdressed
+            rows = [row for row, r in zip(rows, replies, strict=True) if r is RowStatus.REBUCKETED]
+        return removed
 
 
 def _template_pattern(rule: Rule) -> tuple[str, re.Pattern[str]]:
@@ -135,8 +173,8 @@ def _template_pattern(rule: Rule) -> tuple[str, re.Pattern[str]]:
     return glob, re.compile(regex)
 
 
-def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    chunk: list[T] = []
     for item in items:
         chunk.append(item)
         if len(chunk) >= size:

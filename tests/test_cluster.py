@@ -1,6 +1,7 @@
 """The worker and the Functions library on a real 3-primary Redis Cluster started by the test:
-commands routed by slot, the library on every primary, keys all over the keyspace, and a
-primary restarted (and one losing its library) while workers run."""
+commands routed by slot, the library on every primary, keys all over the keyspace, rules pinned
+to a slot whose rows move (a set, a list, a key over a non-key column), and a primary restarted
+(and one losing its library) while workers run."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import redis
 import yaml
 
 from streamsync.config import load_settings, parse_settings
-from streamsync.errors import ConfigError
+from streamsync.errors import ConfigError, PoisonEntryError
+from streamsync.events import ChangeEvent
+from streamsync.keys import StateKeys
 from streamsync.mapping import Planner
 from streamsync.worker import Worker
 from tests.debezium import entry_fields, envelope, write_config
@@ -44,6 +47,14 @@ RULES: list[dict[str, Any]] = [
         "score": "balance",
         "where": "active = true",
     },
+    {
+        "table": "public.users",
+        "key": "{{feeds}}:feed:{plan}",
+        "type": "list",
+        "value": "{id}",
+        "on_update": "replace",
+    },
+    {"table": "public.users", "key": "{{names}}:name:{name}", "type": "string", "value": "{id}"},
 ]
 
 
@@ -164,8 +175,25 @@ class Source:
         for fields in self.rng.sample(self.entries, min(n, len(self.entries))):
             xadd(self.rc, STREAM, fields)
 
+    def truncated(self) -> None:
+        self.rows = {}
+
+    def expected(self) -> dict[str, Any]:
+        """What the rules hold for the newest rows (a feed's entries sorted: their order
+        depends on which changes applied before which, tests/test_types.py checks it)."""
+        state = expected_state(self.rows)
+        for row_id, row in self.rows.items():
+            if row is not None:
+                state.setdefault(f"{{feeds}}:feed:{row['plan']}", []).append(str(row_id))
+                state[f"{{names}}:name:{row['name']}"] = str(row_id)
+        for key, value in state.items():
+            if key.startswith("{feeds}:"):
+                value.sort()
+        return state
+
 
 def expected_state(rows: dict[int, dict[str, Any] | None]) -> dict[str, Any]:
+    """What the hash, set and sorted-set rules hold for ``rows``."""
     state: dict[str, Any] = {}
     plans: dict[str, set[str]] = {}
     balances: dict[str, float] = {}
@@ -197,6 +225,10 @@ def actual_state(rc: Client) -> dict[str, Any]:
             state[key] = {as_str(m) for m in rc.smembers(key)}
         elif kind == "zset":
             state[key] = {m.decode(): s for m, s in zscores(rc, key).items()}
+        elif kind == "list":
+            state[key] = sorted(as_str(v) for v in rc.lrange(key, 0, -1))
+        elif kind == "string":
+            state[key] = as_str(rc.get(key))
         else:
             state[key] = kind
     return state
@@ -230,8 +262,12 @@ def test_workload_across_slots_with_two_workers_replays_and_a_truncate(
     source.replay(800)  # Debezium re-sends a range: older positions, shuffled
     workers = run_workers(cfg, ["w1", "w2"])
     assert drained(rc)
-    expected = expected_state(source.rows)
+    expected = source.expected()
     assert actual_state(rc) == expected
+    keys = StateKeys(cluster=True)
+    for feed in (k for k in expected if k.startswith("{feeds}:")):
+        # the order record parallels the list, in the list's slot
+        assert rc.llen(keys.order(feed)) == rc.llen(feed) > 0
     slots = {rc.keyslot(k) for k in expected}
     assert len({rc.nodes_manager.get_node_from_slot(s).name for s in slots}) == 3
     assert not rc.exists(STREAM + ":dlq")
@@ -243,10 +279,10 @@ def test_workload_across_slots_with_two_workers_replays_and_a_truncate(
     # a TRUNCATE empties every structure, on every node, and new rows come after it
     source.lsn += 8
     xadd(rc, STREAM, entry_fields(None, envelope("t", "public.users", source.lsn)))
-    source.rows = {}
+    source.truncated()
     source.run(50)
     run_workers(cfg, ["w1"])
-    assert actual_state(rc) == expected_state(source.rows)
+    assert actual_state(rc) == source.expected()
 
 
 @pytest.mark.timeout(300)
@@ -282,7 +318,7 @@ def test_a_primary_restarted_and_a_library_lost_mid_run(cluster: Cluster, tmp_pa
             w.request_stop()
         for t in threads:
             t.join(timeout=30)
-    assert actual_state(rc) == expected_state(source.rows)
+    assert actual_state(rc) == source.expected()
     assert not rc.exists(STREAM + ":dlq")
     assert sum(w.reconnects for w in workers) >= 1
 
@@ -341,6 +377,14 @@ def test_a_set_rule_must_pin_its_slot_in_a_cluster() -> None:
     settings = load_settings_from_rules([rule])
     with pytest.raises(ConfigError, match="hash tag"):
         Planner.from_settings(settings, cluster=True)
+
+
+def test_a_key_over_a_non_key_column_must_pin_its_slot_in_a_cluster() -> None:
+    rule = RULES[4] | {"key": "name:{name}"}
+    planner = Planner.from_settings(load_settings_from_rules([rule]), cluster=True)
+    event = ChangeEvent("c", "public.users", "1", None, {"id": 1, "name": "a"}, None, {"id": 1})
+    with pytest.raises(PoisonEntryError, match="hash tag"):
+        planner.plan(event)
 
 
 def load_settings_from_rules(rules: list[dict[str, Any]]) -> Any:

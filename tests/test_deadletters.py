@@ -59,8 +59,8 @@ def deliveries(r: redis.Redis, entry_id: bytes) -> int:
 
 @pytest.mark.parametrize("max_deliveries", [1, 2, 5])
 def test_exhausted_on_exactly_the_last_allowed_delivery(max_deliveries: int) -> None:
-    planner = Planner({}, StateKeys("streamsync:pos:"))
-    core = BatchCore(Decoder(), planner, Epochs(), tombstone_ms=1, max_deliveries=max_deliveries)
+    planner = Planner({}, StateKeys())
+    core = BatchCore(Decoder(), planner, Epochs(), tombstone_s=1, max_deliveries=max_deliveries)
     exhausted = [
         core.exhausted(Entry(STREAM, b"1-0", [], deliveries=n))
         for n in range(1, max_deliveries + 3)
@@ -72,14 +72,15 @@ def test_exhausted_on_exactly_the_last_allowed_delivery(max_deliveries: int) -> 
 def test_a_failing_row_is_dead_lettered_on_delivery_max_deliveries(
     r: redis.Redis, redis_url: str, tmp_path: Path, max_deliveries: int
 ) -> None:
-    # the position record of user:7 is a hash: every apply of the row fails with WRONGTYPE, and
-    # no retry repairs it
-    r.hset(StateKeys("streamsync:pos:").position("user:7"), "not", "a position")
+    # row 7's set is a string: every apply of the row fails with WRONGTYPE, and no retry
+    # repairs it
+    r.set("names:7", "not a set")
     add_change(r, STREAM, "c", {"id": 1, "name": "good"}, lsn=10)
     failing = add_change(r, STREAM, "c", {"id": 7, "name": "bad"}, lsn=11)
     cfg = write_config(
         tmp_path / "c.yaml",
         redis_url,
+        rules=[{"table": "public.users", "key": "names:{id}", "type": "set", "member": "{name}"}],
         max_deliveries=max_deliveries,
         claim_idle_ms=100,
         claim_interval_ms=100,

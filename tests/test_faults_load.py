@@ -13,10 +13,10 @@ The producer keeps its own record of every entry that landed in the stream (it c
 ids itself, so a pipeline cut by a fault is re-sent without doubt about what landed), and the
 expected Redis state is computed from that record alone: the newest change (highest LSN) of every
 row. Each test waits until the producer is done and the group has read and acknowledged every
-entry, then compares every hash, set and sorted set (and the hash position records and the rules'
-indexes) with it, and prints one summary line: the faults injected, the entries, and ``lost``
-(an expected key, field set or member missing or older) and ``stale`` (a key or member that should
-not be there), both asserted to be 0.
+entry, then compares every hash, set and sorted set (and the hash rule's records of positions and
+the other rules' records of where each row is) with it, and prints one summary line: the faults
+injected, the entries, and ``lost`` (an expected key, field set or member missing or older) and
+``stale`` (a key or member that should not be there), both asserted to be 0.
 """
 
 from __future__ import annotations
@@ -35,11 +35,14 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from streamsync.buckets import Tables
 from streamsync.config import Rule
 from streamsync.functions import loaded_version
+from streamsync.keys import StateKeys
 from streamsync.mapping import hash_value
 from streamsync.positions import RANK_REMOVE, RANK_WRITE, streamed
 from tests.debezium import entry_fields, envelope, write_config
+from tests.records import placement, records
 from tests.replies import as_bytes, entry_fields_dict, xrange, zscores
 from tests.servers import RedisServer, wait_until
 from tests.test_faults import (
@@ -49,7 +52,7 @@ from tests.test_faults import (
     _dlq_entries,
     consumer_names,
     group_info,
-    position_key,
+    positions,
     settled,
 )
 from tests.workers import WorkerProcess
@@ -69,12 +72,7 @@ RULES: list[dict[str, Any]] = [
         "where": "active = true",
     },
 ]
-#: The index sets the rules keep (streamsync.mapping.Planner.key_index / row_index).
-HASH_INDEX, SET_INDEX, ZSET_INDEX = (
-    f"streamsync:idx:{Rule.model_validate(RULES[0]).state_name}:keys",
-    f"streamsync:idx:{Rule.model_validate(RULES[1]).state_name}:rows",
-    f"streamsync:idx:{Rule.model_validate(RULES[2]).state_name}:rows",
-)
+HASH_RULE, SET_RULE, ZSET_RULE = (Rule.model_validate(rule) for rule in RULES)
 
 LSN_START = 0x2_0000_0000
 #: How long the group may take to catch up once the producer is done.
@@ -479,7 +477,8 @@ class Tally:
 
 def compare(r: redis.Redis, sent: list[Sent], report: Report) -> None:
     """Fill ``report``'s counts: every hash, set and sorted set against the newest change of
-    every row; also the hash position records and the rules' indexes."""
+    every row; also the hash rule's records of positions, and where the set and sorted-set
+    rules' records say each row is."""
     state = newest(sent)
     live = {i: s for i, s in state.items() if s.op != "d"}
     want_hashes = {
@@ -500,13 +499,15 @@ def compare(r: redis.Redis, sent: list[Sent], report: Report) -> None:
     check_positions(r, state, tally)
     check_sets(r, want_sets, tally)
     check_zset(r, want_zset, tally)
-    index_errors = check_indexes(
+    index_errors = check_placements(
         r,
-        {
-            HASH_INDEX: set(want_hashes),
-            SET_INDEX: {str(i).encode() for i in live},
-            ZSET_INDEX: {m.removeprefix(b"user:") for m in want_zset},
-        },
+        [
+            (
+                SET_RULE,
+                {str(i).encode(): f"plan:{(s.row or {})['plan']}:users" for i, s in live.items()},
+            ),
+            (ZSET_RULE, {m.removeprefix(b"user:"): ZSET_KEY for m in want_zset}),
+        ],
         tally.wrong,
     )
     report.rows = len(state)
@@ -536,16 +537,16 @@ def check_hashes(
 
 
 def check_positions(r: redis.Redis, state: dict[int, Sent], tally: Tally) -> None:
-    """The newest LSN of every row in its position record, deleted rows included (rank 0)."""
-    pipe = r.pipeline(transaction=False)
-    for i in state:
-        pipe.get(position_key(f"user:{i}"))
-    for (i, s), position in zip(state.items(), pipe.execute(), strict=True):
+    """The hash rule's records: the newest LSN of every row, deleted ones included (rank 0)."""
+    recorded = positions(r, [f"user:{i}" for i in state])
+    for i, s in state.items():
         rank = RANK_REMOVE if s.op == "d" else RANK_WRITE
-        want_pos = streamed(s.lsn, s.lsn, rank).encode()
-        if position is None or position.split(b"|")[0] != want_pos:
+        want_pos = streamed(s.lsn, s.lsn, rank)
+        if recorded[f"user:{i}"] != want_pos:
             tally.lost += 1
-            tally.wrong.append(f"position of user:{i}: want {want_pos!r}, got {position!r}")
+            tally.wrong.append(
+                f"position of user:{i}: want {want_pos!r}, got {recorded[f'user:{i}']}"
+            )
 
 
 def check_sets(r: redis.Redis, want_sets: dict[bytes, set[bytes]], tally: Tally) -> None:
@@ -577,15 +578,24 @@ def check_zset(r: redis.Redis, want_zset: dict[bytes, float], tally: Tally) -> N
             tally.wrong.append(f"zset member {member!r}: want {score}, got {have_zset.get(member)}")
 
 
-def check_indexes(r: redis.Redis, expected: dict[str, set[bytes]], wrong: list[str]) -> int:
-    """How many members differ from what the rules' indexes should hold (what is placed)."""
+def check_placements(
+    r: redis.Redis, expected: list[tuple[Rule, dict[bytes, str]]], wrong: list[str]
+) -> int:
+    """How many rows the set and sorted-set rules' records place otherwise than expected (the
+    records say exactly which rows are placed, and where)."""
     index_errors = 0
-    for index, want_index in expected.items():
-        have_index = r.smembers(index)
-        diff = have_index ^ want_index
+    tables = Tables(StateKeys())
+    for rule, want_placed in expected:
+        table = tables.table(rule)
+        have_placed = {
+            field: where.key
+            for field, record in records(r, table).items()
+            if (where := placement(table, field, record)) is not None
+        }
+        diff = set(have_placed.items()) ^ set(want_placed.items())
         index_errors += len(diff)
         if diff:
-            wrong.append(f"index {index}: {len(diff)} differences, e.g. {sorted(diff)[:5]}")
+            wrong.append(f"{rule.key} records: {len(diff)} differences, e.g. {sorted(diff)[:5]}")
     return index_errors
 
 

@@ -1,5 +1,6 @@
-"""The Lua Functions library on a real redis-server: position checks, tombstones, TOAST merges,
-TTLs, trimming and version handling."""
+"""The Lua Functions library on a real redis-server: the contract of every row kind (position
+checks, records in the rule's buckets and what they say, tombstones and TTLs, TOAST merges,
+placements that move, lists, streams, moving keys), expiry and splits, trimming and versions."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from hypothesis import strategies as st
 from redis.crc import key_slot as redis_py_key_slot
 
 from streamsync import positions
+from streamsync.buckets import MOVING_KEY, MOVING_ROW, Table
 from streamsync.config import Rule
 from streamsync.epochs import epoch_prefix
 from streamsync.errors import LibraryIncompatibleError
 from streamsync.events import ChangeEvent
 from streamsync.functions import (
-    FN_BATCH,
     FN_RAISE_HWM,
     Library,
     ensure_library,
@@ -30,15 +31,25 @@ from streamsync.functions import (
 )
 from streamsync.keys import StateKeys, guarded_key, key_slot
 from streamsync.mapping import Planner
-from streamsync.positions import RANK_REMOVE, RANK_WRITE, streamed
+from streamsync.positions import RANK_REMOVE, RANK_WRITE, snapshot_read, streamed
 from tests.debezium import PLACEHOLDER
+from tests.records import Placement, Record, dangling, placement, records
 from tests.replies import as_bytes, as_int, as_str, xadd, xrange
 
-TOMBSTONE_MS = 60_000
+TABLE = "public.users"
+TOMBSTONE_S = 60
 APPLIED, STALE, SKIPPED, DROPPED = 1, 0, 2, 3
+#: hash-max-listpack-value: a longer record would turn its bucket into a hashtable.
+LISTPACK_VALUE = 64
 
-HASH_RULE = Rule.model_validate({"table": "public.users", "key": "user:{id}", "type": "hash"})
-JSON_RULE = Rule.model_validate({"table": "public.users", "key": "user:{id}", "type": "json"})
+
+def _rule(**kwargs: Any) -> Rule:
+    return Rule.model_validate({"table": TABLE, **kwargs})
+
+
+HASH_RULE = _rule(key="user:{id}", type="hash")
+JSON_RULE = _rule(key="user:{id}", type="json")
+SET_RULE = _rule(key="plan:{plan}:users", type="set", member="{id}")
 
 
 @pytest.fixture
@@ -56,7 +67,7 @@ def change(op: str, lsn: int, row: dict[str, Any]) -> ChangeEvent:
     unchanged = frozenset(c for c, v in row.items() if v == PLACEHOLDER)
     return ChangeEvent(
         op=op,
-        table="public.users",
+        table=TABLE,
         position=pos(lsn, op),
         ts_ms=None,
         after=None if op == "d" else row,
@@ -66,33 +77,70 @@ def change(op: str, lsn: int, row: dict[str, Any]) -> ChangeEvent:
     )
 
 
+class Cache:
+    """Applies events through a Planner and the library, the way the worker does."""
+
+    def __init__(self, r: redis.Redis, *rules: Rule, tombstone_s: int = TOMBSTONE_S) -> None:
+        self.r = r
+        self.planner = Planner({TABLE: rules}, StateKeys())
+        self.library = Library(r)
+        self.tombstone_s = tombstone_s
+
+    def apply(self, *events: ChangeEvent) -> list[Any]:
+        """One call per event; the statuses of every row."""
+        statuses: list[Any] = []
+        for event in events:
+            statuses += self.library.changes(self.planner.plan(event), self.tombstone_s).rows
+        return statuses
+
+    def split(self, rule: Rule, buckets: int, *, moving: bool = False) -> Table:
+        """Split the rule's table until it has ``buckets`` buckets."""
+        table = self.planner.tables.moving(rule) if moving else self.planner.tables.table(rule)
+        while table.buckets < buckets:
+            assert self.library.split(table)
+        return table
+
+    def records(self, rule: Rule, *, moving: bool = False) -> dict[bytes, Record]:
+        tables = self.planner.tables
+        return records(self.r, tables.moving(rule) if moving else tables.table(rule))
+
+    def record(self, rule: Rule, field: str, *, moving: bool = False) -> Record:
+        return self.records(rule, moving=moving)[field.encode()]
+
+
 def apply(r: redis.Redis, rule: Rule, *events: ChangeEvent) -> list[Any]:
-    """Apply events the way the worker does: one batch call per function, rows in order."""
-    planner = Planner({"public.users": (rule,)}, StateKeys("streamsync:pos:"))
-    statuses: list[Any] = []
-    for event in events:
-        for row in planner.plan(event):
-            reply = r.fcall(FN_BATCH, len(row.keys), *row.keys, TOMBSTONE_MS, *row.args)
-            statuses.extend(reply)
-    return statuses
+    return Cache(r, rule).apply(*events)
 
 
 def hash_of(r: redis.Redis, key: str) -> dict[str, str]:
     return {as_str(k): as_str(v) for k, v in r.hgetall(key).items()}
 
 
+def now(r: redis.Redis) -> int:
+    return as_int(r.time()[0])
+
+
+def encodings(r: redis.Redis, table: Table) -> set[str]:
+    buckets = int(r.hget(table.meta, "#n") or 1)
+    return {as_str(r.object("encoding", table.bucket(b))) for b in range(buckets)}
+
+
+# -- rows keyed by primary key: the record is the key's --------------------------------------
+
+
 def test_hash_write_applies_only_newer_positions(lib: redis.Redis) -> None:
     v1 = {"id": 1, "name": "a", "plan": "free"}
     v2 = {"id": 1, "name": "b", "plan": None}
-    assert apply(lib, HASH_RULE, change("c", 100, v1)) == [APPLIED]
-    assert apply(lib, HASH_RULE, change("u", 200, v2)) == [APPLIED]
+    cache = Cache(lib, HASH_RULE)
+    assert cache.apply(change("c", 100, v1)) == [APPLIED]
+    assert cache.apply(change("u", 200, v2)) == [APPLIED]
     # replay of both, and an older one: nothing changes
-    assert apply(lib, HASH_RULE, change("c", 100, v1), change("u", 200, v2)) == [STALE, STALE]
-    assert apply(lib, HASH_RULE, change("u", 150, {"id": 1, "name": "old"})) == [STALE]
+    assert cache.apply(change("c", 100, v1), change("u", 200, v2)) == [STALE, STALE]
+    assert cache.apply(change("u", 150, {"id": 1, "name": "old"})) == [STALE]
     assert hash_of(lib, "user:1") == {"id": "1", "name": "b"}  # null column: no field
-    # the position, then the shape of the field set written
-    assert as_bytes(lib.get("streamsync:pos:{user:1}")).split(b"|")[0] == pos(200).encode()
-    assert lib.pttl("streamsync:pos:{user:1}") == -1  # a live row's position never expires
+    # the record: field = the key without the rule's literal prefix, value = the position;
+    # a live row's record never expires
+    assert cache.record(HASH_RULE, "1") == Record(pos(200), None, None, b"")
 
 
 def test_full_row_write_replaces_stale_fields(lib: redis.Redis) -> None:
@@ -102,17 +150,20 @@ def test_full_row_write_replaces_stale_fields(lib: redis.Redis) -> None:
 
 
 def test_delete_then_late_older_upsert_stays_deleted(lib: redis.Redis) -> None:
-    apply(lib, HASH_RULE, change("c", 10, {"id": 7, "name": "a"}))
-    assert apply(lib, HASH_RULE, change("d", 30, {"id": 7})) == [APPLIED]
-    assert apply(lib, HASH_RULE, change("u", 20, {"id": 7, "name": "zombie"})) == [STALE]
-    assert apply(lib, HASH_RULE, change("d", 30, {"id": 7})) == [STALE]
+    cache = Cache(lib, HASH_RULE)
+    cache.apply(change("c", 10, {"id": 7, "name": "a"}))
+    assert cache.apply(change("d", 30, {"id": 7})) == [APPLIED]
+    assert cache.apply(change("u", 20, {"id": 7, "name": "zombie"})) == [STALE]
+    assert cache.apply(change("d", 30, {"id": 7})) == [STALE]
     assert not lib.exists("user:7")
-    ttl = lib.pttl("streamsync:pos:{user:7}")
-    assert 0 < ttl <= TOMBSTONE_MS
+    # a tombstone: it goes after the tombstone window
+    tombstone = cache.record(HASH_RULE, "7")
+    assert tombstone.position == pos(30) and tombstone.expires is not None
+    assert 0 < tombstone.expires - now(lib) <= TOMBSTONE_S
     # a re-insert after the delete is newer and applies
-    assert apply(lib, HASH_RULE, change("c", 40, {"id": 7, "name": "new"})) == [APPLIED]
+    assert cache.apply(change("c", 40, {"id": 7, "name": "new"})) == [APPLIED]
     assert hash_of(lib, "user:7") == {"id": "7", "name": "new"}
-    assert lib.pttl("streamsync:pos:{user:7}") == -1
+    assert cache.record(HASH_RULE, "7").expires is None
 
 
 def test_positions_compare_beyond_double_precision(lib: redis.Redis) -> None:
@@ -142,12 +193,13 @@ def test_hash_toast_placeholder_keeps_the_cached_field(lib: redis.Redis) -> None
 
 
 def test_hash_toast_update_of_an_uncached_row_caches_nothing(lib: redis.Redis) -> None:
-    status = apply(lib, HASH_RULE, change("u", 2, {"id": 1, "bio": PLACEHOLDER, "name": "b"}))
+    cache = Cache(lib, HASH_RULE)
+    status = cache.apply(change("u", 2, {"id": 1, "bio": PLACEHOLDER, "name": "b"}))
     assert status == [SKIPPED]
     assert not lib.exists("user:1")
     # its position is remembered (like a tombstone): an older full row cannot fill it back
-    assert apply(lib, HASH_RULE, change("u", 1, {"id": 1, "bio": "old", "name": "a"})) == [STALE]
-    assert 0 < lib.pttl("streamsync:pos:{user:1}") <= TOMBSTONE_MS
+    assert cache.apply(change("u", 1, {"id": 1, "bio": "old", "name": "a"})) == [STALE]
+    assert cache.record(HASH_RULE, "1").expires is not None
 
 
 def test_hash_toast_update_of_an_incomplete_cached_row_drops_it(lib: redis.Redis) -> None:
@@ -185,22 +237,20 @@ def test_json_toast_update_of_a_document_lacking_the_column_drops_it(lib: redis.
 
 
 def test_ttl_safety_net(lib: redis.Redis) -> None:
-    rule = Rule.model_validate(
-        {"table": "public.users", "key": "user:{id}", "type": "hash", "ttl_s": 100}
-    )
-    apply(lib, rule, change("c", 1, {"id": 1, "name": "a"}))
+    rule = _rule(key="user:{id}", type="hash", ttl_s=100)
+    cache = Cache(lib, rule)
+    cache.apply(change("c", 1, {"id": 1, "name": "a"}))
     assert 99_000 < lib.pttl("user:1") <= 100_000
-    # the position outlives the key by the tombstone window
-    assert lib.pttl("streamsync:pos:{user:1}") > 100_000 + TOMBSTONE_MS - 1_000
-    json_rule = Rule.model_validate(
-        {"table": "public.users", "key": "doc:{id}", "type": "json", "ttl_s": 50}
-    )
+    # the record outlives the key by the tombstone window
+    expires = cache.record(rule, "1").expires
+    assert expires is not None and 100 + TOMBSTONE_S - 1 <= expires - now(lib) <= 100 + TOMBSTONE_S
+    json_rule = _rule(key="doc:{id}", type="json", ttl_s=50)
     apply(lib, json_rule, change("c", 1, {"id": 1}))
     assert 49_000 < lib.pttl("doc:1") <= 50_000
 
 
 def test_invalidate_deletes_and_remembers(lib: redis.Redis) -> None:
-    rule = Rule.model_validate({"table": "public.users", "key": "user:{id}", "mode": "invalidate"})
+    rule = _rule(key="user:{id}", mode="invalidate")
     lib.set("user:1", "cached by the application")
     assert apply(lib, rule, change("u", 5, {"id": 1})) == [APPLIED]
     assert not lib.exists("user:1")
@@ -210,26 +260,353 @@ def test_invalidate_deletes_and_remembers(lib: redis.Redis) -> None:
 
 
 def test_one_call_applies_many_rows_independently(lib: redis.Redis) -> None:
-    prefix = "streamsync:pos:"
-    lib.hset("streamsync:pos:{user:2}", "x", "y")  # a broken position record: WRONGTYPE
-    reply = lib.fcall(
-        "streamsync_delete",
-        6,
-        "user:1",
-        prefix + "{user:1}",
-        "user:2",
-        prefix + "{user:2}",
-        "user:3",
-        prefix + "{user:3}",
-        TOMBSTONE_MS,
-        *["D", pos(1, "d")] * 3,
-    )
+    cache = Cache(lib, SET_RULE)
+    lib.set("plan:pro:users", "not a set")  # the row placed there fails: WRONGTYPE
+    rows = [
+        row
+        for i, plan in enumerate(["free", "pro", "team"], 1)
+        for row in cache.planner.plan(change("c", 10, {"id": i, "plan": plan}))
+    ]
+    reply = cache.library.changes(rows, TOMBSTONE_S).rows
     assert reply[0] == APPLIED and reply[2] == APPLIED
-    assert isinstance(reply[1], bytes) and b"WRONGTYPE" in reply[1]
+    assert isinstance(reply[1], str) and "WRONGTYPE" in reply[1]
+    # the failed row left no record: sent again once the key is fixed, it applies
+    assert set(cache.records(SET_RULE)) == {b"1", b"3"}
+    lib.delete("plan:pro:users")
+    assert cache.library.changes(rows[1:2], TOMBSTONE_S).rows == [APPLIED]
+
+
+def test_an_unknown_row_kind_is_refused(lib: redis.Redis) -> None:
+    cache = Cache(lib, SET_RULE)
+    (row,) = cache.planner.plan(change("c", 10, {"id": 1, "plan": "free"}))
+    row.args[0] = "?"
+    with pytest.raises(redis.ResponseError, match="unexpected row kind"):
+        cache.library.changes([row], TOMBSTONE_S)
+
+
+# -- placements: sets and sorted sets ----------------------------------------------------------
+
+
+def test_set_record_keeps_the_middles_of_its_key_and_member(lib: redis.Redis) -> None:
+    cache = Cache(lib, SET_RULE)
+    assert cache.apply(change("c", 10, {"id": 1, "plan": "free"})) == [APPLIED]
+    # 'plan:{plan}:users' keeps 'free'; the member is the row identity: kept as the kind
+    assert cache.record(SET_RULE, "1") == Record(pos(10), None, "T", b"free")
+    assert cache.apply(change("u", 20, {"id": 1, "plan": "pro"})) == [APPLIED]
+    assert lib.smembers("plan:pro:users") == {b"1"} and not lib.exists("plan:free:users")
+    assert cache.record(SET_RULE, "1") == Record(pos(20), None, "T", b"pro")
+    assert cache.apply(change("d", 30, {"id": 1})) == [APPLIED]
+    assert not lib.exists("plan:pro:users")
+    tombstone = cache.record(SET_RULE, "1")
+    assert (tombstone.kind, tombstone.position) == (None, pos(30))
+    assert tombstone.expires is not None
+
+
+def test_a_member_other_than_the_row_is_kept_with_its_length(lib: redis.Redis) -> None:
+    rule = _rule(key="by:{plan}", type="zset", member="m:{email}", score="price")
+    cache = Cache(lib, rule)
+    row = {"id": 1, "plan": "pro", "email": "a@b.io", "price": 3}
+    assert cache.apply(change("c", 10, row)) == [APPLIED]
+    record = cache.record(rule, "1")
+    # 'Y': a sorted-set member named in the record, after the key's middle and its length
+    assert (record.kind, record.data) == ("Y", b"3:proa@b.io")
+    table = cache.planner.tables.table(rule)
+    assert placement(table, b"1", record) == Placement("Z", "by:pro", "m:a@b.io")
+    # the score changes in place; the member changes: the old one goes
+    assert cache.apply(change("u", 20, {**row, "price": 4})) == [APPLIED]
+    assert lib.zrange("by:pro", 0, -1, withscores=True) == [(b"m:a@b.io", 4.0)]
+    assert cache.apply(change("u", 30, {**row, "email": "c@d.io"})) == [APPLIED]
+    assert lib.zrange("by:pro", 0, -1, withscores=True) == [(b"m:c@d.io", 3.0)]
+
+
+def test_a_row_identity_starting_with_hash_is_not_a_meta_field(lib: redis.Redis) -> None:
+    rule = _rule(key="tags", type="set", member="{id}")
+    cache = Cache(lib, rule)
+    assert cache.apply(change("c", 10, {"id": "#n"})) == [APPLIED]
+    assert lib.smembers("tags") == {b"#n"}
+    # stored as '##n', the member named in full: '#n' is bucket 0's bucket count
+    assert cache.record(rule, "##n").kind == "S"
+    assert lib.hget(cache.planner.tables.table(rule).meta, "#n") is None
+    assert cache.apply(change("d", 20, {"id": "#n"})) == [APPLIED]
+    assert not lib.exists("tags")
+
+
+def test_a_placement_too_long_for_a_bucket_overflows(lib: redis.Redis) -> None:
+    rule = _rule(key="by:{plan}", type="set", member="{email}")
+    cache = Cache(lib, rule)
+    table = cache.planner.tables.table(rule)
+    long_email = "x" * 60 + "@example.com"
+    cache.apply(change("c", 10, {"id": 1, "plan": "pro", "email": "a@b.io"}))
+    cache.apply(change("c", 11, {"id": 2, "plan": "pro", "email": long_email}))
+    assert as_bytes(lib.hget(table.bucket(0), "2")).endswith(b"O")
+    assert lib.hexists(table.overflow, "2") and not lib.hexists(table.overflow, "1")
+    # every record stays short: the bucket stays a listpack
+    assert encodings(lib, table) == {"listpack"}
+    assert cache.record(rule, "2").data == b"3:pro" + long_email.encode()
+    # the long member moves away: the overflow goes with it
+    cache.apply(change("u", 20, {"id": 2, "plan": "pro", "email": "short@b.io"}))
+    assert lib.smembers("by:pro") == {b"a@b.io", b"short@b.io"}
+    assert not lib.exists(table.overflow)
+    cache.apply(change("u", 30, {"id": 2, "plan": "team", "email": long_email}))
+    cache.apply(change("d", 40, {"id": 2}))
+    assert lib.smembers("by:pro") == {b"a@b.io"} and not lib.exists("by:team")
+    assert not lib.exists(table.overflow)
+
+
+# -- placements: lists -------------------------------------------------------------------------
+
+
+LIST_RULE = _rule(key="feed:{plan}", type="list", value="{id}:{name}")
+
+
+def test_list_order_record_parallels_the_list(lib: redis.Redis) -> None:
+    cache = Cache(lib, LIST_RULE)
+    for lsn, i in [(30, 3), (10, 1), (20, 2), (20, 10)]:
+        cache.apply(change("c", lsn, {"id": i, "plan": "a", "name": f"n{i}"}))
+    assert lib.lrange("feed:a", 0, -1) == [b"3:n3", b"10:n10", b"2:n2", b"1:n1"]
+    # sort keys: the position, then the row (integers by value: length first)
+    order = cache.planner.keys.order("feed:a")
+    assert lib.lrange(order, 0, -1) == [
+        f"{pos(30)}013".encode(),
+        f"{pos(20)}0210".encode(),
+        f"{pos(20)}012".encode(),
+        f"{pos(10)}011".encode(),
+    ]
+    # the record: the list key's middle with its length; its entry is at the record's position
+    assert cache.record(LIST_RULE, "3") == Record(pos(30), None, "L", b"1:a")
+    assert not dangling(lib, cache.planner.tables.table(LIST_RULE))
+
+
+def test_list_record_names_entries_of_older_positions(lib: redis.Redis) -> None:
+    replace = _rule(key="feed", type="list", value="{id}:{name}", on_update="replace")
+    cache = Cache(lib, replace)
+    cache.apply(change("c", 10, {"id": 1, "name": "a"}), change("u", 20, {"id": 1, "name": "b"}))
+    assert lib.lrange("feed", 0, -1) == [b"1:b"]
+    # the entry keeps the place (and the sort key) of the position that first placed it
+    assert cache.record(replace, "1") == Record(pos(20), None, "L", f"0:{pos(10)}".encode())
+    cache.apply(change("d", 30, {"id": 1}))
+    assert not lib.exists("feed")
+    assert not lib.exists(cache.planner.keys.order("feed"))
+
+
+def test_list_row_moving_to_another_list_leaves_the_first(lib: redis.Redis) -> None:
+    cache = Cache(lib, LIST_RULE)
+    cache.apply(change("c", 10, {"id": 1, "plan": "a", "name": "x"}))
+    cache.apply(change("c", 11, {"id": 2, "plan": "a", "name": "y"}))
+    cache.apply(change("u", 20, {"id": 1, "plan": "b", "name": "x"}))
+    assert lib.lrange("feed:a", 0, -1) == [b"2:y"]
+    assert lib.lrange("feed:b", 0, -1) == [b"1:x"]
+    assert lib.llen(cache.planner.keys.order("feed:a")) == 1
+    assert cache.record(LIST_RULE, "1").data == b"1:b"
+
+
+def test_capped_list_reserve_refills_the_list(lib: redis.Redis) -> None:
+    rule = _rule(key="feed", type="list", value="{id}", max_len=2)
+    cache = Cache(lib, rule)
+    for i in (4, 2, 3, 1, 5):
+        cache.apply(change("c", 10 * i, {"id": i}))
+    assert lib.lrange("feed", 0, -1) == [b"5", b"4"]
+    reserve = cache.planner.keys.reserve("feed")
+    # the reserve keeps max_len trimmed entries, newest first; row 1's entry was dropped
+    assert lib.lrange(reserve, 0, -1) == [b"3", b"2"]
+    assert lib.llen(cache.planner.keys.order("feed")) == 4
+    cache.apply(change("d", 60, {"id": 5}), change("d", 61, {"id": 2}))
+    assert lib.lrange("feed", 0, -1) == [b"4", b"3"]
+    assert not lib.exists(reserve)
+    # a deleted row whose entry was dropped from the reserve: nothing to remove
+    assert cache.apply(change("d", 62, {"id": 1})) == [APPLIED]
+    assert lib.lrange("feed", 0, -1) == [b"4", b"3"]
+
+
+@pytest.mark.parametrize("later", [1, 3, 6, None])
+def test_a_changed_max_len_keeps_list_and_reserve_in_order(
+    lib: redis.Redis, later: int | None
+) -> None:
+    rule = _rule(key="feed", type="list", value="{id}", max_len=3)
+    Cache(lib, rule).apply(*(change("c", 10 * i, {"id": i}) for i in range(1, 8)))
+    assert lib.lrange("feed", 0, -1) == [b"7", b"6", b"5"]
+    cache = Cache(lib, rule.model_copy(update={"max_len": later}))
+    cache.apply(change("c", 35, {"id": 35}), change("c", 75, {"id": 75}))
+    kept = [75, 7, 6, 5, 4, 35, 3, 2]  # row 1 was dropped from the reserve for good
+    listed = len(kept) if later is None else later
+    assert [int(v) for v in lib.lrange("feed", 0, -1)] == kept[:listed]
+    reserve = cache.planner.keys.reserve("feed")
+    assert [int(v) for v in lib.lrange(reserve, 0, -1)] == kept[listed : 2 * listed]
+    order = cache.planner.keys.order("feed")
+    assert lib.llen(order) == lib.llen("feed") + lib.llen(reserve)
+
+
+#: Positions as streamsync.positions writes them: numbers of any length, their length first.
+POSITIONS = st.one_of(
+    st.builds(snapshot_read, st.integers(0, 2**64 - 1)),
+    st.builds(
+        streamed, st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.sampled_from("01")
+    ),
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(0, 10**12), POSITIONS),
+        min_size=1,
+        max_size=12,
+        unique_by=lambda r: r[0],
+    )
+)
+def test_list_entries_sort_by_positions_of_any_length_then_rows(
+    r: redis.Redis, rows: list[tuple[int, str]]
+) -> None:
+    """A sort key is the position, then the row: positions never are a prefix of one another,
+    so positions of different lengths, and rows of different lengths at one position, sort as
+    their numbers do."""
+    r.flushdb()
+    ensure_library(r)
+    rule = _rule(key="feed", type="list", value="{id}")
+    cache = Cache(r, rule)
+    for ident, position in rows:
+        event = change("c", 0, {"id": ident})
+        event.position = position
+        assert cache.apply(event) == [APPLIED]
+
+    def parsed(position: str) -> tuple[int, ...]:
+        # major, kind, minor, rank (streamsync.positions.encode)
+        def number(at: int) -> tuple[int, int]:
+            n = int(position[at : at + 2])
+            return int(position[at + 2 : at + 2 + n] or 0), at + 2 + n
+
+        major, at = number(0)
+        minor, end = number(at + 1)
+        return major, int(position[at]), minor, int(position[end])
+
+    want = [ident for ident, _ in sorted(rows, key=lambda r: (parsed(r[1]), r[0]), reverse=True)]
+    assert [int(v) for v in r.lrange("feed", 0, -1)] == want
+
+
+def test_list_entry_far_below_the_head_finds_its_place(lib: redis.Redis) -> None:
+    rule = _rule(key="feed", type="list", value="{id}")
+    cache = Cache(lib, rule)
+    rows = list(range(2, 400, 2))
+    for i in rows:
+        cache.apply(change("c", i, {"id": i}))
+    for late in (1, 3, 199, 397, 399):
+        cache.apply(change("c", late, {"id": late}))
+    want = sorted([*rows, 1, 3, 199, 397, 399], reverse=True)
+    assert [int(v) for v in lib.lrange("feed", 0, -1)] == want
+
+
+# -- placements: streams and removals ---------------------------------------------------------
+
+
+def test_stream_record_is_a_tombstone_that_refuses_replays(lib: redis.Redis) -> None:
+    rule = _rule(key="events", type="stream")
+    cache = Cache(lib, rule)
+    assert cache.apply(change("c", 10, {"id": 1}), change("c", 10, {"id": 1})) == [APPLIED, STALE]
+    assert lib.xlen("events") == 1
+    record = cache.record(rule, "1")
+    assert (record.position, record.kind) == (pos(10), None)
+    assert record.expires is not None and record.expires - now(lib) <= TOMBSTONE_S
+
+
+# -- moving keys ---------------------------------------------------------------------------------
+
+EMAIL_RULE = _rule(key="email:{email}", type="string", value="{id}")
+
+
+def test_moving_row_keeps_its_record_and_its_keys(lib: redis.Redis) -> None:
+    cache = Cache(lib, EMAIL_RULE)
+    cache.apply(change("c", 10, {"id": 1, "email": "a@x.io"}))
+    held = cache.records(EMAIL_RULE, moving=True)
+    assert held == {
+        MOVING_ROW.encode() + b"1": Record(pos(10), None, "M", b"a@x.io"),
+        MOVING_KEY.encode() + b"a@x.io": Record(pos(10), None, None, b""),
+    }
+    # the rule's own table (keyed by primary key) holds nothing
+    assert cache.records(EMAIL_RULE) == {}
+    cache.apply(change("u", 20, {"id": 1, "email": "b@x.io"}))
+    assert lib.get("email:b@x.io") == b"1" and not lib.exists("email:a@x.io")
+    left = cache.record(EMAIL_RULE, MOVING_KEY + "a@x.io", moving=True)
+    # the key left keeps the position of the row that held it
+    assert (left.position, left.expires is not None) == (pos(10), True)
+
+
+def test_moving_rows_find_the_keys_they_left_in_a_split_table(lib: redis.Redis) -> None:
+    """The worker cannot address the record of a key a row held before: the library finds its
+    bucket itself (crc32 and linear hashing, as streamsync.buckets), in any bucket count."""
+    cache = Cache(lib, EMAIL_RULE)
+    n = 150
+    cache.apply(*(change("c", 10 + i, {"id": i, "email": f"e{i}@x.io"}) for i in range(n)))
+    for buckets in (3, 5, 8):
+        table = cache.split(EMAIL_RULE, buckets, moving=True)
+        lsn = 1000 * buckets
+        # each row takes the email the row before it gave up (a unique value changing hands),
+        # then its own back, before the row holding it leaves it
+        cache.apply(change("u", lsn, {"id": 0, "email": f"gone{buckets}@x.io"}))
+        for i in range(1, n):
+            cache.apply(change("u", lsn + i, {"id": i, "email": f"e{i - 1}@x.io"}))
+        for i in range(n):
+            cache.apply(change("u", lsn + n + i, {"id": i, "email": f"e{i}@x.io"}))
+        assert {as_str(k): as_str(lib.get(k)) for k in lib.keys("email:*")} == {
+            f"email:e{i}@x.io": str(i) for i in range(n)
+        }
+        fields = [f for b in range(buckets) for f in lib.hkeys(table.bucket(b)) if f != b"#"]
+        # one record per key: none was written to a bucket that does not hold it
+        assert len(fields) == len(set(fields))
+        assert not dangling(lib, table)
+
+
+# -- expiry and splits -------------------------------------------------------------------------
+
+
+def test_expire_removes_past_records_and_their_overflow_never_meta_fields(lib: redis.Redis) -> None:
+    rule = _rule(key="by:{plan}", type="set", member="{email}", ttl_s=1)
+    table = Cache(lib, rule).planner.tables.table(rule)
+    # a negative tombstone window: every record written is already past
+    past = Cache(lib, rule, tombstone_s=-10)
+    long_email = "y" * 70
+    past.apply(change("c", 10, {"id": 1, "plan": "a", "email": long_email}))
+    past.apply(change("c", 11, {"id": 2, "plan": "a", "email": "b@x"}), change("d", 12, {"id": 2}))
+    live = Cache(lib, _rule(key="by:{plan}", type="set", member="{email}"))
+    live.apply(change("c", 13, {"id": 3, "plan": "a", "email": "c@x"}))
+    assert lib.hexists(table.overflow, "1")
+    assert lib.hget(table.meta, "#c") == b"3"
+    assert past.library.expire(table, [0]) == 2
+    assert set(records(lib, table)) == {b"3"}
+    assert not lib.exists(table.overflow)
+    assert lib.hget(table.meta, "#c") == b"1"
+
+
+def test_split_keeps_every_placement_where_it_can_be_found(lib: redis.Redis) -> None:
+    cache = Cache(lib, SET_RULE)
+    cache.apply(*(change("c", 10 + i, {"id": i, "plan": f"p{i % 7}"}) for i in range(300)))
+    table = cache.split(SET_RULE, 6)
+    assert encodings(lib, table) == {"listpack"}
+    cache.apply(*(change("u", 1000 + i, {"id": i, "plan": "moved"}) for i in range(300)))
+    assert lib.scard("plan:moved:users") == 300
+    assert lib.keys("plan:p*") == []
+    assert len(records(lib, table)) == 300
+
+
+def test_record_values_fit_a_listpack(lib: redis.Redis) -> None:
+    rules = [
+        SET_RULE,
+        _rule(key="prices", type="zset", member="product:{id}", score="price"),
+        _rule(key="feed:{plan}", type="list", value="{id}", on_update="replace", ttl_s=5),
+        EMAIL_RULE,
+    ]
+    cache = Cache(lib, *rules)
+    row = {"id": 123456, "plan": "enterprise", "price": 3, "email": "someone@example.com"}
+    cache.apply(change("c", 2**63, row), change("u", 2**64 - 1, {**row, "price": 4}))
+    for table in cache.planner.tables:
+        for value in lib.hvals(table.bucket(0)):
+            assert len(as_bytes(value)) <= LISTPACK_VALUE, (table.name, value)
+        assert encodings(lib, table) <= {"listpack"}
 
 
 @given(st.text(max_size=30))
-def test_position_key_shares_the_target_slot(target: str) -> None:
+def test_guarded_key_shares_the_target_slot(target: str) -> None:
     key = guarded_key("streamsync:pos:", target)
     assert key != target
     assert key_slot(key.encode()) == key_slot(target.encode())
@@ -237,7 +614,7 @@ def test_position_key_shares_the_target_slot(target: str) -> None:
 
 
 @pytest.mark.parametrize("target", ["user:1", "{t1}:user:1", "a}b", "{}x", "x{y", "}{a}", ""])
-def test_position_key_examples(target: str) -> None:
+def test_guarded_key_examples(target: str) -> None:
     key = guarded_key("p:", target)
     assert redis_py_key_slot(key.encode()) == redis_py_key_slot(target.encode())
 
@@ -348,22 +725,6 @@ def test_prune_consumer_keeps_one_with_pending_entries(lib: redis.Redis) -> None
     assert lib.fcall("streamsync_prune_consumer", 1, "s", "g", "idle", 10**9) == 0
     assert lib.fcall("streamsync_prune_consumer", 1, "s", "g", "idle", 0) == 1
     assert [c["name"] for c in lib.xinfo_consumers("s", "g")] == [b"busy"]
-
-
-def test_per_operation_functions_accept_only_their_rows(lib: redis.Redis) -> None:
-    first = pos(1)
-    args = ("user:1", "streamsync:pos:{user:1}", TOMBSTONE_MS)
-    assert lib.fcall("streamsync_invalidate", 2, *args, "I", first) == [APPLIED]
-    for function, row in [
-        ("streamsync_write_hash", ["J", first, "0", "{}"]),
-        ("streamsync_write_json", ["D", first]),
-        ("streamsync_delete", ["I", first]),
-        ("streamsync_invalidate", ["H", first, "0", "s", "0"]),
-    ]:
-        with pytest.raises(redis.ResponseError, match="unexpected row kind"):
-            lib.fcall(function, 2, *args, *row)
-    assert lib.fcall("streamsync_write_json", 2, *args, "J", pos(2), "0", "{}") == [APPLIED]
-    assert lib.fcall("streamsync_delete", 2, *args, "D", pos(3, "d")) == [APPLIED]
 
 
 def test_full_hash_write_keeps_shape_and_drops_vanished_fields(lib: redis.Redis) -> None:

@@ -55,7 +55,7 @@ ALL_RULES: list[dict[str, Any]] = [
 
 
 def planner(rules: list[dict[str, Any]]) -> Planner:
-    return Planner({TABLE: tuple(Rule(**r) for r in rules)}, StateKeys("streamsync:pos:"))
+    return Planner({TABLE: tuple(Rule(**r) for r in rules)}, StateKeys())
 
 
 def batch_core(rules: list[dict[str, Any]]) -> BatchCore:

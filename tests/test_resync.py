@@ -140,13 +140,17 @@ def test_the_barrier_releases_a_first_transaction_at_once_and_a_truncate_after_i
 def test_truncate_waits_for_a_failed_entry_beyond_the_first_hundred_pending(
     r: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
-    """One batch of 150 changes and a TRUNCATE; row 120's write fails once (its position record
-    is not a string). The TRUNCATE must wait until row 120 is retried and applied, however far
-    down the pending list it sits: run before, the retry would bring the row back."""
+    """One batch of 150 changes and a TRUNCATE; row 120's write fails once (its set is not a
+    set). The TRUNCATE must wait until row 120 is retried and applied, however far down the
+    pending list it sits: run before, the retry would bring the row back."""
     cfg = write_config(
         tmp_path / "c.yaml",
         redis_url,
         streams=[STREAM],
+        rules=[
+            {"table": "public.users", "key": "user:{id}", "type": "hash"},
+            {"table": "public.users", "key": "plan:{plan}", "type": "set", "member": "{id}"},
+        ],
         batch_size=500,
         claim_idle_ms=300,
         claim_interval_ms=100,
@@ -154,10 +158,10 @@ def test_truncate_waits_for_a_failed_entry_beyond_the_first_hundred_pending(
     )
     r.xgroup_create(STREAM, "streamsync", id="0", mkstream=True)
     settings = load_settings(cfg, environ={})
-    bad = StateKeys.from_settings(settings.worker).position("user:120")
-    r.hset(bad, "not", "a position")
+    r.set("plan:bad", "not a set")
     for i in range(1, 151):
-        add_change(r, STREAM, "c", {"id": i, "name": f"row {i}"}, 100 + i)
+        plan = "bad" if i == 120 else "free"
+        add_change(r, STREAM, "c", {"id": i, "name": f"row {i}", "plan": plan}, 100 + i)
     add_truncate(r, 1000)
     worker = Worker(settings, consumer="w1", drain=True)
     thread = threading.Thread(target=worker.run)
@@ -165,14 +169,14 @@ def test_truncate_waits_for_a_failed_entry_beyond_the_first_hundred_pending(
     try:
         # dict(): one atomic copy of the counts the worker thread updates
         wait_until(lambda: any(k[3] == "failed" for k in dict(worker.counts)), timeout=30)
-        r.delete(bad)
+        r.delete("plan:bad")
         thread.join(timeout=60)
         assert not thread.is_alive()
     finally:
         worker.request_stop()
         thread.join()
-    assert not r.exists("user:120")
-    assert r.keys("user:*") == []
+    assert not r.exists("user:120") and not r.exists("plan:bad")
+    assert r.keys("user:*") == [] and r.keys("plan:*") == []
     assert r.xpending(STREAM, "streamsync")["pending"] == 0
     assert not r.exists(STREAM + ":dlq")
 

@@ -415,10 +415,11 @@ def test_a_running_worker_keeps_a_liveness_mark_and_leaves_cleanly(
 def test_a_worker_stopping_with_entries_pending_to_it_stays_in_the_group(
     r: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
-    cfg = write_config(tmp_path / "c.yaml", redis_url, block_ms=100, max_deliveries=10)
+    rules = [{"table": "public.users", "key": "names", "type": "set", "member": "{name}"}]
+    cfg = write_config(tmp_path / "c.yaml", redis_url, rules=rules, block_ms=100, max_deliveries=10)
     settings = load_settings(cfg, environ={})
-    # the row's position record is not a string: its write fails, and stays pending for a retry
-    r.hset(StateKeys.from_settings(settings.worker).position("user:1"), "not", "a position")
+    # the rule's set is a string: the row's write fails, and stays pending for a retry
+    r.set("names", "not a set")
     add_change(r, "app.public.users", "c", {"id": 1, "name": "a"}, lsn=1)
     worker = Worker(settings, consumer="holder", drain=True)
     thread = threading.Thread(target=worker.run)

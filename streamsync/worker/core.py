@@ -124,12 +124,19 @@ class Settlement:
     failed: list[Entry] = field(default_factory=list)
     #: Failed on their last allowed delivery: to dead-letter.
     dead: list[Entry] = field(default_factory=list)
-    #: Send the whole batch again (Redis refused for now, or calls were split).
+    #: Send the whole batch again (Redis refused for now, calls were split, or a table was).
     retry: bool = False
+    #: Only a rule table was split meanwhile: send again at once, the rows readdressed (no
+    #: backoff: Redis is fine, and a worker backing off would let its entries be claimed).
+    rebucketed: bool = False
     #: The library is missing: load it before the retry.
     reload_library: bool = False
     #: Why the batch is sent again, for the log.
     reason: str = ""
+
+    def again(self, reason: str) -> None:
+        """Send the batch again, after a backoff, because of ``reason``."""
+        self.retry, self.rebucketed, self.reason = True, False, reason
 
 
 class BatchCore:
@@ -325,18 +332,16 @@ class BatchCore:
 
     def _call_failed(self, call: Call, message: str, settlement: Settlement) -> None:
         if is_missing_library(message):
-            settlement.reload_library = settlement.retry = True
-            settlement.reason = "the library is missing"
+            settlement.reload_library = True
+            settlement.again("the library is missing")
         elif is_transient(message):
-            settlement.retry = True
-            settlement.reason = f"redis refused a call ({message})"
+            settlement.again(f"redis refused a call ({message})")
         elif len(call.owners) > 1:
             # one bad row fails its whole call: retry its rows one call each, so only the bad
             # entry fails
             for entry in call.owners:
                 entry.solo = True
-            settlement.retry = True
-            settlement.reason = f"a call failed as a whole ({message}); its rows go one by one"
+            settlement.again(f"a call failed as a whole ({message}); its rows go one by one")
         else:
             call.owners[0].error = f"redis error: {message}"
 
@@ -345,15 +350,15 @@ class BatchCore:
         for entry, status in zip(call.owners, replies, strict=True):
             if status is RowStatus.REBUCKETED:
                 # another worker split a table: the rows are addressed again when sent again
-                settlement.retry = True
-                settlement.reason = "a rule table was split meanwhile"
+                if not settlement.retry:
+                    settlement.rebucketed = settlement.retry = True
+                    settlement.reason = "a rule table was split meanwhile"
             elif isinstance(status, RowStatus):
                 if entry.outcome is None or status is RowStatus.APPLIED:
                     entry.outcome = status.outcome
             elif is_transient(status):
                 # Redis, not the row, is at fault (a cluster failing over, memory full): retry
                 # the batch in hand, without spending deliveries
-                settlement.retry = True
-                settlement.reason = f"redis refused a row ({status})"
+                settlement.again(f"redis refused a row ({status})")
             else:
                 entry.error = f"redis error: {status}"

@@ -443,6 +443,9 @@ class Worker:
     def _retry(self, target: Session, settlement: Settlement) -> None:
         if settlement.reload_library:
             target.library.ensure()
+        if settlement.rebucketed:
+            log.info("%s; sending the batch again", settlement.reason)
+            return
         log.warning("%s; sending the batch again", settlement.reason)
         self._retry_attempt += 1
         self._stop.wait(backoff(self._retry_attempt))

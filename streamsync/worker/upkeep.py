@@ -8,8 +8,8 @@ import logging
 import time
 from collections.abc import Iterator
 
-from streamsync.buckets import META_BUCKETS, Table, Tables
-from streamsync.config import Mode, Settings, TargetType
+from streamsync.buckets import META_BUCKETS, META_COUNT, Table, Tables
+from streamsync.config import SINGLE_VALUE_TYPES, Mode, Settings
 from streamsync.keys import StateKeys
 from streamsync.worker.session import Session
 
@@ -77,14 +77,19 @@ class Upkeep:
     def _chunks(self, session: Session, tables: Tables) -> Iterator[tuple[Table, list[int]]]:
         """Every bucket of every table holding records, in calls' worth."""
         for table in self._tables(tables):
-            count = int(session.client.hget(table.meta, META_BUCKETS) or 1)
+            buckets, held = session.client.hmget(table.meta, [META_BUCKETS, META_COUNT])
+            if buckets is None and held is None:
+                continue
+            count = int(buckets or 1)
             for start in range(0, count, EXPIRE_BUCKETS_PER_CALL):
                 yield table, list(range(start, min(count, start + EXPIRE_BUCKETS_PER_CALL)))
 
     def _tables(self, tables: Tables) -> list[Table]:
-        # off a cluster every rule has one table; in a cluster, those this worker has met
-        if not self.keys.cluster:
+        # off a cluster every rule has one table, and a single-value rule a second one if its
+        # key is over non-key columns; in a cluster, those this worker has met
+        if not tables.keys.cluster:
             for rule in self.settings.rules:
-                if rule.mode is Mode.INVALIDATE or rule.type is not TargetType.STREAM:
-                    tables.table(rule)
+                tables.table(rule)
+                if rule.mode is Mode.WRITE_THROUGH and rule.type in SINGLE_VALUE_TYPES:
+                    tables.moving(rule)
         return list(tables)
