@@ -19,9 +19,8 @@ from typing import Any
 import pytest
 import redis
 
-from streamsync.keys import StateKeys
-from streamsync.positions import RANK_REMOVE, RANK_WRITE, streamed
 from streamsync.config import Rule
+from streamsync.positions import RANK_REMOVE, RANK_WRITE, streamed
 from tests.debezium import change_fields, entry_fields, envelope, write_config
 from tests.records import key_records
 from tests.replies import (
@@ -185,7 +184,7 @@ def assert_rows(r: redis.Redis, changes: Iterable[Change], keys: Iterable[str]) 
         want_kind = b"none" if change.op == "d" else b"hash"
         want_fields = {} if change.op == "d" else expected_hash(change)
         rank = RANK_REMOVE if change.op == "d" else RANK_WRITE
-        want_position = streamed(change.lsn, change.lsn, rank).encode()
+        want_position = streamed(change.lsn, change.lsn, rank)
         if kind != want_kind or fields != want_fields:
             wrong.append(
                 f"{key}: want {change.op} at lsn {change.lsn} {want_fields}, got {kind!r} "

@@ -23,7 +23,7 @@ from streamsync.config import MAX_ENTRIES, MAX_TTL_S, Rule
 from streamsync.epochs import Epochs
 from streamsync.errors import PoisonEntryError
 from streamsync.events import MAX_COLUMNS, ChangeEvent, Decoder
-from streamsync.functions import FN_BATCH, ensure_library
+from streamsync.functions import Library, ensure_library
 from streamsync.keys import StateKeys
 from streamsync.mapping import Planner, score_problem
 from streamsync.worker.core import BatchCore
@@ -33,7 +33,7 @@ from tests.workers import drain, outcomes
 
 TABLE = "public.users"
 STREAM = "app.public.users"
-TOMBSTONE_MS = 60_000
+TOMBSTONE_S = 60
 
 #: A hash, a JSON document, a set and a sorted set for each row of the table.
 FOUR_RULES: list[dict[str, Any]] = [
@@ -59,9 +59,7 @@ def planner(rules: list[dict[str, Any]]) -> Planner:
 
 
 def batch_core(rules: list[dict[str, Any]]) -> BatchCore:
-    return BatchCore(
-        Decoder(), planner(rules), Epochs(), tombstone_ms=TOMBSTONE_MS, max_deliveries=5
-    )
+    return BatchCore(Decoder(), planner(rules), Epochs(), tombstone_s=TOMBSTONE_S, max_deliveries=5)
 
 
 def raw(key: Any, value: Any) -> list[bytes]:
@@ -92,13 +90,9 @@ def dead_letters(r: redis.Redis, stream: str = STREAM) -> dict[bytes, dict[bytes
 
 
 def apply(r: redis.Redis, rows: list[Any]) -> list[Any]:
-    keys: list[str] = []
-    args: list[str | bytes] = []
-    for row_write in rows:
-        keys += row_write.keys
-        args += row_write.args
-    reply: list[Any] = r.fcall(FN_BATCH, len(keys), *keys, TOMBSTONE_MS, *args)
-    return reply
+    return [
+        int(s) if not isinstance(s, str) else s for s in Library(r).changes(rows, TOMBSTONE_S).rows
+    ]
 
 
 @pytest.fixture
@@ -208,10 +202,7 @@ def test_the_largest_ttl_and_max_len_a_configuration_allows_apply(lib: redis.Red
     event = Decoder().decode(raw({"id": 1}, envelope("c", TABLE, 10, row())))
     assert isinstance(event, ChangeEvent)
     rows = planner(rules).plan(event)
-    keys = [k for w in rows for k in w.keys]
-    args = [a for w in rows for a in w.args]
-    reply = lib.fcall(FN_BATCH, len(keys), *keys, MAX_TTL_S * 1000, *args)
-    assert reply == [1, 1, 1, 1]
+    assert apply(lib, rows) == [1, 1, 1, 1]
 
 
 # -- 2. a record key that disagrees with the row ---------------------------------------------

@@ -19,7 +19,6 @@ from streamsync.config import RedisSettings, load_settings, parse_settings
 from streamsync.epochs import Epochs
 from streamsync.errors import ExitCode
 from streamsync.events import Decoder
-from streamsync.keys import StateKeys
 from streamsync.mapping import Planner
 from streamsync.worker import Worker
 from streamsync.worker.barrier import StreamBarrier
@@ -112,7 +111,7 @@ def test_the_barrier_releases_a_first_transaction_at_once_and_a_truncate_after_i
         }
     )
     core = BatchCore(
-        Decoder(), Planner.from_settings(settings), Epochs(), tombstone_ms=1, max_deliveries=1
+        Decoder(), Planner.from_settings(settings), Epochs(), tombstone_s=1, max_deliveries=1
     )
     session = open_session(RedisSettings(url=redis_url), client_name="test", timeout_s=5)
     try:

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
 from streamsync import acl, status
+from streamsync.buckets import Tables
 from streamsync.cli import cli
 from streamsync.config import (
     REDIS_PASSWORD_ENV,
@@ -311,8 +312,10 @@ def test_dlq_replay_direct_applies_to_the_target(
     cfg = target_config(
         tmp_path / "c.yaml", redis_url, target_url, rules=[RULES[0]], max_deliveries=1
     )
-    record = StateKeys.from_settings(load_settings(cfg, environ={}).worker).position("user:5")
-    t.hset(record, "not", "a position record")  # the write fails with WRONGTYPE
+    settings = load_settings(cfg, environ={})
+    # the rule's (only) bucket is not a hash: the record cannot be read, the write fails
+    record = Tables(StateKeys.from_settings(settings.worker)).table(settings.rules[0]).meta
+    t.set(record, "not a bucket")
     add_change(r, STREAM, "c", user(5, "e", "free", 5, "e"), 10)
     drain(cfg)
     assert r.xlen(STREAM + ":dlq") == 1 and not t.exists(STREAM + ":dlq")
