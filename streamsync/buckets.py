@@ -97,6 +97,11 @@ class Table:
     _names: list[str] = field(default_factory=list)
 
     @property
+    def ident(self) -> str:
+        """The table's name among all tables (its high-water mark's field)."""
+        return self.name if self.slot is None else f"{self.name}@{self.slot}"
+
+    @property
     def meta(self) -> str:
         """Bucket 0, which holds the meta fields."""
         return self.bucket(0)

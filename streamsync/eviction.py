@@ -15,6 +15,8 @@ Pure functions over policy names; ``streamsync status`` and the worker share the
 
 from __future__ import annotations
 
+from streamsync.config import SINGLE_VALUE_TYPES, Mode, Settings
+
 #: The policy that never evicts.
 NO_EVICTION = "noeviction"
 
@@ -30,6 +32,31 @@ def bookkeeping_evictable(target_policy: str, *, separate: bool) -> bool:
     a target of its own whose policy evicts keys without a TTL. (On one Redis the same policy
     is an unsafe setup, not a contract: ``problems`` says so.)"""
     return separate and evicts_any_key(target_policy)
+
+
+def collection_rules(settings: Settings) -> tuple[str, ...]:
+    """The names of the rules whose keys gather many rows (sets, sorted sets, lists, streams)."""
+    return tuple(
+        rule.state_name
+        for rule in settings.rules
+        if rule.mode is Mode.WRITE_THROUGH and rule.type not in SINGLE_VALUE_TYPES
+    )
+
+
+def collections_problem(target_policy: str, rules: tuple[str, ...]) -> str | None:
+    """What is wrong with rules gathering many rows per key on a target running
+    ``target_policy`` (None: nothing). A key holding many rows is not a cache entry one can lose:
+    evicted, then written again by the next change of one of its rows, it holds that row alone,
+    and so do a placement record's clues of where a row is. Only a target that evicts no key
+    without a TTL keeps them whole."""
+    if not rules or not evicts_any_key(target_policy):
+        return None
+    return (
+        f"target redis: maxmemory-policy {target_policy} can evict the keys of rules that gather"
+        f" many rows per key ({', '.join(rules)}): evicted, such a key comes back holding only"
+        " the rows changed since; keep those rules in a Redis that evicts nothing but keys"
+        " with a TTL (volatile-*, noeviction), or use rules keyed by primary key"
+    )
 
 
 def _limit_note(maxmemory: int) -> str:

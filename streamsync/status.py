@@ -244,6 +244,9 @@ class StatusReport:
     notes: tuple[str, ...] = ()
     #: The cache's own Redis; null without a ``target`` section (the cache is in ``redis``).
     target: TargetStatus | None = None
+    #: The rules whose keys gather many rows (sets, sorted sets, lists, streams): a policy
+    #: that may evict them breaks them (see ``eviction.collections_problem``).
+    collection_rules: tuple[str, ...] = ()
 
     @property
     def separate_target(self) -> bool:
@@ -710,6 +713,7 @@ def collect(
         library=_library(client),
         notes=tuple(notes),
         target=target_status,
+        collection_rules=eviction.collection_rules(settings),
     )
 
 
@@ -769,6 +773,12 @@ def _server_problems(report: StatusReport) -> list[str]:
         )
         if policy is not None:
             found.append(policy)
+    if target is not None and target.separate and target.memory is not None:
+        collections = eviction.collections_problem(
+            target.memory.maxmemory_policy, report.collection_rules
+        )
+        if collections is not None:
+            found.append(collections)
     return found
 
 

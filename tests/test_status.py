@@ -386,6 +386,7 @@ def test_missing_library_and_evicting_policy_are_problems(
 EXPECTED_KEYS = {
     "": {
         "claim_idle_ms",
+        "collection_rules",
         "generated_at_ms",
         "group",
         "healthy",

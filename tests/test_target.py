@@ -241,7 +241,7 @@ def test_a_drain_applies_everything_to_the_target_and_nothing_cache_like_to_the_
     assert not t.exists("email:b@x.io") and not t.exists("email:c@x.io")
     assert [f[b"op"] for _, f in xrange(t, "changes:users")] == [b"c", b"c", b"c", b"u", b"d"]
     assert not t.exists("page:user:1")
-    assert any(k.startswith("streamsync:pos:") for k in keys(t))
+    assert any(k.startswith("streamsync:b:") for k in keys(t))
     assert not any(
         k.startswith(("app.", "streamsync:stats:", "streamsync:alive:")) for k in keys(t)
     )

@@ -111,6 +111,8 @@ class Call:
     command: Command
     owners: list[Entry]
     tables: list[Table]
+    #: The table of each row (None for a row without a record).
+    row_tables: list[Table | None] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -131,6 +133,9 @@ class Settlement:
     rebucketed: bool = False
     #: The library is missing: load it before the retry.
     reload_library: bool = False
+    #: Tables some of whose rows replied UNKNOWN (their record was evicted; the batch goes again
+    #: at once, once the worker has read the tables' floors).
+    unknown: set[Table] = field(default_factory=set)
     #: Why the batch is sent again, for the log.
     reason: str = ""
 
@@ -290,7 +295,7 @@ class BatchCore:
 
     def _call(self, rows: list[RowWrite], owners: list[Entry]) -> Call:
         command, tables = changes_command(rows, self.tombstone_s)
-        return Call(command, owners, tables)
+        return Call(command, owners, tables, [row.table for row in rows])
 
     # -- 3. settle ---------------------------------------------------------------------------
 
@@ -347,8 +352,14 @@ class BatchCore:
 
     @staticmethod
     def _rows_replied(call: Call, replies: list[Any], settlement: Settlement) -> None:
-        for entry, status in zip(call.owners, replies, strict=True):
-            if status is RowStatus.REBUCKETED:
+        for entry, table, status in zip(call.owners, call.row_tables, replies, strict=True):
+            if status is RowStatus.UNKNOWN and table is not None:
+                # an evicted record, and no floor named yet: sent again at once, with one
+                settlement.unknown.add(table)
+                if not settlement.retry:
+                    settlement.rebucketed = settlement.retry = True
+                    settlement.reason = "records were evicted from the target"
+            elif status is RowStatus.REBUCKETED:
                 # another worker split a table: the rows are addressed again when sent again
                 if not settlement.retry:
                     settlement.rebucketed = settlement.retry = True

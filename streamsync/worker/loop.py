@@ -42,6 +42,7 @@ from streamsync.worker.barrier import StreamBarrier, sweep_truncate
 from streamsync.worker.core import BatchCore, Prepared, Settlement, SnapshotMark
 from streamsync.worker.counters import Counters, CountKey, WorkerObserver
 from streamsync.worker.entry import Entry, from_read
+from streamsync.worker.guard import Guards
 from streamsync.worker.housekeeping import Housekeeper
 from streamsync.worker.policy import TargetPolicy
 from streamsync.worker.roundtrip import Replies, RoundTrip
@@ -106,6 +107,7 @@ class Worker:
         )
         self._policy = TargetPolicy()
         self._upkeep = Upkeep(settings, self.consumer, self._keys)
+        self._guards = Guards(self._keys)
         self._stop = threading.Event()
         self._signals = 0
         self._sessions: Sessions | None = None
@@ -361,6 +363,9 @@ class Worker:
             for e in self._dead
             if e.deliveries <= 1 or deadletters.still_ours(session, self._group, self.consumer, e)
         ]
+        # on a target that may evict the bookkeeping, the tables' high-water marks are raised
+        # before the batch can apply anything (the guards go in the calls)
+        self._guards.before(session, batch, self._core.bookkeeping_evictable)
         calls = self._core.calls(batch)
         # the marks of the reads about to be applied or dead-lettered: durable before any of
         # them is acknowledged
@@ -409,10 +414,13 @@ class Worker:
             settlement = self._core.settle(batch, calls, replies["apply"])
         else:
             settlement = self._core.retry_all(batch, refused)
+        if settlement.unknown:
+            self._guards.floors(session, settlement.unknown)
         if settlement.retry:
             self._retry(target, settlement)
             self._batch = batch + prepared.apply
         else:
+            self._guards.settled()
             self._retry_attempt = 0
             self._settled(settlement, time.monotonic() - sent_at)
             self._batch = prepared.apply
