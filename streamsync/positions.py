@@ -19,8 +19,10 @@ A PostgreSQL position is ``major kind minor rank``:
   change whose snapshot is unknown (no mark, see ``streamsync.snapshots``) is still ordered
   after the snapshots before it;
 - any other streamed change: major = ``lastCommitLsn`` (the end of the previous transaction's
-  commit, above every snapshot before it and rising with each commit), kind 2, minor = the
-  change's LSN (changes of one transaction, in order);
+  commit, above every snapshot before it and rising with each commit), then the change's LSN
+  (changes of one transaction, in order): kind 3 and the LSN's distance above ``lastCommitLsn``
+  (nearly every change: a short number), or kind 2 and the whole LSN for a change below it (a
+  transaction interleaved with the one that committed before it);
 - rank: a primary-key change is a delete and a create at one LSN; the create ranks after it.
   TRUNCATE ranks with deletes: it removes what is older.
 
@@ -39,6 +41,8 @@ from typing import Final
 KIND_SNAPSHOT: Final = "0"
 KIND_AFTER_SNAPSHOT: Final = "1"
 KIND_STREAMED: Final = "2"
+#: A streamed change at or after its ``lastCommitLsn``: the minor is the distance from it.
+KIND_STREAMED_ON: Final = "3"
 
 #: The last character ranks changes sharing everything else: a removal before a write.
 RANK_REMOVE: Final = "0"
@@ -77,10 +81,22 @@ def snapshot_read(lsn: int) -> str:
 
 def streamed(last_commit_lsn: int | str, lsn: int | str, rank: str) -> str:
     """The position of a streamed change of LSN ``lsn`` after the commit ending at
-    ``last_commit_lsn`` (ints, or decimal digits without leading zeros)."""
+    ``last_commit_lsn`` (ints, or decimal digits without leading zeros).
+
+    A change at or after that commit end (nearly all) keeps only its distance from it, a few
+    digits where the LSN takes 15 or more: every record is that much shorter. One below it (a
+    transaction interleaved with the one that committed first) keeps its whole LSN, under a kind
+    that ranks below: it is older than every change at or after the commit end."""
     # number() inlined: this runs for nearly every change decoded
     major, minor = str(last_commit_lsn), str(lsn)
-    return _LENGTHS[len(major)] + major + KIND_STREAMED + _LENGTHS[len(minor)] + minor + rank
+    head = _LENGTHS[len(major)] + major
+    if minor == major:
+        return head + KIND_STREAMED_ON + "010" + rank
+    distance = int(minor) - int(major)
+    if distance > 0:
+        text = str(distance)
+        return head + KIND_STREAMED_ON + _LENGTHS[len(text)] + text + rank
+    return head + KIND_STREAMED + _LENGTHS[len(minor)] + minor + rank
 
 
 def after_snapshot(snapshot_lsn: int | None, lsn: int, rank: str) -> str:

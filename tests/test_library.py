@@ -158,7 +158,7 @@ def test_delete_then_late_older_upsert_stays_deleted(lib: redis.Redis) -> None:
     assert not lib.exists("user:7")
     # a tombstone: it goes after the tombstone window
     tombstone = cache.record(HASH_RULE, "7")
-    assert tombstone.position == pos(30) and tombstone.expires is not None
+    assert tombstone.position == pos(30, "d") and tombstone.expires is not None
     assert 0 < tombstone.expires - now(lib) <= TOMBSTONE_S
     # a re-insert after the delete is newer and applies
     assert cache.apply(change("c", 40, {"id": 7, "name": "new"})) == [APPLIED]
@@ -298,7 +298,7 @@ def test_set_record_keeps_the_middles_of_its_key_and_member(lib: redis.Redis) ->
     assert cache.apply(change("d", 30, {"id": 1})) == [APPLIED]
     assert not lib.exists("plan:pro:users")
     tombstone = cache.record(SET_RULE, "1")
-    assert (tombstone.kind, tombstone.position) == (None, pos(30))
+    assert (tombstone.kind, tombstone.position) == (None, pos(30, "d"))
     assert tombstone.expires is not None
 
 
@@ -783,7 +783,12 @@ _POSITION = st.builds(
     st.integers(0, 2),
     st.integers(0, 2**64 - 1),
     st.sampled_from(
-        [positions.KIND_SNAPSHOT, positions.KIND_AFTER_SNAPSHOT, positions.KIND_STREAMED]
+        [
+            positions.KIND_SNAPSHOT,
+            positions.KIND_AFTER_SNAPSHOT,
+            positions.KIND_STREAMED,
+            positions.KIND_STREAMED_ON,
+        ]
     ),
     st.none() | st.integers(0, 2**64 - 1),
     st.sampled_from([positions.RANK_REMOVE, positions.RANK_WRITE]),

@@ -96,7 +96,10 @@ def test_the_epoch_floor_sits_between_epochs(t: Tuple, epoch: int) -> None:
 def test_positions_are_digits() -> None:
     assert number(26521840) == "0826521840" and number("7") == "017"
     assert snapshot_read(26521840) == "0826521840" + "0" + "00" + "1"
-    assert streamed(26521880, 26521960, RANK_REMOVE) == "0826521880" + "2" + "0826521960" + "0"
+    # at or after lastCommitLsn: the distance from it; below it (interleaved): the whole LSN
+    assert streamed(26521880, 26521960, RANK_REMOVE) == "0826521880" + "3" + "0280" + "0"
+    assert streamed(26521880, 26521880, RANK_WRITE) == "0826521880" + "3" + "010" + "1"
+    assert streamed(26521880, 26521800, RANK_WRITE) == "0826521880" + "2" + "0826521800" + "1"
     assert streamed("26521880", "26521960", RANK_REMOVE) == streamed(26521880, 26521960, "0")
     for position in (snapshot_read(MAX_LSN), streamed(0, MAX_LSN, RANK_WRITE), NO_POSITION):
         assert position.isdigit()
@@ -221,3 +224,14 @@ def test_snapshot_marks_say_which_snapshot_an_entry_follows() -> None:
     assert marks.at("t", b"5-0") == 1
     marks.clear()
     assert marks.at("s", b"1000-0") is None
+
+
+@given(lsns, lsns, lsns, lsns, ranks, ranks)
+def test_streamed_changes_compare_as_their_commit_order(
+    commit_a: int, lsn_a: int, commit_b: int, lsn_b: int, rank_a: str, rank_b: str
+) -> None:
+    """By lastCommitLsn, then by the change's own LSN, then by rank, however the minor is
+    written (its distance above lastCommitLsn, or its whole LSN below it)."""
+    a, b = streamed(commit_a, lsn_a, rank_a), streamed(commit_b, lsn_b, rank_b)
+    order = (commit_a, lsn_a, rank_a), (commit_b, lsn_b, rank_b)
+    assert (a < b) == (order[0] < order[1]) and (a == b) == (order[0] == order[1])
