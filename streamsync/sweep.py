@@ -145,8 +145,12 @@ class Sweeper:
             if swept >= count:
                 return
             for index in range(swept, count):
-                fields = self.client.hkeys(table.bucket(index))
-                yield [as_bytes(f) for f in fields if not is_meta(f)]
+                records = self.client.hgetall(table.bucket(index))
+                yield [
+                    as_bytes(f)
+                    for f, v in records.items()
+                    if not is_meta(f) and _holds_a_row(as_bytes(v), table.ttl_ms)
+                ]
             swept = count
 
     def _apply(self, rows: list[RowWrite]) -> int:
@@ -160,6 +164,16 @@ class Sweeper:
             # a worker split the table meanwhile: those rows go again, readdressed
             rows = [row for row, r in zip(rows, replies, strict=True) if r is RowStatus.REBUCKETED]
         return removed
+
+
+def _holds_a_row(value: bytes, ttl_ms: int) -> bool:
+    """Whether a record may still stand for a cached row (a tombstone does not: its row is gone
+    already, nothing is left to sweep). A record that expires is a tombstone unless it says where
+    a row is placed, or its rule gives rows a TTL (their live records expire too)."""
+    mark = value.find(b"~")
+    if mark < 0:
+        return True
+    return ttl_ms > 0 or any(65 <= c <= 90 for c in value[mark:])
 
 
 def _template_pattern(rule: Rule) -> tuple[str, re.Pattern[str]]:

@@ -13,12 +13,15 @@ import redis
 from click.testing import CliRunner, Result
 
 from streamsync import resync
+from streamsync.buckets import Table, Tables
 from streamsync.cli import cli
 from streamsync.config import load_settings
 from streamsync.errors import ExitCode
+from streamsync.keys import StateKeys
 from streamsync.positions import RANK_WRITE, after_snapshot
 from tests.debezium import add_change, entry_fields, envelope, write_config
-from tests.replies import as_bytes, raw_range, xadd
+from tests.records import records
+from tests.replies import raw_range, xadd
 from tests.servers import free_port
 from tests.workers import drain, outcomes
 
@@ -68,6 +71,13 @@ def add_order(r: redis.Redis, lsn: int, total: str = "5.00", order_id: int = 9) 
     return add_change(
         r, ORDERS, "c", {"id": order_id, "total": total}, lsn=lsn, table="public.orders"
     )
+
+
+def orders_table(config: str | Path) -> Table:
+    """The table of the orders rule's records."""
+    settings = load_settings(config, environ={})
+    (rule,) = settings.rules_by_table["public.orders"]
+    return Tables(StateKeys.from_settings(settings.worker)).table(rule)
 
 
 class Setup:
@@ -309,13 +319,14 @@ def test_replay_direct_leaves_failing_entries_with_exit_2(r: redis.Redis, dead: 
     assert result.exit_code == ExitCode.UNHEALTHY, result.output
     assert result.stdout.count(": left: ") == 2
     assert raw_range(r, USERS_DLQ) == dlq_before
-    # a Redis refusal at apply time: the position record is of the wrong type
-    r.sadd("streamsync:pos:{order:9}", "not a position")
+    # a Redis refusal at apply time: the orders rule's bucket is of the wrong type
+    bucket = orders_table(fixed).meta
+    r.sadd(bucket, "not a bucket")
     result = invoke("replay", "-c", fixed, "--stream", ORDERS, "--all", "--direct")
     assert result.exit_code == ExitCode.UNHEALTHY, result.output
     assert "left: redis error: " in result.stdout and "WRONGTYPE" in result.stdout
     assert r.xlen(ORDERS_DLQ) == 1
-    r.delete("streamsync:pos:{order:9}")
+    r.delete(bucket)
     result = invoke("replay", "-c", fixed, "--stream", ORDERS, "--all", "--direct")
     assert result.exit_code == 0, result.output
     assert r.hgetall("order:9") == {b"id": b"9", b"total": b"5.00"} and r.xlen(ORDERS_DLQ) == 0
@@ -377,8 +388,7 @@ def test_replay_through_the_stream_refuses_entries_older_than_a_resync_epoch(
     result = invoke("replay", "-c", str(fixed), "--stream", ORDERS, "--all", "--direct")
     assert result.exit_code == 0, result.output
     assert r.hgetall("order:9") == {b"id": b"9", b"total": b"5.00"}
-    position = as_bytes(r.get("streamsync:pos:{order:9}"))
-    assert not position.startswith(b"e")
+    assert not records(r, orders_table(fixed))[b"9"].position.startswith("e")
 
 
 def test_replay_through_the_stream_refuses_entries_of_an_older_snapshot(
@@ -407,8 +417,8 @@ def test_replay_through_the_stream_refuses_entries_of_an_older_snapshot(
     result = invoke("replay", "-c", fixed, "--stream", ORDERS, read_700, change, "--direct")
     assert result.exit_code == 0, result.output
     assert r.hget("order:7", "total") == b"2.00"
-    position = as_bytes(r.get("streamsync:pos:{order:7}")).split(b"|")[0]
-    assert position == after_snapshot(700, 650, RANK_WRITE).encode()
+    position = records(r, orders_table(fixed))[b"7"].position
+    assert position == after_snapshot(700, 650, RANK_WRITE)
     drain(Path(fixed))  # the read at 800, re-added
     assert r.hget("order:7", "total") == b"3.00"
 

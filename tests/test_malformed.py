@@ -335,7 +335,7 @@ def test_a_table_whose_rules_are_keyed_by_primary_key_does_not_read_the_key() ->
     core.plan(STREAM, b"1-1", raw({"id": 1}, envelope("c", TABLE, 10, row(1))))
     plan = core.plan(STREAM, b"1-2", raw({"uid": 7}, envelope("u", TABLE, 11, row(1))))
     assert isinstance(plan.event, ChangeEvent) and plan.event.raw_key is not None
-    assert [w.keys[1] for w in plan.rows] == ["user:1"]
+    assert [w.keys[0] for w in plan.rows] == ["user:1"]
 
 
 # -- 3. malformed entries: a reason naming what is wrong, never an "internal error" ----------
