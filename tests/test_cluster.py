@@ -341,7 +341,7 @@ def test_the_cache_in_a_cluster_and_the_streams_in_a_server(
     source.replay(300)
     run_workers(cfg, ["w1", "w2"])
     assert drained(r)
-    expected = expected_state(source.rows)
+    expected = source.expected()
     assert actual_state(rc) == expected
     assert len({rc.nodes_manager.get_node_from_slot(rc.keyslot(k)).name for k in expected}) == 3
     assert not any(as_str(k).startswith(("user:", "streamsync:pos:")) for k in r.keys("*"))
@@ -351,7 +351,7 @@ def test_the_cache_in_a_cluster_and_the_streams_in_a_server(
     source.rows = {}
     source.run(50)
     run_workers(cfg, ["w1"])
-    assert actual_state(rc) == expected_state(source.rows)
+    assert actual_state(rc) == source.expected()
 
 
 def test_the_streams_in_a_cluster_and_the_cache_in_a_server(
