@@ -24,6 +24,7 @@ import redis
 
 from streamsync.buckets import (
     META_BUCKETS,
+    META_LOSSY,
     MOVING_ROW,
     Table,
     as_bytes,
@@ -73,8 +74,13 @@ class Sweeper:
             if rule.mode is Mode.INVALIDATE:
                 removed += self._invalidate_all(rule, position)
             elif rule.type in SINGLE_VALUE_TYPES:
+                lossy = False
                 for records in self._tables(rule, moving=False):
                     removed += self._sweep_table(rule, records, position)
+                    lossy = lossy or bool(self.client.hget(records.meta, META_LOSSY))
+                if lossy:
+                    # records of the rule were evicted: keys without one are found by their name
+                    removed += self._invalidate_all(rule, position)
                 # rows whose key is over non-key columns: removed through where they are
                 for records in self._tables(rule, moving=True):
                     removed += self._sweep_rows(records, position, MOVING_ROW)
@@ -129,6 +135,9 @@ class Sweeper:
         return removed
 
     def _invalidate_all(self, rule: Rule, position: str) -> int:
+        """Remove every key matching ``rule``'s template (a non-blocking SCAN): the keys of an
+        invalidate rule, which the application writes, or of a rule whose records were
+        evicted."""
         pattern, matcher = _template_pattern(rule)
         removed = 0
         keys = (k.decode() for k in self.client.scan_iter(match=pattern, count=1000))
