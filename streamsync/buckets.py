@@ -28,6 +28,8 @@ SPLIT_ABOVE_PER_BUCKET = 64
 #: The meta fields of bucket 0 holding the table's bucket count and its record count.
 META_BUCKETS = "#n"
 META_COUNT = "#c"
+#: Set in bucket 0 once records of the table were evicted (lua/streamsync.lua, guarded tables).
+META_LOSSY = "#l"
 
 #: Fields of bucket 0 that are not records (a record field starting with '#' is stored with a
 #: second '#' in front, so it never is one of these).
