@@ -16,6 +16,7 @@ from streamsync.functions import Library, RowStatus
 from streamsync.keys import StateKeys
 from streamsync.mapping import Planner
 from streamsync.positions import streamed
+from streamsync.sweep import Sweeper
 
 TABLE = "public.users"
 TOMBSTONE_S = 60
@@ -113,3 +114,23 @@ def test_a_guarded_table_rebuilds_an_evicted_bucket_with_the_floor(
     assert not r.exists(f"user:{victim}")
     assert r.hget(f"user:{other}", "name") == b"v1"
     assert r.hget(evicted, "#f") == table.guard.encode()
+
+
+def test_a_truncate_of_a_table_that_lost_records_finds_its_keys_by_name(
+    r: redis.Redis, lib: Library
+) -> None:
+    p = planner()
+    for n in range(0, 300, 100):
+        apply(lib, p, *(change(i, "v1", 1000 + i) for i in range(n, n + 100)))
+    (table,) = p.tables
+    while table.splits_due:
+        assert lib.split(table)
+    lost = [f for f in r.hkeys(table.bucket(1)) if not is_meta(f)]
+    r.delete(table.bucket(1))  # its rows keep their keys, and lose their records
+    victim = int(as_bytes(lost[0]))
+    table.guard = streamed(5000, 5000, "1")
+    # a change of one of them finds its bucket gone: rebuilt, and the table marked lossy
+    assert apply(lib, p, change(victim, "v2", 6000)) == [RowStatus.APPLIED]
+    assert r.hget(table.meta, "#l") == b"1"
+    Sweeper(r, p, TOMBSTONE_S).truncate(TABLE, streamed(7000, 7000, "0"))
+    assert not list(r.scan_iter(match="user:*"))
