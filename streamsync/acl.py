@@ -40,8 +40,8 @@ WORKER_COMMANDS: tuple[str, ...] = (
     "hgetall",  # resync epochs, snapshot marks
     "hincrby",  # status counters
     "hset",
-    "set",  # the worker's liveness mark (with a TTL); the expiry lease
-    "get",  # the expiry lease
+    "set",  # the liveness mark (with a TTL); the expiry lease; the bookkeeping layout marker
+    "get",  # the expiry lease; the bookkeeping layout marker (streamsync.layout)
     "pexpire",
     "del",  # the liveness mark, when the worker stops
     "fcall",
@@ -104,7 +104,8 @@ STATUS_COMMANDS: tuple[str, ...] = (
     "xinfo|groups",
     "xinfo|consumers",
     "hgetall",  # status counters
-    "exists",  # the workers' liveness marks
+    "exists",  # the workers' liveness marks; 1.x indexes (streamsync.layout)
+    "get",  # the bookkeeping layout marker (streamsync.layout)
     "fcall_ro",  # streamsync_version, a no-writes function
     "time",  # ages on Redis's clock
     "info",  # memory, eviction policy, hit rate
@@ -117,7 +118,9 @@ TARGET_WORKER_COMMANDS: tuple[str, ...] = (
     "client|setname",
     "ping",
     "info",  # at connect: a Redis Cluster or not; every minute: the maxmemory-policy
-    "exists",  # sweeps: which per-slot indexes of a cluster exist
+    "exists",  # sweeps: which per-slot indexes of a cluster exist; 1.x indexes (at connect)
+    "get",  # the bookkeeping layout marker (streamsync.layout), read at connect
+    "set",  # ... and written once, on a Redis without 1.x bookkeeping
     "scan",  # TRUNCATE of invalidate rules
     "sscan",  # TRUNCATE and resync walk the rules' indexes
     "fcall",
