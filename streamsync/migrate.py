@@ -290,16 +290,26 @@ class Migration:
         prefix = self.settings.worker.state_prefix
         for names in self._scan(glob_escape(prefix + "idx:") + "*"):
             for name in names:
-                self._index(name.decode(errors="replace"))
+                found = self._index_of(name)
+                if found is None:
+                    self._left([name])
+                elif found[0] == "keys":
+                    self._fixed.add(found[1].state_name)
+                else:
+                    self._moving.add(found[1].state_name)
 
-    def _index(self, name: str) -> None:
+    def _index_of(self, name: bytes) -> tuple[str, Rule] | None:
+        """Which configured rule's 1.x index ``name`` is, and which: ``keys`` (what a rule keyed
+        by primary key cached) or ``rows`` (what a rule placed)."""
+        text = name.decode(errors="replace")
         prefix = self.settings.worker.state_prefix
         for rule in self.settings.rules:
             keys = v1.key_indexes(prefix, rule, cluster=False)[0]
-            if name == keys or name.startswith(keys + ":{"):
-                self._fixed.add(rule.state_name)
-            elif name == v1.row_index(prefix, rule, self.cluster):
-                self._moving.add(rule.state_name)
+            if text == keys or text.startswith(keys + ":{"):
+                return "keys", rule
+            if text == v1.row_index(prefix, rule, self.cluster):
+                return "rows", rule
+        return None
 
     # -- 3. placement records ----------------------------------------------------------------
 
@@ -597,23 +607,12 @@ class Migration:
         for names in self._scan(glob_escape(self.settings.worker.position_prefix) + "*"):
             self._unlink([n for n in names if self._owners(n)])
         for names in self._scan(glob_escape(prefix + "idx:") + "*"):
-            self._unlink([n for n in names if self._is_rule_index(n)])
+            self._unlink([n for n in names if self._index_of(n) is not None])
         reserves = v1.reserve_prefix(prefix).encode()
         for names in self._scan(glob_escape(reserves.decode()) + "*", "hash"):
             self._unlink(
                 [n for n in names if any(self._list_rule(k) for k in v1.targets_of(reserves, n))]
             )
-
-    def _is_rule_index(self, name: bytes) -> bool:
-        text = name.decode(errors="replace")
-        prefix = self.settings.worker.state_prefix
-        for rule in self.settings.rules:
-            keys = v1.key_indexes(prefix, rule, cluster=False)[0]
-            if text in (keys, v1.row_index(prefix, rule, self.cluster)):
-                return True
-            if text.startswith(keys + ":{"):
-                return True
-        return False
 
     def _unlink(self, names: list[bytes]) -> None:
         if not names or self.dry_run:

@@ -27,7 +27,7 @@ from streamsync.cli import cli
 from streamsync.config import Rule, Settings, load_settings
 from streamsync.errors import ExitCode
 from streamsync.events import ChangeEvent
-from streamsync.functions import Library, loaded_version
+from streamsync.functions import Imported, Library, RowStatus, loaded_version
 from streamsync.keys import StateKeys
 from streamsync.mapping import Planner
 from streamsync.migrate import Migration, Report, live_workers, migrate
@@ -36,7 +36,8 @@ from streamsync.worker import Worker
 from tests import planner_v1
 from tests.debezium import change_fields, envelope, write_config
 from tests.records import dangling, key_records, records
-from tests.replies import as_bytes, xadd
+from tests.replies import Client, as_bytes, xadd
+from tests.test_cluster import Cluster
 from tests.workers import WorkerProcess, outcomes
 
 FIXTURE = Path(__file__).parent / "fixtures" / "library-1.1.lua"
@@ -179,7 +180,7 @@ def write_v2(r: redis.Redis, settings: Settings) -> None:
     r.set(StateKeys().layout, layout.CURRENT)
 
 
-def add_entries(r: redis.Redis, changes: list[tuple[str, int, dict[str, Any]]]) -> None:
+def add_entries(r: Client, changes: list[tuple[str, int, dict[str, Any]]]) -> None:
     for op, lsn, row in changes:
         if op == "r":
             xadd(r, STREAM, change_fields(op, row, lsn))
@@ -195,7 +196,7 @@ def add_entries(r: redis.Redis, changes: list[tuple[str, int, dict[str, Any]]]) 
         xadd(r, STREAM, {f'{{"id":{row["id"]}}}': json.dumps(value, separators=(",", ":"))})
 
 
-def cache(r: redis.Redis) -> dict[bytes, Any]:
+def cache(r: Client) -> dict[bytes, Any]:
     """Every key the rules wrote, with its value (streams and streamsync's records aside)."""
     out: dict[bytes, Any] = {}
     for name in r.scan_iter(count=1000):
@@ -235,7 +236,7 @@ def bookkeeping(r: redis.Redis) -> dict[bytes, Any]:
     return out
 
 
-def v1_keys(r: redis.Redis) -> list[bytes]:
+def v1_keys(r: Client) -> list[bytes]:
     """Whatever 1.x kept that is still there."""
     left = [
         as_bytes(k)
@@ -553,6 +554,33 @@ def test_status_reports_a_cache_to_migrate(
     assert '"layout": "2"' in result.stdout and "migrate" not in result.stdout
 
 
+def test_1_x_keys_of_no_configured_rule_are_left_and_named(
+    r: redis.Redis, cfg_and_settings: tuple[Path, Settings], tmp_path: Path, redis_url: str
+) -> None:
+    _, settings = cfg_and_settings
+    write_v1(r, settings)
+    fewer = [rule for rule in RULES if rule.get("type") not in ("zset", "json")]
+    cfg = write_config(tmp_path / "fewer.yaml", redis_url, rules=fewer, streams=[STREAM])
+    report = migrate(r, load_settings(cfg, environ={}))
+    left = v1_keys(r)
+    assert report.left == len(left) > 0
+    assert all(b":zset:" in k or b"{doc:" in k or b":json:" in k for k in left), left
+    assert any("no configured rule: streamsync:" in e for e in report.examples)
+    assert r.get(StateKeys().layout) == layout.CURRENT
+
+
+def test_resync_finish_refuses_beside_1_x_bookkeeping(
+    r: redis.Redis, cfg_and_settings: tuple[Path, Settings]
+) -> None:
+    cfg, settings = cfg_and_settings
+    write_v1(r, settings)
+    state = dump_all(r)
+    result = invoke("resync", "-c", str(cfg), "--table", TABLE, "--finish", "--wait-s", "1")
+    assert result.exit_code == ExitCode.MIGRATION_NEEDED, result.output
+    assert "streamsync migrate" in result.stderr
+    assert dump_all(r) == state
+
+
 # -- 1.x names and records -------------------------------------------------------------------------
 
 
@@ -630,3 +658,143 @@ def test_1_x_positions_and_floors() -> None:
     assert v1.position(b"0") == epoch_floor(0)
     with pytest.raises(ValueError):
         v1.position(b"12")
+
+
+# -- the library's import functions ----------------------------------------------------------------
+
+
+def test_import_writes_unless_as_new_is_there_and_keeps_the_table(r: redis.Redis) -> None:
+    library = Library(r)
+    library.ensure()
+    rule = Rule.model_validate({"table": TABLE, "key": "s:{plan}", "type": "set", "member": "{id}"})
+    table = Tables(StateKeys()).table(rule)
+    old, new = snapshot_read(100), snapshot_read(200)
+    long = b"S3:abc" + b"m" * 80
+    statuses = library.import_records(
+        table,
+        [
+            Imported(b"1", old, None, b"Tabc"),
+            Imported(b"2", new, 1_900_000_000, long),
+            Imported(b"##3", old, 1_900_000_000),
+        ],
+    )
+    assert statuses == [RowStatus.APPLIED] * 3 and table.count == 3
+    held = records(r, table)
+    assert held[b"2"].data == long[1:] and held[b"2"].expires == 1_900_000_000
+    assert r.hget(table.meta, b"2") == new.encode() + b"~1900000000O"
+    # as new, or newer, is kept; older is replaced, its overflowed placement with it
+    statuses = library.import_records(
+        table, [Imported(b"1", old, None, b"Tzzz"), Imported(b"2", old), Imported(b"1", new)]
+    )
+    assert statuses == [RowStatus.STALE, RowStatus.STALE, RowStatus.APPLIED]
+    statuses = library.import_records(table, [Imported(b"2", snapshot_read(300), None, b"Tx")])
+    assert statuses == [RowStatus.APPLIED] and not r.exists(table.overflow)
+    assert table.count == 3
+    # addressed with a stale bucket count: nothing written
+    table.buckets = 2
+    assert library.import_records(table, [Imported(b"9", new)]) == [RowStatus.REBUCKETED]
+    assert table.buckets == 1 and b"9" not in records(r, table)
+
+
+def test_import_list_orders_entries_as_the_library_compares_them(r: redis.Redis) -> None:
+    library = Library(r)
+    library.ensure()
+    r.rpush("feed", "b", "a")
+    r.zadd("old:ord", {"x": 0, "y": 0, "z": -1})
+    r.pexpire("feed", 50_000)
+    r.pexpire("old:ord", 60_000)
+    names: list[str | bytes] = ["feed", "old:ord", "old:rsv", "ord", "rsv"]
+    # the list holds b then a; their sort keys say a is newer: the list is rewritten
+    entries: list[str | bytes] = ["1b", "b", "2a", "a", "0c", "c"]
+    assert library.import_list(names, 2, (50_000, 60_000), entries) == (2, 1)
+    assert r.lrange("feed", 0, -1) == [b"a", b"b"]
+    assert r.lrange("ord", 0, -1) == [b"2a", b"1b", b"0c"]
+    assert r.lrange("rsv", 0, -1) == [b"c"]
+    assert 0 < r.pttl("feed") <= 50_000 and 50_000 < r.pttl("rsv") <= 60_000
+    assert not r.exists("old:ord")
+    # converted already: nothing to do
+    assert library.import_list(names, 2, (50_000, 60_000), entries) == (-1, -1)
+
+
+# -- on a Redis Cluster ----------------------------------------------------------------------------
+
+#: RULES as a Cluster takes them: rules whose rows gather or move pin a slot.
+CLUSTER_RULES: list[dict[str, Any]] = [
+    *(r for r in RULES if r["key"] in ("user:{id}", "doc:{id}", "prices", "events", "inv:{id}")),
+    {"table": TABLE, "key": "{{emails}}:email:{email|lower}", "type": "string", "value": "{id}"},
+    {"table": TABLE, "key": "{{plans}}:plan:{plan}:users", "type": "set", "member": "{id}"},
+    {
+        "table": TABLE,
+        "key": "{{feeds}}:feed:{plan}",
+        "type": "list",
+        "value": "{id}:{name}",
+        "max_len": 20,
+    },
+]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path / "cluster")
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def write_v1_cluster(rc: redis.RedisCluster, settings: Settings) -> None:
+    for node in rc.get_primaries():
+        rc.execute_command("FUNCTION", "LOAD", "REPLACE", FIXTURE.read_text(), target_nodes=node)
+    planner = planner_v1.Planner(
+        settings.rules_by_table,
+        settings.worker.position_prefix,
+        settings.worker.state_prefix,
+        cluster=True,
+    )
+    for op, lsn, row, epoch in HISTORY:
+        position = planner_v1.v1_position(lsn, op)
+        # as the 1.1 worker packed them: one slot per call
+        for planned in planner.plan(event(op, position, row), f"e{epoch:06d}" if epoch else ""):
+            reply = rc.execute_command(*planner_v1.batch_command([planned], TOMBSTONE_S * 1000))
+            assert all(isinstance(status, int) for status in reply), reply
+
+
+def test_a_cluster_is_migrated_on_every_primary(
+    cluster: Cluster, r: redis.Redis, tmp_path: Path, redis_url: str
+) -> None:
+    rc = cluster.client()
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        cluster.url,
+        rules=CLUSTER_RULES,
+        streams=[STREAM],
+        tombstone_ttl_s=TOMBSTONE_S,
+    )
+    settings = load_settings(cfg, environ={})
+    reference_cfg = write_config(
+        tmp_path / "r.yaml",
+        redis_url,
+        rules=CLUSTER_RULES,
+        streams=[STREAM],
+        tombstone_ttl_s=TOMBSTONE_S,
+    )
+    reference = load_settings(reference_cfg, environ={})
+    write_v1_cluster(rc, settings)
+    write_v2(r, reference)
+    before = cache(rc)
+    assert before == cache(r)
+    assert layout.detect(rc, settings).layout is layout.Layout.LEGACY
+    assert Worker(settings, consumer="early", drain=True).run() == ExitCode.MIGRATION_NEEDED
+
+    result = CliRunner().invoke(cli, ["migrate", "-c", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert "left in place" not in result.stdout and "unreadable" not in result.stdout
+    assert "lists converted: 3 (60 entries in lists, 60 in reserves" in result.stdout
+    assert v1_keys(rc) == []
+    assert cache(rc) == before
+
+    add_entries(rc, REPLAYS + NEWER)
+    add_entries(r, REPLAYS + NEWER)
+    assert outcomes(drain_worker(settings)) == outcomes(drain_worker(reference))
+    assert cache(rc) == cache(r)

@@ -6,14 +6,16 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import click
 import redis
 
 from streamsync import migrate
 from streamsync.cli.options import config_option, load_or_exit
-from streamsync.errors import ExitCode, MigrationError
-from streamsync.worker.session import open_sessions
+from streamsync.config import Settings
+from streamsync.errors import ExitCode, LibraryIncompatibleError, MigrationError
+from streamsync.worker.session import Sessions, open_sessions
 
 #: How often progress is printed.
 PROGRESS_EVERY_S = 2.0
@@ -38,9 +40,33 @@ class _Progress:
         )
 
 
+def _fail(message: str, code: ExitCode) -> NoReturn:
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+def _run(sessions: Sessions, settings: Settings, *, dry_run: bool, force: bool) -> migrate.Report:
+    target = sessions.target.client
+    if not force and not dry_run:
+        live = migrate.live_workers(sessions.streams.client, target, settings)
+        if live:
+            _fail(
+                "workers seem to run; stop every worker (1.x and 2.0) first, or pass --force once"
+                " sure none does:\n  " + "\n  ".join(live),
+                ExitCode.WORKERS_RUNNING,
+            )
+    return migrate.migrate(
+        target, settings, streams=sessions.streams.client, dry_run=dry_run, progress=_Progress()
+    )
+
+
 @click.command("migrate")
 @config_option
-@click.option("--dry-run", is_flag=True, help="Count what would be converted; change nothing.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Count what would be converted; change nothing (workers may run meanwhile).",
+)
 @click.option(
     "--force",
     is_flag=True,
@@ -55,35 +81,24 @@ def migrate_command(config_path: Path, dry_run: bool, force: bool) -> None:
     second run changes nothing.
     """
     settings = load_or_exit(config_path)
-    sessions = open_sessions(
-        settings,
-        client_name=migrate.MIGRATE_CLIENT,
-        streams_timeout_s=settings.redis.socket_timeout_s,
-    )
-    target = sessions.target.client
     try:
-        if not force:
-            live = migrate.live_workers(sessions.streams.client, target, settings)
-            if live:
-                click.echo(
-                    "workers seem to run; stop every worker (1.x and 2.0) first, or pass --force"
-                    " once sure none does:\n  " + "\n  ".join(live),
-                    err=True,
-                )
-                sys.exit(ExitCode.WORKERS_RUNNING)
-        report = migrate.migrate(
-            target,
+        sessions = open_sessions(
             settings,
-            streams=sessions.streams.client,
-            dry_run=dry_run,
-            progress=_Progress(),
+            client_name=migrate.MIGRATE_CLIENT,
+            streams_timeout_s=settings.redis.socket_timeout_s,
         )
-    except MigrationError as exc:
-        click.echo(f"migrate: {exc}", err=True)
-        sys.exit(ExitCode.FAILURE)
     except redis.RedisError as exc:
-        click.echo(f"migrate: redis: {exc} (run it again: it resumes)", err=True)
-        sys.exit(ExitCode.FAILURE)
+        _fail(f"migrate: redis: {exc}", ExitCode.FAILURE)
+    try:
+        report = _run(sessions, settings, dry_run=dry_run, force=force)
+    except MigrationError as exc:
+        _fail(f"migrate: {exc}", ExitCode.FAILURE)
+    except LibraryIncompatibleError as exc:
+        _fail(f"migrate: {exc}", ExitCode.LIBRARY_INCOMPATIBLE)
+    except redis.RedisError as exc:
+        _fail(f"migrate: redis: {exc} (run it again: it resumes)", ExitCode.FAILURE)
+    except KeyboardInterrupt:
+        _fail("migrate: interrupted (run it again: it resumes)", ExitCode.INTERRUPTED)
     finally:
         sessions.close()
     if dry_run:
