@@ -145,11 +145,14 @@ LIBRARY_STREAM_COMMANDS: tuple[str, ...] = (
 #: Of those, the ones no batch call runs.
 _STREAM_FUNCTIONS_ONLY = frozenset(LIBRARY_STREAM_COMMANDS) - {"hget", "hset"}
 
-#: What ``streamsync status`` and the metrics read from a target of its own: no key.
+#: What ``streamsync status`` and the metrics read from a target of its own: no cache key, only
+#: streamsync's records (read-only).
 TARGET_STATUS_COMMANDS: tuple[str, ...] = (
     "ping",
     "info",  # memory, eviction policy, evicted keys, hit rate
     "fcall_ro",  # streamsync_version
+    "get",  # the bookkeeping layout marker (streamsync.layout)
+    "exists",  # 1.x indexes, when there is no marker
 )
 
 
@@ -212,7 +215,8 @@ def _user(settings: Settings, *, read_only: bool, target: bool) -> tuple[list[st
     """The key rules and the commands of one user."""
     if target:
         if read_only:
-            return [], list(TARGET_STATUS_COMMANDS)
+            keys = ["%R~" + p for p in acl_state_patterns(settings)]
+            return keys, list(TARGET_STATUS_COMMANDS)
         patterns = [*acl_state_patterns(settings), *acl_cache_patterns(settings)]
         library = [c for c in LIBRARY_COMMANDS if c not in _STREAM_FUNCTIONS_ONLY]
         return ["~" + p for p in patterns], [*TARGET_WORKER_COMMANDS, *library]
