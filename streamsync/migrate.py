@@ -36,6 +36,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
@@ -160,9 +161,18 @@ def scan(
     client: Client, pattern: str, kind: str | None = None, *, count: int = SCAN_COUNT
 ) -> Iterator[list[bytes]]:
     """The keys matching ``pattern`` (of type ``kind``), ``count`` at a time, sorted by hash
-    slot (in a Cluster, found on every primary)."""
+    slot; in a Cluster, one primary's after another's."""
+    if isinstance(client, redis.RedisCluster):
+        for node in client.get_primaries():
+            found = client.scan_iter(match=pattern, count=count, _type=kind, target_nodes=node)
+            yield from _chunks(found, count)
+    else:
+        yield from _chunks(client.scan_iter(match=pattern, count=count, _type=kind), count)
+
+
+def _chunks(names: Iterator[Any], count: int) -> Iterator[list[bytes]]:
     chunk: list[bytes] = []
-    for name in client.scan_iter(match=pattern, count=count, _type=kind):
+    for name in names:
         chunk.append(as_bytes(name))
         if len(chunk) >= count:
             yield sorted(chunk, key=key_slot)
