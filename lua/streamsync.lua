@@ -1279,6 +1279,115 @@ local function mark_snapshot(keys, argv)
     return value
 end
 
+--[[ streamsync_import: records converted from library 1.x bookkeeping (`streamsync migrate`).
+KEYS: a table's bucket 0, its overflow hash, then per record the bucket holding it
+ARGV: the table's bucket count N the records were addressed with, then per record: its field, its
+position, when it may go ('' never, else unix seconds), and where its row is (a placement's kind
+and data, as streamsync_changes writes them; '' nowhere)
+A record is written unless the table holds one of its field at a position as new or newer: a
+second run of a migration (after a crash) changes nothing it wrote. A placement too long for a
+bucket goes to the overflow hash. A table whose bucket count is not N writes nothing.
+Reply: one status per record (1 written, 0 kept: one as new or newer is there, 4 rebucketed),
+then {the table's bucket count, the records it holds}.
+--]]
+local function import(keys, argv)
+    local meta, overflow = keys[1], keys[2]
+    local state = redis.call('HMGET', meta, META_BUCKETS, META_COUNT)
+    local n, held = tonumber(state[1]) or 1, tonumber(state[2]) or 0
+    local addressed = n == tonumber(argv[1])
+    local replies, added, r = {}, 0, 0
+    for j = 2, #argv, 4 do
+        r = r + 1
+        local bucket, field, pos = keys[2 + r], argv[j], argv[j + 1]
+        local old = addressed and redis.call('HGET', bucket, field)
+        local old_pos, old_kind = nil, nil
+        if old then
+            old_pos, old_kind = record_parts(old)
+        end
+        if not addressed then
+            replies[r] = REBUCKETED
+        elseif old and old_pos >= pos then
+            replies[r] = STALE
+        else
+            local value, placed = pos, argv[j + 3]
+            if argv[j + 2] ~= '' then
+                value = value .. EXPIRES .. argv[j + 2]
+            end
+            if placed ~= '' and #value + #placed > VALUE_MAX then
+                redis.call('HSET', overflow, field, placed)
+                placed = OVERFLOW
+            elseif old_kind == OVERFLOW then
+                redis.call('HDEL', overflow, field)
+            end
+            redis.call('HSET', bucket, field, value .. placed)
+            if not old then
+                added = added + 1
+            end
+            replies[r] = APPLIED
+        end
+    end
+    if added > 0 then
+        held = redis.call('HINCRBY', meta, META_COUNT, added)
+    end
+    replies[r + 1] = {n, held}
+    return replies
+end
+
+-- RPUSH in slices: unpack() is bounded by the Lua stack
+local function push_all(key, values, first, last)
+    for s = first, last, 1000 do
+        redis.call('RPUSH', key, unpack(values, s, math.min(last, s + 999)))
+    end
+end
+
+--[[ streamsync_import_list: a list's order converted from library 1.x (`streamsync migrate`). 1.x
+kept a sorted set of "<position>|<row>" members (score 0: the list's entries, -1: the reserve's)
+and the reserve's values in a hash; 2.0 keeps the order record and the reserve as lists (see
+"Lists" above).
+KEYS: the list, its 1.x order sorted set, its 1.x reserve hash, its order record, its reserve (a
+list whose key has a hash tag kept its companions' names: the last two are the middle two then)
+ARGV: how many entries the list holds, its TTL and its order's (milliseconds, -1: none), then per
+entry, the list's in its order, then the reserve's, newest first: its sort key, its value
+Nothing is done when the 1.x order is not a sorted set (converted already, or gone). The entries
+are put in the order of their sort keys, newest first, as this library compares them (converted
+positions can order rows sharing one otherwise than 1.x did): the list keeps as many as it held,
+rewritten only if its order changed, the reserve the rest; the TTLs stay.
+Reply: {entries in the list, entries in the reserve}; {-1, -1} when there was nothing to convert.
+--]]
+local function import_list(keys, argv)
+    local list, old_order, old_reserve, order, reserve = keys[1], keys[2], keys[3], keys[4], keys[5]
+    if redis.call('TYPE', old_order).ok ~= 'zset' then
+        return {-1, -1}
+    end
+    local listed, list_ttl, order_ttl = tonumber(argv[1]), tonumber(argv[2]), tonumber(argv[3])
+    local entries, before = {}, {}
+    for j = 4, #argv, 2 do
+        entries[#entries + 1] = {argv[j], argv[j + 1]}
+        before[#entries] = entries[#entries]
+    end
+    table.sort(entries, function(a, b) return a[1] > b[1] end)
+    local sort_keys, values, moved = {}, {}, false
+    for e, entry in ipairs(entries) do
+        sort_keys[e], values[e] = entry[1], entry[2]
+        moved = moved or (e <= listed and entry ~= before[e])
+    end
+    redis.call('DEL', old_order, old_reserve, order, reserve)
+    if moved then
+        redis.call('DEL', list)
+        push_all(list, values, 1, listed)
+        if list_ttl > 0 then
+            redis.call('PEXPIRE', list, list_ttl)
+        end
+    end
+    push_all(order, sort_keys, 1, #sort_keys)
+    push_all(reserve, values, listed + 1, #values)
+    if order_ttl > 0 then
+        redis.call('PEXPIRE', order, order_ttl)
+        redis.call('PEXPIRE', reserve, order_ttl)
+    end
+    return {listed, #entries - listed}
+end
+
 --[[ streamsync_version
 KEYS: none; ARGV: none. Reply: the library version, "MAJOR.MINOR.PATCH". Read-only.
 --]]
@@ -1296,3 +1405,5 @@ redis.register_function('streamsync_mark_epoch', mark_epoch)
 redis.register_function('streamsync_mark_snapshot', mark_snapshot)
 redis.register_function('streamsync_prune_consumer', prune_consumer)
 redis.register_function('streamsync_raise_hwm', raise_hwm)
+redis.register_function('streamsync_import', import)
+redis.register_function('streamsync_import_list', import_list)

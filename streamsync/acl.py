@@ -40,8 +40,8 @@ WORKER_COMMANDS: tuple[str, ...] = (
     "hgetall",  # resync epochs, snapshot marks
     "hincrby",  # status counters
     "hset",
-    "set",  # the worker's liveness mark (with a TTL); the expiry lease
-    "get",  # the expiry lease
+    "set",  # the liveness mark (with a TTL); the expiry lease; the bookkeeping layout marker
+    "get",  # the expiry lease; the bookkeeping layout marker (streamsync.layout)
     "pexpire",
     "del",  # the liveness mark, when the worker stops
     "fcall",
@@ -104,7 +104,8 @@ STATUS_COMMANDS: tuple[str, ...] = (
     "xinfo|groups",
     "xinfo|consumers",
     "hgetall",  # status counters
-    "exists",  # the workers' liveness marks
+    "exists",  # the workers' liveness marks; 1.x indexes (streamsync.layout)
+    "get",  # the bookkeeping layout marker (streamsync.layout)
     "fcall_ro",  # streamsync_version, a no-writes function
     "time",  # ages on Redis's clock
     "info",  # memory, eviction policy, hit rate
@@ -117,7 +118,9 @@ TARGET_WORKER_COMMANDS: tuple[str, ...] = (
     "client|setname",
     "ping",
     "info",  # at connect: a Redis Cluster or not; every minute: the maxmemory-policy
-    "exists",  # sweeps: which per-slot indexes of a cluster exist
+    "exists",  # sweeps: which per-slot indexes of a cluster exist; 1.x indexes (at connect)
+    "get",  # the bookkeeping layout marker (streamsync.layout), read at connect
+    "set",  # ... and written once, on a Redis without 1.x bookkeeping
     "scan",  # TRUNCATE of invalidate rules
     "sscan",  # TRUNCATE and resync walk the rules' indexes
     "fcall",
@@ -142,11 +145,14 @@ LIBRARY_STREAM_COMMANDS: tuple[str, ...] = (
 #: Of those, the ones no batch call runs.
 _STREAM_FUNCTIONS_ONLY = frozenset(LIBRARY_STREAM_COMMANDS) - {"hget", "hset"}
 
-#: What ``streamsync status`` and the metrics read from a target of its own: no key.
+#: What ``streamsync status`` and the metrics read from a target of its own: no cache key, only
+#: streamsync's records (read-only).
 TARGET_STATUS_COMMANDS: tuple[str, ...] = (
     "ping",
     "info",  # memory, eviction policy, evicted keys, hit rate
     "fcall_ro",  # streamsync_version
+    "get",  # the bookkeeping layout marker (streamsync.layout)
+    "exists",  # 1.x indexes, when there is no marker
 )
 
 
@@ -209,7 +215,8 @@ def _user(settings: Settings, *, read_only: bool, target: bool) -> tuple[list[st
     """The key rules and the commands of one user."""
     if target:
         if read_only:
-            return [], list(TARGET_STATUS_COMMANDS)
+            keys = ["%R~" + p for p in acl_state_patterns(settings)]
+            return keys, list(TARGET_STATUS_COMMANDS)
         patterns = [*acl_state_patterns(settings), *acl_cache_patterns(settings)]
         library = [c for c in LIBRARY_COMMANDS if c not in _STREAM_FUNCTIONS_ONLY]
         return ["~" + p for p in patterns], [*TARGET_WORKER_COMMANDS, *library]

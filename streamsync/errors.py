@@ -31,6 +31,12 @@ class ExitCode(enum.IntEnum):
     CONFIG_INVALID = 3
     #: Redis holds a newer, incompatible streamsync Functions library: this worker is too old.
     LIBRARY_INCOMPATIBLE = 4
+    #: The cache's Redis holds library 1.x bookkeeping (or a migration that did not finish):
+    #: stop every 1.x worker, then run `streamsync migrate`. The worker applied nothing.
+    MIGRATION_NEEDED = 5
+    #: `streamsync migrate` found live workers (liveness marks, connections named
+    #: ``streamsync:<consumer>``): stop them first, or pass --force.
+    WORKERS_RUNNING = 6
     #: The command line is wrong (an unknown option, a missing argument): sysexits' EX_USAGE.
     USAGE = 64
     #: A second SIGTERM/SIGINT arrived before the graceful stop finished.
@@ -47,6 +53,15 @@ class ConfigError(StreamsyncError):
 
 class LibraryIncompatibleError(StreamsyncError):
     """Raised when Redis holds a Functions library this worker cannot use or must not replace."""
+
+
+class LegacyLayoutError(StreamsyncError):
+    """Raised when the cache's Redis holds library 1.x bookkeeping, or a migration of it that did
+    not finish: a 2.0 worker would apply changes against records it cannot read."""
+
+
+class MigrationError(StreamsyncError):
+    """Raised when ``streamsync migrate`` cannot proceed (live workers, an unreadable record)."""
 
 
 class PoisonEntryError(StreamsyncError):

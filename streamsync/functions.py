@@ -36,6 +36,8 @@ FN_PRUNE_CONSUMER = "streamsync_prune_consumer"
 FN_MARK_EPOCH = "streamsync_mark_epoch"
 FN_RAISE_HWM = "streamsync_raise_hwm"
 FN_MARK_SNAPSHOT = "streamsync_mark_snapshot"
+FN_IMPORT = "streamsync_import"
+FN_IMPORT_LIST = "streamsync_import_list"
 
 _VERSION_RE = re.compile(r"^local VERSION = '(\d+)\.(\d+)\.(\d+)'$", re.MULTILINE)
 
@@ -178,6 +180,18 @@ def hwm_reply(marks: Iterable[tuple[str, str]], reply: Sequence[Any]) -> Marks:
     return Marks(after, first)
 
 
+@dataclass(frozen=True, slots=True)
+class Imported:
+    """One record for ``streamsync_import`` (``streamsync migrate``): its bucket field, position,
+    when it may go (unix seconds; None: never) and where its row is (a placement's kind and
+    data as ``streamsync_changes`` writes them; empty: nowhere)."""
+
+    field: bytes
+    position: str
+    expires: int | None = None
+    placed: bytes = b""
+
+
 def mark_snapshot_command(snapshots_key: str, stream: str, lsn: int, entry_id: bytes) -> Command:
     """The ``streamsync_mark_snapshot`` call recording that the reads of the snapshot at ``lsn``
     start at or before entry ``entry_id`` of ``stream``; it replies the stream's marks (see
@@ -258,6 +272,18 @@ def ensure_library(client: Client) -> Version:
         ]
         return min(versions)
     return _ensure(client.execute_command)
+
+
+def loaded_versions(client: Client) -> list[Version | None]:
+    """The version of the library loaded in Redis, or in a Redis Cluster on each primary (None
+    where there is none)."""
+    if isinstance(client, redis.RedisCluster):
+        cluster = client
+        return [
+            _loaded(functools.partial(cluster.execute_command, target_nodes=node))
+            for node in cluster.get_primaries()
+        ]
+    return [_loaded(client.execute_command)]
 
 
 def _ensure(execute: Execute) -> Version:
@@ -354,6 +380,32 @@ class Library:
             return Marks({}, frozenset())
         command = raise_hwm_command(hwm_key, pairs)
         return hwm_reply(pairs, self._call(FN_RAISE_HWM, [hwm_key], *command[4:]))
+
+    def import_records(self, table: Table, records: Sequence[Imported]) -> list[RowStatus]:
+        """``streamsync_import``: write ``records`` into ``table`` (addressed with the bucket
+        count it knows) unless it holds them at a position as new or newer; one status per
+        record (APPLIED, STALE: kept, REBUCKETED: address again). The table learns its bucket
+        and record counts."""
+        keys = [table.meta, table.overflow, *(table.bucket_of(r.field) for r in records)]
+        args: ArgV = [str(table.buckets)]
+        for record in records:
+            expires = "" if record.expires is None else str(record.expires)
+            args += (record.field, record.position, expires, record.placed)
+        *statuses, info = self._call(FN_IMPORT, keys, *args)
+        table.seen(int(info[0]), int(info[1]))
+        return [RowStatus(int(status)) for status in statuses]
+
+    def import_list(
+        self, keys: Sequence[str | bytes], listed: int, ttls_ms: tuple[int, int], entries: ArgV
+    ) -> tuple[int, int]:
+        """``streamsync_import_list``: replace a list's 1.x order sorted set and reserve hash
+        (``keys``: the list, those two, its order record and its reserve) by 2.0's, given how
+        many entries the list holds, its TTL and its order's, and each entry's sort key and
+        value (``entries``, flat: the list's then the reserve's); returns the entries then in
+        the list and in the reserve, (-1, -1) when the 1.x order was converted already."""
+        args: ArgV = [str(listed), str(ttls_ms[0]), str(ttls_ms[1]), *entries]
+        listed, reserved = self.client.fcall(FN_IMPORT_LIST, len(keys), *keys, *args)
+        return int(listed), int(reserved)
 
     def mark_epoch(self, epochs_key: str, stream: str) -> tuple[int, str]:
         """``streamsync_mark_epoch``: start a new resync epoch for ``stream``; returns the epoch

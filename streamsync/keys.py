@@ -187,6 +187,13 @@ class StateKeys:
         return self.state_prefix + "epochs"
 
     @property
+    def layout(self) -> str:
+        """The marker of the bookkeeping layout the cache's Redis holds (``streamsync.layout``):
+        ``2`` once a 2.0 worker found no 1.x bookkeeping there, or ``streamsync migrate``
+        converted it."""
+        return self.state_prefix + "layout"
+
+    @property
     def hwm(self) -> str:
         """The hash of the per-rule high-water marks (field: the rule's ``state_name``; value:
         the newest position a batch of that rule was sent with), kept in the streams' Redis:

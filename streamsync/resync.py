@@ -18,6 +18,7 @@ from typing import cast
 
 import redis
 
+from streamsync import layout
 from streamsync.config import Settings
 from streamsync.deadletter import ID_RE
 from streamsync.discovery import find_streams
@@ -193,6 +194,8 @@ def finish(
     whether anything was added.
     """
     cache = client if target is None else target
+    # its sweep walks 2.0's records: beside 1.x bookkeeping it would remove nothing
+    layout.claim(cache, settings)
     Library(cache).ensure()
     epochs = Epochs()
     epochs.load(client.hgetall(StateKeys.from_settings(settings.worker).epochs))

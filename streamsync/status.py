@@ -29,7 +29,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from streamsync import eviction
+from streamsync import eviction, layout
 from streamsync.config import Settings, redact_url
 from streamsync.discovery import source_streams
 from streamsync.errors import PoisonEntryError
@@ -192,6 +192,11 @@ class LibraryStatus:
     #: ``MAJOR.MINOR.PATCH``; null when no library is loaded.
     loaded: str | None
     shipped: str
+    #: In the Redis holding the cache, the bookkeeping layout (``streamsync.layout``): ``2``,
+    #: ``1.x`` (1.x bookkeeping: ``streamsync migrate`` converts it), ``migrating`` (a
+    #: migration did not finish), ``none`` (nothing yet), ``newer``; null elsewhere, or when
+    #: it could not be read.
+    layout: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -617,9 +622,19 @@ def _memory(info: Mapping[str, Any]) -> tuple[MemoryStatus, KeyspaceStatus]:
     return memory, keyspace
 
 
-def _library(client: redis.Redis) -> LibraryStatus:
+def _library(client: redis.Redis, settings: Settings | None = None) -> LibraryStatus:
+    """The library loaded in ``client``; with ``settings``, ``client`` holds the cache: its
+    bookkeeping layout too (read-only, without the per-slot search of a Cluster)."""
+    found = None
+    if settings is not None:
+        try:
+            found = layout.detect(client, settings, thorough=False).layout.value
+        except redis.ResponseError:
+            found = None  # a monitoring user without GET or EXISTS on streamsync's records
     return LibraryStatus(
-        loaded=fmt_version(loaded_version(client)), shipped=fmt_version(library_version()) or ""
+        loaded=fmt_version(loaded_version(client)),
+        shipped=fmt_version(library_version()) or "",
+        layout=found,
     )
 
 
@@ -633,7 +648,7 @@ def collect_target(
     url = redact_url(settings.target.url)
     try:
         info = _info(target)
-        library = _library(target)
+        library = _library(target, settings)
     except redis.RedisError as exc:
         error = " ".join(str(exc).split()) or type(exc).__name__
         return TargetStatus(url, error, True, None, None, None, None)
@@ -710,7 +725,7 @@ def collect(
         streams=streams,
         memory=memory,
         keyspace=keyspace,
-        library=_library(client),
+        library=_library(client, settings if settings.target is None else None),
         notes=tuple(notes),
         target=target_status,
         collection_rules=eviction.collection_rules(settings),
@@ -750,22 +765,39 @@ def _library_problem(lib: LibraryStatus, where: str = "") -> str | None:
     return None
 
 
+def _layout_problem(lib: LibraryStatus, where: str = "") -> str | None:
+    if lib.layout in (layout.Layout.LEGACY.value, layout.Layout.MIGRATING.value):
+        return where + layout.refusal(layout.Finding(layout.Layout(lib.layout)))
+    if lib.layout == layout.Layout.NEWER.value:
+        return (
+            f"{where}Redis holds streamsync bookkeeping of a layout newer than this version's"
+            f" ({layout.CURRENT.decode()}): upgrade streamsync"
+        )
+    return None
+
+
+def _redis_problems(lib: LibraryStatus, where: str = "") -> list[str]:
+    """Its library's, or the bookkeeping's when a migration is due (a worker would not start:
+    it would not load its library either)."""
+    problem = _layout_problem(lib, where) or _library_problem(lib, where)
+    return [] if problem is None else [problem]
+
+
 def _server_problems(report: StatusReport) -> list[str]:
-    """The problems of the Redis servers themselves: libraries, eviction policies, a target
-    that cannot be read."""
-    found: list[str] = []
+    """The problems of the Redis servers themselves: libraries, bookkeeping to migrate,
+    eviction policies, a target that cannot be read."""
     target = report.target
     where = "streams' redis: " if report.separate_target else ""
-    lib = _library_problem(report.library, where)
-    if lib is not None:
-        found.append(lib)
+    found = _redis_problems(report.library, where)
     if target is not None:
         if target.error is not None:
             found.append(f"target redis at {target.url}: cannot read it: {target.error}")
         elif target.library is not None and target.separate:
-            lib = _library_problem(target.library, "target redis: ")
-            if lib is not None:
-                found.append(lib)
+            found += _redis_problems(target.library, "target redis: ")
+        elif target.library is not None:
+            layout_problem = _layout_problem(target.library)
+            if layout_problem is not None:
+                found.append(layout_problem)
     mem = report.memory
     if mem is not None:
         policy = eviction.problem(

@@ -409,7 +409,8 @@ REVIEWED_STATUS_COMMANDS = frozenset(
         "xinfo|groups",
         "xinfo|consumers",
         "hgetall",
-        "exists",  # the workers' liveness marks
+        "exists",  # the workers' liveness marks; 1.x indexes
+        "get",  # the bookkeeping layout marker
         "fcall_ro",
         "time",
         "info",

@@ -403,7 +403,7 @@ EXPECTED_KEYS = {
         "thresholds",
     },
     "keyspace": {"hit_rate", "hits", "misses"},
-    "library": {"loaded", "shipped"},
+    "library": {"layout", "loaded", "shipped"},
     "memory": {
         "evicted_keys",
         "maxmemory_bytes",

@@ -644,7 +644,9 @@ def test_the_acl_command_prints_the_target_user(tmp_path: Path) -> None:
     streams = runner.invoke(cli, ["acl", "-c", str(cfg)]).output
     assert "~app.public.users" in streams and "~user:*" not in streams and "+select" not in streams
     status_line = runner.invoke(cli, ["acl", "-c", str(cfg), "--target", "--read-only"]).output
-    assert status_line.split()[2] == "streamsync-status" and "~" not in status_line
+    assert status_line.split()[2] == "streamsync-status" and "~user:*" not in status_line
+    # streamsync's records only, read-only: the bookkeeping layout marker
+    assert " %R~streamsync:* " in status_line and "+get" in status_line
     plain = write(tmp_path, BASE, "plain.yaml")
     refused = runner.invoke(cli, ["acl", "-c", str(plain), "--target"])
     assert refused.exit_code == ExitCode.USAGE and "has no target section" in refused.output

@@ -15,6 +15,7 @@ from streamsync.cli.acl import acl_command
 from streamsync.cli.check_config import check_config_command
 from streamsync.cli.dlq import dlq_group
 from streamsync.cli.embedded import capture_command, demo_command
+from streamsync.cli.migrate import migrate_command
 from streamsync.cli.options import CONFIG_ENV, DEFAULT_CONFIG
 from streamsync.cli.resync import resync_command
 from streamsync.cli.run import run_command
@@ -30,6 +31,8 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.UNHEALTHY: "status found a problem; dlq replay left dead letters in place",
     ExitCode.CONFIG_INVALID: "the configuration file is missing, unreadable or invalid",
     ExitCode.LIBRARY_INCOMPATIBLE: "Redis holds a newer, incompatible Functions library",
+    ExitCode.MIGRATION_NEEDED: "Redis holds 1.x bookkeeping: stop 1.x workers, run migrate",
+    ExitCode.WORKERS_RUNNING: "migrate: workers seem to run (stop them, or --force)",
     ExitCode.USAGE: "usage error: unknown command or option, missing or bad argument",
     ExitCode.INTERRUPTED: "a second SIGTERM/SIGINT cut the graceful stop short",
 }
@@ -99,6 +102,7 @@ for _command in (
     capture_command,
     demo_command,
     resync_command,
+    migrate_command,
     acl_command,
     dlq_group,
     status_command,

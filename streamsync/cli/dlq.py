@@ -14,11 +14,11 @@ from typing import Any, NoReturn
 import click
 import redis
 
-from streamsync import connection, deadletter
+from streamsync import connection, deadletter, layout
 from streamsync.cli.options import config_option, load_or_exit
 from streamsync.deadletter import ID_RE, DeadLetter, as_text, iso_utc
 from streamsync.dlq import DeadLetters, Outcome, Replayer, field_json, pretty_json
-from streamsync.errors import DlqError, ExitCode, LibraryIncompatibleError
+from streamsync.errors import DlqError, ExitCode, LegacyLayoutError, LibraryIncompatibleError
 
 #: Dead letters shown per stream by ``dlq list`` unless ``--count`` says otherwise.
 DEFAULT_COUNT = 10
@@ -46,6 +46,8 @@ def _session(config_path: Path, command: str) -> Iterator[DeadLetters]:
         _fail(f"dlq {command}: {exc}")
     except LibraryIncompatibleError as exc:
         _fail(f"dlq {command}: {exc}", ExitCode.LIBRARY_INCOMPATIBLE)
+    except LegacyLayoutError as exc:
+        _fail(f"dlq {command}: {exc}", ExitCode.MIGRATION_NEEDED)
     except redis.RedisError as exc:
         _fail(f"dlq {command}: redis: {' '.join(str(exc).split())}")
     finally:
@@ -244,6 +246,8 @@ def replay_command(  # noqa: PLR0917 (click passes every option)
         dlq = store.check_stream(stream)
         replayer = Replayer(store, stream, force=force)
         if direct and not dry_run:
+            # applied where the workers apply, and as they would: never beside 1.x bookkeeping
+            layout.claim(store.target, store.settings)
             replayer.library.ensure()
         step: Callable[[DeadLetter, bool], Outcome] = replayer.apply if direct else replayer.requeue
         for letter in store.selected(dlq, ids, all_entries):

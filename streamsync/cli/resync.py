@@ -10,7 +10,7 @@ import redis
 
 from streamsync import connection, resync
 from streamsync.cli.options import config_option, load_or_exit
-from streamsync.errors import ExitCode, ResyncError
+from streamsync.errors import ExitCode, LegacyLayoutError, ResyncError
 
 
 @click.command("resync")
@@ -81,6 +81,9 @@ def resync_command(  # noqa: PLR0917 (click passes every option)
                 "now start capture over (new slot, or the restored database): its snapshot"
                 " overwrites the cache; then run this again with --finish"
             )
+    except LegacyLayoutError as exc:
+        click.echo(f"resync: {exc}", err=True)
+        sys.exit(ExitCode.MIGRATION_NEEDED)
     except ResyncError as exc:
         click.echo(f"resync: {exc}", err=True)
         sys.exit(ExitCode.FAILURE)

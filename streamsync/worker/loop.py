@@ -26,9 +26,15 @@ from typing import Any
 
 import redis
 
+from streamsync import layout
 from streamsync.config import Settings
 from streamsync.epochs import Epochs
-from streamsync.errors import ExitCode, LibraryIncompatibleError, PoisonEntryError
+from streamsync.errors import (
+    ExitCode,
+    LegacyLayoutError,
+    LibraryIncompatibleError,
+    PoisonEntryError,
+)
 from streamsync.events import Decoder
 from streamsync.functions import Command, mark_snapshot_command
 from streamsync.keys import StateKeys
@@ -165,6 +171,9 @@ class Worker:
         except LibraryIncompatibleError as exc:
             log.error("%s", exc)
             return ExitCode.LIBRARY_INCOMPATIBLE
+        except LegacyLayoutError as exc:
+            log.error("%s", exc)
+            return ExitCode.MIGRATION_NEEDED
         finally:
             self._disconnect()
             log.info("worker %s stopped: %s", self.consumer, self.counters.summary())
@@ -224,6 +233,8 @@ class Worker:
         # the rules' keys and records live in the target: its kind decides how calls are packed
         if self._core.planner.cluster != target.cluster:
             self._core.planner = Planner.from_settings(self.settings, cluster=target.cluster)
+        # before the library is loaded (a 1.x one tells 1.x bookkeeping) and anything applied
+        layout.claim(target.client, self.settings)
         target.library.ensure()
         if target is not session:
             # the streams' Redis runs the library's stream functions (trim, epochs)
