@@ -226,12 +226,15 @@ def test_snapshot_marks_say_which_snapshot_an_entry_follows() -> None:
     assert marks.at("s", b"1000-0") is None
 
 
-@given(lsns, lsns, lsns, lsns, ranks, ranks)
+changes = st.tuples(lsns, lsns, ranks)
+
+
+@given(changes, changes)
 def test_streamed_changes_compare_as_their_commit_order(
-    commit_a: int, lsn_a: int, commit_b: int, lsn_b: int, rank_a: str, rank_b: str
+    first: tuple[int, int, str], second: tuple[int, int, str]
 ) -> None:
     """By lastCommitLsn, then by the change's own LSN, then by rank, however the minor is
     written (its distance above lastCommitLsn, or its whole LSN below it)."""
-    a, b = streamed(commit_a, lsn_a, rank_a), streamed(commit_b, lsn_b, rank_b)
-    order = (commit_a, lsn_a, rank_a), (commit_b, lsn_b, rank_b)
+    a, b = streamed(*first), streamed(*second)
+    order = first, second
     assert (a < b) == (order[0] < order[1]) and (a == b) == (order[0] == order[1])
