@@ -6,7 +6,7 @@ A batch goes through three steps, each a method here:
    the rows to apply, or settle it at once (nothing to apply, a malformed or unmappable entry
    for the dead letters), or hold it for the barrier (a TRUNCATE, a change of the first
    transaction after a snapshot: ``Held``); and note the snapshot marks its reads need;
-2. ``calls``: pack the rows into ``streamsync_batch`` calls (bounded in size, one hash slot
+2. ``calls``: pack the rows into ``streamsync_changes`` calls (bounded in size, one hash slot
    each on a Redis Cluster, one row each for an entry whose batch call failed as a whole);
 3. ``settle``: read the calls' replies into acknowledgements, retries, dead letters and
    library reloads.
