@@ -25,7 +25,7 @@ Row functions reply with one status per row:
   command failed for that row (the other rows still apply).
 --]]
 
-local VERSION = '2.0.0'
+local VERSION = '2.0.1'
 
 local APPLIED, STALE, SKIPPED, DROPPED, REBUCKETED, UNKNOWN = 1, 0, 2, 3, 4, 5
 
@@ -35,6 +35,9 @@ local META_COUNT = '#c'   -- in bucket 0: records held by the table
 local META_BUCKETS = '#n' -- in bucket 0: the table's bucket count (absent: 1)
 local META_SENTINEL = '#' -- in every other bucket: a bucket that exists is never empty
 local META_FLOOR = '#f'   -- in a bucket rebuilt after an eviction: the position of its unknown rows
+                          -- (in bucket 0 rebuilt: of the table's unknown rows, in every bucket)
+local META_HIGH = '#h'    -- in bucket 0: no older than any position a call ever carried for the table
+local META_PENDING = '#p' -- in bucket 0 found gone: the token its rebuild waits for (see below)
 local META_LOSSY = '#l'   -- in bucket 0: records of the table were evicted (rows may be unrecorded)
 
 -- A record value: '<position>' while its row is cached without a TTL, else
@@ -257,17 +260,29 @@ end
 --[[ Guarded tables. On a cache Redis that may evict any key (a separate target with an allkeys
 policy), a rule table's buckets can be evicted with their records: a row without a record may
 then be new, or a row whose record is gone, last written at an unknown position. The worker names
-each such table's guard in the call: 'new' (it is the table's first writer: a missing bucket 0 is
-a new table), '?' (a lost record is unknown: the row replies 5, for the worker to learn the floor)
-or a floor: a position no older than any change ever applied to the table (the worker's
-high-water mark, raised before each batch is applied). A bucket found gone (a bucket that exists
-is never empty) is rebuilt with that floor, and a row without a record in it is taken to be at
-the floor: a change not newer leaves the row uncached (its target deleted), rather than risk
-writing a change older than one already applied.
+each such table's guard in the call (docs/bookkeeping.md, "When Redis evicts"):
+  'new'            it is the table's first writer ever: a missing bucket 0 is a new table;
+  '?'              any other call;
+  '<token>@<floor>' a retry after bucket 0 was found gone (below).
+Bucket 0 keeps the table's high mark (META_HIGH): every call raises it to the newest position it
+carries, in the same atomic call, so while bucket 0 lives the mark is no older than any change
+ever applied to the table. A bucket found gone (a bucket that exists is never empty) is rebuilt
+with the mark as its floor, and a row without a record in it is taken to be at the floor: a
+change not newer leaves the row uncached (its target deleted), rather than risk writing a change
+older than one already applied.
+Bucket 0 found gone takes the mark with it, and the bucket count: it is replaced by a pending
+token, and every row of the table replies 5 (unknown) with the token in the reply. The worker
+then reads the table's high-water mark in the streams' Redis (raised before any batch is sent, so
+no older than any change applied before the token was set) and sends the rows again with
+'<token>@<mark>'. Bucket 0 is rebuilt only if the token is still there: nothing was applied to
+the table since it was set (every row of it replied 5), so the mark covers every change ever
+applied. The rebuilt bucket 0 holds the worker's bucket count and the mark as the table's floor,
+for the rows of every bucket: a row whose record sits in a bucket the count no longer reaches
+is taken to be at that floor too. A token found gone again means a mark read too early: the
+rows reply 5 with a new token.
 Returns the recorded position (or the floor), and whether it is the floor. --]]
 local function recorded(bucket, field, guard, meta)
     if guard == 'lost' then
-        -- bucket 0 and the table's meta were evicted, the floor is not known yet
         return nil, false
     end
     local current = redis.call('HGET', bucket, field)
@@ -275,15 +290,45 @@ local function recorded(bucket, field, guard, meta)
         return current, false
     end
     if bucket ~= meta and redis.call('EXISTS', bucket) == 0 then
-        if guard == '?' then
-            return nil, false
-        end
-        redis.call('HSET', bucket, META_SENTINEL, '', META_FLOOR, guard)
+        redis.call('HSET', bucket, META_SENTINEL, '', META_FLOOR, guard.high)
         redis.call('HSET', meta, META_LOSSY, 1)
-        return guard, true
+        return guard.high, true
     end
-    local floor = redis.call('HGET', bucket, META_FLOOR)
+    local floor = guard.floor
+    if bucket ~= meta then
+        local own = redis.call('HGET', bucket, META_FLOOR)
+        if own and (not floor or own > floor) then
+            floor = own
+        end
+    end
     return floor, floor ~= false
+end
+
+--[[ A guarded table's state for a call: false (it is new: nothing of it can be lost), 'lost'
+(bucket 0 is gone, its rebuild waits for the token set there) or {floor, high}. --]]
+local function guard_of(meta_key, guard, meta, buckets)
+    local pending = meta[5]
+    if pending then
+        local token, floor = string.match(guard, '^(.-)@(.+)$')
+        if token ~= pending then
+            return 'lost', pending
+        end
+        redis.call('HSET', meta_key, META_BUCKETS, buckets, META_COUNT, 0, META_FLOOR, floor,
+            META_HIGH, floor, META_LOSSY, 1)
+        redis.call('HDEL', meta_key, META_PENDING)
+        meta[1], meta[2], meta[3], meta[4], meta[5] = buckets, 0, floor, floor, false
+        return {floor = floor, high = floor}
+    end
+    if meta[4] then
+        return {floor = meta[3], high = meta[4]}
+    end
+    if guard == 'new' and not meta[1] and not meta[2] then
+        return false
+    end
+    local time = redis.call('TIME')
+    local token = time[1] .. '.' .. time[2]
+    redis.call('HSET', meta_key, META_PENDING, token)
+    return 'lost', token
 end
 
 -- A single-value row against its record in a bucket: (status, whether the record is new).
@@ -886,41 +931,40 @@ records); then per row: its table (1-based), its kind, the record field, the pos
 kind's items.
 A table whose bucket count is not the one the worker knows (another worker split a bucket) has
 none of its rows applied: each replies 4 (rebucketed), for the worker to send again.
-Reply: one status per row (see the header), then one array: per table, its bucket count and the
-records it holds.
+Reply: one status per row (see the header), then one array: per table, its bucket count, the
+records it holds and the token its bucket 0's rebuild waits for ('' when none).
 --]]
 local function changes(keys, argv)
     local tombstone_s, ntables = tonumber(argv[1]), tonumber(argv[2])
     local now = tonumber(redis.call('TIME')[1])
-    local current, ttls, guards, added, tables = {}, {}, {}, {}, {}
+    local current, ttls, guards, added, tables, highs, marks = {}, {}, {}, {}, {}, {}, {}
     local i = 3
     for t = 1, ntables do
-        local guard = argv[i + 2]
-        local meta = redis.call('HMGET', keys[t], META_BUCKETS, META_COUNT)
-        if guard == '' or guard == 'new' then
-            guard = false
-        elseif not meta[1] and not meta[2] and guard == '?' then
-            guard = 'lost'
-        elseif not meta[1] and not meta[2] then
-            -- bucket 0, and the table's meta with it, was evicted: rebuilt with the worker's
-            -- bucket count and the floor
-            redis.call('HSET', keys[t], META_BUCKETS, argv[i], META_COUNT, 0, META_FLOOR, guard,
-                META_LOSSY, 1)
-            meta = {argv[i], 0}
+        local meta = redis.call('HMGET', keys[t], META_BUCKETS, META_COUNT, META_FLOOR, META_HIGH,
+            META_PENDING)
+        local guard, token = false, ''
+        if argv[i + 2] ~= '' then
+            guard, token = guard_of(keys[t], argv[i + 2], meta, argv[i])
+            token = token or ''
         end
         local n = tonumber(meta[1]) or 1
+        if guard == 'lost' then
+            -- its rows reply 5 whatever count the worker knows: it keeps it for the rebuild
+            n = tonumber(argv[i])
+        end
         current[t] = n == tonumber(argv[i])
         ttls[t] = tonumber(argv[i + 1])
         guards[t] = guard
         added[t] = 0
-        tables[2 * t - 1], tables[2 * t] = n, tonumber(meta[2]) or 0
+        highs[t], marks[t] = meta[4], meta[4]
+        tables[3 * t - 2], tables[3 * t - 1], tables[3 * t] = n, tonumber(meta[2]) or 0, token
         i = i + 3
     end
     local contexts = {}
     for t = 1, ntables do
         local n = tonumber(argv[i])
         contexts[t] = {shape = {unpack(argv, i + 1, i + n)}, ttl_ms = ttls[t],
-            n = tables[2 * t - 1], overflow = keys[ntables + t], now = now,
+            n = tables[3 * t - 2], overflow = keys[ntables + t], now = now,
             tombstone_s = tombstone_s, added = 0}
         i = i + 1 + n
     end
@@ -929,6 +973,10 @@ local function changes(keys, argv)
     while k <= #keys do
         local t, kind = tonumber(argv[i]), argv[i + 1]
         r = r + 1
+        local high = highs[t]
+        if not high or argv[i + 3] > high then
+            highs[t] = argv[i + 3]
+        end
         local single = SINGLE[kind]
         if single then
             local span = single[2](argv, i + 4)
@@ -972,9 +1020,15 @@ local function changes(keys, argv)
         end
     end
     for t = 1, ntables do
-        local more = added[t] + contexts[t].added
-        if more > 0 then
-            tables[2 * t] = redis.call('HINCRBY', keys[t], META_COUNT, more)
+        if guards[t] ~= 'lost' then
+            local more = added[t] + contexts[t].added
+            if more > 0 then
+                tables[3 * t - 1] = redis.call('HINCRBY', keys[t], META_COUNT, more)
+            end
+            -- raised for every row, applied or not: a mark too high only leaves rows uncached
+            if highs[t] ~= marks[t] then
+                redis.call('HSET', keys[t], META_HIGH, highs[t])
+            end
         end
     end
     replies[r + 1] = tables
@@ -992,7 +1046,12 @@ Reply: the bucket count after (N + 1 when split, the current count otherwise).
 --]]
 local function split(keys, argv)
     local meta, src, dst = keys[1], keys[2], keys[3]
-    local n = tonumber(redis.call('HGET', meta, META_BUCKETS)) or 1
+    local state = redis.call('HMGET', meta, META_BUCKETS, META_COUNT, META_HIGH, META_PENDING)
+    if state[4] or not (state[1] or state[2] or state[3]) then
+        -- bucket 0 is gone, with the count: the next change rebuilds it (guarded tables), unsplit
+        return tonumber(argv[1])
+    end
+    local n = tonumber(state[1]) or 1
     if n ~= tonumber(argv[1]) then
         return n
     end
@@ -1012,6 +1071,13 @@ local function split(keys, argv)
     end
     if held ~= m then
         return n
+    end
+    if m == 0 and src ~= meta and redis.call('EXISTS', src) == 0 then
+        -- the bucket was evicted (one that exists is never empty): so is either half, rebuilt
+        -- with the floor by the first row to find it gone; a new half that exists would take
+        -- the rows whose records were lost for new rows
+        redis.call('HSET', meta, META_BUCKETS, n + 1)
+        return n + 1
     end
     local first, last = 3 + m, #argv
     if last >= first then
@@ -1069,7 +1135,8 @@ local function expire(keys, argv)
             redis.call('HDEL', overflow, unpack(spilled))
         end
     end
-    if removed > 0 then
+    if removed > 0 and redis.call('EXISTS', keys[1]) == 1 then
+        -- a bucket 0 that is gone is not made again without its meta (guarded tables)
         redis.call('HINCRBY', keys[1], META_COUNT, -removed)
     end
     return removed
@@ -1292,13 +1359,16 @@ then {the table's bucket count, the records it holds}.
 --]]
 local function import(keys, argv)
     local meta, overflow = keys[1], keys[2]
-    local state = redis.call('HMGET', meta, META_BUCKETS, META_COUNT)
-    local n, held = tonumber(state[1]) or 1, tonumber(state[2]) or 0
+    local state = redis.call('HMGET', meta, META_BUCKETS, META_COUNT, META_HIGH)
+    local n, held, high = tonumber(state[1]) or 1, tonumber(state[2]) or 0, state[3]
     local addressed = n == tonumber(argv[1])
     local replies, added, r = {}, 0, 0
     for j = 2, #argv, 4 do
         r = r + 1
         local bucket, field, pos = keys[2 + r], argv[j], argv[j + 1]
+        if not high or pos > high then
+            high = pos
+        end
         local old = addressed and redis.call('HGET', bucket, field)
         local old_pos, old_kind = nil, nil
         if old then
@@ -1328,6 +1398,9 @@ local function import(keys, argv)
     end
     if added > 0 then
         held = redis.call('HINCRBY', meta, META_COUNT, added)
+    end
+    if addressed and high and high ~= state[3] then
+        redis.call('HSET', meta, META_HIGH, high)
     end
     replies[r + 1] = {n, held}
     return replies

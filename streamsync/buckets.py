@@ -94,8 +94,10 @@ class Table:
     #: The records held, as last seen.
     count: int = 0
     #: How the library treats a missing record on a target that may evict it (docs/bookkeeping.md
-    #: "When Redis evicts"): '' not guarded, 'new', '?' or a floor position.
+    #: "When Redis evicts"): '' not guarded, 'new', '?' or '<token>@<floor>'.
     guard: str = ""
+    #: The token the rebuild of the table's bucket 0, found gone, waits for ('' when none).
+    pending: str = ""
     _names: list[str] = field(default_factory=list)
 
     @property

@@ -102,8 +102,9 @@ class ChangesReply:
     """A ``streamsync_changes`` reply: one RowReply per row, and what each table holds now."""
 
     rows: list[RowReply]
-    #: Per table of the call, in order: its bucket count and its record count.
-    tables: list[tuple[int, int]]
+    #: Per table of the call, in order: its bucket count, its record count and the token its
+    #: bucket 0's rebuild waits for ('' when none; ``Table.pending``).
+    tables: list[tuple[int, int, str]]
 
 
 def _readdress(row: RowWrite, table: Table) -> None:
@@ -148,9 +149,12 @@ def changes_command(rows: Sequence[RowWrite], tombstone_s: int) -> tuple[Command
 def changes_reply(reply: Sequence[Any], tables: Sequence[Table]) -> ChangesReply:
     """A ``streamsync_changes`` reply, read; the tables learn what the library saw of them."""
     *statuses, info = reply
-    seen = [(int(info[2 * t]), int(info[2 * t + 1])) for t in range(len(tables))]
-    for table, (buckets, count) in zip(tables, seen, strict=True):
+    seen = [
+        (int(info[3 * t]), int(info[3 * t + 1]), _text(info[3 * t + 2])) for t in range(len(tables))
+    ]
+    for table, (buckets, count, pending) in zip(tables, seen, strict=True):
         table.seen(buckets, count)
+        table.pending = pending
     return ChangesReply(
         [RowStatus(item) if isinstance(item, int) else _text(item) for item in statuses], seen
     )

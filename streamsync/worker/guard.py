@@ -3,14 +3,15 @@ evicts"): a cache Redis of its own under an ``allkeys-*`` policy can evict the b
 the records, and a row without a record may then be new, or a row last written at an unknown
 position.
 
-Before a batch is sent to such a target, the high-water mark of each rule table it touches is
-raised, in the streams' Redis (which must not evict), to the newest position the batch holds for
-it: a mark is never older than a change ever sent to its table. A table whose mark was absent is
-one no batch was ever sent for: the batch is its first writer (guard ``new``). Every other table
-is guarded with ``?``: a row whose bucket is gone replies UNKNOWN, and the worker reads the
-table's mark *then* (so that it covers every change applied before the eviction) and sends the
-row again with it as the floor (``Guards.floors``). A floor serves one retry: later evictions need
-a later mark.
+The library keeps each table's high mark in its bucket 0 and rebuilds a bucket found gone with
+it as the floor. Bucket 0 itself found gone is where the worker helps: before a batch is sent to
+such a target, the high-water mark of each rule table it touches is raised, in the streams' Redis
+(which must not evict), to the newest position the batch holds for it, so a mark is never older
+than a change ever sent to its table. A table whose mark was absent is one no batch was ever sent
+for: the batch is its first writer (guard ``new``). Every other table is guarded with ``?``: when
+its bucket 0 is gone its rows reply UNKNOWN with a token, and the worker reads the table's mark
+*then* and sends the rows again with ``<token>@<mark>`` (``Guards.floors``), for the library to
+rebuild bucket 0 with the mark as the table's floor if the token is still there.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ from streamsync.worker.session import Session
 UNGUARDED = ""
 #: The table's first batch: a missing bucket 0 is a new table.
 FIRST = "new"
-#: A missing record of a gone bucket is unknown until the worker names a floor.
+#: Any other batch: a bucket found gone is rebuilt with the table's high mark.
 ASK = "?"
+#: Between the token of a bucket 0's rebuild and the floor it is rebuilt with.
+REBUILD = "@"
+#: The floor of a table nothing was ever applied to: older than any position.
+NOTHING = "0"
 
 
 def _marks(batch: Sequence[Entry]) -> dict[Table, str]:
@@ -69,13 +74,14 @@ class Guards:
             table.guard = FIRST if table.ident in raised.first else ASK
 
     def floors(self, streams: Session, tables: Iterable[Table]) -> None:
-        """Tables whose rows replied UNKNOWN: guarded by their mark as it is now, for the
-        batch sent again."""
+        """Tables whose rows replied UNKNOWN (their bucket 0 is gone): guarded by their mark as
+        it is now, read after the library set the rebuild's token, for the batch sent again."""
         wanted = list(tables)
         found = streams.call("HMGET", self.keys.hwm, *(table.ident for table in wanted))
         for table, mark in zip(wanted, found, strict=True):
             # no mark: nothing was ever sent for the table, so nothing of it was applied
-            table.guard = mark.decode() if mark else FIRST
+            floor = mark.decode() if mark else NOTHING
+            table.guard = f"{table.pending}{REBUILD}{floor}"
             self._floored.add(table)
 
     def settled(self) -> None:
