@@ -63,10 +63,12 @@ from throughput import (
 )
 
 from streamsync import __version__ as streamsync_version
+from streamsync.buckets import Tables
+from streamsync.config import load_settings
 from streamsync.embedded.sandbox import RedisServer, die_with_parent_hook
+from streamsync.keys import StateKeys
 
 GROUP = "bench"
-POSITION_PREFIX = "streamsync:pos:"
 #: How long the workers may take to start and reach the pause.
 START_TIMEOUT_S = 60.0
 #: The pause is lifted explicitly; this only bounds it if the benchmark dies.
@@ -289,10 +291,12 @@ def check(
     streams: Sequence[str],
     outcomes: Counter[str],
     *,
+    config: Path,
     sample: int,
     seed: int,
 ) -> list[str]:
-    """Nothing pending, every event applied or stale exactly once, sampled rows right."""
+    """Nothing pending, every event applied or stale exactly once, sampled rows and their
+    records right (``config``: the workers' configuration)."""
     problems = []
     for stream in streams:
         pending = client.xpending(stream, GROUP)["pending"]
@@ -305,8 +309,16 @@ def check(
     unexpected = {k: v for k, v in outcomes.items() if k not in ("applied", "stale") and v}
     if unexpected:
         problems.append(f"unexpected outcomes {unexpected}")
+    settings = load_settings(config, environ={})
+    tables = Tables(StateKeys.from_settings(settings.worker))
+    by_stream = [tables.table(rule) for rule in settings.rules]
     return problems + verify_rows(
-        client, workload, n, sample=sample, seed=seed, position_prefix=POSITION_PREFIX
+        client,
+        workload,
+        n,
+        sample=sample,
+        seed=seed,
+        records=lambda row_id: by_stream[row_id % len(by_stream)],
     )
 
 
@@ -371,7 +383,13 @@ def measure(
     if any(code != 0 for code in codes):
         m.problems.append(f"worker exit codes {codes}:\n{workers.tail()}")
     m.problems += check(
-        client, workload, streams, outcomes, sample=args.check_sample, seed=args.seed + round_no
+        client,
+        workload,
+        streams,
+        outcomes,
+        config=config,
+        sample=args.check_sample,
+        seed=args.seed + round_no,
     )
     return m
 

@@ -49,9 +49,10 @@ import orjson
 import redis
 
 from streamsync import __version__ as streamsync_version
+from streamsync.buckets import Table, Tables
 from streamsync.config import Settings, parse_settings
 from streamsync.embedded.sandbox import RedisServer
-from streamsync.keys import guarded_key
+from streamsync.keys import StateKeys
 from streamsync.mapping import hash_value
 from streamsync.positions import RANK_REMOVE, RANK_WRITE, streamed
 from streamsync.worker import Worker
@@ -491,18 +492,16 @@ def verify(
     *,
     sample: int,
     seed: int,
-    position_prefix: str | None = None,
+    records: Callable[[int], Table] | None = None,
 ) -> list[str]:
     """Problems after a drain of the first ``n`` entries: entries still pending, sampled rows
-    that differ from their newest generated state, and (for streamsync) position records that
-    do not hold the row's newest LSN. ``sample`` 0 checks every touched row."""
+    that differ from their newest generated state, and (for streamsync) records in the rule
+    table that do not hold the row's newest position. ``sample`` 0 checks every touched row."""
     problems: list[str] = []
     pending = client.xpending(STREAM, group)["pending"]
     if pending:
         problems.append(f"{pending} entries still pending in group {group}")
-    return problems + verify_rows(
-        client, workload, n, sample=sample, seed=seed, position_prefix=position_prefix
-    )
+    return problems + verify_rows(client, workload, n, sample=sample, seed=seed, records=records)
 
 
 def verify_rows(
@@ -512,20 +511,24 @@ def verify_rows(
     *,
     sample: int,
     seed: int,
-    position_prefix: str | None = None,
+    records: Callable[[int], Table] | None = None,
 ) -> list[str]:
     """Sampled rows that differ from their newest generated state after the first ``n``
-    entries, and position records that do not hold the row's newest LSN."""
+    entries, and records (``records``: the rule table of a row id) that do not hold the row's
+    newest position."""
     problems: list[str] = []
     state = workload.final_state(n)
     ids = sorted(state)
     if 0 < sample < len(ids):
         ids = random.Random(seed).sample(ids, sample)
+    if records is not None:
+        for table in {records(row_id) for row_id in ids}:
+            table.seen(int(client.hget(table.meta, "#n") or 1), 0)
     pipe = client.pipeline(transaction=False)
     for row_id in ids:
         pipe.hgetall(f"{KEY_PREFIX}{row_id}")
-        if position_prefix is not None:
-            pipe.get(guarded_key(position_prefix, f"{KEY_PREFIX}{row_id}"))
+        if records is not None:
+            pipe.hget(*records(row_id).locate(str(row_id)))
     replies = iter(pipe.execute())
     wrong = []
     for row_id in ids:
@@ -538,12 +541,12 @@ def verify_rows(
         )
         if got != want:
             wrong.append(f"{KEY_PREFIX}{row_id}: got {got or 'absent'}, want {want or 'absent'}")
-        if position_prefix is not None:
+        if records is not None:
             position = next(replies)
-            # the record holds the position, then "|" and the shape of the hash's field set
+            # the record holds the position, then (a tombstone) "~" and when it may go
             rank = RANK_REMOVE if change.after is None else RANK_WRITE
             want_position = streamed(change.last_commit_lsn, change.lsn, rank).encode()
-            if position is None or position.split(b"|")[0] != want_position:
+            if position is None or position.split(b"~")[0] != want_position:
                 wrong.append(f"{KEY_PREFIX}{row_id}: position {position!r}, want {change.lsn}")
     if wrong:
         problems.append(f"{len(wrong)} of {len(ids)} sampled rows wrong, e.g. {wrong[0]}")
@@ -679,8 +682,8 @@ class Design:
     events: int
     drain: Callable[[], dict[str, int]]
     group: str
-    #: streamsync's position-record prefix, to check position records too.
-    position_prefix: str | None = None
+    #: streamsync's rule table of a row id, to check its records too.
+    records: Callable[[int], Table] | None = None
 
 
 def measure_all(
@@ -690,13 +693,14 @@ def measure_all(
     with ``--profile``, one more streamsync drain under cProfile."""
     client = redis.Redis.from_url(server.url, decode_responses=False)
     settings = streamsync_settings(server.url, args.batch_size)
+    table = Tables(StateKeys.from_settings(settings.worker)).table(settings.rules[0])
     designs = [
         Design(
             "streamsync",
             args.events,
             lambda: drain_streamsync(settings, args.drain_timeout_s),
             GROUP_STREAMSYNC,
-            settings.worker.position_prefix,
+            lambda _row_id: table,
         )
     ]
     if not args.skip_naive:
@@ -725,7 +729,7 @@ def measure_all(
                     d.group,
                     sample=args.check_sample,
                     seed=args.seed + round_no,
-                    position_prefix=d.position_prefix,
+                    records=d.records,
                 )
                 m.problems += _outcome_problems(m)
                 measurements.append(m)
