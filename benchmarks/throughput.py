@@ -72,9 +72,13 @@ START_LSN = 27_103_800
 #: Entries per pipeline when preloading the stream.
 PRELOAD_CHUNK = 1_000
 
-#: The targets printed next to the medians.
-TARGET_EVENTS_PER_S = 60_000
+#: The targets printed next to the medians (library 2.0's goals).
+TARGET_EVENTS_PER_S = 120_000
 TARGET_RATIO_NAIVE = 20.0
+#: streamsync's drain rate against the blind pipelined consumer's, at least.
+TARGET_RATIO_PIPELINED = 2.0
+#: streamsync's Redis CPU per change against the blind pipelined consumer's, at most.
+TARGET_REDIS_CPU_RATIO = 1.3
 
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
@@ -752,7 +756,8 @@ def measure_all(
 def summarize(
     args: argparse.Namespace, measurements: Sequence[Measurement]
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Median events/s per design, and the ratios of streamsync's median to the others'."""
+    """Median events/s per design, and the ratios of streamsync's median to the others'
+    (``redis CPU streamsync/pipelined``: of the medians of Redis CPU per change)."""
     names = dict.fromkeys(m.design for m in measurements)
     medians = {
         name: statistics.median(m.events_per_s for m in measurements if m.design == name)
@@ -763,6 +768,13 @@ def summarize(
         for name, rate in medians.items()
         if name != "streamsync" and rate > 0
     }
+    if "pipelined" in names:
+        cpu = {
+            name: statistics.median(m.redis_cpu_us for m in measurements if m.design == name)
+            for name in ("streamsync", "pipelined")
+        }
+        if cpu["pipelined"] > 0:
+            ratios["redis CPU streamsync/pipelined"] = cpu["streamsync"] / cpu["pipelined"]
     return medians, ratios
 
 
@@ -820,8 +832,15 @@ def print_results(
         verdict = _verdict(ratio >= TARGET_RATIO_NAIVE)
         rows.append(["streamsync/naive", "ratio of medians", f"{ratio:.1f}x", target, verdict])
     if "streamsync/pipelined" in ratios:
-        ratio = ratios["streamsync/pipelined"]
-        rows.append(["streamsync/pipelined", "ratio of medians", f"{ratio:.2f}x", "", ""])
+        ratio, target = ratios["streamsync/pipelined"], f">= {TARGET_RATIO_PIPELINED:g}x"
+        verdict = _verdict(ratio >= TARGET_RATIO_PIPELINED)
+        rows.append(["streamsync/pipelined", "ratio of medians", f"{ratio:.2f}x", target, verdict])
+    cpu_ratio = ratios.get("redis CPU streamsync/pipelined")
+    if cpu_ratio is not None:
+        target = f"<= {TARGET_REDIS_CPU_RATIO:g}x"
+        verdict = _verdict(cpu_ratio <= TARGET_REDIS_CPU_RATIO)
+        what = "Redis CPU per change, medians"
+        rows.append(["streamsync/pipelined", what, f"{cpu_ratio:.2f}x", target, verdict])
     print(f"\nmedians of {args.runs} interleaved round(s), events/s, batch size {args.batch_size}:")
     _print_table(["", "what", "median", "target", ""], rows)
     if "naive" in medians:
@@ -891,6 +910,8 @@ def run(args: argparse.Namespace) -> int:
                     "targets": {
                         "streamsync_events_per_s": TARGET_EVENTS_PER_S,
                         "streamsync_over_naive": TARGET_RATIO_NAIVE,
+                        "streamsync_over_pipelined": TARGET_RATIO_PIPELINED,
+                        "redis_cpu_streamsync_over_pipelined": TARGET_REDIS_CPU_RATIO,
                     },
                     "ok": not failed,
                 }
