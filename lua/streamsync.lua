@@ -25,7 +25,7 @@ Row functions reply with one status per row:
   command failed for that row (the other rows still apply).
 --]]
 
-local VERSION = '2.0.1'
+local VERSION = '2.1.0'
 
 local APPLIED, STALE, SKIPPED, DROPPED, REBUCKETED, UNKNOWN = 1, 0, 2, 3, 4, 5
 
@@ -204,16 +204,12 @@ local function json_full(target, argv, i, ttl_ms)
     return APPLIED
 end
 
---[[ 'j' partial JSON: n, then n member triples: name token (the JSON string as written, e.g.
+--[[ A partial JSON row: n, then n member triples: name token (the JSON string as written, e.g.
 "\"bio\""), kind ('v' value | 'k' keep the cached value), raw JSON value ('' for 'k'). The cached
-document supplies the kept members; without it the row is not cached. --]]
-local function json_partial(target, argv, i, ttl_ms)
+document's members (json_members) supply the kept ones. Returns the whole document's text, or nil
+when a kept member is not cached. --]]
+local function completed(cached, argv, i)
     local n = tonumber(argv[i])
-    local kind = redis.call('TYPE', target).ok
-    if kind == 'none' then
-        return SKIPPED
-    end
-    local cached = kind == 'string' and json_members(redis.call('GET', target))
     local parts = {}
     for m = 0, n - 1 do
         local j = i + 1 + 3 * m
@@ -222,12 +218,65 @@ local function json_partial(target, argv, i, ttl_ms)
             value = cached and cached[name]
         end
         if value == nil then
-            redis.call('DEL', target)
-            return DROPPED
+            return nil
         end
         parts[#parts + 1] = name .. ':' .. value
     end
-    set_document(target, '{' .. table.concat(parts, ',') .. '}', ttl_ms)
+    return '{' .. table.concat(parts, ',') .. '}'
+end
+
+--[[ 'j' partial JSON text (see completed): without a cached document the row is not cached, and
+one lacking a kept member is dropped. --]]
+local function json_partial(target, argv, i, ttl_ms)
+    local kind = redis.call('TYPE', target).ok
+    if kind == 'none' then
+        return SKIPPED
+    end
+    local doc = completed(kind == 'string' and json_members(redis.call('GET', target)), argv, i)
+    if not doc then
+        redis.call('DEL', target)
+        return DROPPED
+    end
+    set_document(target, doc, ttl_ms)
+    return APPLIED
+end
+
+--[[ RedisJSON documents ('N', 'n': as 'J', 'j', the module parsing the text). JSON.SET on an
+existing document keeps its TTL, as HSET does. --]]
+local REDISJSON_TYPE = 'ReJSON-RL'
+
+local function set_redisjson(target, doc, ttl_ms)
+    local done = redis.pcall('JSON.SET', target, '$', doc)
+    if type(done) == 'table' and done.err then
+        if redis.call('TYPE', target).ok == REDISJSON_TYPE then
+            return error(done.err)
+        end
+        -- the key holds another type (a text document before the module was loaded): the rule
+        -- owns it, so it is replaced
+        redis.call('DEL', target)
+        redis.call('JSON.SET', target, '$', doc)
+    end
+    expire_target(target, ttl_ms)
+end
+
+local function redisjson_full(target, argv, i, ttl_ms)
+    set_redisjson(target, argv[i], ttl_ms)
+    return APPLIED
+end
+
+local function redisjson_partial(target, argv, i, ttl_ms)
+    local kind = redis.call('TYPE', target).ok
+    if kind == 'none' then
+        return SKIPPED
+    end
+    -- the cached document as the module writes it (compact, every digit of its numbers)
+    local cached = kind == REDISJSON_TYPE and json_members(redis.call('JSON.GET', target))
+    local doc = completed(cached, argv, i)
+    if not doc then
+        redis.call('DEL', target)
+        return DROPPED
+    end
+    set_redisjson(target, doc, ttl_ms)
     return APPLIED
 end
 
@@ -246,6 +295,8 @@ local SINGLE = {
     end, false},
     J = {json_full, function() return 1 end, false},
     j = {json_partial, function(argv, i) return 1 + 3 * tonumber(argv[i]) end, false},
+    N = {redisjson_full, function() return 1 end, false},
+    n = {redisjson_partial, function(argv, i) return 1 + 3 * tonumber(argv[i]) end, false},
     D = {remove, function() return 0 end, true},
     I = {remove, function() return 0 end, true},
 }
@@ -922,7 +973,7 @@ local PLACEMENTS = {
 --[[ streamsync_changes: the batch entry point (library 2.0).
 KEYS: per rule table of the call, its bucket 0; per table, its overflow hash; then per row the
 row's keys:
-  single-value kinds (H h J j D I): the target, the bucket holding the row's record;
+  single-value kinds (H h J j N n D I): the target, the bucket holding the row's record;
   placement kinds (T Z L X R M): the kind's keys (see above).
 ARGV: tombstone_s, the number of tables, per table: its bucket count as the worker knows it, its
 rule's ttl_ms (0 = none) and its guard ('' = the target does not evict its records; see "Guarded

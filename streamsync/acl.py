@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from redis.connection import parse_url
 
-from streamsync.config import Settings
+from streamsync.config import JsonEncoding, Settings, TargetType
 from streamsync.keys import dead_letter_stream, glob_escape
 from streamsync.templates import KeyTemplate
 
@@ -47,6 +47,7 @@ WORKER_COMMANDS: tuple[str, ...] = (
     "fcall",
     "fcall_ro",
     "function|load",  # the worker loads (and upgrades) its library at start
+    "module|list",  # at connect, with json rules: whether the cache's Redis loads RedisJSON
 )
 
 #: Commands the Functions library (lua/streamsync.lua) runs on the worker's behalf: Redis checks
@@ -91,6 +92,10 @@ LIBRARY_COMMANDS: tuple[str, ...] = (
     "xgroup|delconsumer",
 )
 
+#: Commands the library runs for json rules writing RedisJSON documents: the module's, granted
+#: only when the cache's Redis loads it (ACL SETUSER refuses a command a Redis does not know).
+REDISJSON_COMMANDS: tuple[str, ...] = ("json.set", "json.get")
+
 #: Commands of a read-only monitoring user (``streamsync status``), on read-only keys.
 STATUS_COMMANDS: tuple[str, ...] = (
     "ping",
@@ -109,6 +114,7 @@ STATUS_COMMANDS: tuple[str, ...] = (
     "fcall_ro",  # streamsync_version, a no-writes function
     "time",  # ages on Redis's clock
     "info",  # memory, eviction policy, hit rate
+    "module|list",  # what json rules write (RedisJSON or text)
 )
 
 
@@ -126,6 +132,7 @@ TARGET_WORKER_COMMANDS: tuple[str, ...] = (
     "fcall",
     "fcall_ro",
     "function|load",
+    "module|list",
 )
 
 #: Of LIBRARY_COMMANDS, those only its stream functions run (streamsync_trim,
@@ -153,6 +160,7 @@ TARGET_STATUS_COMMANDS: tuple[str, ...] = (
     "fcall_ro",  # streamsync_version
     "get",  # the bookkeeping layout marker (streamsync.layout)
     "exists",  # 1.x indexes, when there is no marker
+    "module|list",  # what json rules write (RedisJSON or text)
 )
 
 
@@ -211,42 +219,54 @@ def acl_key_patterns(settings: Settings) -> list[str]:
     return patterns
 
 
-def _user(settings: Settings, *, read_only: bool, target: bool) -> tuple[list[str], list[str]]:
+def _user(
+    settings: Settings, *, read_only: bool, target: bool, redisjson: bool
+) -> tuple[list[str], list[str]]:
     """The key rules and the commands of one user."""
+    json = list(REDISJSON_COMMANDS) if redisjson else []
     if target:
         if read_only:
             keys = ["%R~" + p for p in acl_state_patterns(settings)]
             return keys, list(TARGET_STATUS_COMMANDS)
         patterns = [*acl_state_patterns(settings), *acl_cache_patterns(settings)]
         library = [c for c in LIBRARY_COMMANDS if c not in _STREAM_FUNCTIONS_ONLY]
-        return ["~" + p for p in patterns], [*TARGET_WORKER_COMMANDS, *library]
+        return ["~" + p for p in patterns], [*TARGET_WORKER_COMMANDS, *library, *json]
     streams = acl_stream_patterns(settings)
     if read_only:
         keys = ["%R~" + p for p in (*streams, *acl_state_patterns(settings))]
         return keys, list(STATUS_COMMANDS)
     if settings.target is None:
-        return ["~" + p for p in acl_key_patterns(settings)], [*WORKER_COMMANDS, *LIBRARY_COMMANDS]
+        commands = [*WORKER_COMMANDS, *LIBRARY_COMMANDS, *json]
+        return ["~" + p for p in acl_key_patterns(settings)], commands
     # the streams' Redis of a configuration with a target: no cache key, no position record
     keys = ["~" + p for p in (*streams, glob_escape(settings.worker.state_prefix) + "*")]
     worker = [c for c in WORKER_COMMANDS if c != "sscan"]
     return keys, [*worker, *LIBRARY_STREAM_COMMANDS]
 
 
-def acl_rules(settings: Settings, *, read_only: bool = False, target: bool = False) -> list[str]:
+def acl_rules(
+    settings: Settings, *, read_only: bool = False, target: bool = False, redisjson: bool = False
+) -> list[str]:
     """The ``ACL SETUSER`` rules of the least-privileged user for ``settings``: the worker's
     (read and write on the streams, streamsync's records and the rules' keys; the commands the
     worker and its Functions library send), or with ``read_only`` a monitoring user's
     (``streamsync status``: read-only keys, read-only commands, no cache keys).
 
     With a ``target`` section these are the users of the streams' Redis; ``target`` asks for
-    those of the cache's Redis instead (ValueError without the section).
+    those of the cache's Redis instead (ValueError without the section). ``redisjson``: the
+    cache's Redis loads the RedisJSON module, so json rules may write RedisJSON documents (a
+    rule with ``encoding: redisjson`` implies it).
 
     They reset the user's keys, channels and commands first, so applying them to an existing
     user replaces its permissions (its passwords and on/off state are left alone).
     """
     if target and settings.target is None:
         raise ValueError("the configuration has no target section: the cache is in redis")
-    keys, wanted = _user(settings, read_only=read_only, target=target)
+    redisjson = redisjson or any(
+        rule.type is TargetType.JSON and rule.encoding is JsonEncoding.REDISJSON
+        for rule in settings.rules
+    )
+    keys, wanted = _user(settings, read_only=read_only, target=target, redisjson=redisjson)
     commands: list[str] = []
     for command in wanted:
         _add(commands, "+" + command)
@@ -263,11 +283,12 @@ def acl_setuser(
     password: str = "<password>",
     read_only: bool = False,
     target: bool = False,
+    redisjson: bool = False,
 ) -> str:
     """The whole ``ACL SETUSER`` command line for ``user`` (``reset`` first: it replaces
     whatever the user had), as typed in ``redis-cli``; ``target``: for the cache's Redis."""
     words = ["ACL", "SETUSER", user, "reset", "on", ">" + password]
-    words += acl_rules(settings, read_only=read_only, target=target)
+    words += acl_rules(settings, read_only=read_only, target=target, redisjson=redisjson)
     return " ".join(_cli_quote(w) for w in words)
 
 

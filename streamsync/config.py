@@ -311,12 +311,24 @@ class ListUpdate(StrEnum):
 #: The ``value`` that stores the whole (selected, renamed) row as a JSON document.
 JSON_VALUE = "json"
 
+
+class JsonEncoding(StrEnum):
+    """How a ``json`` rule stores its documents."""
+
+    #: A JSON text in a string key (``GET`` reads it).
+    TEXT = "text"
+    #: A RedisJSON document (``JSON.GET`` reads it): the target must load the ReJSON module.
+    REDISJSON = "redisjson"
+    #: RedisJSON when the target loads the module when the worker connects, else text.
+    AUTO = "auto"
+
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:@#/-]+$")
 
 # options each type accepts besides table, mode, key, type, name, where, fields, rename, ttl_s
 _TYPE_OPTIONS: Mapping[TargetType, frozenset[str]] = {
     TargetType.HASH: frozenset(),
-    TargetType.JSON: frozenset(),
+    TargetType.JSON: frozenset({"encoding"}),
     TargetType.STRING: frozenset({"value"}),
     TargetType.SET: frozenset({"member"}),
     TargetType.ZSET: frozenset({"member", "score"}),
@@ -329,7 +341,7 @@ _REQUIRED: Mapping[TargetType, tuple[str, ...]] = {
     TargetType.ZSET: ("member", "score"),
     TargetType.LIST: ("value",),
 }
-_OPTIONAL = ("value", "member", "score", "max_len", "on_delete", "on_update")
+_OPTIONAL = ("value", "member", "score", "max_len", "on_delete", "on_update", "encoding")
 
 
 class Rule(_Model):
@@ -360,6 +372,8 @@ class Rule(_Model):
     max_len: Annotated[int, Field(ge=1, le=MAX_ENTRIES)] | None = None
     on_delete: ListDelete | None = None
     on_update: ListUpdate | None = None
+    #: json: text, redisjson or auto (the default).
+    encoding: JsonEncoding | None = None
 
     @field_validator("table")
     @classmethod
@@ -502,6 +516,16 @@ class Rule(_Model):
         if self.value is None or self.value == JSON_VALUE:
             return None
         return KeyTemplate.parse(self.value)
+
+    def stores_redisjson(self, module_loaded: bool) -> bool:
+        """Whether this rule writes RedisJSON documents, given whether the target loads the
+        ReJSON module (``encoding: auto`` follows it)."""
+        if self.type is not TargetType.JSON:
+            return False
+        encoding = self.encoding or JsonEncoding.AUTO
+        return encoding is JsonEncoding.REDISJSON or (
+            encoding is JsonEncoding.AUTO and module_loaded
+        )
 
     @cached_property
     def filter(self) -> RowFilter | None:

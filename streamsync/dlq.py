@@ -35,6 +35,7 @@ from typing import Any
 
 import redis
 
+from streamsync import redisjson
 from streamsync.config import Settings
 from streamsync.deadletter import DeadLetter, as_text, as_utf8
 from streamsync.discovery import find_streams
@@ -270,7 +271,9 @@ class Replayer:
         # the worker's own decoding and planning, so a replay sees the entry as a worker would
         self.core = BatchCore(
             Decoder(settings.source.format, settings.source.null_marker),
-            Planner.from_settings(settings),
+            Planner.from_settings(
+                settings, redisjson=redisjson.target_loads_it(settings, store.target)
+            ),
             self.epochs,
             tombstone_s=settings.worker.tombstone_ttl_s,
             max_deliveries=settings.worker.max_deliveries,

@@ -42,6 +42,7 @@ from streamsync.templates import render_value
 # rule's value), delete, invalidate, set and sorted-set members, list entries, stream events,
 # removal of a row's placement, and a single-value write whose key may move.
 ROW_HASH, ROW_HASH_PARTIAL, ROW_JSON, ROW_JSON_PARTIAL = "H", "h", "J", "j"
+ROW_REDISJSON, ROW_REDISJSON_PARTIAL = "N", "n"
 ROW_DELETE, ROW_INVALIDATE = "D", "I"
 ROW_SET, ROW_ZSET, ROW_LIST, ROW_STREAM, ROW_REMOVE, ROW_MOVING = "T", "Z", "L", "X", "R", "M"
 
@@ -178,9 +179,18 @@ def _prefix_length(rule: Rule) -> int:
 class Planner:
     """Turns a change event into the rows to apply, following the rules for its table."""
 
-    def __init__(self, rules_by_table: Mapping[str, tuple[Rule, ...]], keys: StateKeys) -> None:
+    def __init__(
+        self,
+        rules_by_table: Mapping[str, tuple[Rule, ...]],
+        keys: StateKeys,
+        *,
+        redisjson: bool = False,
+    ) -> None:
         self.rules_by_table = rules_by_table
         self.keys = keys
+        #: Whether the target loads the ReJSON module (``json`` rules with ``encoding: auto``
+        #: then write RedisJSON documents).
+        self.redisjson = redisjson
         if keys.cluster:
             for rules in rules_by_table.values():
                 for rule in rules:
@@ -192,11 +202,16 @@ class Planner:
         self._all_fixed_by_table: dict[str, tuple[set[str], bool]] = {}
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, cluster: bool = False) -> Planner:
+    def from_settings(
+        cls, settings: Settings, *, cluster: bool = False, redisjson: bool = False
+    ) -> Planner:
         """A planner for the rules of ``settings``, its records under the configured prefixes;
-        ``cluster``: for a Redis Cluster (one hash slot per function call)."""
+        ``cluster``: for a Redis Cluster (one hash slot per function call); ``redisjson``:
+        the target loads the ReJSON module."""
         return cls(
-            settings.rules_by_table, StateKeys.from_settings(settings.worker, cluster=cluster)
+            settings.rules_by_table,
+            StateKeys.from_settings(settings.worker, cluster=cluster),
+            redisjson=redisjson,
         )
 
     @property
@@ -575,8 +590,9 @@ class Planner:
     def _json_body(self, rule: Rule, event: ChangeEvent, row: dict[str, Any]) -> ArgV:
         unchanged = event.unchanged.intersection(rule.fields or row)
         doc = self._shaped(rule, row)
+        native = rule.stores_redisjson(self.redisjson)
         if not unchanged:
-            return [ROW_JSON, orjson.dumps(doc)]
+            return [ROW_REDISJSON if native else ROW_JSON, orjson.dumps(doc)]
         renamed = {rule.rename.get(c, c) for c in unchanged}
         members: ArgV = []
         for name, value in doc.items():
@@ -585,4 +601,4 @@ class Planner:
                 members += ["k", ""]
             else:
                 members += ["v", orjson.dumps(value)]
-        return [ROW_JSON_PARTIAL, str(len(doc)), *members]
+        return [ROW_REDISJSON_PARTIAL if native else ROW_JSON_PARTIAL, str(len(doc)), *members]

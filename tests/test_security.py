@@ -353,6 +353,7 @@ REVIEWED_WORKER_COMMANDS = frozenset(
         "fcall",
         "fcall_ro",
         "function|load",
+        "module|list",
     }
 )
 REVIEWED_LIBRARY_COMMANDS = frozenset(
@@ -396,6 +397,8 @@ REVIEWED_LIBRARY_COMMANDS = frozenset(
         "xgroup|delconsumer",
     }
 )
+#: Run by the library for json rules writing RedisJSON documents (granted with --redisjson).
+REVIEWED_REDISJSON_COMMANDS = frozenset({"json.set", "json.get"})
 REVIEWED_STATUS_COMMANDS = frozenset(
     {
         "ping",
@@ -414,15 +417,19 @@ REVIEWED_STATUS_COMMANDS = frozenset(
         "fcall_ro",
         "time",
         "info",
+        "module|list",
     }
 )
 #: What Redis lets every connection run, whatever its ACL: logging in, and leaving.
 ALWAYS_RUNNABLE = frozenset({"auth", "hello", "quit", "reset"})
 #: Commands whose first argument is a subcommand, granted as ``command|subcommand``.
-CONTAINER_COMMANDS = frozenset({"xinfo", "xgroup", "client", "config", "function", "object"})
+CONTAINER_COMMANDS = frozenset(
+    {"xinfo", "xgroup", "client", "config", "function", "object", "module"}
+)
 #: A call in the Lua library: ``redis.call('CMD', 'SUB'...``, ``pcall(redis.call, 'CMD'...``.
 LUA_CALL_RE = re.compile(
-    r"(?:redis\.p?call\(|pcall\(\s*redis\.call\s*,)\s*'(?P<command>\w+)'(?:\s*,\s*'(?P<sub>\w+)')?"
+    r"(?:redis\.p?call\(|pcall\(\s*redis\.call\s*,)\s*'(?P<command>[\w.]+)'"
+    r"(?:\s*,\s*'(?P<sub>\w+)')?"
 )
 
 
@@ -451,7 +458,7 @@ def test_the_library_commands_are_those_the_lua_library_calls() -> None:
             assert sub, f"{command} called without a literal subcommand"
             command += "|" + sub.lower()
         called.add(command)
-    assert called == REVIEWED_LIBRARY_COMMANDS
+    assert called == REVIEWED_LIBRARY_COMMANDS | REVIEWED_REDISJSON_COMMANDS
 
 
 def _split_rules(rules: list[str]) -> tuple[list[str], list[str]]:

@@ -387,6 +387,7 @@ EXPECTED_KEYS = {
     "": {
         "claim_idle_ms",
         "collection_rules",
+        "json_encodings",
         "generated_at_ms",
         "group",
         "healthy",

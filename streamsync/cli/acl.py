@@ -23,7 +23,15 @@ from streamsync.cli.options import config_option, load_or_exit
     is_flag=True,
     help="The user of the cache's own Redis (the target section) instead of the streams'.",
 )
-def acl_command(config_path: Path, user: str | None, read_only: bool, target: bool) -> None:
+@click.option(
+    "--redisjson",
+    is_flag=True,
+    help="The cache's Redis loads the RedisJSON module: grant the JSON commands json rules then"
+    " write with (ACL SETUSER refuses commands a Redis does not know).",
+)
+def acl_command(
+    config_path: Path, user: str | None, read_only: bool, target: bool, redisjson: bool
+) -> None:
     """Print the least-privilege Redis ACL for this configuration (ACL SETUSER ...).
 
     The worker's user may read and write only the configured streams, their dead letters,
@@ -37,4 +45,8 @@ def acl_command(config_path: Path, user: str | None, read_only: bool, target: bo
             f"--target: {config_path} has no target section (the cache is in redis)"
         )
     default = "streamsync-status" if read_only else "streamsync"
-    click.echo(acl_setuser(settings, user or default, read_only=read_only, target=target))
+    click.echo(
+        acl_setuser(
+            settings, user or default, read_only=read_only, target=target, redisjson=redisjson
+        )
+    )

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from streamsync.cli.options import config_option, load_or_exit
-from streamsync.config import redact_url
+from streamsync.config import JsonEncoding, TargetType, redact_url
 
 
 @click.command("check-config")
@@ -31,6 +31,11 @@ def check_config_command(config_path: Path) -> None:
             for name in ("member", "score", "value", "max_len", "where")
             if (value := getattr(rule, name)) is not None
         ]
+        if rule.type is TargetType.JSON:
+            encoding = rule.encoding or JsonEncoding.AUTO
+            auto = encoding is JsonEncoding.AUTO
+            where = " (RedisJSON where the target loads it)" if auto else ""
+            extras.append(f"encoding {encoding.value}{where}")
         if rule.ttl_s:
             extras.append(f"ttl {rule.ttl_s}s")
         more = f" ({', '.join(extras)})" if extras else ""

@@ -26,10 +26,11 @@ from typing import Any
 
 import redis
 
-from streamsync import layout
+from streamsync import layout, redisjson
 from streamsync.config import Settings
 from streamsync.epochs import Epochs
 from streamsync.errors import (
+    ConfigError,
     ExitCode,
     LegacyLayoutError,
     LibraryIncompatibleError,
@@ -174,6 +175,9 @@ class Worker:
         except LegacyLayoutError as exc:
             log.error("%s", exc)
             return ExitCode.MIGRATION_NEEDED
+        except ConfigError as exc:
+            log.error("%s", exc)
+            return ExitCode.CONFIG_INVALID
         finally:
             self._disconnect()
             log.info("worker %s stopped: %s", self.consumer, self.counters.summary())
@@ -230,9 +234,14 @@ class Worker:
         )
         self._sessions = sessions
         session, target = sessions.streams, sessions.target
-        # the rules' keys and records live in the target: its kind decides how calls are packed
-        if self._core.planner.cluster != target.cluster:
-            self._core.planner = Planner.from_settings(self.settings, cluster=target.cluster)
+        # the rules' keys and records live in the target: its kind decides how calls are packed,
+        # and its modules how json rules write
+        native = self._json_encodings(target)
+        planner = self._core.planner
+        if planner.cluster != target.cluster or planner.redisjson != native:
+            self._core.planner = Planner.from_settings(
+                self.settings, cluster=target.cluster, redisjson=native
+            )
         # before the library is loaded (a 1.x one tells 1.x bookkeeping) and anything applied
         layout.claim(target.client, self.settings)
         target.library.ensure()
@@ -252,6 +261,14 @@ class Worker:
         self._housekeeper.heartbeat(session)
         where = " and to the target" if target is not session else ""
         log.info("connected to redis%s; %d stream(s)", where, len(self._streams))
+
+    def _json_encodings(self, target: Session) -> bool:
+        """Whether the target loads the RedisJSON module; refuses rules that need it on a
+        target without it, and logs what each json rule writes."""
+        loaded = redisjson.target_loads_it(self.settings, target.client)
+        for name, encoding in redisjson.encodings(self.settings, loaded).items():
+            log.info("rule %s writes %s documents", name, encoding)
+        return loaded
 
     def _disconnect(self) -> None:
         if self._sessions is not None:
