@@ -9,10 +9,11 @@ import random
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis
 import yaml
@@ -24,6 +25,7 @@ from streamsync.keys import StateKeys
 from streamsync.mapping import Planner
 from streamsync.worker import Worker
 from tests.debezium import entry_fields, envelope, write_config
+from tests.prerequisites import rejson_module
 from tests.replies import Client, as_str, xadd, zscores
 from tests.servers import RedisServer, free_port, wait_until
 
@@ -77,7 +79,8 @@ def _cluster_port() -> int:
 class Cluster:
     """Three primaries, no replicas, AOF on so a restarted primary keeps its data."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, modules: Sequence[str] = ()) -> None:
+        loads = [arg for module in modules for arg in ("--loadmodule", module)]
         self.nodes = [
             RedisServer(
                 base / f"n{i}",
@@ -90,6 +93,7 @@ class Cluster:
                     "nodes.conf",
                     "--cluster-node-timeout",
                     "5000",
+                    *loads,
                 ],
             )
             for i in range(3)
@@ -389,3 +393,33 @@ def test_a_key_over_a_non_key_column_must_pin_its_slot_in_a_cluster() -> None:
 
 def load_settings_from_rules(rules: list[dict[str, Any]]) -> Any:
     return parse_settings({"source": {"streams": [STREAM]}, "rules": rules})
+
+
+def test_redisjson_documents_in_a_cluster(r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    c = Cluster(tmp_path / "cluster", modules=[rejson_module()])
+    try:
+        c.start()
+        rc = c.client()
+        rules = [{"table": "public.users", "key": "user:{id}", "type": "json"}]
+        cfg = with_target(
+            write_config(tmp_path / "c.yaml", redis_url, streams=[STREAM], rules=rules), c.url
+        )
+        source = Source(r, seed=9)
+        source.run(1200)
+        source.replay(300)
+        run_workers(cfg, ["w1", "w2"])
+        assert drained(r)
+        expected = {f"user:{i}": row for i, row in source.rows.items() if row is not None}
+        keys = sorted(as_str(k) for k in rc.scan_iter(match="user:*", count=1000))
+        assert keys == sorted(expected)
+        for key, row in expected.items():
+            assert rc.type(key) == b"ReJSON-RL"
+            assert orjson.loads(rc.execute_command("JSON.GET", key)) == row
+        assert len({rc.nodes_manager.get_node_from_slot(rc.keyslot(k)).name for k in keys}) == 3
+        # a TRUNCATE sweeps every node
+        source.lsn += 8
+        xadd(r, STREAM, entry_fields(None, envelope("t", "public.users", source.lsn)))
+        run_workers(cfg, ["w1"])
+        assert not list(rc.scan_iter(match="user:*", count=1000))
+    finally:
+        c.stop()
