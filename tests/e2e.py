@@ -501,7 +501,8 @@ def wait_settled(
 
 # -- the comparator ------------------------------------------------------------------------
 
-Kind = Literal["hash", "json"]
+#: ``json`` a JSON text (GET), ``redisjson`` a RedisJSON document (JSON.GET).
+Kind = Literal["hash", "json", "redisjson"]
 
 
 def expected_rows(
@@ -599,6 +600,8 @@ def table_mismatches(
     for key in both:
         if kind == "hash":
             pipe.hgetall(key)
+        elif kind == "redisjson":
+            pipe.execute_command("JSON.GET", key)
         else:
             pipe.get(key)
     for key, got in zip(both, pipe.execute(raise_on_error=False), strict=True):

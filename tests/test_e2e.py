@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import redis
+import yaml
 
 from tests.e2e import (
     GROUP,
@@ -27,6 +29,7 @@ from tests.e2e import (
     MakePipeline,
     Pipeline,
     assert_no_placeholder,
+    assert_table_matches,
     entries,
     entries_added,
     known_bug,
@@ -213,16 +216,29 @@ DOCS_EXPECTED = {
         SELECT 'doc:' || id, json_build_object('id', id, 'body', body, 'n', n, 'title', title)
         FROM docs""",
 }
+DOCS_EXPECTED["redisjson"] = DOCS_EXPECTED["json"]
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("kind", ["hash", "json"])
-def test_unchanged_toast_column_keeps_its_cached_value(pipelines: MakePipeline, kind: Kind) -> None:
+@pytest.mark.parametrize("kind", ["hash", "json", "redisjson"])
+def test_unchanged_toast_column_keeps_its_cached_value(
+    pipelines: MakePipeline, kind: Kind, request: pytest.FixtureRequest
+) -> None:
+    rule: dict[str, Any] = {"table": "public.docs", "key": "doc:{id}", "type": kind}
+    cache: redis.Redis | None = None
+    if kind == "redisjson":
+        # the cache in a Redis loading the RedisJSON module, the streams where they were
+        rule.update(type="json", encoding="redisjson")
+        cache = request.getfixturevalue("rj")
     p = pipelines(
         tables=["docs"],
-        rules=[{"table": "public.docs", "key": "doc:{id}", "type": kind}],
+        rules=[rule],
         worker={"trim": False},  # the test reads the events back
     )
+    if cache is not None:
+        data = yaml.safe_load(p.setup.config.read_text())
+        data["target"] = {"url": request.getfixturevalue("rejson_url")}
+        p.setup.config.write_text(yaml.safe_dump(data, sort_keys=False))
     p.sql(DOCS_DDL)
     p.sql(f"INSERT INTO docs VALUES (1, {BIG_TEXT}, 1, 'snapshotted')")
     p.sql("INSERT INTO docs VALUES (3, 'small', 3, 'inline')")
@@ -244,8 +260,13 @@ def test_unchanged_toast_column_keeps_its_cached_value(pipelines: MakePipeline, 
     events = values(p.r, p.setup.stream)
     placeholders = [e["after"]["id"] for e in events if e["after"]["body"] == PLACEHOLDER]
     assert sorted(placeholders) == [1, 1, 2, 2], "the updates did not exercise unchanged TOAST"
-    p.assert_table("doc:*", kind, DOCS_EXPECTED[kind])
-    assert assert_no_placeholder(p.r) >= 3
+    if cache is None:
+        p.assert_table("doc:*", kind, DOCS_EXPECTED[kind])
+        assert assert_no_placeholder(p.r) >= 3
+    else:
+        expected = DOCS_EXPECTED[kind]
+        assert_table_matches(cache, p.pg, p.dbname, pattern="doc:*", kind=kind, query=expected)
+        assert {cache.type(k) for k in cache.scan_iter(match="doc:*")} == {b"ReJSON-RL"}
 
 
 # -- 5. how each type arrives ------------------------------------------------------------------
