@@ -272,7 +272,12 @@ class Replayer:
         self.core = BatchCore(
             Decoder(settings.source.format, settings.source.null_marker),
             Planner.from_settings(
-                settings, redisjson=redisjson.target_loads_it(settings, store.target)
+                settings,
+                redisjson=redisjson.target_loads_it(
+                    settings,
+                    store.target,
+                    StateKeys.from_settings(settings.worker).json_probe("dlq"),
+                ),
             ),
             self.epochs,
             tombstone_s=settings.worker.tombstone_ttl_s,

@@ -216,6 +216,11 @@ class StateKeys:
         records): one worker at a time."""
         return f"{self.state_prefix}lease:{chore}"
 
+    def json_probe(self, consumer: str) -> str:
+        """A key a worker writes and deletes at connect to learn whether it may run the
+        RedisJSON commands (``streamsync.redisjson``)."""
+        return f"{self.state_prefix}jsonprobe:{consumer}"
+
     def alive(self, group: str, consumer: str) -> str:
         """A running worker's liveness mark: a key it refreshes with a TTL while it runs, and
         deletes when it stops, so ``status`` tells a quiet live worker from a dead one."""

@@ -5,6 +5,8 @@ worker connects, JSON text otherwise; ``redisjson`` requires the module; ``text`
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,6 +14,8 @@ import redis
 
 from streamsync.config import JsonEncoding, Rule, Settings, TargetType
 from streamsync.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: The name ``MODULE LIST`` gives the RedisJSON module.
 MODULE_NAME = "rejson"
@@ -35,13 +39,36 @@ def module_loaded(client: redis.Redis | redis.RedisCluster) -> bool:
     return MODULE_NAME in _names(client.execute_command("MODULE LIST"))
 
 
-def target_loads_it(settings: Settings, client: redis.Redis | redis.RedisCluster) -> bool:
-    """Whether json rules of ``settings`` find the module in the target ``client`` reaches
-    (False without json rules: the target is not asked); refuses rules that require it on a
-    target without it."""
+def permitted(client: redis.Redis | redis.RedisCluster, probe: str) -> bool:
+    """Whether this connection's ACL user may run the RedisJSON commands the library runs:
+    writes, reads and deletes the key ``probe`` (a key of streamsync's own)."""
+    send: Any = client
+    try:
+        send.execute_command("JSON.SET", probe, "$", "0")
+        send.execute_command("JSON.GET", probe)
+    except redis.exceptions.NoPermissionError:
+        return False
+    finally:
+        with contextlib.suppress(redis.exceptions.NoPermissionError):
+            client.delete(probe)
+    return True
+
+
+def target_loads_it(
+    settings: Settings, client: redis.Redis | redis.RedisCluster, probe: str
+) -> bool:
+    """Whether json rules of ``settings`` can write RedisJSON documents in the target
+    ``client`` reaches: the module is loaded and this user may run its commands (False without
+    json rules: the target is not asked). Refuses rules that require it where they cannot."""
     if not json_rules(settings):
         return False
     loaded = module_loaded(client)
+    if loaded and not permitted(client, probe):
+        log.warning(
+            "the target loads RedisJSON, but this ACL user may not run JSON.SET and JSON.GET"
+            " (streamsync acl --redisjson grants them): json rules with encoding auto write text"
+        )
+        loaded = False
     check(settings, loaded)
     return loaded
 
@@ -63,8 +90,9 @@ def check(settings: Settings, loaded: bool) -> None:
     if wanting:
         raise ConfigError(
             f"{', '.join(wanting)}: redisjson, but the target Redis does not load the RedisJSON"
-            " module (load it, e.g. redis-server --loadmodule /path/to/rejson.so, or set"
-            " encoding: auto or text)"
+            " module, or this ACL user may not run JSON.SET and JSON.GET (load it, e.g."
+            " redis-server --loadmodule /path/to/rejson.so; grant them, streamsync acl"
+            " --redisjson; or set encoding: auto or text)"
         )
 
 

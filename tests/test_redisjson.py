@@ -211,13 +211,15 @@ def test_a_worker_refuses_redisjson_rules_without_the_module(
     assert not r.exists("user:1")
 
 
+@pytest.mark.parametrize(("granted_json", "kind"), [(True, b"ReJSON-RL"), (False, b"string")])
 def test_a_worker_runs_as_the_least_privileged_user_acl_derives(
-    rj: redis.Redis, rejson_url: str, tmp_path: Path
+    rj: redis.Redis, rejson_url: str, tmp_path: Path, granted_json: bool, kind: bytes
 ) -> None:
     rules = [{"table": TABLE, "key": "user:{id}", "type": "json"}]
     config = write_config(tmp_path / "c.yaml", rejson_url, rules=rules)
     settings = load_settings(config, environ={})
-    granted = acl_rules(settings, redisjson=True)
+    # without the JSON commands granted, encoding auto writes text
+    granted = acl_rules(settings, redisjson=granted_json)
     rj.execute_command("ACL", "SETUSER", "sync", "reset", "on", ">pw", *granted)
     try:
         (tmp_path / "pw").write_text("pw")
@@ -229,8 +231,13 @@ def test_a_worker_runs_as_the_least_privileged_user_acl_derives(
         worker = Worker(load_settings(config, environ={}), consumer="w1", drain=True)
         with WorkerThread(worker) as thread:
             assert thread.join(30) == ExitCode.OK
-        assert document(rj, "user:1") == {"id": 1, "name": "a"}
-        assert rj.execute_command("ACL", "LOG") == []
+        assert rj.type("user:1") == kind
+        text = rj.execute_command("JSON.GET" if granted_json else "GET", "user:1")
+        assert orjson.loads(text) == {"id": 1, "name": "a"}
+        refused = {e[b"object"] for e in rj.execute_command("ACL", "LOG")}
+        # the probe of the JSON commands, when they are not granted, and nothing else
+        assert refused == (set() if granted_json else {b"json.set"})
+        assert not rj.exists(StateKeys.from_settings(settings.worker).json_probe("w1"))
     finally:
         rj.execute_command("ACL", "DELUSER", "sync")
         rj.execute_command("ACL", "LOG", "RESET")

@@ -265,7 +265,9 @@ class Worker:
     def _json_encodings(self, target: Session) -> bool:
         """Whether the target loads the RedisJSON module; refuses rules that need it on a
         target without it, and logs what each json rule writes."""
-        loaded = redisjson.target_loads_it(self.settings, target.client)
+        loaded = redisjson.target_loads_it(
+            self.settings, target.client, self._keys.json_probe(self.consumer)
+        )
         for name, encoding in redisjson.encodings(self.settings, loaded).items():
             log.info("rule %s writes %s documents", name, encoding)
         return loaded
