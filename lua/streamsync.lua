@@ -118,14 +118,15 @@ local function hash_partial(target, argv, i, ttl_ms)
     return APPLIED
 end
 
---[[ Top-level members of a JSON object text, as {member name token -> raw value text}.
+--[[ Top-level members of a JSON object text, as {member name token -> raw value text}, and the
+name tokens in the order they appear.
 The name token is the member name exactly as written, quotes and escapes included: documents are
 written by streamsync (orjson, canonical), so the same name always has the same token. Returns nil
 when the text is not a JSON object. Values are sliced, never decoded, so numbers keep every digit
 (cjson would turn a 64-bit integer into a double).
 --]]
 local function json_members(text)
-    local members = {}
+    local members, names = {}, {}
     local pos = string.find(text, '%S')
     if not pos or string.sub(text, pos, pos) ~= '{' then
         return nil
@@ -136,7 +137,7 @@ local function json_members(text)
         local s = string.find(text, '%S', pos)
         if not s then return nil end
         local c = string.sub(text, s, s)
-        if c == '}' then return members end
+        if c == '}' then return members, names end
         if c == ',' then
             s = string.find(text, '%S', s + 1)
             if not s then return nil end
@@ -184,6 +185,9 @@ local function json_members(text)
         end
         if k > len then return nil end
         local value = string.gsub(string.sub(text, v, k - 1), '%s+$', '')
+        if members[name] == nil then
+            names[#names + 1] = name
+        end
         members[name] = value
         pos = k
     end
@@ -280,6 +284,195 @@ local function redisjson_partial(target, argv, i, ttl_ms)
     return APPLIED
 end
 
+--[[ Parts: keys several rules write (merge). A rule merging into another rule's key, and the rule
+owning that key, each write and remove only their own fields or members and keep the others'; the
+key goes with its last part. The owning rule's part is every field no merging rule owns, so its
+delete never removes a merged part newer than itself (a row of the owner's re-created row, whose
+own changes may arrive after the delete). --]]
+
+--[[ 'p' hash part: n_set, n_null, n_keep, n_set field/value pairs, n_null fields, n_keep fields
+(unchanged TOAST columns, which must be cached). The set fields are written and the null ones
+removed; the hash's other fields are left alone. A part that cannot be completed is removed (its
+fields) and the row dropped. --]]
+local function hash_part(target, argv, i, ttl_ms)
+    local n_set, n_null, n_keep = tonumber(argv[i]), tonumber(argv[i + 1]), tonumber(argv[i + 2])
+    local first_set = i + 3
+    local first_null = first_set + 2 * n_set
+    local first_keep = first_null + n_null
+    local kind = redis.call('TYPE', target).ok
+    if kind ~= 'hash' and kind ~= 'none' then
+        -- the key holds another type: the rules writing it own it, so it is replaced
+        redis.call('DEL', target)
+        kind = 'none'
+    end
+    if n_keep > 0 then
+        if kind == 'none' then
+            return SKIPPED
+        end
+        for k = first_keep, first_keep + n_keep - 1 do
+            if redis.call('HEXISTS', target, argv[k]) == 0 then
+                local own = {}
+                for j = first_set, first_null - 1, 2 do
+                    own[#own + 1] = argv[j]
+                end
+                for j = first_null, first_keep + n_keep - 1 do
+                    own[#own + 1] = argv[j]
+                end
+                redis.call('HDEL', target, unpack(own))
+                return DROPPED
+            end
+        end
+    end
+    if n_set > 0 then
+        redis.call('HSET', target, unpack(argv, first_set, first_null - 1))
+    end
+    if n_null > 0 then
+        redis.call('HDEL', target, unpack(argv, first_null, first_keep - 1))
+    end
+    expire_target(target, ttl_ms)
+    return APPLIED
+end
+
+-- 'q' hash part removed: n, n fields.
+local function hash_part_removed(target, argv, i)
+    local n = tonumber(argv[i])
+    if n > 0 then
+        redis.call('HDEL', target, unpack(argv, i + 1, i + n))
+    end
+    return APPLIED
+end
+
+-- 'k' hash owner's part removed: n, n fields merging rules own, which stay; the others go.
+local function hash_owner_removed(target, argv, i)
+    local kind = redis.call('TYPE', target).ok
+    if kind ~= 'hash' then
+        if kind ~= 'none' then
+            redis.call('DEL', target)
+        end
+        return APPLIED
+    end
+    local merged = {}
+    for j = i + 1, i + tonumber(argv[i]) do
+        merged[argv[j]] = true
+    end
+    local gone = {}
+    for _, field in ipairs(redis.call('HKEYS', target)) do
+        if not merged[field] then
+            gone[#gone + 1] = field
+        end
+    end
+    if #gone > 0 then
+        redis.call('HDEL', target, unpack(gone))
+    end
+    return APPLIED
+end
+
+-- A JSON document's members and their order: text ('t') in a string, or RedisJSON ('r').
+local function document_members(target, encoding)
+    local kind = redis.call('TYPE', target).ok
+    local text = nil
+    if encoding == 'r' and kind == REDISJSON_TYPE then
+        text = redis.call('JSON.GET', target)
+    elseif encoding == 't' and kind == 'string' then
+        text = redis.call('GET', target)
+    end
+    if text then
+        local members, names = json_members(text)
+        if members then
+            return members, names, true
+        end
+    end
+    return {}, {}, kind ~= 'none'
+end
+
+-- Writes a document of ``members`` in ``names`` order, or deletes it when none is left.
+local function write_members(target, encoding, members, names, ttl_ms)
+    local parts = {}
+    for _, name in ipairs(names) do
+        local value = members[name]
+        if value ~= nil then
+            parts[#parts + 1] = name .. ':' .. value
+        end
+    end
+    if #parts == 0 then
+        redis.call('DEL', target)
+        return
+    end
+    local doc = '{' .. table.concat(parts, ',') .. '}'
+    if encoding == 'r' then
+        set_redisjson(target, doc, ttl_ms)
+    elseif ttl_ms > 0 then
+        redis.call('SET', target, doc, 'PX', ttl_ms)
+    else
+        -- a part written by a rule without a TTL keeps the key's, as HSET and JSON.SET do
+        redis.call('SET', target, doc, 'KEEPTTL')
+    end
+end
+
+--[[ 'P' JSON part: the encoding ('t' text, 'r' RedisJSON), n, then n member triples as for 'j'
+(a 'k' member keeps the cached value). The document's other members are kept; one lacking a kept
+member cannot be completed: the part is removed and the row dropped. --]]
+local function json_part(target, argv, i, ttl_ms)
+    local encoding, n = argv[i], tonumber(argv[i + 1])
+    local members, names, exists = document_members(target, encoding)
+    local dropped = false
+    for m = 0, n - 1 do
+        local j = i + 2 + 3 * m
+        local name = argv[j]
+        if members[name] == nil then
+            names[#names + 1] = name
+        end
+        if argv[j + 1] == 'k' then
+            if members[name] == nil then
+                dropped = true
+            end
+        else
+            members[name] = argv[j + 2]
+        end
+    end
+    if dropped then
+        if not exists then
+            return SKIPPED
+        end
+        for m = 0, n - 1 do
+            members[argv[i + 2 + 3 * m]] = nil
+        end
+        write_members(target, encoding, members, names, 0)
+        return DROPPED
+    end
+    write_members(target, encoding, members, names, ttl_ms)
+    return APPLIED
+end
+
+-- 'K' JSON owner's part removed: the encoding, n, n member name tokens merging rules own, which
+-- stay; the others go.
+local function json_owner_removed(target, argv, i)
+    local encoding, n = argv[i], tonumber(argv[i + 1])
+    local members, names, exists = document_members(target, encoding)
+    if exists then
+        local kept = {}
+        for m = 0, n - 1 do
+            local name = argv[i + 2 + m]
+            kept[name] = members[name]
+        end
+        write_members(target, encoding, kept, names, 0)
+    end
+    return APPLIED
+end
+
+-- 'Q' JSON part removed: the encoding, n, n member name tokens.
+local function json_part_removed(target, argv, i)
+    local encoding, n = argv[i], tonumber(argv[i + 1])
+    local members, names, exists = document_members(target, encoding)
+    if exists then
+        for m = 0, n - 1 do
+            members[argv[i + 2 + m]] = nil
+        end
+        write_members(target, encoding, members, names, 0)
+    end
+    return APPLIED
+end
+
 -- 'D' delete and 'I' invalidate: the target is deleted (its record stays, as a tombstone).
 local function remove(target)
     redis.call('DEL', target)
@@ -297,6 +490,14 @@ local SINGLE = {
     j = {json_partial, function(argv, i) return 1 + 3 * tonumber(argv[i]) end, false},
     N = {redisjson_full, function() return 1 end, false},
     n = {redisjson_partial, function(argv, i) return 1 + 3 * tonumber(argv[i]) end, false},
+    p = {hash_part, function(argv, i)
+        return 3 + 2 * tonumber(argv[i]) + tonumber(argv[i + 1]) + tonumber(argv[i + 2])
+    end, false},
+    q = {hash_part_removed, function(argv, i) return 1 + tonumber(argv[i]) end, true},
+    P = {json_part, function(argv, i) return 2 + 3 * tonumber(argv[i + 1]) end, false},
+    Q = {json_part_removed, function(argv, i) return 2 + tonumber(argv[i + 1]) end, true},
+    k = {hash_owner_removed, function(argv, i) return 1 + tonumber(argv[i]) end, true},
+    K = {json_owner_removed, function(argv, i) return 2 + tonumber(argv[i + 1]) end, true},
     D = {remove, function() return 0 end, true},
     I = {remove, function() return 0 end, true},
 }
@@ -973,7 +1174,8 @@ local PLACEMENTS = {
 --[[ streamsync_changes: the batch entry point (library 2.0).
 KEYS: per rule table of the call, its bucket 0; per table, its overflow hash; then per row the
 row's keys:
-  single-value kinds (H h J j N n D I): the target, the bucket holding the row's record;
+  single-value kinds (H h J j N n p q k P Q K D I): the target, the bucket holding the row's
+  record;
   placement kinds (T Z L X R M): the kind's keys (see above).
 ARGV: tombstone_s, the number of tables, per table: its bucket count as the worker knows it, its
 rule's ttl_ms (0 = none) and its guard ('' = the target does not evict its records; see "Guarded

@@ -8,7 +8,7 @@ from __future__ import annotations
 import binascii
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
@@ -374,6 +374,9 @@ class Rule(_Model):
     on_update: ListUpdate | None = None
     #: json: text, redisjson or auto (the default).
     encoding: JsonEncoding | None = None
+    #: hash and json: write ``fields`` into the key another rule of the same type owns (a key
+    #: template with the same literals), keeping that rule's fields and the other merged ones.
+    merge: bool = False
 
     @field_validator("table")
     @classmethod
@@ -440,6 +443,8 @@ class Rule(_Model):
 
     def _invalidate_fits(self) -> None:
         """An invalidate rule names a key per row and nothing about what a write would hold."""
+        if self.merge:
+            raise _field_error(self, "merge", "has no meaning when mode is invalidate")
         for name in ("type", "fields", "ttl_s", "where", *_OPTIONAL):
             if getattr(self, name) is not None:
                 raise _field_error(self, name, "has no meaning when mode is invalidate")
@@ -470,11 +475,29 @@ class Rule(_Model):
             for name in ("fields", "rename"):
                 if getattr(self, name):
                     raise _field_error(self, name, f"has no meaning for type {self.type.value}")
+        if self.merge:
+            self._merge_fits()
+
+    def _merge_fits(self) -> None:
+        """A merging rule names the fields it owns, and leaves the key's TTL and encoding to
+        the rule owning the key."""
+        if self.type not in (TargetType.HASH, TargetType.JSON):
+            assert self.type is not None
+            raise _field_error(self, "merge", f"has no meaning for type {self.type.value}")
+        if self.fields is None:
+            raise _field_error(
+                self, "fields", "is required with merge: the fields (or members) this rule owns"
+            )
+        for name in ("ttl_s", "encoding"):
+            if getattr(self, name) is not None:
+                raise _field_error(
+                    self, name, "has no meaning with merge: the rule owning the key decides it"
+                )
 
     def _columns_fit(self) -> None:
         """``fields`` keeps the key's columns and every renamed one; no two columns end up
         with one name."""
-        if self.fields is not None and self.type in SINGLE_VALUE_TYPES:
+        if self.fields is not None and self.type in SINGLE_VALUE_TYPES and not self.merge:
             missing = [c for c in self.template.columns if c not in self.fields]
             if missing:
                 raise _field_error(self, "fields", f"must include the key's columns {missing}")
@@ -527,6 +550,17 @@ class Rule(_Model):
             encoding is JsonEncoding.AUTO and module_loaded
         )
 
+    @property
+    def owned_columns(self) -> tuple[str, ...]:
+        """The columns a merging rule writes (its ``fields``)."""
+        return self.fields or ()
+
+    @property
+    def owned_names(self) -> tuple[str, ...]:
+        """The fields (or JSON members) a merging rule writes: ``fields`` under their Redis
+        names."""
+        return tuple(self.rename.get(c, c) for c in self.fields or ())
+
     @cached_property
     def filter(self) -> RowFilter | None:
         """The parsed ``where`` filter."""
@@ -570,6 +604,60 @@ class CaptureSettings(_Model):
     jvm_options: tuple[str, ...] = ("-Xmx384m",)
 
 
+def merge_owner(rules: Sequence[Rule], merging: Rule) -> Rule:
+    """The rule owning the keys ``merging`` writes into: the one write-through rule of the same
+    type, not merging itself, whose key template has the same literals and as many columns
+    (``user:{id}`` for ``user:{user_id}``). ValueError naming the rule when there is none, or
+    more than one."""
+    where = f"rules[{_index(rules, merging)}].merge"
+    owners = [
+        rule
+        for rule in rules
+        if not rule.merge
+        and rule.mode is Mode.WRITE_THROUGH
+        and rule.type is merging.type
+        and rule.template.literals == merging.template.literals
+        and len(rule.template.columns) == len(merging.template.columns)
+    ]
+    if len(owners) != 1:
+        assert merging.type is not None
+        found = "no" if not owners else f"{len(owners)}"
+        raise ValueError(
+            f"{where}: {found} {merging.type.value} rules own keys like {merging.key!r} (one"
+            " rule, not merging, with the same key template but for its columns must)"
+        )
+    return owners[0]
+
+
+def merged_names(rules: Sequence[Rule]) -> dict[str, frozenset[str]]:
+    """Per rule that others merge into (its ``state_name``), the names those rules own; its
+    own writes leave them alone. ValueError when two rules of one key would own a name."""
+    owned: dict[str, dict[str, int]] = {}
+    for i, rule in enumerate(rules):
+        if not rule.merge:
+            continue
+        owner = merge_owner(rules, rule)
+        names = owned.setdefault(owner.state_name, {})
+        if owner.fields is not None:
+            for name in owner.owned_names:
+                names.setdefault(name, _index(rules, owner))
+        for name in rule.owned_names:
+            if name in names:
+                raise ValueError(
+                    f"rules[{i}].fields: {name!r} is written by rules[{names[name]}] too, into"
+                    f" the same key ({rule.key!r}): each field or member has one owner"
+                )
+            names[name] = i
+    return {
+        owner: frozenset(n for n, i in names.items() if rules[i].merge)
+        for owner, names in owned.items()
+    }
+
+
+def _index(rules: Sequence[Rule], rule: Rule) -> int:
+    return next(i for i, r in enumerate(rules) if r is rule)
+
+
 class Settings(_Model):
     """The whole configuration file."""
 
@@ -605,6 +693,7 @@ class Settings(_Model):
                     f" {rule.state_name!r}: give one of them a distinct 'name'"
                 )
             seen[rule.state_name] = i
+        merged_names(rules)
         return rules
 
     @property

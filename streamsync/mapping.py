@@ -23,6 +23,8 @@ from streamsync.config import (
     Rule,
     Settings,
     TargetType,
+    merge_owner,
+    merged_names,
 )
 from streamsync.errors import (
     ColumnValueError,
@@ -43,6 +45,12 @@ from streamsync.templates import render_value
 # removal of a row's placement, and a single-value write whose key may move.
 ROW_HASH, ROW_HASH_PARTIAL, ROW_JSON, ROW_JSON_PARTIAL = "H", "h", "J", "j"
 ROW_REDISJSON, ROW_REDISJSON_PARTIAL = "N", "n"
+# parts of a key several rules write (merge): written and removed, in a hash or a JSON document
+ROW_HASH_PART, ROW_HASH_PART_REMOVED, ROW_JSON_PART, ROW_JSON_PART_REMOVED = "p", "q", "P", "Q"
+# the owning rule's part removed: every field or member but the merged ones
+ROW_HASH_OWNER_REMOVED, ROW_JSON_OWNER_REMOVED = "k", "K"
+# a JSON part's document: text, or RedisJSON
+JSON_PART_TEXT, JSON_PART_REDISJSON = "t", "r"
 ROW_DELETE, ROW_INVALIDATE = "D", "I"
 ROW_SET, ROW_ZSET, ROW_LIST, ROW_STREAM, ROW_REMOVE, ROW_MOVING = "T", "Z", "L", "X", "R", "M"
 
@@ -191,6 +199,11 @@ class Planner:
         #: Whether the target loads the ReJSON module (``json`` rules with ``encoding: auto``
         #: then write RedisJSON documents).
         self.redisjson = redisjson
+        every = [rule for group in rules_by_table.values() for rule in group]
+        #: Per rule others merge into (its state name), the names they own.
+        self._merged = merged_names(every)
+        #: Per merging rule (its state name), the rule owning its keys.
+        self._owners = {rule.state_name: merge_owner(every, rule) for rule in every if rule.merge}
         if keys.cluster:
             for rules in rules_by_table.values():
                 for rule in rules:
@@ -281,6 +294,7 @@ class Planner:
                     rule.mode is Mode.WRITE_THROUGH
                     and rule.type is TargetType.HASH
                     and rule.filter is None
+                    and not self._in_parts(rule)
                 )
                 plans.append((rule, lean, _prefix_length(rule)))
             self._plans_by_table[table] = plans
@@ -314,8 +328,13 @@ class Planner:
             # the key names the row for good: its record is the row's
             target = rule.template.render(row)
             if not present:
-                return self.single(rule, target, position, [ROW_DELETE])
+                return self.single(rule, target, position, self._delete_body(rule))
             return self.single(rule, target, position, self._single_body(rule, event, row))
+        if kind in SINGLE_VALUE_TYPES and self._in_parts(rule):
+            raise PoisonEntryError(
+                f"rule {rule.state_name} ({rule.key!r}): a key several rules write (merge) must"
+                f" be over {event.table}'s primary key, so it never moves"
+            )
         if identity is None:
             raise PoisonEntryError(
                 f"rule {rule.state_name}: a {kind.value} rule needs the row's primary key, and"
@@ -465,6 +484,8 @@ class Planner:
 
     def _single_body(self, rule: Rule, event: ChangeEvent, row: dict[str, Any]) -> ArgV:
         """The kind and items of a hash, JSON or string write."""
+        if self._in_parts(rule):
+            return self._part_body(rule, event, row)
         if rule.type is TargetType.HASH:
             return self._hash_body(rule, event, row)
         if rule.type is TargetType.STRING and rule.value_template is not None:
@@ -544,8 +565,71 @@ class Planner:
     def key_removal(self, rule: Rule, target: str, position: str) -> RowWrite:
         """The row deleting ``target``, a key ``rule`` names, unless a change newer than
         ``position`` was applied to it (TRUNCATE, resync; invalidate rules' keys)."""
-        kind = ROW_INVALIDATE if rule.mode is Mode.INVALIDATE else ROW_DELETE
-        return self.single(rule, target, position, [kind])
+        if rule.mode is Mode.INVALIDATE:
+            return self.single(rule, target, position, [ROW_INVALIDATE])
+        return self.single(rule, target, position, self._delete_body(rule))
+
+    # -- parts of keys several rules write (merge) ----------------------------------------
+
+    def _in_parts(self, rule: Rule) -> bool:
+        """Whether ``rule`` writes a part of its keys: it merges, or others merge into it."""
+        return rule.merge or rule.state_name in self._merged
+
+    def _json_part_encoding(self, rule: Rule) -> str:
+        owner = self._owners.get(rule.state_name, rule)
+        return JSON_PART_REDISJSON if owner.stores_redisjson(self.redisjson) else JSON_PART_TEXT
+
+    def _delete_body(self, rule: Rule) -> ArgV:
+        """What a delete of a row (or its leaving the rule) does: the key goes, or only the
+        rule's part of it (the merged fields, or for the owning rule all the others)."""
+        if rule.merge:
+            names: Iterable[str] = rule.owned_names
+            kinds = (ROW_HASH_PART_REMOVED, ROW_JSON_PART_REMOVED)
+        elif rule.state_name in self._merged:
+            names = sorted(self._merged[rule.state_name])
+            kinds = (ROW_HASH_OWNER_REMOVED, ROW_JSON_OWNER_REMOVED)
+        else:
+            return [ROW_DELETE]
+        if rule.type is TargetType.HASH:
+            listed = list(names)
+            return [kinds[0], str(len(listed)), *listed]
+        tokens = [orjson.dumps(name) for name in names]
+        return [kinds[1], self._json_part_encoding(rule), str(len(tokens)), *tokens]
+
+    def _part_body(self, rule: Rule, event: ChangeEvent, row: dict[str, Any]) -> ArgV:
+        """A write of the rule's part of the key: a merging rule's fields, or the owning
+        rule's columns but those merged in."""
+        rename = rule.rename
+        if rule.merge:
+            columns: Iterable[str] = rule.owned_columns
+        else:
+            merged = self._merged[rule.state_name]
+            selected = rule.fields if rule.fields is not None else row.keys()
+            columns = [c for c in selected if rename.get(c, c) not in merged]
+        if rule.type is TargetType.HASH:
+            pairs: ArgV = []
+            nulls: ArgV = []
+            keep: ArgV = []
+            for column in columns:
+                value = row.get(column)
+                name = rename.get(column, column)
+                if column in event.unchanged:
+                    keep.append(name)
+                elif value is None:
+                    nulls.append(name)
+                else:
+                    pairs += (name, hash_value(value))
+            counts = (str(len(pairs) // 2), str(len(nulls)), str(len(keep)))
+            return [ROW_HASH_PART, *counts, *pairs, *nulls, *keep]
+        members: ArgV = []
+        for column in columns:
+            members.append(orjson.dumps(rename.get(column, column)))
+            if column in event.unchanged:
+                members += ["k", ""]
+            else:
+                members += ["v", orjson.dumps(row.get(column))]
+        encoding = self._json_part_encoding(rule)
+        return [ROW_JSON_PART, encoding, str(len(members) // 3), *members]
 
     def _hash_body(self, rule: Rule, event: ChangeEvent, row: dict[str, Any]) -> ArgV:
         rename = rule.rename
