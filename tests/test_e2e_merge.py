@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from typing import Any
 
 import pytest
 
@@ -17,7 +18,7 @@ from tests.servers import wait_until
 pytestmark = [needs_engine, pytest.mark.slow]
 
 TABLES = ["users", "user_settings"]
-RULES = [
+RULES: list[dict[str, Any]] = [
     {"table": "public.users", "key": "user:{id}", "type": "hash"},
     {
         "table": "public.user_settings",
@@ -90,7 +91,7 @@ def workload(p: Pipeline, rng: random.Random) -> None:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("kind", ["hash", "json"])
 def test_merged_keys_follow_the_join(pipelines: MakePipeline, kind: Kind) -> None:
-    rules = [{**rule, "type": kind} for rule in RULES]
+    rules: list[dict[str, Any]] = [{**rule, "type": kind} for rule in RULES]
     p = pipelines(tables=TABLES, rules=rules, worker={"trim": False, "batch_size": 7})
     p.sql(DDL)
     snapshot(p)
