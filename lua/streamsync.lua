@@ -367,13 +367,15 @@ local function hash_owner_removed(target, argv, i)
     return APPLIED
 end
 
--- A JSON document's members and their order: text ('t') in a string, or RedisJSON ('r').
-local function document_members(target, encoding)
+-- A JSON document's members and their order, whether the key holds it as text or in RedisJSON
+-- (a document of the other encoding is read too, and written back as the rule's), and whether
+-- the key exists.
+local function document_members(target)
     local kind = redis.call('TYPE', target).ok
     local text = nil
-    if encoding == 'r' and kind == REDISJSON_TYPE then
+    if kind == REDISJSON_TYPE then
         text = redis.call('JSON.GET', target)
-    elseif encoding == 't' and kind == 'string' then
+    elseif kind == 'string' then
         text = redis.call('GET', target)
     end
     if text then
@@ -414,7 +416,7 @@ end
 member cannot be completed: the part is removed and the row dropped. --]]
 local function json_part(target, argv, i, ttl_ms)
     local encoding, n = argv[i], tonumber(argv[i + 1])
-    local members, names, exists = document_members(target, encoding)
+    local members, names, exists = document_members(target)
     local dropped = false
     for m = 0, n - 1 do
         local j = i + 2 + 3 * m
@@ -448,7 +450,7 @@ end
 -- stay; the others go.
 local function json_owner_removed(target, argv, i)
     local encoding, n = argv[i], tonumber(argv[i + 1])
-    local members, names, exists = document_members(target, encoding)
+    local members, names, exists = document_members(target)
     if exists then
         local kept = {}
         for m = 0, n - 1 do
@@ -463,7 +465,7 @@ end
 -- 'Q' JSON part removed: the encoding, n, n member name tokens.
 local function json_part_removed(target, argv, i)
     local encoding, n = argv[i], tonumber(argv[i + 1])
-    local members, names, exists = document_members(target, encoding)
+    local members, names, exists = document_members(target)
     if exists then
         for m = 0, n - 1 do
             members[argv[i + 2 + m]] = nil
@@ -618,6 +620,7 @@ time it may go, as above), then where the row is placed, if anywhere:
   Z, Y sorted-set member                 as T, S
   L list entries                         <n>:<the key's middle><its entries' positions>
   M single-value key                     the key's middle
+  E, F child nested in a JSON document   as T, S (the member is the child's key in the map)
   O the placement is too long for a bucket: it is in the table's overflow hash, under the field
 A middle is a key or member without what its template fixes before and after it (the table's
 shape, sent by the worker per table): 'plan:{plan}:users' keeps 'free', a member equal to the row
@@ -636,8 +639,8 @@ its keys, its buckets and its lists' companions to one slot with a hash tag.
 local VALUE_MAX = 64
 local OVERFLOW = 'O'
 -- the member of a T or Z placement is the row; S and Y name it
-local NAMED = {T = 'S', Z = 'Y'}
-local KIND_OF_NAMED = {S = 'T', Y = 'Z'}
+local NAMED = {T = 'S', Z = 'Y', E = 'F'}
+local KIND_OF_NAMED = {S = 'T', Y = 'Z', F = 'E'}
 
 -- A record value -> the position, and the placement's kind and data (nil: placed nowhere).
 local function record_parts(value)
@@ -967,6 +970,88 @@ local function unplace_key(ctx, key_mid, placed_at)
 end
 
 -- Remove what a placement (made at position placed_at) says the row holds.
+--[[ Nested children (nest): a child row is a member of a map inside its parent's JSON document,
+under the member the table's shape names (shape[5], e.g. "items"); its key in the map is its
+member template's value. The map goes when its last child does, and the document when nothing is
+left in it (the parent's own part goes with the parent's delete, docs: README "Nest"). --]]
+
+-- A text as a JSON string token, escaped as orjson and RedisJSON write it.
+local function json_string(text)
+    local escaped = string.gsub(text, '[%z\1-\031"\\]', function(c)
+        if c == '"' then
+            return '\\"'
+        elseif c == '\\' then
+            return '\\\\'
+        elseif c == '\n' then
+            return '\\n'
+        elseif c == '\r' then
+            return '\\r'
+        elseif c == '\t' then
+            return '\\t'
+        elseif c == '\b' then
+            return '\\b'
+        elseif c == '\f' then
+            return '\\f'
+        end
+        return string.format('\\u%04x', string.byte(c))
+    end)
+    return '"' .. escaped .. '"'
+end
+
+-- The children map under ``path`` in a document's members: {member token -> child text}, order.
+local function children_of(members, path)
+    local text = members[path]
+    if text then
+        local map, order = json_members(text)
+        if map then
+            return map, order
+        end
+    end
+    return {}, {}
+end
+
+-- Puts the map back under ``path`` (removes the member when no child is left).
+local function put_children(members, names, path, map, order)
+    local parts = {}
+    for _, token in ipairs(order) do
+        local child = map[token]
+        if child ~= nil then
+            parts[#parts + 1] = token .. ':' .. child
+        end
+    end
+    if #parts == 0 then
+        members[path] = nil
+        return
+    end
+    if members[path] == nil then
+        names[#names + 1] = path
+    end
+    members[path] = '{' .. table.concat(parts, ',') .. '}'
+end
+
+local function document_encoding(target)
+    local kind = redis.call('TYPE', target).ok
+    if kind == REDISJSON_TYPE then
+        return 'r'
+    end
+    return 't'
+end
+
+-- Removes the child ``token`` from the map under ``path`` of the document ``target``.
+local function remove_child(target, path, token)
+    local members, names, exists = document_members(target)
+    if not exists then
+        return
+    end
+    local map, order = children_of(members, path)
+    if map[token] == nil then
+        return
+    end
+    map[token] = nil
+    put_children(members, names, path, map, order)
+    write_members(target, document_encoding(target), members, names, 0)
+end
+
 local function unplace(ctx, field, placed_at, kind, data)
     local shape = ctx.shape
     if kind == 'T' or kind == 'Z' or kind == 'S' or kind == 'Y' then
@@ -981,6 +1066,13 @@ local function unplace(ctx, field, placed_at, kind, data)
         else
             redis.call('ZREM', key, member)
         end
+    elseif kind == 'E' or kind == 'F' then
+        local key_mid, member_mid = data, field
+        if kind == 'F' then
+            key_mid, member_mid = sized(data)
+        end
+        remove_child(shape[1] .. key_mid .. shape[2], shape[5],
+            json_string(shape[3] .. member_mid .. shape[4]))
     elseif kind == 'M' then
         unplace_key(ctx, data, placed_at)
     elseif kind == 'L' then
@@ -1162,6 +1254,59 @@ end
 
 -- placement row kinds: the function applying one, its number of KEYS, and the number of ARGV
 -- items it spans (given the index of its first item)
+--[[ 'E' nested child: KEYS the parent's document, the row's bucket; ARGV the record field, the
+position, the child's member (its key in the map), the document's encoding ('t', 'r'), n, then n
+member triples as for 'j' (a 'k' member keeps the cached child's). A child whose kept member is
+not cached is left out of the map (dropped) until its next full change. --]]
+local function nest_row(ctx, keys, k, argv, i)
+    local target, bucket = keys[k], keys[k + 1]
+    local field, pos, member, encoding = argv[i], argv[i + 1], argv[i + 2], argv[i + 3]
+    local current, old_kind, old, overflowed = read_record(ctx, bucket, field)
+    if current and current >= pos then
+        return STALE
+    end
+    local shape = ctx.shape
+    local key_mid, member_mid = middle(target, shape[1], shape[2]), middle(member, shape[3],
+        shape[4])
+    local placed = 'E' .. key_mid
+    if member_mid ~= field then
+        placed = 'F' .. #key_mid .. ':' .. key_mid .. member_mid
+    end
+    if old_kind and old_kind .. old ~= placed then
+        unplace(ctx, field, current, old_kind, old)
+    end
+    local path, token = shape[5], json_string(member)
+    local members, names = document_members(target)
+    local map, order = children_of(members, path)
+    local cached = map[token] and json_members(map[token])
+    local parts = {}
+    for m = 0, tonumber(argv[i + 4]) - 1 do
+        local j = i + 5 + 3 * m
+        local value = argv[j + 2]
+        if argv[j + 1] == 'k' then
+            value = cached and cached[argv[j]]
+        end
+        if value == nil then
+            parts = nil
+            break
+        end
+        parts[#parts + 1] = argv[j] .. ':' .. value
+    end
+    local status = APPLIED
+    if parts then
+        if map[token] == nil then
+            order[#order + 1] = token
+        end
+        map[token] = '{' .. table.concat(parts, ',') .. '}'
+    else
+        map[token], placed, status = nil, nil, DROPPED
+    end
+    put_children(members, names, path, map, order)
+    write_members(target, encoding, members, names, 0)
+    store(ctx, bucket, field, pos, placed, overflowed)
+    return status, not current
+end
+
 local PLACEMENTS = {
     T = {member_row('T'), 2, function() return 3 end},
     Z = {member_row('Z'), 2, function() return 4 end},
@@ -1169,6 +1314,7 @@ local PLACEMENTS = {
     X = {stream_row, 2, function(argv, i) return 4 + 2 * tonumber(argv[i + 3]) end},
     R = {remove_row, 1, function() return 3 end},
     M = {moving_row, 3, function(argv, i) return 4 + SINGLE[argv[i + 3]][2](argv, i + 4) end},
+    E = {nest_row, 2, function(argv, i) return 5 + 3 * tonumber(argv[i + 4]) end},
 }
 
 --[[ streamsync_changes: the batch entry point (library 2.0).
@@ -1176,7 +1322,7 @@ KEYS: per rule table of the call, its bucket 0; per table, its overflow hash; th
 row's keys:
   single-value kinds (H h J j N n p q k P Q K D I): the target, the bucket holding the row's
   record;
-  placement kinds (T Z L X R M): the kind's keys (see above).
+  placement kinds (T Z L X R M E): the kind's keys (see above).
 ARGV: tombstone_s, the number of tables, per table: its bucket count as the worker knows it, its
 rule's ttl_ms (0 = none) and its guard ('' = the target does not evict its records; see "Guarded
 tables" above); per table: the number of items of its shape, then those items (see the placement

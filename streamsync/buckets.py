@@ -166,6 +166,10 @@ def shape_of(rule: Rule, keys: StateKeys, slot: int | None, moving: bool) -> tup
     record's and its reserve's; a moving table, the key's and its buckets' name before the
     index (the library finds a former key's record itself)."""
     before, after = _around(rule.template.literals)
+    if rule.nest is not None:
+        assert rule.nest_member_template is not None
+        # and the token of the parent document's member holding the children
+        return before, after, *_around(rule.nest_member_template.literals), f'"{rule.nest.path}"'
     if moving:
         return before, after, keys.bucket_prefix(StateKeys.moving_table(rule), slot)
     if rule.type in (TargetType.SET, TargetType.ZSET):

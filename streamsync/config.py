@@ -344,6 +344,35 @@ _REQUIRED: Mapping[TargetType, tuple[str, ...]] = {
 _OPTIONAL = ("value", "member", "score", "max_len", "on_delete", "on_update", "encoding")
 
 
+_PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class Nest(_Model):
+    """Where a ``json`` rule's rows go inside their parent's document."""
+
+    #: The parent's document, a template over the child's columns (``order:{order_id}``).
+    parent_key: str
+    #: The member of the parent document holding the children: a map from member to child.
+    path: str
+    #: The child's key in that map, a template (``{id}``).
+    member: str
+
+    @field_validator("parent_key", "member")
+    @classmethod
+    def _template(cls, template: str) -> str:
+        KeyTemplate.parse(template)
+        return template
+
+    @field_validator("path")
+    @classmethod
+    def _path_form(cls, path: str) -> str:
+        if not _PATH_RE.match(path):
+            raise ValueError(
+                "must be a member name: letters, digits and _, not starting with a digit"
+            )
+        return path
+
+
 class Rule(_Model):
     """One mapping: changes of ``table`` update the Redis structure named by ``key``."""
 
@@ -377,6 +406,18 @@ class Rule(_Model):
     #: hash and json: write ``fields`` into the key another rule of the same type owns (a key
     #: template with the same literals), keeping that rule's fields and the other merged ones.
     merge: bool = False
+    #: json: each row is a child inside its parent's document (``key`` is ``nest.parent_key``).
+    nest: Nest | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_key(cls, data: Any) -> Any:
+        # a nested rule's key is its parent's document: written once, under nest
+        if isinstance(data, dict) and isinstance(data.get("nest"), dict) and "key" not in data:
+            parent = data["nest"].get("parent_key")
+            if isinstance(parent, str):
+                return {**data, "key": parent}
+        return data
 
     @field_validator("table")
     @classmethod
@@ -469,7 +510,7 @@ class Rule(_Model):
         for name in _REQUIRED.get(self.type, ()):
             if getattr(self, name) is None:
                 raise _field_error(self, name, f"is required for type {self.type.value}")
-        if self.type in SINGLE_VALUE_TYPES:
+        if self.keyed_per_row:
             self._require_key_column()
         if self.type in (TargetType.SET, TargetType.ZSET):
             for name in ("fields", "rename"):
@@ -477,6 +518,28 @@ class Rule(_Model):
                     raise _field_error(self, name, f"has no meaning for type {self.type.value}")
         if self.merge:
             self._merge_fits()
+        if self.nest is not None:
+            self._nest_fits()
+
+    def _nest_fits(self) -> None:
+        """A nested rule writes JSON children into its parent's document, under its key."""
+        assert self.nest is not None
+        if self.type is not TargetType.JSON:
+            assert self.type is not None
+            raise _field_error(
+                self,
+                "nest",
+                f"has no meaning for type {self.type.value}: children nest in a JSON document",
+            )
+        if self.key != self.nest.parent_key:
+            raise _field_error(self, "key", "must be nest.parent_key, or left out")
+        if self.merge:
+            raise _field_error(self, "merge", "and nest exclude each other")
+        for name in ("ttl_s", "encoding"):
+            if getattr(self, name) is not None:
+                raise _field_error(
+                    self, name, "has no meaning with nest: the rule owning the document decides it"
+                )
 
     def _merge_fits(self) -> None:
         """A merging rule names the fields it owns, and leaves the key's TTL and encoding to
@@ -497,7 +560,7 @@ class Rule(_Model):
     def _columns_fit(self) -> None:
         """``fields`` keeps the key's columns and every renamed one; no two columns end up
         with one name."""
-        if self.fields is not None and self.type in SINGLE_VALUE_TYPES and not self.merge:
+        if self.fields is not None and self.keyed_per_row and not self.merge:
             missing = [c for c in self.template.columns if c not in self.fields]
             if missing:
                 raise _field_error(self, "fields", f"must include the key's columns {missing}")
@@ -551,15 +614,38 @@ class Rule(_Model):
         )
 
     @property
+    def keyed_per_row(self) -> bool:
+        """Whether each row has a key of its own (hash, JSON, string), not nested in another's."""
+        return self.type in SINGLE_VALUE_TYPES and self.nest is None
+
+    @property
+    def gathers_rows(self) -> bool:
+        """Whether the rule's keys gather many rows (sets, sorted sets, lists, streams, nested
+        children): each row keeps a placement record."""
+        return self.mode is Mode.WRITE_THROUGH and not self.keyed_per_row
+
+    @cached_property
+    def nest_member_template(self) -> KeyTemplate | None:
+        """The parsed ``nest.member`` template."""
+        return None if self.nest is None else KeyTemplate.parse(self.nest.member)
+
+    @property
     def owned_columns(self) -> tuple[str, ...]:
         """The columns a merging rule writes (its ``fields``)."""
         return self.fields or ()
 
     @property
     def owned_names(self) -> tuple[str, ...]:
-        """The fields (or JSON members) a merging rule writes: ``fields`` under their Redis
-        names."""
+        """The fields (or JSON members) of its owner's key a merging rule writes: ``fields``
+        under their Redis names; a nested rule's, ``nest.path``."""
+        if self.nest is not None:
+            return (self.nest.path,)
         return tuple(self.rename.get(c, c) for c in self.fields or ())
+
+    @property
+    def writes_a_part(self) -> bool:
+        """Whether the rule writes into keys another rule owns (merge, nest)."""
+        return self.merge or self.nest is not None
 
     @cached_property
     def filter(self) -> RowFilter | None:
@@ -609,16 +695,27 @@ def merge_owner(rules: Sequence[Rule], merging: Rule) -> Rule:
     type, not merging itself, whose key template has the same literals and as many columns
     (``user:{id}`` for ``user:{user_id}``). ValueError naming the rule when there is none, or
     more than one."""
-    where = f"rules[{_index(rules, merging)}].merge"
+    where = f"rules[{_index(rules, merging)}].{'nest' if merging.nest else 'merge'}"
     owners = [
         rule
         for rule in rules
-        if not rule.merge
+        if not rule.writes_a_part
         and rule.mode is Mode.WRITE_THROUGH
         and rule.type is merging.type
         and rule.template.literals == merging.template.literals
         and len(rule.template.columns) == len(merging.template.columns)
     ]
+    if not owners and merging.nest is not None:
+        other = [
+            i
+            for i, rule in enumerate(rules)
+            if not rule.writes_a_part and rule.template.literals == merging.template.literals
+        ]
+        if other:
+            raise ValueError(
+                f"{where}: rules[{other[0]}] owns keys like {merging.key!r} but is not a json"
+                " rule: children nest in JSON documents only (a hash cannot hold a map of them)"
+            )
     if len(owners) != 1:
         assert merging.type is not None
         found = "no" if not owners else f"{len(owners)}"
@@ -634,7 +731,7 @@ def merged_names(rules: Sequence[Rule]) -> dict[str, frozenset[str]]:
     own writes leave them alone. ValueError when two rules of one key would own a name."""
     owned: dict[str, dict[str, int]] = {}
     for i, rule in enumerate(rules):
-        if not rule.merge:
+        if not rule.writes_a_part:
             continue
         owner = merge_owner(rules, rule)
         names = owned.setdefault(owner.state_name, {})
@@ -643,13 +740,14 @@ def merged_names(rules: Sequence[Rule]) -> dict[str, frozenset[str]]:
                 names.setdefault(name, _index(rules, owner))
         for name in rule.owned_names:
             if name in names:
+                what = "nest.path" if rule.nest is not None else "fields"
                 raise ValueError(
-                    f"rules[{i}].fields: {name!r} is written by rules[{names[name]}] too, into"
+                    f"rules[{i}].{what}: {name!r} is written by rules[{names[name]}] too, into"
                     f" the same key ({rule.key!r}): each field or member has one owner"
                 )
             names[name] = i
     return {
-        owner: frozenset(n for n, i in names.items() if rules[i].merge)
+        owner: frozenset(n for n, i in names.items() if rules[i].writes_a_part)
         for owner, names in owned.items()
     }
 

@@ -15,7 +15,7 @@ Pure functions over policy names; ``streamsync status`` and the worker share the
 
 from __future__ import annotations
 
-from streamsync.config import SINGLE_VALUE_TYPES, Mode, Settings
+from streamsync.config import Settings
 
 #: The policy that never evicts.
 NO_EVICTION = "noeviction"
@@ -35,12 +35,9 @@ def bookkeeping_evictable(target_policy: str, *, separate: bool) -> bool:
 
 
 def collection_rules(settings: Settings) -> tuple[str, ...]:
-    """The names of the rules whose keys gather many rows (sets, sorted sets, lists, streams)."""
-    return tuple(
-        rule.state_name
-        for rule in settings.rules
-        if rule.mode is Mode.WRITE_THROUGH and rule.type not in SINGLE_VALUE_TYPES
-    )
+    """The names of the rules whose keys gather many rows (sets, sorted sets, lists, streams,
+    nested children)."""
+    return tuple(rule.state_name for rule in settings.rules if rule.gathers_rows)
 
 
 def collections_problem(target_policy: str, rules: tuple[str, ...]) -> str | None:

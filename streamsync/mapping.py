@@ -49,6 +49,8 @@ ROW_REDISJSON, ROW_REDISJSON_PARTIAL = "N", "n"
 ROW_HASH_PART, ROW_HASH_PART_REMOVED, ROW_JSON_PART, ROW_JSON_PART_REMOVED = "p", "q", "P", "Q"
 # the owning rule's part removed: every field or member but the merged ones
 ROW_HASH_OWNER_REMOVED, ROW_JSON_OWNER_REMOVED = "k", "K"
+# a child placed in its parent's JSON document (nest)
+ROW_NEST = "E"
 # a JSON part's document: text, or RedisJSON
 JSON_PART_TEXT, JSON_PART_REDISJSON = "t", "r"
 ROW_DELETE, ROW_INVALIDATE = "D", "I"
@@ -166,8 +168,7 @@ def _unwritable(row: Mapping[str, Any], exc: orjson.JSONEncodeError) -> str:
 
 
 def _check_pinned(rule: Rule) -> None:
-    collection = rule.mode is Mode.WRITE_THROUGH and rule.type not in SINGLE_VALUE_TYPES
-    if collection and rule_pin(rule) is None:
+    if rule.gathers_rows and rule_pin(rule) is None:
         raise ConfigError(
             f"rule {rule.state_name} ({rule.key!r}): in a Redis Cluster a {rule.type} rule's"
             " keys and its placement records must share one hash slot: give the key a"
@@ -203,7 +204,9 @@ class Planner:
         #: Per rule others merge into (its state name), the names they own.
         self._merged = merged_names(every)
         #: Per merging rule (its state name), the rule owning its keys.
-        self._owners = {rule.state_name: merge_owner(every, rule) for rule in every if rule.merge}
+        self._owners = {
+            rule.state_name: merge_owner(every, rule) for rule in every if rule.writes_a_part
+        }
         if keys.cluster:
             for rules in rules_by_table.values():
                 for rule in rules:
@@ -324,13 +327,13 @@ class Planner:
             return self.single(rule, rule.template.render(row), position, [ROW_INVALIDATE])
         assert kind is not None
         present = event.op != "d" and self._matches(rule, event, row)
-        if kind in SINGLE_VALUE_TYPES and (key is None or self._fixed(rule, key)):
+        if rule.keyed_per_row and (key is None or self._fixed(rule, key)):
             # the key names the row for good: its record is the row's
             target = rule.template.render(row)
             if not present:
                 return self.single(rule, target, position, self._delete_body(rule))
             return self.single(rule, target, position, self._single_body(rule, event, row))
-        if kind in SINGLE_VALUE_TYPES and self._in_parts(rule):
+        if rule.keyed_per_row and self._in_parts(rule):
             raise PoisonEntryError(
                 f"rule {rule.state_name} ({rule.key!r}): a key several rules write (merge) must"
                 f" be over {event.table}'s primary key, so it never moves"
@@ -345,7 +348,7 @@ class Planner:
             return self._stream_row(
                 rule, event=event, row=row, position=position, identity=identity, present=present
             )
-        moving = kind in SINGLE_VALUE_TYPES
+        moving = rule.keyed_per_row
         if moving and self.keys.cluster and rule_pin(rule) is None:
             raise PoisonEntryError(
                 f"rule {rule.state_name} ({rule.key!r}): its key is over non-key columns of"
@@ -377,6 +380,15 @@ class Planner:
         kind = rule.type
         target = rule.template.render(row)
         bucket, field = table.locate(name)
+        if rule.nest is not None:
+            assert rule.nest_member_template is not None
+            member = rule.nest_member_template.render(row)
+            return RowWrite(
+                [target, bucket],
+                [ROW_NEST, field, position, member, *self._child_body(rule, event, row)],
+                table,
+                table.buckets,
+            )
         if kind in SINGLE_VALUE_TYPES:
             body = self._single_body(rule, event, row)
             if body[0] == ROW_DELETE:
@@ -432,8 +444,7 @@ class Planner:
 
     def _all_fixed(self, rules: tuple[Rule, ...], key: dict[str, Any]) -> bool:
         return all(
-            r.mode is Mode.INVALIDATE or (r.type in SINGLE_VALUE_TYPES and self._fixed(r, key))
-            for r in rules
+            r.mode is Mode.INVALIDATE or (r.keyed_per_row and self._fixed(r, key)) for r in rules
         )
 
     def _matches(self, rule: Rule, event: ChangeEvent, row: dict[str, Any]) -> bool:
@@ -452,7 +463,7 @@ class Planner:
         if not event.unchanged:
             return
         used = set(rule.template.columns)
-        for template in (rule.member_template, rule.value_template):
+        for template in (rule.member_template, rule.value_template, rule.nest_member_template):
             if template is not None:
                 used.update(template.columns)
         if rule.score is not None:
@@ -595,6 +606,19 @@ class Planner:
             return [kinds[0], str(len(listed)), *listed]
         tokens = [orjson.dumps(name) for name in names]
         return [kinds[1], self._json_part_encoding(rule), str(len(tokens)), *tokens]
+
+    def _child_body(self, rule: Rule, event: ChangeEvent, row: dict[str, Any]) -> ArgV:
+        """A nested child: its parent document's encoding, then its members as a partial JSON
+        row's (an unchanged TOAST column keeps the cached child's member)."""
+        rename = rule.rename
+        members: ArgV = []
+        for column in rule.fields if rule.fields is not None else row.keys():
+            members.append(orjson.dumps(rename.get(column, column)))
+            if column in event.unchanged:
+                members += ["k", ""]
+            else:
+                members += ["v", orjson.dumps(row.get(column))]
+        return [self._json_part_encoding(rule), str(len(members) // 3), *members]
 
     def _part_body(self, rule: Rule, event: ChangeEvent, row: dict[str, Any]) -> ArgV:
         """A write of the rule's part of the key: a merging rule's fields, or the owning

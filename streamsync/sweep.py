@@ -32,7 +32,7 @@ from streamsync.buckets import (
     is_meta,
     record_name,
 )
-from streamsync.config import SINGLE_VALUE_TYPES, Mode, Rule, TargetType
+from streamsync.config import Mode, Rule, TargetType
 from streamsync.functions import Library, RowStatus, RowWrite
 from streamsync.keys import CLUSTER_SLOTS, glob_escape, rule_slot
 from streamsync.mapping import Planner
@@ -73,7 +73,7 @@ class Sweeper:
         for rule in self.planner.rules_by_table.get(table, ()):
             if rule.mode is Mode.INVALIDATE:
                 removed += self._invalidate_all(rule, position)
-            elif rule.type in SINGLE_VALUE_TYPES:
+            elif rule.keyed_per_row:
                 lossy = False
                 for records in self._tables(rule, moving=False):
                     removed += self._sweep_table(rule, records, position)
