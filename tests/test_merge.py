@@ -25,7 +25,7 @@ from streamsync.events import ChangeEvent
 from streamsync.functions import Library, RowStatus
 from streamsync.keys import StateKeys
 from streamsync.mapping import Planner
-from streamsync.positions import streamed
+from streamsync.positions import epoch_floor, epoch_prefix, streamed
 from streamsync.sweep import Sweeper
 from tests.replies import as_str
 
@@ -289,3 +289,22 @@ def test_any_delivery_order_ends_as_a_fresh_query(
         assert not [s for s in statuses if isinstance(s, str)], statuses
     for uid in range(4):
         assert read(rj, f"user:{uid}", kind) == expected(kind, h.users.get(uid), h.merged.get(uid))
+
+
+@pytest.mark.parametrize(("kind", "encoding"), FLAVOURS)
+def test_resync_finish_removes_the_settings_the_new_snapshot_did_not_write(
+    rj: redis.Redis, lib: Library, kind: str, encoding: str | None
+) -> None:
+    p = planner(kind, encoding)
+    for uid in range(6):
+        apply(lib, p, user("c", uid, 100 + uid), prefs("c", uid, 200 + uid))
+    # a re-snapshot in epoch 1 reads every user, and the settings of even users only
+    rows = [row for uid in range(6) for row in p.plan(user("r", uid, 900), epoch_prefix(1))]
+    rows += [r for uid in range(0, 6, 2) for r in p.plan(prefs("r", uid, 900), epoch_prefix(1))]
+    lib.changes(rows, TOMBSTONE_S)
+    for table in (USERS, SETTINGS):
+        Sweeper(rj, p, TOMBSTONE_S).remove_older(table, epoch_floor(1))
+    for uid in range(6):
+        merged = {"theme": "dark", "locale": "en"} if uid % 2 == 0 else None
+        owner = {"id": uid, "name": f"u{uid}", "bio": None}
+        assert read(rj, f"user:{uid}", kind) == expected(kind, owner, merged)

@@ -23,7 +23,7 @@ from streamsync.events import ChangeEvent
 from streamsync.functions import Library, RowStatus
 from streamsync.keys import StateKeys
 from streamsync.mapping import Planner
-from streamsync.positions import streamed
+from streamsync.positions import epoch_floor, epoch_prefix, streamed
 from streamsync.sweep import Sweeper
 
 ORDERS, ITEMS = "public.orders", "public.order_items"
@@ -284,3 +284,18 @@ def test_an_order_deleted_and_created_again_keeps_its_new_items(
     assert read(rj, "order:4") == expected(
         {"id": 4, "status": "again"}, {2: {"sku": "s2", "qty": 1}}
     )
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_resync_finish_removes_the_items_the_new_snapshot_did_not_write(
+    rj: redis.Redis, lib: Library, encoding: str
+) -> None:
+    p = planner(encoding)
+    apply(lib, p, order("c", 1, 100), *(item("c", i, 1, 110 + i) for i in range(4)))
+    # a re-snapshot in epoch 1 reads the order and items 0 and 2 (1 and 3 were deleted)
+    events = [order("r", 1, 900), item("r", 0, 1, 900), item("r", 2, 1, 900)]
+    lib.changes([row for e in events for row in p.plan(e, epoch_prefix(1))], TOMBSTONE_S)
+    for table in (ORDERS, ITEMS):
+        Sweeper(rj, p, TOMBSTONE_S).remove_older(table, epoch_floor(1))
+    children = {i: {"sku": f"s{i}", "qty": 1} for i in (0, 2)}
+    assert read(rj, "order:1") == expected({"id": 1, "status": "new"}, children)
