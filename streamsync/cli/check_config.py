@@ -31,11 +31,15 @@ def check_config_command(config_path: Path) -> None:
             for name in ("member", "score", "value", "max_len", "where")
             if (value := getattr(rule, name)) is not None
         ]
-        if rule.type is TargetType.JSON:
+        if rule.type is TargetType.JSON and not rule.writes_a_part:
             encoding = rule.encoding or JsonEncoding.AUTO
             auto = encoding is JsonEncoding.AUTO
             where = " (RedisJSON where the target loads it)" if auto else ""
             extras.append(f"encoding {encoding.value}{where}")
+        if rule.merge:
+            extras.append("merged into the key's owner")
+        if rule.nest is not None:
+            extras.append(f"nested under {rule.nest.path!r} by {rule.nest.member!r}")
         if rule.ttl_s:
             extras.append(f"ttl {rule.ttl_s}s")
         more = f" ({', '.join(extras)})" if extras else ""
