@@ -423,3 +423,71 @@ def test_redisjson_documents_in_a_cluster(r: redis.Redis, redis_url: str, tmp_pa
         assert not list(rc.scan_iter(match="user:*", count=1000))
     finally:
         c.stop()
+
+
+def test_nested_documents_in_a_cluster(
+    cluster: Cluster, r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    rc = cluster.client()
+    rules: list[dict[str, Any]] = [
+        {"table": "public.orders", "key": "{{orders}}:order:{id}", "type": "json"},
+        {
+            "table": "public.order_items",
+            "type": "json",
+            "nest": {
+                "parent_key": "{{orders}}:order:{order_id}",
+                "path": "items",
+                "member": "{id}",
+            },
+            "fields": ["id", "qty"],
+        },
+    ]
+    streams = ["app.public.orders", "app.public.order_items"]
+    cfg = with_target(
+        write_config(tmp_path / "c.yaml", redis_url, streams=streams, rules=rules), cluster.url
+    )
+    rng = random.Random(3)
+    orders: dict[int, dict[str, Any] | None] = {}
+    items: dict[int, dict[str, Any]] = {}
+    sent: list[tuple[str, dict[str, str]]] = []
+    lsn = 1000
+
+    def send(table: str, op: str, key: int, row: dict[str, Any] | None) -> None:
+        nonlocal lsn
+        lsn += 8
+        value = envelope(op, table, lsn, after=row, before=None if row else {"id": key})
+        sent.append((f"app.{table}", entry_fields({"id": key}, value)))
+
+    for step in range(400):
+        oid, iid = rng.randrange(10), rng.randrange(30)
+        if orders.get(oid) is None:
+            orders[oid] = {"id": oid, "n": step}
+            send("public.orders", "c", oid, orders[oid])
+        elif step % 7 == 0:
+            orders[oid] = None
+            send("public.orders", "d", oid, None)
+            for gone in [i for i, it in items.items() if it["order_id"] == oid]:
+                del items[gone]
+                send("public.order_items", "d", gone, None)
+        else:
+            op = "u" if iid in items else "c"
+            items[iid] = {"id": iid, "order_id": oid, "qty": step}
+            send("public.order_items", op, iid, items[iid])
+    replays = rng.sample(sent, 150)
+    for stream, fields in sent + replays:
+        xadd(r, stream, fields)
+    run_workers(cfg, ["w1", "w2"])
+    for oid in range(10):
+        key = f"{{orders}}:order:{oid}"
+        text = rc.get(key)
+        row = orders.get(oid)
+        if row is None:
+            assert text is None, key
+            continue
+        want: dict[str, Any] = dict(row)
+        children = {
+            str(i): {"id": i, "qty": it["qty"]} for i, it in items.items() if it["order_id"] == oid
+        }
+        if children:
+            want["items"] = children
+        assert text is not None and orjson.loads(text) == want, key
