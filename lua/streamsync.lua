@@ -25,7 +25,7 @@ Row functions reply with one status per row:
   command failed for that row (the other rows still apply).
 --]]
 
-local VERSION = '2.1.0'
+local VERSION = '2.2.0'
 
 local APPLIED, STALE, SKIPPED, DROPPED, REBUCKETED, UNKNOWN = 1, 0, 2, 3, 4, 5
 
@@ -475,9 +475,104 @@ local function json_part_removed(target, argv, i)
     return APPLIED
 end
 
--- 'D' delete and 'I' invalidate: the target is deleted (its record stays, as a tombstone).
+--[[ Leases for cache-aside fills (streamsync_lease_get, streamsync_lease_fill; README "Cache-aside
+fills that cannot go stale"). An application that misses a key its invalidate rule deletes takes
+a lease, reads the database, and fills the key only while the lease holds: an invalidation of the
+key (an 'I' row) voids every outstanding lease, so a value read before a change committed is never
+written after streamsync deleted the key for that change. The lease lives in a hash next to the
+key, in its hash slot: <state_prefix><key with its hash tag>, or <state_prefix>{<key>} for a key
+without braces: field 't' the outstanding lease's token, 'n' a counter making tokens unique.
+A key whose braces are no hash tag takes no lease. --]]
+local LEASE_TOKEN, LEASE_COUNT = 't', 'n'
+
+local function lease_key(prefix, key)
+    local open = string.find(key, '{', 1, true)
+    if open then
+        local close = string.find(key, '}', open + 1, true)
+        if close and close > open + 1 then
+            return prefix .. key
+        end
+        return nil
+    end
+    if key == '' or string.find(key, '}', 1, true) then
+        return nil
+    end
+    return prefix .. '{' .. key .. '}'
+end
+
+-- Voids the outstanding lease of ``key``, if any (an invalidation of the key).
+local function void_lease(prefix, key)
+    local lease = lease_key(prefix, key)
+    if lease then
+        redis.call('HDEL', lease, LEASE_TOKEN)
+    end
+end
+
+--[[ streamsync_lease_get
+KEYS: the key
+ARGV: the state prefix, the lease's time to live in milliseconds
+Reply: {'hit', value} when the key holds a value; {'lease', token} when it does not and no lease is
+outstanding: the caller reads the database and calls streamsync_lease_fill with the token;
+{'wait', milliseconds} when another caller holds the lease (for at most that long): read again
+soon, or read the database without filling.
+--]]
+local function lease_get(keys, argv)
+    local key = keys[1]
+    local value = redis.call('GET', key)
+    if value then
+        return {'hit', value}
+    end
+    local lease = lease_key(argv[1], key)
+    if not lease then
+        return redis.error_reply('streamsync_lease_get: ' .. key
+            .. ' has braces that are no hash tag: it takes no lease')
+    end
+    if redis.call('HEXISTS', lease, LEASE_TOKEN) == 1 then
+        return {'wait', redis.call('PTTL', lease)}
+    end
+    local time = redis.call('TIME')
+    local token = redis.call('HINCRBY', lease, LEASE_COUNT, 1) .. '-' .. time[1] .. '.' .. time[2]
+    redis.call('HSET', lease, LEASE_TOKEN, token)
+    redis.call('PEXPIRE', lease, tonumber(argv[2]))
+    return {'lease', token}
+end
+
+--[[ streamsync_lease_fill
+KEYS: the key
+ARGV: the state prefix, the lease's token, then the value and its time to live in milliseconds (0:
+none), or nothing to give the lease up (the row does not exist)
+Writes the value only if the lease is still outstanding: no invalidation voided it, it did not
+expire. Reply: 1 written (or given up), 0 refused (the caller's value may be older than a change:
+it is not cached).
+--]]
+local function lease_fill(keys, argv)
+    local key = keys[1]
+    local lease = lease_key(argv[1], key)
+    if not lease or redis.call('HGET', lease, LEASE_TOKEN) ~= argv[2] then
+        return 0
+    end
+    redis.call('HDEL', lease, LEASE_TOKEN)
+    if argv[3] ~= nil then
+        local ttl_ms = tonumber(argv[4]) or 0
+        if ttl_ms > 0 then
+            redis.call('SET', key, argv[3], 'PX', ttl_ms)
+        else
+            redis.call('SET', key, argv[3])
+        end
+    end
+    return 1
+end
+
+-- 'D' delete: the target is deleted (its record stays, as a tombstone).
 local function remove(target)
     redis.call('DEL', target)
+    return APPLIED
+end
+
+-- 'I' invalidate: the state prefix. The target is deleted, and its outstanding lease voided.
+local function invalidate(target, argv, i)
+    redis.call('DEL', target)
+    void_lease(argv[i], target)
     return APPLIED
 end
 
@@ -501,7 +596,7 @@ local SINGLE = {
     k = {hash_owner_removed, function(argv, i) return 1 + tonumber(argv[i]) end, true},
     K = {json_owner_removed, function(argv, i) return 2 + tonumber(argv[i + 1]) end, true},
     D = {remove, function() return 0 end, true},
-    I = {remove, function() return 0 end, true},
+    I = {invalidate, function() return 1 end, true},
 }
 
 local function row_error(result)
@@ -1879,3 +1974,5 @@ redis.register_function('streamsync_prune_consumer', prune_consumer)
 redis.register_function('streamsync_raise_hwm', raise_hwm)
 redis.register_function('streamsync_import', import)
 redis.register_function('streamsync_import_list', import_list)
+redis.register_function('streamsync_lease_get', lease_get)
+redis.register_function('streamsync_lease_fill', lease_fill)

@@ -59,6 +59,7 @@ LIBRARY_COMMANDS: tuple[str, ...] = (
     "exists",
     "type",
     "pexpire",
+    "pttl",  # cache-aside leases: how long another reader's may still hold
     "time",  # records' expiry times
     "hget",
     "hmget",

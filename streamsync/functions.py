@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 FN_VERSION = "streamsync_version"
 FN_CHANGES = "streamsync_changes"
 FN_SPLIT = "streamsync_split"
+FN_LEASE_GET = "streamsync_lease_get"
+FN_LEASE_FILL = "streamsync_lease_fill"
 FN_EXPIRE = "streamsync_expire"
 FN_TRIM = "streamsync_trim"
 FN_PRUNE_CONSUMER = "streamsync_prune_consumer"
@@ -318,6 +320,16 @@ def _ensure(execute: Execute) -> Version:
     return ours
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A ``streamsync_lease_get`` reply: the cached value, or a lease's token, or how long
+    another caller's lease may still hold."""
+
+    value: bytes | None = None
+    token: str | None = None
+    wait_ms: int = 0
+
+
 class Library:
     """The library's functions, called on one client (a server or a cluster). A call that
     finds the library missing loads it and is sent once more."""
@@ -410,6 +422,29 @@ class Library:
         args: ArgV = [str(listed), str(ttls_ms[0]), str(ttls_ms[1]), *entries]
         listed, reserved = self.client.fcall(FN_IMPORT_LIST, len(keys), *keys, *args)
         return int(listed), int(reserved)
+
+    def lease_get(self, key: str, state_prefix: str, lease_ms: int) -> Lease:
+        """``streamsync_lease_get``: the key's value, or a lease to fill it (cache-aside)."""
+        what, data = self._call(FN_LEASE_GET, [key], state_prefix, lease_ms)
+        kind = _text(what)
+        if kind == "hit":
+            return Lease(value=as_bytes(data))
+        if kind == "lease":
+            return Lease(token=_text(data))
+        return Lease(wait_ms=max(0, int(data)))
+
+    def lease_fill(
+        self,
+        key: str,
+        state_prefix: str,
+        token: str,
+        value: str | bytes | None,
+        ttl_ms: int = 0,
+    ) -> bool:
+        """``streamsync_lease_fill``: write ``value`` if the lease ``token`` still holds (None:
+        give the lease up); whether it did."""
+        extra = () if value is None else (value, ttl_ms)
+        return bool(self._call(FN_LEASE_FILL, [key], state_prefix, token, *extra))
 
     def mark_epoch(self, epochs_key: str, stream: str) -> tuple[int, str]:
         """``streamsync_mark_epoch``: start a new resync epoch for ``stream``; returns the epoch

@@ -324,7 +324,7 @@ class Planner:
     ) -> RowWrite:
         kind = rule.type
         if rule.mode is Mode.INVALIDATE:
-            return self.single(rule, rule.template.render(row), position, [ROW_INVALIDATE])
+            return self.single(rule, rule.template.render(row), position, self._invalidation())
         assert kind is not None
         present = event.op != "d" and self._matches(rule, event, row)
         if rule.keyed_per_row and (key is None or self._fixed(rule, key)):
@@ -577,8 +577,14 @@ class Planner:
         """The row deleting ``target``, a key ``rule`` names, unless a change newer than
         ``position`` was applied to it (TRUNCATE, resync; invalidate rules' keys)."""
         if rule.mode is Mode.INVALIDATE:
-            return self.single(rule, target, position, [ROW_INVALIDATE])
+            return self.single(rule, target, position, self._invalidation())
         return self.single(rule, target, position, self._delete_body(rule))
+
+    def _invalidation(self) -> ArgV:
+        """An invalidate rule's delete, which also voids the key's outstanding cache-aside
+        lease (``streamsync.cache_aside``): the library finds the lease under the state
+        prefix."""
+        return [ROW_INVALIDATE, self.keys.state_prefix]
 
     # -- parts of keys several rules write (merge) ----------------------------------------
 

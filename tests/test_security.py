@@ -364,6 +364,7 @@ REVIEWED_LIBRARY_COMMANDS = frozenset(
         "exists",
         "type",
         "pexpire",
+        "pttl",
         "time",  # records' expiry times
         "hget",
         "hmget",

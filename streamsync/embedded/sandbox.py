@@ -207,7 +207,16 @@ def _log_size(path: Path) -> int:
 # -- Redis -------------------------------------------------------------------------------------
 
 
+#: The server binary to run instead of ``redis-server`` on PATH (e.g. ``valkey-server``).
+SERVER_ENV = "STREAMSYNC_REDIS_SERVER"
+
+
 def _redis_server_binary() -> str:
+    chosen = os.environ.get(SERVER_ENV)
+    if chosen:
+        if not os.access(chosen, os.X_OK):
+            raise RedisServerError(f"{SERVER_ENV}={chosen}: not an executable file")
+        return chosen
     found = shutil.which("redis-server")
     if found:
         return found
