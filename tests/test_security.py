@@ -31,6 +31,7 @@ from streamsync.config import (
     Settings,
     load_settings,
 )
+from streamsync.connection import NO_SETINFO
 from streamsync.errors import ConfigError, ExitCode
 from streamsync.functions import ensure_library, library_source
 from streamsync.worker import Worker
@@ -524,7 +525,12 @@ class AclServer:
 
     def as_user(self, user: str, password: str, db: int = 0) -> redis.Redis:
         return redis.Redis(
-            host="127.0.0.1", port=self.server.port, db=db, username=user, password=password
+            host="127.0.0.1",
+            port=self.server.port,
+            db=db,
+            username=user,
+            password=password,
+            **NO_SETINFO,
         )
 
 

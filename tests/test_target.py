@@ -24,6 +24,7 @@ from streamsync.config import (
     TARGET_URL_ENV,
     load_settings,
 )
+from streamsync.connection import NO_SETINFO
 from streamsync.errors import ConfigError, ExitCode
 from streamsync.functions import ensure_library, library_version
 from streamsync.keys import StateKeys
@@ -588,10 +589,18 @@ def test_each_redis_gets_a_user_of_its_own(
         assert keys(r) == {STREAM, STREAM + ":dlq", STATS}
         # status as the read-only users of both
         s = redis.Redis(
-            host="127.0.0.1", port=streams.port, username="streamsync-status", password="s1"
+            host="127.0.0.1",
+            port=streams.port,
+            username="streamsync-status",
+            password="s1",
+            **NO_SETINFO,
         )
         c = redis.Redis(
-            host="127.0.0.1", port=cache.port, username="streamsync-status", password="s2"
+            host="127.0.0.1",
+            port=cache.port,
+            username="streamsync-status",
+            password="s2",
+            **NO_SETINFO,
         )
         try:
             report = status.collect(s, settings, target=c)
