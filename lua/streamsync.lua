@@ -387,8 +387,9 @@ local function document_members(target)
     return {}, {}, kind ~= 'none'
 end
 
--- Writes a document of ``members`` in ``names`` order, or deletes it when none is left.
-local function write_members(target, encoding, members, names, ttl_ms)
+-- The JSON object text of ``members`` (name token -> raw value) in ``names`` order (names
+-- without a value left out); nil when none is left.
+local function object_text(members, names)
     local parts = {}
     for _, name in ipairs(names) do
         local value = members[name]
@@ -397,10 +398,18 @@ local function write_members(target, encoding, members, names, ttl_ms)
         end
     end
     if #parts == 0 then
+        return nil
+    end
+    return '{' .. table.concat(parts, ',') .. '}'
+end
+
+-- Writes a document of ``members`` in ``names`` order, or deletes it when none is left.
+local function write_members(target, encoding, members, names, ttl_ms)
+    local doc = object_text(members, names)
+    if not doc then
         redis.call('DEL', target)
         return
     end
-    local doc = '{' .. table.concat(parts, ',') .. '}'
     if encoding == 'r' then
         set_redisjson(target, doc, ttl_ms)
     elseif ttl_ms > 0 then
@@ -1107,21 +1116,11 @@ end
 
 -- Puts the map back under ``path`` (removes the member when no child is left).
 local function put_children(members, names, path, map, order)
-    local parts = {}
-    for _, token in ipairs(order) do
-        local child = map[token]
-        if child ~= nil then
-            parts[#parts + 1] = token .. ':' .. child
-        end
-    end
-    if #parts == 0 then
-        members[path] = nil
-        return
-    end
-    if members[path] == nil then
+    local text = object_text(map, order)
+    if text and members[path] == nil then
         names[#names + 1] = path
     end
-    members[path] = '{' .. table.concat(parts, ',') .. '}'
+    members[path] = text
 end
 
 local function document_encoding(target)

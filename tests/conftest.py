@@ -30,13 +30,22 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     kill_all()
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One redis-server for the whole session (no persistence); flushed before each test."""
-    server = RedisServer(tmp_path_factory.mktemp("redis-session"))
+def _running(server: RedisServer) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+def _client(url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(url, decode_responses=False)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the whole session (no persistence); flushed before each test."""
+    yield from _running(RedisServer(tmp_path_factory.mktemp("redis-session")))
 
 
 def _flushed(server: RedisServer) -> str:
@@ -64,18 +73,13 @@ def redis_url(redis_server: RedisServer) -> str:
 @pytest.fixture
 def r(redis_url: str) -> Iterator[redis.Redis]:
     """A bytes-returning client to the freshly flushed session server."""
-    client = redis.Redis.from_url(redis_url, decode_responses=False)
-    yield client
-    client.close()
+    yield from _client(redis_url)
 
 
 @pytest.fixture(scope="session")
 def target_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A second redis-server for the whole session: the cache's own Redis (``target:``)."""
-    server = RedisServer(tmp_path_factory.mktemp("redis-target"))
-    server.start()
-    yield server
-    server.stop()
+    yield from _running(RedisServer(tmp_path_factory.mktemp("redis-target")))
 
 
 @pytest.fixture
@@ -87,20 +91,14 @@ def target_url(target_server: RedisServer) -> str:
 @pytest.fixture
 def t(target_url: str) -> Iterator[redis.Redis]:
     """A bytes-returning client to the freshly flushed target server."""
-    client = redis.Redis.from_url(target_url, decode_responses=False)
-    yield client
-    client.close()
+    yield from _client(target_url)
 
 
 @pytest.fixture(scope="session")
 def rejson_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A redis-server loading the RedisJSON module, for the whole session."""
-    server = RedisServer(
-        tmp_path_factory.mktemp("redis-rejson"), extra_args=("--loadmodule", rejson_module())
-    )
-    server.start()
-    yield server
-    server.stop()
+    module = ("--loadmodule", rejson_module())
+    yield from _running(RedisServer(tmp_path_factory.mktemp("redis-rejson"), extra_args=module))
 
 
 @pytest.fixture
@@ -112,9 +110,7 @@ def rejson_url(rejson_server: RedisServer) -> str:
 @pytest.fixture
 def rj(rejson_url: str) -> Iterator[redis.Redis]:
     """A bytes-returning client to the freshly flushed RedisJSON server."""
-    client = redis.Redis.from_url(rejson_url, decode_responses=False)
-    yield client
-    client.close()
+    yield from _client(rejson_url)
 
 
 @pytest.fixture

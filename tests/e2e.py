@@ -18,6 +18,7 @@ import base64
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -34,7 +35,7 @@ import redis
 import yaml
 
 from streamsync.embedded.sandbox import die_with_parent_hook
-from tests.replies import xrange
+from tests.replies import xadd, xrange
 from tests.servers import PostgresServer, wait_until
 from tests.workers import WorkerProcess
 
@@ -68,6 +69,7 @@ __all__ = [
     "known_bug",
     "needs_engine",
     "positions",
+    "replay_sample",
     "run_to_exit",
     "table_mismatches",
     "values",
@@ -796,3 +798,22 @@ class Pipeline:
                 capture.proc.wait(timeout=10)
         for worker in self._workers:
             worker.close()
+
+
+def replay_sample(p: Pipeline, rng: random.Random) -> tuple[int, int]:
+    """XADD again a shuffled sample of the entries already applied (about half of every stream,
+    and every TRUNCATE); returns (entries added, truncates among them)."""
+    picked: list[tuple[str, dict[bytes, bytes]]] = []
+    truncates = 0
+    for stream in p.setup.streams:
+        all_entries = entries(p.r, stream)
+        chosen = set(rng.sample(range(len(all_entries)), len(all_entries) // 2))
+        for i, fields in enumerate(all_entries):
+            is_truncate = any(b'"op":"t"' in value for value in fields.values())
+            if i in chosen or is_truncate:
+                picked.append((stream, fields))
+                truncates += is_truncate
+    rng.shuffle(picked)
+    for stream, fields in picked:
+        xadd(p.r, stream, fields)
+    return len(picked), truncates

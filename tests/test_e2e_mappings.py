@@ -30,13 +30,12 @@ from tests.e2e import (
     CaptureProcess,
     MakePipeline,
     Pipeline,
-    entries,
     needs_engine,
+    replay_sample,
     values,
     wait_for_event,
     xrange,
 )
-from tests.replies import xadd
 from tests.servers import wait_until
 from tests.workers import WorkerProcess
 
@@ -422,25 +421,6 @@ def phase_three(conn: psycopg.Connection[Any]) -> None:
     run(conn, "UPDATE products SET price = 0.99 WHERE id = 5")
     run(conn, "UPDATE users SET plan = 'team' WHERE id = 1")
     run(conn, "INSERT INTO user_roles VALUES (5, 'editor')")
-
-
-def replay_sample(p: Pipeline, rng: random.Random) -> tuple[int, int]:
-    """XADD again a shuffled sample of the entries already applied (about half of every stream,
-    and every TRUNCATE); returns (entries added, truncates among them)."""
-    picked: list[tuple[str, dict[bytes, bytes]]] = []
-    truncates = 0
-    for stream in p.setup.streams:
-        all_entries = entries(p.r, stream)
-        chosen = set(rng.sample(range(len(all_entries)), len(all_entries) // 2))
-        for i, fields in enumerate(all_entries):
-            is_truncate = any(b'"op":"t"' in value for value in fields.values())
-            if i in chosen or is_truncate:
-                picked.append((stream, fields))
-                truncates += is_truncate
-    rng.shuffle(picked)
-    for stream, fields in picked:
-        xadd(p.r, stream, fields)
-    return len(picked), truncates
 
 
 @pytest.mark.timeout(180)

@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e import Kind, MakePipeline, Pipeline, entries, needs_engine, values
-from tests.replies import xadd
+from tests.e2e import Kind, MakePipeline, Pipeline, needs_engine, replay_sample, values
 from tests.servers import wait_until
 
 pytestmark = [needs_engine, pytest.mark.slow]
@@ -114,14 +113,7 @@ def test_merged_keys_follow_the_join(pipelines: MakePipeline, kind: Kind) -> Non
     p.assert_table("user:*", kind, EXPECTED[kind])
 
     # half of each stream again, shuffled: nothing changes
-    rng = random.Random(11)
-    picked = []
-    for stream in p.setup.streams:
-        all_entries = entries(p.r, stream)
-        picked += [(stream, f) for f in rng.sample(all_entries, len(all_entries) // 2)]
-    rng.shuffle(picked)
-    for stream, fields in picked:
-        xadd(p.r, stream, fields)
+    replay_sample(p, random.Random(11))
     p.settle(*workers)
     p.assert_table("user:*", kind, EXPECTED[kind])
     assert not any(k.endswith(b":dlq") for k in p.r.scan_iter(count=1000))
