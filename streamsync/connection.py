@@ -81,3 +81,21 @@ def cluster(settings: RedisSettings, **overrides: Any) -> redis.RedisCluster:
     options = {**connection_kwargs(settings), **overrides}
     options.pop("protocol", None)
     return redis.RedisCluster.from_url(settings.url, **options)
+
+
+def server_or_cluster(
+    settings: RedisSettings, **overrides: Any
+) -> redis.Redis | redis.RedisCluster:
+    """A client for ``settings``: of the whole Cluster when the server the URL names runs in
+    cluster mode (INFO cluster), else of that server (also when INFO is refused or the server
+    cannot be reached now)."""
+    plain = client(settings, **overrides)
+    try:
+        clustered = plain.info("cluster").get("cluster_enabled")
+    except redis.RedisError:
+        # refused, or unreachable for now: the caller's first command says so
+        clustered = False
+    if not clustered:
+        return plain
+    plain.close()
+    return cluster(settings, **overrides)

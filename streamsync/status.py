@@ -34,7 +34,7 @@ from streamsync.config import Settings, redact_url
 from streamsync.discovery import source_streams
 from streamsync.errors import PoisonEntryError
 from streamsync.events import ChangeEvent, Decoder
-from streamsync.functions import Version, library_version, loaded_version
+from streamsync.functions import Client, Version, library_version, loaded_version
 from streamsync.keys import StateKeys, dead_letter_stream
 from streamsync.worker import CONSUMER_PRUNE_IDLE_MS
 
@@ -210,6 +210,19 @@ class RedisStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """One primary of a Redis Cluster, read directly: what differs from node to node."""
+
+    #: ``host:port``.
+    node: str
+    #: null when INFO is not permitted.
+    version: str | None
+    memory: MemoryStatus | None
+    keyspace: KeyspaceStatus | None
+    library: LibraryStatus
+
+
+@dataclass(frozen=True, slots=True)
 class TargetStatus:
     """The cache's own Redis (the ``target`` section)."""
 
@@ -226,6 +239,8 @@ class TargetStatus:
     keyspace: KeyspaceStatus | None
     #: null when it could not be read.
     library: LibraryStatus | None
+    #: Per primary when the target is a Redis Cluster (the figures above add them up).
+    nodes: tuple[NodeStatus, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +270,9 @@ class StatusReport:
     #: Per json rule, what it writes in the cache's Redis: ``redisjson`` or ``text`` (empty
     #: without json rules, or when ``MODULE LIST`` could not be read: see notes).
     json_encodings: dict[str, str] = field(default_factory=dict)
+    #: Per primary when the streams' Redis is a Redis Cluster (memory, keyspace and library
+    #: above add them up: sums, the policy evicting the most, the oldest library).
+    nodes: tuple[NodeStatus, ...] = ()
 
     @property
     def separate_target(self) -> bool:
@@ -317,7 +335,7 @@ def fmt_version(version: Version | None) -> str | None:
     return None if version is None else ".".join(map(str, version))
 
 
-def discover_streams(client: redis.Redis, settings: Settings) -> list[str]:
+def discover_streams(client: Client, settings: Settings) -> list[str]:
     """The configured streams, or those ``source.stream_prefix`` finds (dead letters excluded),
     sorted."""
     return source_streams(client, settings.source)
@@ -378,7 +396,7 @@ def _first_entry(reply: Any) -> tuple[str, Mapping[bytes, bytes] | None] | None:
 
 
 def _liveness_marks(
-    client: redis.Redis, settings: Settings, consumers: Sequence[str]
+    client: Client, settings: Settings, consumers: Sequence[str]
 ) -> dict[str, bool]:
     """Which of the group's ``consumers`` have a liveness mark (one round trip)."""
     if not consumers:
@@ -392,7 +410,7 @@ def _liveness_marks(
 
 
 def collect_stream(
-    client: redis.Redis, settings: Settings, stream: str, now_ms: int, decoder: Decoder
+    client: Client, settings: Settings, stream: str, now_ms: int, decoder: Decoder
 ) -> StreamStatus:
     """Read one stream's status. The reads of the stream, its group, its consumers and its
     counters go in one round trip (a pipeline, not a MULTI: a monitoring user needs read
@@ -496,7 +514,7 @@ def collect_stream(
     )
 
 
-def _read_stream(client: redis.Redis, settings: Settings, stream: str, dlq: str) -> list[Any]:
+def _read_stream(client: Client, settings: Settings, stream: str, dlq: str) -> list[Any]:
     """The replies to TYPE, XLEN, XREVRANGE + - COUNT 1, XINFO GROUPS, XINFO CONSUMERS,
     XPENDING, XPENDING - + 1, the dead letters' XLEN and the workers' stats HGETALL; a refused
     command raises, other errors are replies."""
@@ -520,7 +538,7 @@ def _read_stream(client: redis.Redis, settings: Settings, stream: str, dlq: str)
 
 
 def _consumers(
-    client: redis.Redis, settings: Settings, listed: Sequence[Any]
+    client: Client, settings: Settings, listed: Sequence[Any]
 ) -> tuple[ConsumerStatus, ...]:
     """The group's consumers as XINFO CONSUMERS ``listed`` them, with their liveness marks,
     sorted by name."""
@@ -568,7 +586,7 @@ def _oldest_pending(
 
 
 def _waiting_lag_s(
-    client: redis.Redis,
+    client: Client,
     stream: str,
     now_ms: int,
     decoder: Decoder,
@@ -590,10 +608,23 @@ def _waiting_lag_s(
     return _age_s(now_ms, ts_ms if ts_ms is not None else id_ms(oldest_waiting[0]))
 
 
-def redis_now_ms(client: redis.Redis) -> int | None:
+def _primaries(client: Client) -> list[tuple[str, redis.Redis]]:
+    """Each primary of a Redis Cluster with a client of its own, by ``host:port``; none for a
+    single server."""
+    if not isinstance(client, redis.RedisCluster):
+        return []
+    found = []
+    for node in client.get_primaries():
+        found.append((str(node.name), client.get_redis_connection(node)))
+    return sorted(found)
+
+
+def redis_now_ms(client: Client) -> int | None:
     """Redis's clock (TIME) in milliseconds; None when this user may not run TIME."""
+    nodes = _primaries(client)
+    one = nodes[0][1] if nodes else client
     try:
-        seconds, micros = client.time()
+        seconds, micros = one.time()
     except redis.exceptions.NoPermissionError:
         return None
     return int(seconds) * 1000 + int(micros) // 1000
@@ -605,6 +636,47 @@ def _info(client: redis.Redis) -> dict[str, Any] | None:
         return dict(client.info())
     except redis.exceptions.NoPermissionError:
         return None
+
+
+#: INFO fields a Cluster's report adds up over its primaries.
+_SUMMED = ("used_memory", "maxmemory", "evicted_keys", "keyspace_hits", "keyspace_misses")
+
+
+def _summed_info(infos: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One INFO for a whole Cluster: sums where figures add up, the policy evicting the most
+    (the one whose rules matter), the oldest version; no run id (it is no one server)."""
+    total: dict[str, Any] = {name: sum(int(i.get(name, 0)) for i in infos) for name in _SUMMED}
+    policies = [str(i.get("maxmemory_policy", "?")) for i in infos]
+    total["maxmemory_policy"] = max(
+        policies, key=lambda p: (eviction.evicts_any_key(p), p != eviction.NO_EVICTION)
+    )
+    total["redis_version"] = min(str(i.get("redis_version", "?")) for i in infos)
+    return total
+
+
+def _server(
+    client: Client, settings: Settings | None
+) -> tuple[dict[str, Any] | None, LibraryStatus, tuple[NodeStatus, ...]]:
+    """INFO, the library and, for a Cluster, each primary's own figures (read on the node):
+    INFO and library of the whole added up (the oldest library, none if a node lacks it)."""
+    nodes = _primaries(client)
+    if not nodes:
+        assert isinstance(client, redis.Redis)
+        return _info(client), _library(client, settings), ()
+    found = []
+    for name, node in nodes:
+        info = _info(node)
+        memory, keyspace = _memory(info) if info is not None else (None, None)
+        version = None if info is None else str(info.get("redis_version", "?"))
+        found.append(NodeStatus(name, version, memory, keyspace, _library(node)))
+    infos = [i for _, node in nodes if (i := _info(node)) is not None]
+    loaded = [n.library.loaded for n in found]
+    oldest = None
+    if all(loaded):
+        oldest = min((v for v in loaded if v), key=lambda v: tuple(map(int, v.split("."))))
+    shipped = found[0].library.shipped
+    library = LibraryStatus(loaded=oldest, shipped=shipped, layout=_layout(client, settings))
+    return (_summed_info(infos) if infos else None), library, tuple(found)
 
 
 def _memory(info: Mapping[str, Any]) -> tuple[MemoryStatus, KeyspaceStatus]:
@@ -625,24 +697,29 @@ def _memory(info: Mapping[str, Any]) -> tuple[MemoryStatus, KeyspaceStatus]:
     return memory, keyspace
 
 
+def _layout(client: Client, settings: Settings | None) -> str | None:
+    """With ``settings``, ``client`` holds the cache: its bookkeeping layout (read-only,
+    without the per-slot search of a Cluster)."""
+    if settings is None:
+        return None
+    try:
+        return layout.detect(client, settings, thorough=False).layout.value
+    except redis.ResponseError:
+        return None  # a monitoring user without GET or EXISTS on streamsync's records
+
+
 def _library(client: redis.Redis, settings: Settings | None = None) -> LibraryStatus:
-    """The library loaded in ``client``; with ``settings``, ``client`` holds the cache: its
-    bookkeeping layout too (read-only, without the per-slot search of a Cluster)."""
-    found = None
-    if settings is not None:
-        try:
-            found = layout.detect(client, settings, thorough=False).layout.value
-        except redis.ResponseError:
-            found = None  # a monitoring user without GET or EXISTS on streamsync's records
+    """The library loaded in ``client`` (a server, or one node); with ``settings``, the
+    layout of the cache it holds."""
     return LibraryStatus(
         loaded=fmt_version(loaded_version(client)),
         shipped=fmt_version(library_version()) or "",
-        layout=found,
+        layout=_layout(client, settings),
     )
 
 
 def collect_target(
-    target: redis.Redis, settings: Settings, streams_info: Mapping[str, Any] | None
+    target: Client, settings: Settings, streams_info: Mapping[str, Any] | None
 ) -> TargetStatus:
     """Read the cache's own Redis: its memory, eviction policy, evictions, hit rate and
     library (INFO and FCALL_RO only: it holds no stream). A Redis that cannot be read is
@@ -650,8 +727,7 @@ def collect_target(
     assert settings.target is not None
     url = redact_url(settings.target.url)
     try:
-        info = _info(target)
-        library = _library(target, settings)
+        info, library, nodes = _server(target, settings)
     except redis.RedisError as exc:
         error = " ".join(str(exc).split()) or type(exc).__name__
         return TargetStatus(url, error, True, None, None, None, None)
@@ -665,14 +741,14 @@ def collect_target(
         and info.get("run_id") == streams_info.get("run_id")
     )
     version = None if info is None else str(info.get("redis_version", "?"))
-    return TargetStatus(url, None, not same, version, memory, keyspace, library)
+    return TargetStatus(url, None, not same, version, memory, keyspace, library, nodes)
 
 
 def collect(
-    client: redis.Redis,
+    client: Client,
     settings: Settings,
     now_ms: int | None = None,
-    target: redis.Redis | None = None,
+    target: Client | None = None,
 ) -> StatusReport:
     """Read everything the status shows. ``now_ms`` is the instant ages are measured from
     (default: Redis's clock, which stamps the entry ids); ``target`` is a client of the
@@ -692,7 +768,7 @@ def collect(
         collect_stream(client, settings, s, now_ms, decoder)
         for s in discover_streams(client, settings)
     )
-    info = _info(client)
+    info, library, nodes = _server(client, settings if settings.target is None else None)
     memory = keyspace = None
     if info is None:
         notes.append(
@@ -729,15 +805,16 @@ def collect(
         streams=streams,
         memory=memory,
         keyspace=keyspace,
-        library=_library(client, settings if settings.target is None else None),
+        library=library,
         notes=tuple(notes),
         target=target_status,
         collection_rules=eviction.collection_rules(settings),
         json_encodings=encodings,
+        nodes=nodes,
     )
 
 
-def _json_encodings(settings: Settings, cache: redis.Redis, notes: list[str]) -> dict[str, str]:
+def _json_encodings(settings: Settings, cache: Client, notes: list[str]) -> dict[str, str]:
     """What the json rules write in the cache's Redis (``streamsync.redisjson``)."""
     if not redisjson.json_rules(settings):
         return {}
@@ -800,17 +877,27 @@ def _redis_problems(lib: LibraryStatus, where: str = "") -> list[str]:
     return [] if problem is None else [problem]
 
 
+def _nodes_problems(nodes: Sequence[NodeStatus], where: str) -> list[str]:
+    """A Cluster's library problems, node by node."""
+    found = []
+    for node in nodes:
+        found += _redis_problems(node.library, f"{where}node {node.node}: ")
+    return found
+
+
 def _server_problems(report: StatusReport) -> list[str]:
     """The problems of the Redis servers themselves: libraries, bookkeeping to migrate,
     eviction policies, a target that cannot be read."""
     target = report.target
     where = "streams' redis: " if report.separate_target else ""
-    found = _redis_problems(report.library, where)
+    found = _nodes_problems(report.nodes, where) or _redis_problems(report.library, where)
     if target is not None:
         if target.error is not None:
             found.append(f"target redis at {target.url}: cannot read it: {target.error}")
         elif target.library is not None and target.separate:
-            found += _redis_problems(target.library, "target redis: ")
+            found += _nodes_problems(target.nodes, "target redis: ") or _redis_problems(
+                target.library, "target redis: "
+            )
         elif target.library is not None:
             layout_problem = _layout_problem(target.library)
             if layout_problem is not None:
@@ -900,10 +987,10 @@ def _waiting_problems(s: StreamStatus, thresholds: Thresholds) -> list[str]:
 
 
 def run_once(
-    client: redis.Redis,
+    client: Client,
     settings: Settings,
     thresholds: Thresholds,
-    target: redis.Redis | None = None,
+    target: Client | None = None,
 ) -> tuple[StatusReport, list[str]]:
     """Collect and judge one report (``target``: a client of the cache's own Redis)."""
     report = collect(client, settings, target=target)
@@ -1091,6 +1178,21 @@ def _server_line(
     return line
 
 
+def _node_lines(nodes: Sequence[NodeStatus], policy_safe: bool) -> list[Text]:
+    return [
+        _server_line(
+            "  node",
+            node.node,
+            version=node.version,
+            memory=node.memory,
+            keyspace=node.keyspace,
+            library=node.library,
+            policy_safe=policy_safe,
+        )
+        for node in nodes
+    ]
+
+
 def _global_lines(report: StatusReport) -> list[Text]:
     separate = report.separate_target
     mem = report.memory
@@ -1107,6 +1209,7 @@ def _global_lines(report: StatusReport) -> list[Text]:
             policy_safe=safe,
         )
     ]
+    lines += _node_lines(report.nodes, safe)
     t = report.target
     if t is not None and t.error is not None:
         lines.append(Text(f"target redis at {t.url}: {t.error}", style="red"))
@@ -1122,6 +1225,7 @@ def _global_lines(report: StatusReport) -> list[Text]:
             policy_safe=separate or safe,
         )
         lines.append(line)
+        lines += _node_lines(t.nodes, separate or safe)
     if report.json_encodings:
         written = ", ".join(f"{name} {enc}" for name, enc in report.json_encodings.items())
         lines.append(Text(f"json rules write: {written}"))

@@ -5,9 +5,11 @@ to a slot whose rows move (a set, a list, a key over a non-key column), and a pr
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,8 +20,9 @@ import pytest
 import redis
 import yaml
 
+from streamsync import status
 from streamsync.config import load_settings, parse_settings
-from streamsync.errors import ConfigError, PoisonEntryError
+from streamsync.errors import ConfigError, ExitCode, PoisonEntryError
 from streamsync.events import ChangeEvent
 from streamsync.keys import StateKeys
 from streamsync.mapping import Planner
@@ -491,3 +494,74 @@ def test_nested_documents_in_a_cluster(
         if children:
             want["items"] = children
         assert text is not None and orjson.loads(text) == want, key
+
+
+def test_status_reads_every_node(cluster: Cluster, tmp_path: Path) -> None:
+    rc = cluster.client()
+    nodes = {node.name: node.redis_connection for node in rc.get_primaries()}
+
+    def owner(key: str) -> str:
+        return str(rc.nodes_manager.get_node_from_slot(rc.keyslot(key)).name)
+
+    # two streams on every primary, each with changes and a dead letter
+    streams: list[str] = []
+    for k in range(200):
+        name = f"app.public.t{k}"
+        if sum(owner(s) == owner(name) for s in streams) < 2:
+            streams.append(name)
+    assert len(streams) == 6 and {owner(s) for s in streams} == set(nodes)
+    rules = [
+        {"table": s.removeprefix("app."), "key": s.removeprefix("app.public.") + ":{id}"}
+        | {"type": "hash"}
+        for s in streams
+    ]
+    cfg = write_config(tmp_path / "c.yaml", cluster.url, streams=streams, rules=rules, trim=False)
+    for stream, rule in zip(streams, rules, strict=True):
+        for i in range(5):
+            value = envelope("c", rule["table"], 1000 + i, after={"id": i, "v": i})
+            xadd(rc, stream, entry_fields({"id": i}, value))
+        xadd(rc, stream, {"value": "not json"})  # a dead letter
+    run_workers(cfg, ["w1"])
+    settings = load_settings(cfg, environ={})
+    report = status.collect(rc, settings)
+    # every stream, on whatever node holds it, as that node tells it
+    assert sorted(s.name for s in report.streams) == sorted(streams)
+    for s in report.streams:
+        node = nodes[owner(s.name)]
+        assert s.length == node.xlen(s.name) == 6
+        assert s.dlq_length == nodes[owner(s.name + ":dlq")].xlen(s.name + ":dlq") == 1
+        assert s.pending == 0
+    # per node: memory, evictions and library read on each one
+    assert [n.node for n in report.nodes] == sorted(nodes)
+    for each in report.nodes:
+        info = nodes[each.node].info()
+        assert each.memory is not None
+        assert each.memory.maxmemory_policy == info["maxmemory_policy"]
+        assert each.memory.evicted_keys == info["evicted_keys"]
+        assert each.library.loaded == report.library.shipped
+    assert report.memory is not None
+    assert report.memory.used_memory_bytes == sum(
+        each.memory.used_memory_bytes for each in report.nodes if each.memory
+    )
+    found = status.problems(report, status.Thresholds())
+    assert len(found) == 6 and all("1 dead letter" in p for p in found), found
+    # a node that lost the library is named
+    lost = sorted(nodes)[1]
+    nodes[lost].function_delete("streamsync")
+    found = status.problems(status.collect(rc, settings), status.Thresholds())
+    assert [p for p in found if "library" in p] == [
+        f"node {lost}: Functions library streamsync not loaded in Redis (a worker loads"
+        f" {report.library.shipped} when it starts)"
+    ]
+    # the command, as an operator runs it against any node's URL
+    run = subprocess.run(
+        [sys.executable, "-m", "streamsync", "status", "-c", str(cfg), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == ExitCode.UNHEALTHY, run.stderr
+    doc = json.loads(run.stdout)
+    assert [n["node"] for n in doc["nodes"]] == sorted(nodes)
+    assert sorted(s["name"] for s in doc["streams"]) == sorted(streams)

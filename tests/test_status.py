@@ -393,6 +393,7 @@ EXPECTED_KEYS = {
         "healthy",
         "keyspace",
         "library",
+        "nodes",
         "memory",
         "notes",
         "problems",

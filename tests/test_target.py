@@ -436,7 +436,17 @@ def test_status_reads_both_redis_and_judges_their_policies(
     code, doc = status_json(cfg)
     assert code == ExitCode.OK, doc["problems"]
     target = doc["target"]
-    assert set(target) == {"url", "error", "separate", "version", "memory", "keyspace", "library"}
+    assert set(target) == {
+        "url",
+        "error",
+        "separate",
+        "version",
+        "memory",
+        "keyspace",
+        "library",
+        "nodes",
+    }
+    assert target["nodes"] == []  # a single server
     assert target["url"] == target_url and target["separate"] is True and target["error"] is None
     assert target["memory"]["maxmemory_policy"] == "allkeys-random"
     assert target["memory"]["evicted_keys"] == evicted

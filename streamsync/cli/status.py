@@ -20,6 +20,7 @@ from streamsync import connection
 from streamsync.cli.options import config_option, load_or_exit
 from streamsync.config import Settings
 from streamsync.errors import ExitCode
+from streamsync.functions import Client
 from streamsync.status import Thresholds, dumps, render, run_once, to_document
 
 #: Options given to the connection: fail fast on an unreachable host.
@@ -86,13 +87,13 @@ def status_command(
     """
     settings = load_or_exit(config_path)
     thresholds = Thresholds(max_lag_s, max_pending_age_s)
-    client = connection.client(
+    client = connection.server_or_cluster(
         settings.redis,
         socket_connect_timeout=min(CONNECT_TIMEOUT_S, settings.redis.socket_timeout_s),
     )
     target = None
     if settings.target is not None:
-        target = connection.client(
+        target = connection.server_or_cluster(
             settings.target,
             socket_connect_timeout=min(CONNECT_TIMEOUT_S, settings.target.socket_timeout_s),
         )
@@ -123,8 +124,8 @@ def _unreachable(settings: Settings, exc: redis.RedisError) -> str:
 
 
 def _once(
-    client: redis.Redis,
-    target: redis.Redis | None,
+    client: Client,
+    target: Client | None,
     settings: Settings,
     thresholds: Thresholds,
     as_json: bool,
@@ -142,8 +143,8 @@ def _once(
 
 
 def _watch(
-    client: redis.Redis,
-    target: redis.Redis | None,
+    client: Client,
+    target: Client | None,
     settings: Settings,
     *,
     thresholds: Thresholds,
