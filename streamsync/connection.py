@@ -99,3 +99,13 @@ def server_or_cluster(
         return plain
     plain.close()
     return cluster(settings, **overrides)
+
+
+def primaries(client: redis.Redis | redis.RedisCluster) -> list[tuple[str, redis.Redis]]:
+    """Each primary of a Redis Cluster with a client of its own, by ``host:port`` (sorted);
+    none for a single server."""
+    if not isinstance(client, redis.RedisCluster):
+        return []
+    return sorted(
+        (str(node.name), client.get_redis_connection(node)) for node in client.get_primaries()
+    )

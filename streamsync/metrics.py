@@ -37,7 +37,7 @@ from redis.retry import Retry
 from streamsync import __version__, connection
 from streamsync.config import RedisSettings, Settings
 from streamsync.discovery import find_streams
-from streamsync.functions import library_version, loaded_version
+from streamsync.functions import Client, library_version, loaded_version
 from streamsync.keys import dead_letter_stream
 
 log = logging.getLogger(__name__)
@@ -298,8 +298,8 @@ class _Families:
                 mine.samples.extend(theirs.samples)
 
 
-def _scrape_client(settings: RedisSettings, timeout_s: float) -> redis.Redis:
-    return connection.client(
+def _scrape_client(settings: RedisSettings, timeout_s: float) -> Client:
+    return connection.server_or_cluster(
         settings,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
@@ -388,8 +388,8 @@ class RedisCollector(Collector):
     def _fill(self, f: _Families) -> None:
         streams = self.streams()
         group = self.settings.source.group
+        now_ms = _now_ms(self.client)
         pipe = self.client.pipeline(transaction=False)
-        pipe.time()
         for stream in streams:
             pipe.xlen(stream)
             pipe.xinfo_groups(stream)
@@ -398,15 +398,35 @@ class RedisCollector(Collector):
         # a refused command (ACL, a key of the wrong type, no group yet) leaves its metric out;
         # a connection error or timeout raises and fails the whole scrape
         replies: list[Any] = pipe.execute(raise_on_error=False)
-        now_s = replies[0]
-        now_ms = now_s[0] * 1000 + now_s[1] / 1000 if _ok(now_s) else time.time() * 1000
         for i, stream in enumerate(streams):
-            _add_stream(f, stream, group, now_ms, replies[1 + 4 * i : 5 + 4 * i])
+            _add_stream(f, stream, group, now_ms, replies[4 * i : 4 * i + 4])
         _fill_server(self.client, STREAMS, f)
 
 
-def _fill_server(client: redis.Redis, name: str, f: _Families) -> None:
-    """The server-wide figures of one Redis: memory, lookups, evictions, library."""
+def _now_ms(client: Client) -> float:
+    """Redis's clock (of one primary of a Cluster), this machine's when TIME is refused."""
+    nodes = connection.primaries(client)
+    one = nodes[0][1] if nodes else client
+    try:
+        seconds, micros = one.time()
+    except redis.ResponseError:
+        return time.time() * 1000
+    return float(seconds) * 1000 + float(micros) / 1000
+
+
+def _fill_server(client: Client, name: str, f: _Families) -> None:
+    """The server-wide figures of one Redis; of a Cluster, of each primary, labelled
+    ``<name>@<host:port>``."""
+    nodes = connection.primaries(client)
+    if not nodes:
+        assert isinstance(client, redis.Redis)
+        _fill_node(client, name, f)
+    for node, node_client in nodes:
+        _fill_node(node_client, f"{name}@{node}", f)
+
+
+def _fill_node(client: redis.Redis, name: str, f: _Families) -> None:
+    """The server-wide figures of one server: memory, lookups, evictions, library."""
     pipe = client.pipeline(transaction=False)
     pipe.info("memory")
     pipe.info("stats")

@@ -29,7 +29,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from streamsync import eviction, layout, redisjson
+from streamsync import connection, eviction, layout, redisjson
 from streamsync.config import Settings, redact_url
 from streamsync.discovery import source_streams
 from streamsync.errors import PoisonEntryError
@@ -608,20 +608,9 @@ def _waiting_lag_s(
     return _age_s(now_ms, ts_ms if ts_ms is not None else id_ms(oldest_waiting[0]))
 
 
-def _primaries(client: Client) -> list[tuple[str, redis.Redis]]:
-    """Each primary of a Redis Cluster with a client of its own, by ``host:port``; none for a
-    single server."""
-    if not isinstance(client, redis.RedisCluster):
-        return []
-    found = []
-    for node in client.get_primaries():
-        found.append((str(node.name), client.get_redis_connection(node)))
-    return sorted(found)
-
-
 def redis_now_ms(client: Client) -> int | None:
     """Redis's clock (TIME) in milliseconds; None when this user may not run TIME."""
-    nodes = _primaries(client)
+    nodes = connection.primaries(client)
     one = nodes[0][1] if nodes else client
     try:
         seconds, micros = one.time()
@@ -659,7 +648,7 @@ def _server(
 ) -> tuple[dict[str, Any] | None, LibraryStatus, tuple[NodeStatus, ...]]:
     """INFO, the library and, for a Cluster, each primary's own figures (read on the node):
     INFO and library of the whole added up (the oldest library, none if a node lacks it)."""
-    nodes = _primaries(client)
+    nodes = connection.primaries(client)
     if not nodes:
         assert isinstance(client, redis.Redis)
         return _info(client), _library(client, settings), ()

@@ -19,13 +19,16 @@ import orjson
 import pytest
 import redis
 import yaml
+from prometheus_client import CollectorRegistry
 
 from streamsync import status
 from streamsync.config import load_settings, parse_settings
 from streamsync.errors import ConfigError, ExitCode, PoisonEntryError
 from streamsync.events import ChangeEvent
+from streamsync.functions import library_version
 from streamsync.keys import StateKeys
 from streamsync.mapping import Planner
+from streamsync.metrics import RedisCollector
 from streamsync.worker import Worker
 from tests.debezium import entry_fields, envelope, write_config
 from tests.prerequisites import rejson_module
@@ -565,3 +568,41 @@ def test_status_reads_every_node(cluster: Cluster, tmp_path: Path) -> None:
     doc = json.loads(run.stdout)
     assert [n["node"] for n in doc["nodes"]] == sorted(nodes)
     assert sorted(s["name"] for s in doc["streams"]) == sorted(streams)
+
+
+def test_metrics_gauges_of_every_node(cluster: Cluster, tmp_path: Path) -> None:
+    rc = cluster.client()
+    nodes = {node.name: node.redis_connection for node in rc.get_primaries()}
+    streams = [f"app.public.t{k}" for k in range(12)]
+    rules: list[dict[str, Any]] = [
+        {"table": s.removeprefix("app."), "key": s.removeprefix("app.public.") + ":{id}"}
+        | {"type": "hash"}
+        for s in streams
+    ]
+    cfg = write_config(tmp_path / "c.yaml", cluster.url, streams=streams, rules=rules, trim=False)
+    for stream, rule in zip(streams, rules, strict=True):
+        value = envelope("c", rule["table"], 1000, after={"id": 1})
+        xadd(rc, stream, entry_fields({"id": 1}, value))
+        xadd(rc, stream, {"value": "not json"})
+    run_workers(cfg, ["w1"])
+    registry = CollectorRegistry()
+    collector = RedisCollector(load_settings(cfg, environ={}))
+    registry.register(collector)
+    try:
+        for stream in streams:
+            assert registry.get_sample_value("streamsync_stream_length", {"stream": stream}) == 2
+            assert registry.get_sample_value("streamsync_dlq_length", {"stream": stream}) == 1
+            assert registry.get_sample_value("streamsync_pending_entries", {"stream": stream}) == 0
+        # the server-wide gauges per primary, each as that node tells it
+        for name, node in nodes.items():
+            labels = {"redis": f"streams@{name}"}
+            maxmemory = registry.get_sample_value("streamsync_redis_maxmemory_bytes", labels)
+            assert maxmemory == float(node.info("memory")["maxmemory"])
+            version = registry.get_sample_value(
+                "streamsync_library_loaded_info",
+                {**labels, "version": ".".join(map(str, library_version() or ()))},
+            )
+            assert version == 1
+        assert registry.get_sample_value("streamsync_redis_up", {"redis": "streams"}) == 1
+    finally:
+        collector.close()
