@@ -29,20 +29,20 @@ import contextlib
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
-from streamsync import redisjson
+from streamsync import connection, redisjson
 from streamsync.config import Settings
 from streamsync.deadletter import DeadLetter, as_text, as_utf8
 from streamsync.discovery import find_streams
 from streamsync.epochs import Epochs
 from streamsync.errors import DlqError, PoisonEntryError
 from streamsync.events import TRUNCATE, Decoder, Skip
-from streamsync.functions import Library, RowStatus, RowWrite
+from streamsync.functions import Client, Library, RowStatus, RowWrite
 from streamsync.keys import (
     StateKeys,
     dead_letter_stream,
@@ -95,15 +95,16 @@ class DeadLetters:
     """The dead-letter streams of one configuration, in the streams' Redis (``client``);
     ``target`` is the cache's Redis, where ``--direct`` applies (default: ``client``)."""
 
-    def __init__(
-        self, client: redis.Redis, settings: Settings, target: redis.Redis | None = None
-    ) -> None:
+    def __init__(self, client: Client, settings: Settings, target: Client | None = None) -> None:
         self.client = client
         self.target = client if target is None else target
         self.settings = settings
-        # stream entries are read unparsed: field lists keep their order and duplicates
-        for command in ("XRANGE", "XREVRANGE"):
-            client.set_response_callback(command, lambda reply, **_: reply)
+        # stream entries are read unparsed: field lists keep their order and duplicates (in a
+        # Cluster each node's client parses its replies)
+        servers: list[Client] = [node for _, node in connection.primaries(client)] or [client]
+        for server in servers:
+            for command in ("XRANGE", "XREVRANGE"):
+                server.set_response_callback(command, lambda reply, **_: reply)
 
     # -- streams
 
@@ -154,11 +155,11 @@ class DeadLetters:
         return int(self.client.xlen(dlq))
 
     def newest(self, dlq: str, count: int) -> list[DeadLetter]:
-        reply = self.client.execute_command("XREVRANGE", dlq, "+", "-", "COUNT", count)
+        reply = _command(self.client, "XREVRANGE", dlq, "+", "-", "COUNT", count)
         return [DeadLetter.parse(eid, list(raw)) for eid, raw in reply]
 
     def get(self, dlq: str, dlq_id: str) -> DeadLetter | None:
-        reply = self.client.execute_command("XRANGE", dlq, dlq_id, dlq_id)
+        reply = _command(self.client, "XRANGE", dlq, dlq_id, dlq_id)
         return DeadLetter.parse(reply[0][0], list(reply[0][1])) if reply else None
 
     def walk(self, dlq: str, upto: bytes | None = None) -> Iterator[DeadLetter]:
@@ -171,7 +172,7 @@ class DeadLetters:
             upto = last[0].dlq_id
         start: bytes = b"-"
         while True:
-            reply = self.client.execute_command("XRANGE", dlq, start, upto, "COUNT", PAGE_SIZE)
+            reply = _command(self.client, "XRANGE", dlq, start, upto, "COUNT", PAGE_SIZE)
             for eid, raw in reply:
                 yield DeadLetter.parse(eid, list(raw))
             if len(reply) < PAGE_SIZE:
@@ -273,6 +274,7 @@ class Replayer:
             Decoder(settings.source.format, settings.source.null_marker),
             Planner.from_settings(
                 settings,
+                cluster=isinstance(store.target, redis.RedisCluster),
                 redisjson=redisjson.target_loads_it(
                     settings,
                     store.target,
@@ -342,6 +344,8 @@ class Replayer:
             )
         if dry_run:
             return Outcome(letter, "re-added", "would re-add to " + self.stream)
+        if isinstance(self.client, redis.RedisCluster):
+            return self._requeue_apart(letter)
         for _ in range(MAX_WATCH_RETRIES):
             try:
                 return self._requeue_once(letter)
@@ -368,8 +372,24 @@ class Replayer:
         if isinstance(added, Exception):
             # cannot happen short of a race on the stream's type: keep the dead letter anyway
             if not isinstance(deleted, Exception) and deleted:
-                self.client.execute_command("XADD", self.dlq, "*", *letter.raw)
+                _command(self.client, "XADD", self.dlq, "*", *letter.raw)
             return Outcome(letter, "left", f"XADD to {self.stream} failed: {added}")
+        new_id = added.decode() if isinstance(added, bytes) else str(added)
+        return Outcome(letter, "re-added", f"as {self.stream} {new_id}")
+
+    def _requeue_apart(self, letter: DeadLetter) -> Outcome:
+        """In a Redis Cluster the stream and its dead letters sit in different slots, where no
+        MULTI reaches both: the entry is re-added, then the dead letter deleted. A crash (or a
+        second replay) in between re-adds it twice: the workers find the second one stale."""
+        assert letter.fields is not None
+        if not _command(self.client, "XRANGE", self.dlq, letter.dlq_id, letter.dlq_id):
+            return Outcome(letter, "gone", "no longer in the dead-letter stream")
+        kind = self.client.type(self.stream)
+        kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+        if kind not in ("stream", "none"):
+            return Outcome(letter, "left", f"{self.stream} holds a {kind}, not a stream")
+        added = _command(self.client, "XADD", self.stream, "*", *letter.fields)
+        self.client.xdel(self.dlq, letter.dlq_id)
         new_id = added.decode() if isinstance(added, bytes) else str(added)
         return Outcome(letter, "re-added", f"as {self.stream} {new_id}")
 
@@ -395,7 +415,11 @@ class Replayer:
             return Outcome(letter, "applied", f"would apply {len(planned.rows)} row(s)")
         else:
             try:
-                replies = self.library.changes(planned.rows, self.core.tombstone_s).rows
+                replies = [
+                    reply
+                    for rows in _by_slot(planned.rows)
+                    for reply in self.library.changes(rows, self.core.tombstone_s).rows
+                ]
             except redis.ResponseError as exc:
                 return Outcome(letter, "left", f"redis error: {exc}")
             errors = [s for s in replies if isinstance(s, str)]
@@ -408,3 +432,17 @@ class Replayer:
             return Outcome(letter, action, "would remove: " + detail)
         self.client.xdel(self.dlq, letter.dlq_id)
         return Outcome(letter, action, detail)
+
+
+def _by_slot(rows: Sequence[RowWrite]) -> list[list[RowWrite]]:
+    """``rows`` in one call per hash slot (of a Cluster; one call off a Cluster), in order."""
+    calls: dict[int | None, list[RowWrite]] = {}
+    for row in rows:
+        calls.setdefault(row.table.slot, []).append(row)
+    return list(calls.values())
+
+
+def _command(client: Client, *args: Any) -> Any:
+    """A raw command on a server or a Cluster (routed by its key): its reply, unparsed."""
+    send: Any = client
+    return send.execute_command(*args)

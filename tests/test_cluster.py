@@ -19,9 +19,11 @@ import orjson
 import pytest
 import redis
 import yaml
+from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
 from streamsync import status
+from streamsync.cli import cli
 from streamsync.config import load_settings, parse_settings
 from streamsync.errors import ConfigError, ExitCode, PoisonEntryError
 from streamsync.events import ChangeEvent
@@ -606,3 +608,46 @@ def test_metrics_gauges_of_every_node(cluster: Cluster, tmp_path: Path) -> None:
         assert registry.get_sample_value("streamsync_redis_up", {"redis": "streams"}) == 1
     finally:
         collector.close()
+
+
+def test_dead_letters_of_every_node(cluster: Cluster, tmp_path: Path) -> None:
+    rc = cluster.client()
+    nodes = {node.name: node.redis_connection for node in rc.get_primaries()}
+    # a stream per table, some of its entries dead-lettered (no rule maps it yet), on every node
+    streams = [f"app.public.t{k}" for k in range(9)]
+    mapped = streams[:1]
+
+    def config(name: str, tables: list[str]) -> Path:
+        rules: list[dict[str, Any]] = [
+            {"table": s.removeprefix("app."), "key": s.removeprefix("app.public.") + ":{id}"}
+            | {"type": "hash"}
+            for s in tables
+        ]
+        return write_config(tmp_path / name, cluster.url, streams=streams, rules=rules)
+
+    broken, fixed = config("broken.yaml", mapped), config("fixed.yaml", streams)
+    for k, stream in enumerate(streams):
+        value = envelope("c", stream.removeprefix("app."), 1000 + k, after={"id": k, "v": k})
+        xadd(rc, stream, entry_fields({"id": k}, value))
+    run_workers(broken, ["w1"])
+    dlqs = [s + ":dlq" for s in streams[1:]]
+    owners = {rc.nodes_manager.get_node_from_slot(rc.keyslot(d)).name for d in dlqs}
+    assert owners == set(nodes), "dead letters on every node"
+    runner = CliRunner(env={"STREAMSYNC_REDIS_URL": None})
+    listed = runner.invoke(cli, ["dlq", "list", "-c", str(fixed)], catch_exceptions=False)
+    assert listed.exit_code == 0, listed.output
+    for stream in streams[1:]:
+        assert stream in listed.stdout
+    # replayed through their streams (half), or applied directly (the rest)
+    for k, stream in enumerate(streams[1:], start=1):
+        how = ["--direct"] if k % 2 else []
+        replay = ["dlq", "replay", "-c", str(fixed), "--stream", stream, "--all", *how]
+        result = runner.invoke(cli, replay, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert rc.xlen(stream + ":dlq") == 0
+    run_workers(fixed, ["w1"])
+    for k, stream in enumerate(streams):
+        assert rc.hgetall(f"{stream.removeprefix('app.public.')}:{k}") == {
+            b"id": str(k).encode(),
+            b"v": str(k).encode(),
+        }

@@ -36,10 +36,10 @@ def _session(config_path: Path, command: str) -> Iterator[DeadLetters]:
     """The dead letters of the configuration's Redis; Redis errors end the command with one
     line and exit code 1."""
     settings = load_or_exit(config_path)
-    client = connection.client(settings.redis, decode_responses=False, protocol=2)
+    client = connection.server_or_cluster(settings.redis, decode_responses=False, protocol=2)
     target = None
     if settings.target is not None:
-        target = connection.client(settings.target, decode_responses=False, protocol=2)
+        target = connection.server_or_cluster(settings.target, decode_responses=False, protocol=2)
     try:
         yield DeadLetters(client, settings, target)
     except DlqError as exc:
