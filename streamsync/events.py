@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from streamsync import binlog
 from streamsync.config import StreamFormat
 from streamsync.errors import PoisonEntryError, excerpt
 from streamsync.logical_types import UNAVAILABLE, ConverterCache, RowConverter, is_unavailable
@@ -167,15 +168,7 @@ class Decoder:
         op = value.get("op")
         if type(op) is not str or op not in _CHANGE_OPS:
             return self._not_a_change(op, value, raw_key)
-        source = value.get("source")
-        if (
-            type(source) is not dict
-            or type(source.get("schema")) is not str
-            or type(source.get("table")) is not str
-        ):
-            raise PoisonEntryError(_bad_source(source))
-        table = f"{source['schema']}.{source['table']}"
-        position = _position(op, source)
+        source, table, position = _located(op, value.get("source"))
         if op in _REMOVAL_OPS:
             return self._removal(
                 op, value, schema, raw_key, table=table, position=position, source=source
@@ -382,6 +375,24 @@ def _bad_row(image: str, row: Any) -> str:
     return f"{image!r} has {len(row)} columns: a PostgreSQL row has at most {MAX_COLUMNS}"
 
 
+def _located(op: str, source: Any) -> tuple[dict[str, Any], str, str]:
+    """The change's ``source``, its table (``schema.table``; ``db.table`` for MySQL-family
+    sources) and its position in commit order; PoisonEntryError when any is missing or
+    malformed."""
+    if type(source) is not dict:
+        raise PoisonEntryError(_bad_source(source))
+    connector = source.get("connector")
+    if type(connector) is str and connector in binlog.CONNECTORS:
+        table = binlog.table_name(source)
+        if table is None:
+            raise PoisonEntryError("source lacks 'db' or 'table'")
+        rank = RANK_REMOVE if op in {"d", TRUNCATE} else RANK_WRITE
+        return source, table, binlog.position(op, source, rank)
+    if type(source.get("schema")) is not str or type(source.get("table")) is not str:
+        raise PoisonEntryError(_bad_source(source))
+    return source, f"{source['schema']}.{source['table']}", _position(op, source)
+
+
 def _bad_source(source: Any) -> str:
     if type(source) is not dict:
         return "value has no 'source' object"
@@ -428,7 +439,7 @@ def _position(op: str, source: dict[str, Any]) -> str:
     if connector != "postgresql":
         raise PoisonEntryError(
             f"source.connector {excerpt(connector)}: source positions are defined for"
-            " postgresql only"
+            " postgresql, mysql and mariadb only"
         )
     lsn = source.get("lsn")
     if lsn is None:

@@ -29,6 +29,11 @@ A PostgreSQL position is ``major kind minor rank``:
 A change of the first transaction after a snapshot is decoded *unplaced* (``unplaced``): its
 snapshot is known only from the stream's order, and the worker ``place``s it once it knows.
 
+A MySQL or MariaDB position (``streamsync.binlog``) is ``file pos kind row rank``: the binlog
+file's number, the byte offset of the row event in it, kind 0 for a read of the snapshot taken at
+that offset (every later change lies after it) or 1 for a change, the row's index within its
+event, and the rank as above.
+
 Resync epochs (``streamsync.epochs``) put a prefix in front: ``e`` sorts after every digit.
 """
 
@@ -97,6 +102,13 @@ def streamed(last_commit_lsn: int | str, lsn: int | str, rank: str) -> str:
         text = str(distance)
         return head + KIND_STREAMED_ON + _LENGTHS[len(text)] + text + rank
     return head + KIND_STREAMED + _LENGTHS[len(minor)] + minor + rank
+
+
+def binlog(file_number: int, offset: int, kind: str, row: int, rank: str) -> str:
+    """The position of a MySQL or MariaDB change: ``kind`` KIND_SNAPSHOT for a snapshot read
+    (taken at ``file_number``/``offset``), KIND_AFTER_SNAPSHOT for a change of the row event at
+    that offset, ``row`` its index within the event."""
+    return number(file_number) + number(offset) + kind + number(row) + rank
 
 
 def after_snapshot(snapshot_lsn: int | None, lsn: int, rank: str) -> str:

@@ -183,7 +183,8 @@ def test_malformed_entries_say_why(fields: list[bytes], reason: str) -> None:
         (lambda v: v["source"].update(lsn=-5), "64-bit"),
         (lambda v: v["source"].update(lsn=2**64), "64-bit"),
         (lambda v: v["source"].update(lsn="12"), "64-bit"),
-        (lambda v: v["source"].update(connector="mysql"), "postgresql only"),
+        (lambda v: v["source"].update(connector="sqlserver"), "mysql and mariadb only"),
+        (lambda v: v["source"].update(connector="mysql"), "not a binlog file name"),
         (lambda v: v["source"].pop("table"), "lacks 'schema' or 'table'"),
     ],
 )

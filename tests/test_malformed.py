@@ -161,7 +161,8 @@ def test_score_validation_agrees_with_zadd(r: redis.Redis, text: str) -> None:
     try:
         r.zadd("scores", {"m": text})
     except redis.ResponseError as exc:
-        assert "not a valid float" in str(exc)
+        # a text spelled like one of ZADD's flags (GT, NX...) is read as the flag
+        assert "not a valid float" in str(exc) or "syntax error" in str(exc)
         assert score_problem(text) is not None, f"{text!r}: Redis refuses it"
     else:
         assert score_problem(text) is None, f"{text!r}: Redis accepts it"
@@ -396,7 +397,7 @@ MALFORMED: list[tuple[str, Any, Any, str]] = [
     ("lsn is a float", {"id": 1}, _source(lsn=10.0), "source.lsn 10.0"),
     ("lsn is huge", {"id": 1}, _source(lsn=_HUGE_MARK), "64-bit"),
     ("lsn is negative", {"id": 1}, _source(lsn=-(2**63)), "64-bit"),
-    ("connector is an object", {"id": 1}, _source(connector={"a": 1}), "postgresql only"),
+    ("connector is an object", {"id": 1}, _source(connector={"a": 1}), "mariadb only"),
     ("table is a number", {"id": 1}, _source(table=5), "lacks 'schema' or 'table'"),
     ("source is a list", {"id": 1}, _with(envelope("u", TABLE, 10, row()), source=[]), "'source'"),
     (

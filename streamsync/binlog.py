@@ -1,0 +1,58 @@
+"""MySQL and MariaDB changes (Debezium's ``mysql`` and ``mariadb`` connectors): their tables'
+names and their positions in the binlog.
+
+A change's ``source`` names the binlog ``file`` (``binlog.000003``), the byte offset ``pos`` of its
+row event in that file and the ``row`` index within the event; a snapshot read carries the
+position where the snapshot was taken (``row`` 0), and every change after it lies further on.
+Ordered by (file number, offset, read before change, row) with deletes before creates at one
+place (a primary-key change), the changes of a row come in the order the server wrote them, over
+file rotations (``FLUSH LOGS``, restarts: the number rises) and replays from older offsets (which
+repeat ``source`` exactly). ``gtid`` does not order (null on snapshot reads, one per transaction,
+unordered across domains), nor ``ts_ms`` (whole seconds). The order restarts after ``RESET
+MASTER``, a new binlog base name or a move to another server: run ``streamsync resync`` then.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from streamsync.errors import PoisonEntryError, excerpt
+from streamsync.positions import KIND_AFTER_SNAPSHOT, KIND_SNAPSHOT, binlog
+
+#: The connectors whose positions are binlog coordinates.
+CONNECTORS = frozenset({"mysql", "mariadb"})
+
+#: ``<base name>.<number>``, as the server names its binlog files.
+_FILE = re.compile(r"[^\s]+\.([0-9]{1,18})")
+#: A 32-bit offset, an event's row index: non-negative integers, and bounded.
+_MAX_OFFSET = 2**64 - 1
+
+
+def table_name(source: dict[str, Any]) -> str | None:
+    """``<database>.<table>``, the name rules give MySQL-family tables; None when ``source``
+    lacks either."""
+    db, table = source.get("db"), source.get("table")
+    if type(db) is not str or type(table) is not str or not db or not table:
+        return None
+    return f"{db}.{table}"
+
+
+def position(op: str, source: dict[str, Any], rank: str) -> str:
+    """The position of a change from its ``source`` block; PoisonEntryError naming the field
+    when it cannot be placed."""
+    file = source.get("file")
+    match = _FILE.fullmatch(file) if type(file) is str else None
+    if match is None:
+        raise PoisonEntryError(f"source.file {excerpt(file)} is not a binlog file name")
+    offset = _count(source, "pos")
+    row = _count(source, "row") if source.get("row") is not None or op != "r" else 0
+    kind = KIND_SNAPSHOT if op == "r" else KIND_AFTER_SNAPSHOT
+    return binlog(int(match[1]), offset, kind, row, rank)
+
+
+def _count(source: dict[str, Any], name: str) -> int:
+    value = source.get(name)
+    if type(value) is not int or not 0 <= value <= _MAX_OFFSET:
+        raise PoisonEntryError(f"source.{name} {excerpt(value)} is not a binlog offset or index")
+    return value
