@@ -42,8 +42,14 @@ DEBEZIUM_DATA = "/debezium/data"
 WORKER_CONFIG = "/etc/streamsync/streamsync.yaml"
 INITDB_DIR = "/docker-entrypoint-initdb.d/"
 REDIS_OFFSET_STORE = "io.debezium.storage.redis.offset.RedisOffsetBackingStore"
-#: Variables docker-compose.yml interpolates (host ports), left to their defaults by the tests.
-COMPOSE_VARIABLES = {"POSTGRES_PORT", "REDIS_PORT", "PROMETHEUS_PORT", "GRAFANA_PORT"}
+#: Variables the compose files interpolate (host ports), left to their defaults by the tests.
+COMPOSE_VARIABLES = {
+    "POSTGRES_PORT",
+    "MARIADB_PORT",
+    "REDIS_PORT",
+    "PROMETHEUS_PORT",
+    "GRAFANA_PORT",
+}
 
 #: Debezium settings the worker depends on, with the value it needs.
 REQUIRED_PROPERTIES = {
@@ -193,6 +199,11 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     """docker-compose.yml as ``docker-compose config`` validates and normalises it."""
+    return validated(COMPOSE_FILE)
+
+
+def validated(compose_file: Path) -> dict[str, Any]:
+    """``compose_file`` as ``docker-compose config`` validates and normalises it."""
     exe = shutil.which("docker-compose")
     if exe is None:
         skip_unless_ci(
@@ -206,7 +217,7 @@ def compose() -> dict[str, Any]:
         if not key.startswith(("COMPOSE_", "DOCKER_")) and key not in COMPOSE_VARIABLES
     }
     result = subprocess.run(
-        [exe, "-f", str(COMPOSE_FILE), "config"],
+        [exe, "-f", str(compose_file), "config"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -214,7 +225,9 @@ def compose() -> dict[str, Any]:
         timeout=120,
         check=False,
     )
-    assert result.returncode == 0, f"docker-compose config rejects the file:\n{result.stderr}"
+    assert result.returncode == 0, (
+        f"docker-compose config rejects {compose_file.name}:\n{result.stderr}"
+    )
     normalised = yaml.safe_load(result.stdout)
     assert isinstance(normalised, dict)
     return normalised
