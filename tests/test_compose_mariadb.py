@@ -33,7 +33,6 @@ REQUIRED_PROPERTIES = {
     "debezium.sink.type": "redis",
     "debezium.source.connector.class": "io.debezium.connector.mariadb.MariaDbConnector",
     "debezium.source.decimal.handling.mode": "string",
-    "debezium.source.time.precision.mode": "isostring",
     "debezium.source.bigint.unsigned.handling.mode": "precise",
     "debezium.source.tombstones.on.delete": "false",
     "debezium.source.skipped.operations": "none",
