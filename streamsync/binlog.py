@@ -14,11 +14,14 @@ MASTER``, a new binlog base name or a move to another server: run ``streamsync r
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
 from streamsync.errors import PoisonEntryError, excerpt
 from streamsync.positions import KIND_AFTER_SNAPSHOT, KIND_SNAPSHOT, binlog
+
+log = logging.getLogger(__name__)
 
 #: The connectors whose positions are binlog coordinates.
 CONNECTORS = frozenset({"mysql", "mariadb"})
@@ -56,3 +59,37 @@ def _count(source: dict[str, Any], name: str) -> int:
     if type(value) is not int or not 0 <= value <= _MAX_OFFSET:
         raise PoisonEntryError(f"source.{name} {excerpt(value)} is not a binlog offset or index")
     return value
+
+
+class Origins:
+    """The binlog each MySQL-family table's changes come from: its base name and the server
+    that wrote it. A change of either (a new base name, another server) restarts the positions,
+    which only ``streamsync resync`` mends: the worker says so. (``RESET MASTER`` keeps both, and
+    cannot be told from a replay of older offsets.)"""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[str, int]] = {}
+
+    def note(self, table: str, source: dict[str, Any]) -> None:
+        """Record where a change of ``table`` (whose ``source`` was placed) comes from."""
+        base = str(source["file"]).rpartition(".")[0]
+        server = source.get("server_id")
+        # snapshot reads carry server 0: they name no server
+        server = server if type(server) is int and server > 0 else 0
+        before = self._seen.get(table)
+        if before is not None:
+            old_base, old_server = before
+            server = server or old_server
+            if base != old_base or (old_server and server != old_server):
+                log.warning(
+                    "%s: its changes now come from binlog %s of server %s, after %s of server %s:"
+                    " binlog positions restart there, and changes older than what is cached"
+                    " would be refused as stale; run `streamsync resync --table %s`",
+                    table,
+                    base,
+                    server,
+                    old_base,
+                    old_server,
+                    table,
+                )
+        self._seen[table] = (base, server)

@@ -124,6 +124,7 @@ class Decoder:
         self.format = fmt
         self.null_marker = null_marker.encode()
         self._converters = ConverterCache()
+        self._origins = binlog.Origins()
 
     def split(self, fields: Sequence[bytes]) -> tuple[bytes, bytes]:
         """The (key, value) of an entry's flat field/value list, per the configured layout."""
@@ -168,7 +169,7 @@ class Decoder:
         op = value.get("op")
         if type(op) is not str or op not in _CHANGE_OPS:
             return self._not_a_change(op, value, raw_key)
-        source, table, position = _located(op, value.get("source"))
+        source, table, position = _located(op, value.get("source"), self._origins)
         if op in _REMOVAL_OPS:
             return self._removal(
                 op, value, schema, raw_key, table=table, position=position, source=source
@@ -375,7 +376,7 @@ def _bad_row(image: str, row: Any) -> str:
     return f"{image!r} has {len(row)} columns: a PostgreSQL row has at most {MAX_COLUMNS}"
 
 
-def _located(op: str, source: Any) -> tuple[dict[str, Any], str, str]:
+def _located(op: str, source: Any, origins: binlog.Origins) -> tuple[dict[str, Any], str, str]:
     """The change's ``source``, its table (``schema.table``; ``db.table`` for MySQL-family
     sources) and its position in commit order; PoisonEntryError when any is missing or
     malformed."""
@@ -387,7 +388,9 @@ def _located(op: str, source: Any) -> tuple[dict[str, Any], str, str]:
         if table is None:
             raise PoisonEntryError("source lacks 'db' or 'table'")
         rank = RANK_REMOVE if op in {"d", TRUNCATE} else RANK_WRITE
-        return source, table, binlog.position(op, source, rank)
+        position = binlog.position(op, source, rank)
+        origins.note(table, source)
+        return source, table, position
     if type(source.get("schema")) is not str or type(source.get("table")) is not str:
         raise PoisonEntryError(_bad_source(source))
     return source, f"{source['schema']}.{source['table']}", _position(op, source)

@@ -228,3 +228,24 @@ def test_a_change_that_cannot_be_placed_says_why(change: dict[str, Any], reason:
     rec["value"]["source"].update(change)
     with pytest.raises(PoisonEntryError, match=reason.replace(".", r"\.").replace("(", r"\(")):
         decode(rec)
+
+
+def test_a_new_binlog_base_name_or_server_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    decoder = Decoder()
+
+    def change(file: str, server_id: int) -> None:
+        rec = records()[4]
+        rec["value"]["source"].update(file=file, server_id=server_id)
+        key = json.dumps(rec["key"]).encode()
+        decoder.decode([key, json.dumps(rec["value"]).encode()])
+
+    change("binlog.000001", 1)
+    change("binlog.000007", 1)  # a rotation, a restart
+    change("binlog.000002", 1)  # a replay of older offsets
+    assert "resync" not in caplog.text
+    change("mysql-bin.000001", 1)
+    assert "inv.items: its changes now come from binlog mysql-bin of server 1" in caplog.text
+    assert "streamsync resync --table inv.items" in caplog.text
+    caplog.clear()
+    change("mysql-bin.000002", 2)  # another server
+    assert "of server 2, after mysql-bin of server 1" in caplog.text
