@@ -249,3 +249,17 @@ def test_a_new_binlog_base_name_or_server_is_reported(caplog: pytest.LogCaptureF
     caplog.clear()
     change("mysql-bin.000002", 2)  # another server
     assert "of server 2, after mysql-bin of server 1" in caplog.text
+
+
+def test_replays_from_older_offsets_are_stale(r: redis.Redis, lib: Library) -> None:
+    recs = records()
+    history = first_occurrences(recs)
+    p = planner()
+    for rec in history:
+        lib.changes(p.plan(decode(rec)), 60)
+    # runs 7 and 8 restored older offsets: the same changes again, every one stale
+    again = [rec for rec in recs if rec["run"] in (7, 8)]
+    assert len(again) == 12
+    statuses = [s for rec in again for s in lib.changes(p.plan(decode(rec)), 60).rows]
+    assert set(statuses) == {RowStatus.STALE}
+    assert cached(r, "item:*") == model(history)
