@@ -39,7 +39,7 @@ from streamsync import connection, redisjson
 from streamsync.config import Settings
 from streamsync.deadletter import DeadLetter, as_text, as_utf8
 from streamsync.discovery import find_streams
-from streamsync.epochs import Epochs
+from streamsync.epochs import Epochs, read_epochs
 from streamsync.errors import DlqError, PoisonEntryError
 from streamsync.events import TRUNCATE, Decoder, Skip
 from streamsync.functions import Client, Library, RowStatus, RowWrite
@@ -186,9 +186,9 @@ class DeadLetters:
         return sum(1 for _ in self.walk(dlq, f"{cutoff_ms - 1}-18446744073709551615".encode()))
 
     def epochs(self) -> Epochs:
-        epochs = Epochs()
-        epochs.load(self.client.hgetall(StateKeys.from_settings(self.settings.worker).epochs))
-        return epochs
+        keys = StateKeys.from_settings(self.settings.worker)
+        cluster = isinstance(self.client, redis.RedisCluster)
+        return read_epochs(self.client, keys.epochs_commands(self.source_streams(), cluster))
 
     def snapshots(self) -> Snapshots:
         snapshots = Snapshots()

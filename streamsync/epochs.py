@@ -10,14 +10,14 @@ any resync keep their meaning.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
 
 from streamsync.positions import EPOCH_WIDTH, epoch_floor, epoch_prefix
 
-__all__ = ["EPOCH_WIDTH", "Epochs", "epoch_floor", "epoch_prefix", "parse_id"]
+__all__ = ["EPOCH_WIDTH", "Epochs", "epoch_floor", "epoch_prefix", "parse_id", "read_epochs"]
 
 
 def parse_id(entry_id: bytes | str) -> tuple[int, int]:
@@ -35,12 +35,18 @@ class Epochs:
 
     def load(self, hash_fields: Mapping[Any, Any] | list[Any] | None) -> None:
         """Replace the marks with an HGETALL reply (a flat list or a mapping)."""
+        self.load_all([hash_fields])
+
+    def load_all(self, replies: Iterable[Mapping[Any, Any] | list[Any] | None]) -> None:
+        """Replace the marks with the HGETALL replies of every epochs hash (one, or in a Redis
+        Cluster one per stream: ``StateKeys.epochs_commands``)."""
         marks: dict[str, list[tuple[tuple[int, int], str]]] = {}
-        pairs: Iterable[tuple[Any, Any]]
-        if isinstance(hash_fields, list):
-            pairs = zip(hash_fields[0::2], hash_fields[1::2], strict=True)
-        else:
-            pairs = (hash_fields or {}).items()
+        pairs: list[tuple[Any, Any]] = []
+        for hash_fields in replies:
+            if isinstance(hash_fields, list):
+                pairs += zip(hash_fields[0::2], hash_fields[1::2], strict=True)
+            else:
+                pairs += (hash_fields or {}).items()
         for stream, value in pairs:
             try:
                 parsed = orjson.loads(value)
@@ -75,3 +81,10 @@ class Epochs:
         if not marks:
             return 0
         return int(marks[-1][1][1:])
+
+
+def read_epochs(client: Any, commands: Sequence[tuple[str, str]]) -> Epochs:
+    """The marks read by ``commands`` (``StateKeys.epochs_commands``) on ``client``."""
+    epochs = Epochs()
+    epochs.load_all([client.execute_command(*command) for command in commands])
+    return epochs

@@ -15,6 +15,7 @@ import binascii
 import functools
 import itertools
 import string
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -183,8 +184,23 @@ class StateKeys:
 
     @property
     def epochs(self) -> str:
-        """The hash holding every stream's resync epoch marks."""
+        """The hash holding every stream's resync epoch marks (field: the stream)."""
         return self.state_prefix + "epochs"
+
+    def epochs_of(self, stream: str, cluster: bool) -> str:
+        """The hash holding ``stream``'s epoch marks: ``epochs``, or in a Redis Cluster a hash
+        of its own in the stream's slot, so that marking an epoch reads the stream's end and
+        records the mark in one atomic call, and a worker reads the marks after its read of
+        the stream on the same node."""
+        if not cluster:
+            return self.epochs
+        return guarded_key(self.state_prefix + "epochs:", stream)
+
+    def epochs_commands(self, streams: Sequence[str], cluster: bool) -> list[tuple[str, str]]:
+        """The HGETALL commands reading the epoch marks of ``streams``."""
+        if not cluster:
+            return [("HGETALL", self.epochs)]
+        return [("HGETALL", self.epochs_of(stream, True)) for stream in streams]
 
     @property
     def layout(self) -> str:

@@ -22,9 +22,9 @@ from streamsync import layout
 from streamsync.config import Settings
 from streamsync.deadletter import ID_RE
 from streamsync.discovery import find_streams
-from streamsync.epochs import Epochs, epoch_floor, parse_id
+from streamsync.epochs import epoch_floor, parse_id, read_epochs
 from streamsync.errors import ResyncError
-from streamsync.functions import Library
+from streamsync.functions import Client, Library
 from streamsync.keys import StateKeys, dead_letter_stream
 from streamsync.mapping import Planner
 from streamsync.sweep import Sweeper
@@ -50,7 +50,7 @@ class Mark:
     after_id: str
 
 
-def streams_for_table(client: redis.Redis, settings: Settings, table: str) -> list[str]:
+def streams_for_table(client: Client, settings: Settings, table: str) -> list[str]:
     """The streams carrying ``table``'s changes (Debezium: ``<prefix>.<schema>.<table>``)."""
     if table not in settings.rules_by_table:
         raise ResyncError(f"no rule maps table {table!r}")
@@ -69,22 +69,23 @@ def streams_for_table(client: redis.Redis, settings: Settings, table: str) -> li
     return found
 
 
-def start(client: redis.Redis, settings: Settings, tables: list[str]) -> list[Mark]:
+def start(client: Client, settings: Settings, tables: list[str]) -> list[Mark]:
     """Start a new epoch for each table's streams; returns the marks set."""
     library = Library(client)
     library.ensure()
-    epochs_key = StateKeys.from_settings(settings.worker).epochs
+    keys = StateKeys.from_settings(settings.worker)
+    cluster = isinstance(client, redis.RedisCluster)
     marks = []
     for table in tables:
         for stream in streams_for_table(client, settings, table):
-            epoch, after = library.mark_epoch(epochs_key, stream)
+            epoch, after = library.mark_epoch(keys.epochs_of(stream, cluster), stream)
             mark = Mark(table, stream, epoch, after)
             log.info("%s: epoch %d starts after entry %s of %s", table, epoch, after, stream)
             marks.append(mark)
     return marks
 
 
-def wait_caught_up(client: redis.Redis, settings: Settings, stream: str, timeout_s: float) -> None:
+def wait_caught_up(client: Client, settings: Settings, stream: str, timeout_s: float) -> None:
     """Wait until the group has read and acknowledged every entry of ``stream`` added so far."""
     group = settings.source.group
     info = client.xinfo_stream(stream) if client.exists(stream) else None
@@ -112,7 +113,7 @@ def _format_id(entry_id: tuple[int, int]) -> str:
     return f"{entry_id[0]}-{entry_id[1]}"
 
 
-def last_generated_id(client: redis.Redis, stream: str) -> tuple[int, int] | None:
+def last_generated_id(client: Client, stream: str) -> tuple[int, int] | None:
     """The id of the last entry ever added to ``stream`` (even if since trimmed or deleted);
     None when the stream does not exist."""
     if not client.exists(stream):
@@ -121,7 +122,7 @@ def last_generated_id(client: redis.Redis, stream: str) -> tuple[int, int] | Non
 
 
 def check_captured(
-    client: redis.Redis, table: str, stream: str, epoch: int, start: tuple[int, int]
+    client: Client, table: str, stream: str, epoch: int, start: tuple[int, int]
 ) -> None:
     """ResyncError unless entries were added to ``stream`` since ``epoch`` started after entry
     ``start``: with none, no re-snapshot was captured, and a finish would remove every cached
@@ -138,7 +139,7 @@ def check_captured(
         )
 
 
-def dead_letters_since(client: redis.Redis, stream: str, start: tuple[int, int]) -> int:
+def dead_letters_since(client: Client, stream: str, start: tuple[int, int]) -> int:
     """How many dead letters of ``stream`` hold an entry added after ``start``."""
     dlq = dead_letter_stream(stream)
     found = 0
@@ -156,7 +157,7 @@ def dead_letters_since(client: redis.Redis, stream: str, start: tuple[int, int])
 
 
 def check_dead_letters(
-    client: redis.Redis, table: str, stream: str, epoch: int, start: tuple[int, int]
+    client: Client, table: str, stream: str, epoch: int, start: tuple[int, int]
 ) -> None:
     """ResyncError when entries of ``epoch`` (added after ``start``) were dead-lettered: their
     rows were not rewritten, and a finish would remove them although the database has them."""
@@ -172,13 +173,13 @@ def check_dead_letters(
 
 
 def finish(
-    client: redis.Redis,
+    client: Client,
     settings: Settings,
     table: str,
     timeout_s: float,
     *,
     force: bool = False,
-    target: redis.Redis | None = None,
+    target: Client | None = None,
 ) -> int:
     """Once the workers applied everything captured so far, remove the table's rows that the
     current epoch did not rewrite. Returns the number of rows removed. ``client`` is the
@@ -197,10 +198,13 @@ def finish(
     # its sweep walks 2.0's records: beside 1.x bookkeeping it would remove nothing
     layout.claim(cache, settings)
     Library(cache).ensure()
-    epochs = Epochs()
-    epochs.load(client.hgetall(StateKeys.from_settings(settings.worker).epochs))
+    streams = streams_for_table(client, settings, table)
+    keys = StateKeys.from_settings(settings.worker)
+    epochs = read_epochs(
+        client, keys.epochs_commands(streams, isinstance(client, redis.RedisCluster))
+    )
     marks: dict[str, tuple[int, tuple[int, int]]] = {}
-    for stream in streams_for_table(client, settings, table):
+    for stream in streams:
         start = epochs.latest_start(stream)
         if start is None:
             raise ResyncError(f"{table}: no resync was started on {stream}")
@@ -212,7 +216,8 @@ def finish(
         if not force:
             check_dead_letters(client, table, stream, *mark)
     epoch = max(epoch for epoch, _ in marks.values())
-    sweeper = Sweeper(cache, Planner.from_settings(settings), settings.worker.tombstone_ttl_s)
+    planner = Planner.from_settings(settings, cluster=isinstance(cache, redis.RedisCluster))
+    sweeper = Sweeper(cache, planner, settings.worker.tombstone_ttl_s)
     removed = sweeper.remove_older(table, epoch_floor(epoch))
     log.info("%s: resync epoch %d finished, %d stale row(s) removed", table, epoch, removed)
     return removed

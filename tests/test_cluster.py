@@ -651,3 +651,43 @@ def test_dead_letters_of_every_node(cluster: Cluster, tmp_path: Path) -> None:
             b"id": str(k).encode(),
             b"v": str(k).encode(),
         }
+
+
+def test_resync_on_a_cluster(cluster: Cluster, tmp_path: Path) -> None:
+    rc = cluster.client()
+    tables = [f"public.t{k}" for k in range(3)]
+    streams = [f"app.{t}" for t in tables]
+    rules: list[dict[str, Any]] = [
+        {"table": t, "key": t.removeprefix("public.") + ":{id}", "type": "hash"} for t in tables
+    ]
+    cfg = write_config(tmp_path / "c.yaml", cluster.url, streams=streams, rules=rules)
+    epochs = [
+        StateKeys.from_settings(load_settings(cfg, environ={}).worker).epochs_of(s, True)
+        for s in streams
+    ]
+    assert len({rc.keyslot(e) for e in epochs}) == 3  # each beside its stream
+    for stream, table in zip(streams, tables, strict=True):
+        for i in range(4):
+            value = envelope("c", table, 9000 + i, after={"id": i, "v": "old"})
+            xadd(rc, stream, entry_fields({"id": i}, value))
+    run_workers(cfg, ["w1"])
+    runner = CliRunner(env={"STREAMSYNC_REDIS_URL": None})
+    start = runner.invoke(cli, ["resync", "-c", str(cfg), "--all"], catch_exceptions=False)
+    assert start.exit_code == 0, start.output
+    for stream, key in zip(streams, epochs, strict=True):
+        assert rc.hget(key, stream) is not None and rc.keyslot(key) == rc.keyslot(stream)
+    # a restored database: its snapshot reads carry lower positions, and row 3 is gone
+    for stream, table in zip(streams, tables, strict=True):
+        for i in range(3):
+            value = envelope("r", table, 100, after={"id": i, "v": "restored"}, snapshot="true")
+            xadd(rc, stream, entry_fields({"id": i}, value))
+    run_workers(cfg, ["w1", "w2"])
+    finish = runner.invoke(
+        cli, ["resync", "-c", str(cfg), "--all", "--finish"], catch_exceptions=False
+    )
+    assert finish.exit_code == 0, finish.output
+    for table in tables:
+        name = table.removeprefix("public.")
+        for i in range(3):
+            assert rc.hgetall(f"{name}:{i}") == {b"id": str(i).encode(), b"v": b"restored"}
+        assert not rc.exists(f"{name}:3")

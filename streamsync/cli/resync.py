@@ -63,9 +63,9 @@ def resync_command(  # noqa: PLR0917 (click passes every option)
     if force and not finish:
         raise click.UsageError("--force applies to --finish")
     chosen = list(settings.rules_by_table) if all_tables else list(tables)
-    client = connection.client(settings.redis)
+    client = connection.server_or_cluster(settings.redis)
     # the rows to sweep live in the target, when the cache has a Redis of its own
-    target = None if settings.target is None else connection.client(settings.target)
+    target = None if settings.target is None else connection.server_or_cluster(settings.target)
     try:
         if finish:
             for table in chosen:

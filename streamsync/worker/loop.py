@@ -289,8 +289,11 @@ class Worker:
         assert self._sessions is not None
         return self._sessions.streams
 
+    def _epochs_commands(self, session: Session) -> list[tuple[str, str]]:
+        return self._keys.epochs_commands(self._streams, session.cluster)
+
     def _refresh_epochs(self, session: Session) -> None:
-        self._epochs.load(session.call("HGETALL", self._keys.epochs))
+        self._epochs.load_all([session.call(*c) for c in self._epochs_commands(session)])
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -423,7 +426,7 @@ class Worker:
         trip.add("read", self._read_commands(block) if read else [], session.link)
         # after the read: an entry it returns that belongs to a new resync epoch was added
         # after the epoch was marked, so this reply knows that epoch
-        trip.add("epochs", [("HGETALL", self._keys.epochs)], session.link)
+        trip.add("epochs", self._epochs_commands(session), session.link)
         trip.send()
         sent_at = time.monotonic()
         # From here on, what the replies settle is gone from the lists; an entry lost with a
@@ -432,9 +435,9 @@ class Worker:
         unread, self._unread = self._unread, []
         prepared = self._take_prepared(self._core.prepare(unread))
         replies = trip.receive()
-        epochs = replies.one("epochs")
-        if not isinstance(epochs, redis.ResponseError):
-            self._epochs.load(epochs)
+        epochs = replies["epochs"]
+        if not any(isinstance(reply, redis.ResponseError) for reply in epochs):
+            self._epochs.load_all(epochs)
         for entry in deadletters.written(dead, replies["dead"]):
             self.counters.count(entry, "dead_lettered")
             self._ack(entry)
