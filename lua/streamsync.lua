@@ -455,33 +455,24 @@ local function json_part(target, argv, i, ttl_ms)
     return APPLIED
 end
 
--- 'K' JSON owner's part removed: the encoding, n, n member name tokens merging rules own, which
--- stay; the others go.
-local function json_owner_removed(target, argv, i)
-    local encoding, n = argv[i], tonumber(argv[i + 1])
-    local members, names, exists = document_members(target)
-    if exists then
-        local kept = {}
-        for m = 0, n - 1 do
-            local name = argv[i + 2 + m]
-            kept[name] = members[name]
+--[[ 'Q' JSON part removed, 'K' JSON owner's part removed: the encoding, n, n member name
+tokens: those members go ('Q'), or all but those, the merging rules' ('K'); the document goes
+when no member is left. --]]
+local function json_members_removed(keep_named)
+    return function(target, argv, i)
+        local encoding, n = argv[i], tonumber(argv[i + 1])
+        local members, names, exists = document_members(target)
+        if exists then
+            local named = {}
+            for m = 0, n - 1 do
+                local name = argv[i + 2 + m]
+                named[name] = members[name]
+                members[name] = nil
+            end
+            write_members(target, encoding, keep_named and named or members, names, 0)
         end
-        write_members(target, encoding, kept, names, 0)
+        return APPLIED
     end
-    return APPLIED
-end
-
--- 'Q' JSON part removed: the encoding, n, n member name tokens.
-local function json_part_removed(target, argv, i)
-    local encoding, n = argv[i], tonumber(argv[i + 1])
-    local members, names, exists = document_members(target)
-    if exists then
-        for m = 0, n - 1 do
-            members[argv[i + 2 + m]] = nil
-        end
-        write_members(target, encoding, members, names, 0)
-    end
-    return APPLIED
 end
 
 --[[ Leases for cache-aside fills (streamsync_lease_get, streamsync_lease_fill; README "Cache-aside
@@ -601,9 +592,9 @@ local SINGLE = {
     end, false},
     q = {hash_part_removed, function(argv, i) return 1 + tonumber(argv[i]) end, true},
     P = {json_part, function(argv, i) return 2 + 3 * tonumber(argv[i + 1]) end, false},
-    Q = {json_part_removed, function(argv, i) return 2 + tonumber(argv[i + 1]) end, true},
+    Q = {json_members_removed(false), function(argv, i) return 2 + tonumber(argv[i + 1]) end, true},
     k = {hash_owner_removed, function(argv, i) return 1 + tonumber(argv[i]) end, true},
-    K = {json_owner_removed, function(argv, i) return 2 + tonumber(argv[i + 1]) end, true},
+    K = {json_members_removed(true), function(argv, i) return 2 + tonumber(argv[i + 1]) end, true},
     D = {remove, function() return 0 end, true},
     I = {invalidate, function() return 1 end, true},
 }

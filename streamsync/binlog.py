@@ -28,7 +28,7 @@ CONNECTORS = frozenset({"mysql", "mariadb"})
 
 #: ``<base name>.<number>``, as the server names its binlog files.
 _FILE = re.compile(r"[^\s]+\.([0-9]{1,18})")
-#: A 32-bit offset, an event's row index: non-negative integers, and bounded.
+#: The bound of an offset (32-bit in today's servers) and of an event's row index.
 _MAX_OFFSET = 2**64 - 1
 
 

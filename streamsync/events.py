@@ -387,13 +387,12 @@ def _located(op: str, source: Any, origins: binlog.Origins) -> tuple[dict[str, A
         table = binlog.table_name(source)
         if table is None:
             raise PoisonEntryError("source lacks 'db' or 'table'")
-        rank = RANK_REMOVE if op in {"d", TRUNCATE} else RANK_WRITE
-        position = binlog.position(op, source, rank)
+        position = binlog.position(op, source, _rank(op))
         origins.note(table, source)
         return source, table, position
     if type(source.get("schema")) is not str or type(source.get("table")) is not str:
         raise PoisonEntryError(_bad_source(source))
-    return source, f"{source['schema']}.{source['table']}", _position(op, source)
+    return source, f"{source['schema']}.{source['table']}", _position(op, source, _rank(op))
 
 
 def _bad_source(source: Any) -> str:
@@ -427,8 +426,12 @@ def _ts_ms(source: dict[str, Any]) -> int | None:
     raise PoisonEntryError(f"source.ts_ms {excerpt(ts_ms)} is not a time in milliseconds")
 
 
-def _position(op: str, source: dict[str, Any]) -> str:
-    rank = RANK_REMOVE if op in {"d", TRUNCATE} else RANK_WRITE
+def _rank(op: str) -> str:
+    """Ranks a removal before a write at one place (a primary-key change)."""
+    return RANK_REMOVE if op in _REMOVAL_OPS else RANK_WRITE
+
+
+def _position(op: str, source: dict[str, Any], rank: str) -> str:
     lsn = source.get("lsn")
     if type(lsn) is int and 0 <= lsn <= MAX_LSN and source.get("connector") == "postgresql":
         if op == "r":

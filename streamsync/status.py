@@ -653,12 +653,15 @@ def _server(
         assert isinstance(client, redis.Redis)
         return _info(client), _library(client, settings), ()
     found = []
+    infos = []
     for name, node in nodes:
         info = _info(node)
-        memory, keyspace = _memory(info) if info is not None else (None, None)
-        version = None if info is None else str(info.get("redis_version", "?"))
+        memory = keyspace = version = None
+        if info is not None:
+            infos.append(info)
+            memory, keyspace = _memory(info)
+            version = str(info.get("redis_version", "?"))
         found.append(NodeStatus(name, version, memory, keyspace, _library(node)))
-    infos = [i for _, node in nodes if (i := _info(node)) is not None]
     loaded = [n.library.loaded for n in found]
     oldest = None
     if all(loaded):

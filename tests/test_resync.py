@@ -28,7 +28,7 @@ from streamsync.worker.session import open_session
 from tests.debezium import add_change, entry_fields, envelope, write_config
 from tests.replies import xadd
 from tests.servers import wait_until
-from tests.workers import drain
+from tests.workers import WorkerThread, drain
 
 STREAM = "app.public.users"
 
@@ -47,16 +47,10 @@ def test_truncate_waits_for_older_entries_held_by_another_consumer(
     # a consumer takes the insert and dies without applying it
     r.xreadgroup("streamsync", "crashed", {STREAM: ">"}, count=1)
     worker = Worker(load_settings(cfg, environ={}), consumer="w1", drain=True)
-    thread = threading.Thread(target=worker.run)
-    thread.start()
-    try:
+    with WorkerThread(worker) as thread:
         # the truncate is read at once, but applied only after the insert is reclaimed and
         # applied: otherwise the insert would land after it and bring the row back
-        thread.join(timeout=30)
-        assert not thread.is_alive()
-    finally:
-        worker.request_stop()
-        thread.join()
+        thread.join(30)
     assert not r.exists("user:1")
     assert r.xpending(STREAM, "streamsync")["pending"] == 0
     assert not r.exists(STREAM + ":dlq")
@@ -77,15 +71,9 @@ def test_a_first_transaction_change_waits_for_its_snapshot_reads_held_by_another
     # a consumer takes the read and dies without applying it
     r.xreadgroup("streamsync", "crashed", {STREAM: ">"}, count=1)
     worker = Worker(load_settings(cfg, environ={}), consumer="w1", drain=True)
-    thread = threading.Thread(target=worker.run)
-    thread.start()
-    try:
+    with WorkerThread(worker) as thread:
         # placed at once, the change would know no snapshot and lose to the read applied later
-        thread.join(timeout=30)
-        assert not thread.is_alive()
-    finally:
-        worker.request_stop()
-        thread.join()
+        thread.join(30)
     assert r.hget("user:1", "name") == b"in flight"
     assert r.xpending(STREAM, "streamsync")["pending"] == 0
     assert not r.exists(STREAM + ":dlq")
